@@ -1,0 +1,122 @@
+"""The feature store on disk: its columns, its manifest, and reading it back.
+
+The contract is ../shared/docs/feature-store.md (copied into docs/feature-store.md).
+The extraction job writes stores through these names; the head trainer reads them
+through `read_split`. Both sides change together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ERRORS_DIR = "errors"
+SPLITS = ("train", "val", "test")
+
+# Column order of every split's Parquet files, as Spark DDL (for the job's output schema).
+ROW_DDL = (
+    "image_id string, patient_id string, view string, age float, sex tinyint, "
+    "labels array<tinyint>, features array<float>"
+)
+ERROR_COLUMNS = ("image_id", "path", "error")
+
+
+class StoreError(ValueError):
+    """A store that cannot be read as the contract says; the message is one line."""
+
+
+def split_dir(store: str | os.PathLike, split: str) -> Path:
+    return Path(store) / f"split={split}"
+
+
+def write_manifest(store: str | os.PathLike, manifest: dict) -> None:
+    """Write manifest.json atomically: a reader sees the old state or the whole new file."""
+    path = Path(store) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(store: str | os.PathLike) -> dict:
+    path = Path(store) / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{store}: no {MANIFEST}, so the store is incomplete or not a feature store")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{path}: format_version {version!r} is not one this reader knows ({FORMAT_VERSION})")
+    for key in ("label_names", "feature_dim", "dataset", "backbone"):
+        if key not in manifest:
+            raise StoreError(f"{path}: missing required key {key!r}")
+    return manifest
+
+
+@dataclass
+class SplitData:
+    """One split of a store as contiguous arrays, rows sorted by image_id."""
+
+    image_id: np.ndarray  # object array of str
+    patient_id: np.ndarray  # object array of str
+    view: np.ndarray  # object array of str or None
+    age: np.ndarray  # float32, NaN where unknown
+    sex: np.ndarray  # float32: 1 male, 0 female, NaN unknown
+    labels: np.ndarray  # int8 (n, n_labels): 1, 0, -1
+    features: np.ndarray  # float32 (n, feature_dim), C-contiguous
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+
+def _fixed_width(table: pa.Table, column: str, width: int, dtype, where: str) -> np.ndarray:
+    """A list column whose rows all have `width` entries, as an (n, width) array, without Python loops."""
+    col = table.column(column).combine_chunks()
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(lengths != width)
+    if bad.size:
+        row = table.column("image_id")[int(bad[0])].as_py()
+        raise StoreError(
+            f"{where}: row {row!r} has {lengths[bad[0]]} {column} values, manifest says {width}"
+        )
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.astype(dtype, copy=False).reshape(len(table), width))
+
+
+def read_split(store: str | os.PathLike, split: str, manifest: dict | None = None) -> SplitData:
+    """Read one split into arrays; refuses rows whose widths disagree with the manifest."""
+    manifest = manifest or read_manifest(store)
+    where = str(split_dir(store, split))
+    if not Path(where).is_dir():
+        raise StoreError(f"{where}: split {split!r} is not in this store")
+    table = pq.read_table(where).sort_by("image_id")
+    n_labels = len(manifest["label_names"])
+    age = table.column("age").to_numpy(zero_copy_only=False).astype(np.float32)
+    sex = pc.cast(table.column("sex"), pa.float32()).to_numpy(zero_copy_only=False)
+    return SplitData(
+        image_id=np.asarray(table.column("image_id").to_pylist(), dtype=object),
+        patient_id=np.asarray(table.column("patient_id").to_pylist(), dtype=object),
+        view=np.asarray(table.column("view").to_pylist(), dtype=object),
+        age=age,
+        sex=sex.astype(np.float32),
+        labels=_fixed_width(table, "labels", n_labels, np.int8, where),
+        features=_fixed_width(table, "features", int(manifest["feature_dim"]), np.float32, where),
+    )
+
+
+def read_errors(store: str | os.PathLike) -> pa.Table:
+    """The images the job could not read: image_id, path, error."""
+    where = Path(store) / ERRORS_DIR
+    if not where.is_dir() or not any(where.glob("*.parquet")):
+        return pa.table({c: pa.array([], pa.string()) for c in ERROR_COLUMNS})
+    return pq.read_table(where)

@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cxr-features",
+    version="0.1.0",
+    description="Distributed feature extraction and head training for chest X-ray diagnosis",
+    python_requires=">=3.10",
+    packages=find_packages(include=["common", "common.*", "jobs", "jobs.*", "heads", "heads.*"]),
+    install_requires=[
+        # torch/torchvision are pinned to the releases this project is built and tested against.
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "pyspark==4.3.0",
+        # PySpark 4.3 does not yet fully support pandas 3.
+        "pandas>=2.2,<3",
+        "pyarrow>=16,<27",
+        "numpy>=1.26,<3",
+        "scikit-learn>=1.5,<2",
+        "pillow>=10,<14",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={"test": ["pytest>=8,<10"]},
+)
