@@ -1,0 +1,80 @@
+"""The work inside one Spark task, as pure functions: rows in, feature rows out.
+
+Each image is decoded on its own (a bad file becomes an error row, never an exception), the good
+ones are batched through the frozen backbone, and every input row comes out exactly once.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from common.images import load_image
+from common.inference import FeatureExtractor
+
+# Columns the task receives, and what it returns: the store's row columns + split + path + error.
+INPUT_DDL = (
+    "image_id string, patient_id string, view string, age float, sex tinyint, "
+    "labels array<tinyint>, split string, path string"
+)
+INPUT_COLUMNS = tuple(part.split()[0] for part in INPUT_DDL.split(", "))
+OUTPUT_COLUMNS = ("image_id", "patient_id", "view", "age", "sex", "labels", "features", "split", "path", "error")
+
+_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
+
+
+def cached_extractor(backbone: str, state_file: str | None, seed: int, device: str, precision: str,
+                     threads: int) -> FeatureExtractor:
+    """One model per Python worker process: Spark reuses workers, so later tasks skip the build."""
+    key = (backbone, state_file, seed, device, precision, threads)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()  # a worker serves one job's settings; free the old model first
+        _EXTRACTORS[key] = FeatureExtractor(backbone, state_file, seed, device=device, precision=precision,
+                                            threads=threads)
+    return _EXTRACTORS[key]
+
+
+def _decode(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return load_image(path, size), None
+    except Exception as exc:  # any decoder failure is data, recorded per image
+        message = " ".join(str(exc).split())
+        return None, f"{type(exc).__name__}: {message}"[:500]
+
+
+def extract_frame(rows: pd.DataFrame, extractor: Callable[[np.ndarray], np.ndarray], size: int,
+                  pool: ThreadPoolExecutor | None = None) -> pd.DataFrame:
+    """Decode and embed one batch of rows; failed images get `error` and null features."""
+    paths = rows["path"].tolist()
+    decoded = list(pool.map(_decode, paths, [size] * len(paths)) if pool else map(_decode, paths, [size] * len(paths)))
+    ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
+    features: list = [None] * len(rows)
+    if ok:
+        batch = extractor(np.stack([decoded[i][0] for i in ok]))
+        for row, vector in zip(ok, batch):
+            features[row] = vector
+    out = rows.reset_index(drop=True).copy()
+    out["features"] = features
+    out["error"] = [error for _, error in decoded]
+    return out[list(OUTPUT_COLUMNS)]
+
+
+def iter_extract(frames: Iterable[pd.DataFrame], extractor: Callable[[np.ndarray], np.ndarray], size: int,
+                 batch_size: int, decode_threads: int = 1,
+                 on_batch: Callable[[int, int], None] | None = None) -> Iterator[pd.DataFrame]:
+    """Re-batch Arrow batches of any size into model batches of `batch_size` rows."""
+    pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
+    try:
+        for frame in frames:
+            for start in range(0, len(frame), batch_size):
+                out = extract_frame(frame.iloc[start:start + batch_size], extractor, size, pool)
+                if on_batch:
+                    n_errors = int(out["error"].notna().sum())
+                    on_batch(len(out) - n_errors, n_errors)
+                yield out
+    finally:
+        if pool:
+            pool.shutdown()

@@ -1,0 +1,269 @@
+"""Spark job: chest X-ray archive -> Parquet feature store (docs/feature-store.md).
+
+    ./spark-submit.sh jobs/extract.py --dataset nih --metadata Data_Entry_2017.csv \
+        --images images/ --backbone densenet121 --weights imagenet --out stores/nih-densenet121
+
+The driver reads the metadata, finds the images and assigns patient-level splits. The images are
+processed in committed chunks: each chunk is a Spark DataFrame of paths whose partitions run
+`mapInPandas`, where every Python worker builds the frozen backbone once, decodes its images and
+embeds them in batches (on its task's GPU when it has one). Finished chunks are renamed into
+place, so a killed run restarts where it stopped. At the end the chunks are compacted into a few
+files per split, errors go to their own table, and manifest.json is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common import __version__
+from common.backbones import WeightsError, get_spec, resolve_weights
+from common.config import parse_with_config
+from common.dataset import build_image_table
+from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
+from common.images import Preprocessing
+from common.store import ERRORS_DIR, FORMAT_VERSION, ROW_DDL, SPLITS
+from common.store_writer import (STAGING, OutputError, chunk_dir, commit_chunk, is_committed, plan_fingerprint,
+                                 prepare_output, publish)
+
+OUTPUT_DDL = ROW_DDL + ", split string, path string, error string"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobs/extract.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="TOML file whose [extract] table sets defaults for these flags")
+    p.add_argument("--dataset", choices=["nih", "chexpert"], default="nih")
+    p.add_argument("--metadata", help="Data_Entry_2017*.csv (nih) or train.csv/valid.csv (chexpert)")
+    p.add_argument("--images", help="folder holding the images, searched recursively")
+    p.add_argument("--out", help="store directory to write")
+    p.add_argument("--backbone", default="densenet121", help="registry name, e.g. resnet50, densenet121, inception_v3")
+    p.add_argument("--weights", default="imagenet",
+                   help="imagenet[:ENUM], a checkpoint path, or random[:SEED] (random only when asked for)")
+    p.add_argument("--download-weights", action="store_true", help="fetch ImageNet weights if not cached")
+    p.add_argument("--split", choices=["auto", "official", "ratios"], default="auto",
+                   help="auto: official lists when found beside the metadata, else patient-level ratios")
+    p.add_argument("--train-val-list", help="official train_val list (default: beside --metadata)")
+    p.add_argument("--test-list", help="official test list (default: beside --metadata)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train_val patients carved out as val")
+    p.add_argument("--split-ratios", default="0.7,0.1,0.2", help="train,val,test shares of patients")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--keep-laterals", action="store_true", help="chexpert: keep lateral views")
+    p.add_argument("--limit", type=int, help="process only the first N images (by image_id), for trials")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                   help="auto: the task's GPU when Spark assigned one, else CPU")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on CPU, fp16 on GPU (autocast; features are stored as float32)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--chunk-size", type=int, default=4096, help="images per committed chunk (restart granularity)")
+    p.add_argument("--images-per-task", type=int, default=64, help="images per Spark task")
+    p.add_argument("--file-mb", type=int, default=128, help="target size of the store's Parquet files")
+    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    return p
+
+
+def log(message: str) -> None:
+    print(f"[extract] {message}", file=sys.stderr, flush=True)
+
+
+def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
+                 batch_size: int, done, errors):
+    """The mapInPandas function; it captures only small values, the model is built in the worker."""
+
+    def run(frames):
+        from pyspark import SparkFiles, TaskContext
+
+        task = TaskContext.get()
+        gpus = task.resources().get("gpu")
+        on = f"cuda:{gpus.addresses[0]}" if gpus and device == "auto" else "cpu"
+        threads = max(1, task.cpus())
+        state_file = SparkFiles.get(weights_file) if weights_file else None
+        extractor = cached_extractor(backbone, state_file, seed, on, precision, threads)
+
+        def count(n_ok, n_err):
+            done.add(n_ok + n_err)
+            errors.add(n_err)
+
+        yield from iter_extract(frames, extractor, extractor.preprocessing.input_size, batch_size,
+                                decode_threads=threads, on_batch=count)
+
+    return run
+
+
+class Progress:
+    """A driver thread printing images done / total, images per second and errors so far."""
+
+    def __init__(self, total: int, already: int, done, errors, interval: float):
+        self.total, self.already, self.done, self.errors, self.interval = total, already, done, errors, interval
+        self.start = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def line(self) -> str:
+        n = self.done.value
+        rate = n / max(time.monotonic() - self.start, 1e-9)
+        left = self.total - self.already - n
+        eta = f", ETA {dt.timedelta(seconds=int(left / rate))}" if rate > 0 and left > 0 else ""
+        pct = 100 * (self.already + n) / max(self.total, 1)
+        return (f"{self.already + n}/{self.total} images ({pct:.1f}%), {rate:.1f} images/s, "
+                f"{self.errors.value} errors{eta}")
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            log(self.line())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+
+def get_spark():
+    from pyspark.sql import SparkSession
+
+    return (SparkSession.builder.appName("cxr-features extract")
+            .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+
+
+def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: int) -> dict:
+    """Process every uncommitted chunk; returns timing figures for the summary."""
+    sc = spark.sparkContext
+    chunks = [table.iloc[i:i + args.chunk_size] for i in range(0, len(table), args.chunk_size)]
+    pending = [i for i in range(len(chunks)) if not is_committed(work, i)]
+    already = sum(len(chunks[i]) for i in range(len(chunks)) if i not in pending)
+    if already:
+        log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
+    done, errors = sc.accumulator(0), sc.accumulator(0)
+    task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, args.batch_size,
+                           done, errors)
+    start = time.monotonic()
+    with Progress(len(table), already, done, errors, args.progress_interval) as progress:
+        for i in pending:
+            chunk = chunks[i][list(INPUT_COLUMNS)]
+            parts = max(sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task))
+            tmp = work / f"chunk-{i:05d}.tmp"
+            (spark.createDataFrame(chunk, schema=INPUT_DDL).repartition(parts)
+             .mapInPandas(task_fn, OUTPUT_DDL)
+             .write.mode("overwrite").parquet(str(tmp)))
+            commit_chunk(tmp, work, i)
+            log(f"chunk {i + 1}/{len(chunks)} committed; {progress.line()}")
+    seconds = time.monotonic() - start
+    return {"images_processed": done.value, "seconds": round(seconds, 2),
+            "images_per_second": round(done.value / seconds, 2) if done.value else None, "chunks": len(chunks)}
+
+
+def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) -> dict:
+    """Rewrite the committed chunks as a few files per split plus the errors table, in staging."""
+    from pyspark.sql import functions as F
+
+    staging = work / STAGING
+    rows = spark.read.parquet(*[str(chunk_dir(work, i)) for i in range(n_chunks)])
+    counts = {(r["split"], r["failed"]): r["count"]
+              for r in rows.groupBy("split", F.col("error").isNotNull().alias("failed")).count().collect()}
+    per_split = {s: counts.get((s, False), 0) for s in SPLITS}
+    n_errors = sum(v for (_, failed), v in counts.items() if failed)
+
+    rows_per_file = max(1, file_mb * 2**20 // (4 * feature_dim + 256))
+    buckets = max(1, math.ceil(max(per_split.values()) / rows_per_file))
+    good = rows.where(F.col("error").isNull()).drop("error", "path")
+    (good.repartition(buckets * len(SPLITS), "split", F.pmod(F.hash("image_id"), F.lit(buckets)))
+     .sortWithinPartitions("image_id")
+     .select(*[c for c in OUTPUT_COLUMNS if c not in ("path", "error")])
+     .write.mode("overwrite").partitionBy("split").option("maxRecordsPerFile", rows_per_file)
+     .parquet(str(staging)))
+    (rows.where(F.col("error").isNotNull()).select("image_id", "path", "error").coalesce(1)
+     .write.mode("overwrite").parquet(str(staging / ERRORS_DIR)))
+    return {"splits": per_split, "errors": n_errors}
+
+
+def main(argv: list[str] | None = None, spark=None) -> dict:
+    args = parse_with_config(build_parser(), argv, "extract")
+    for flag in ("metadata", "images", "out"):
+        if not getattr(args, flag):
+            raise SystemExit(f"jobs/extract.py: --{flag} is required (or set it in --config)")
+    spec = get_spec(args.backbone)
+    weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
+    if weights.kind == "random":
+        log(f"weights {weights.label}: random initialisation, as asked; the store records it")
+    preprocessing = Preprocessing(spec.input_size)
+    ratios = tuple(float(x) for x in str(args.split_ratios).split(","))
+
+    images = build_image_table(args.dataset, args.metadata, args.images, args.split, args.train_val_list,
+                               args.test_list, args.val_fraction, ratios, args.seed, args.keep_laterals,
+                               args.limit, log=log)
+    table = images.table
+    log(f"{len(table)} images to embed with {args.backbone} ({weights.label}); "
+        + ", ".join(f"{s} {int((table['split'] == s).sum())}" for s in SPLITS))
+    settings = {"backbone": args.backbone, "weights": weights.label, "weights_sha256": weights.sha256,
+                "preprocessing": preprocessing.describe(), "precision": args.precision,
+                "chunk_size": args.chunk_size, "format_version": FORMAT_VERSION}
+    work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
+
+    spark = spark or get_spark()
+    weights_file = None
+    if weights.path:
+        spark.sparkContext.addFile(weights.path)  # executors fetch it; SparkFiles.get finds it by name
+        weights_file = Path(weights.path).name
+    timing = run_chunks(spark, table, work, args, weights_file, weights.seed)
+    n_chunks = timing["chunks"]
+    written = compact(spark, work, n_chunks, spec.feature_dim, args.file_mb)
+
+    import pyspark
+    import torch
+    import torchvision
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": images.dataset,
+        "label_names": list(images.label_names),
+        "feature_dim": spec.feature_dim,
+        "backbone": args.backbone,
+        "weights": weights.label,
+        "weights_sha256": weights.sha256,
+        "preprocessing": preprocessing.describe(),
+        "precision": args.precision,
+        "splits": written["splits"],
+        "split_method": images.split_method,
+        "errors": written["errors"],
+        "metadata_counts": images.counts,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "software": {"cxr-features": __version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "pyspark": pyspark.__version__},
+        "command": shlex.join(sys.argv if argv is None else ["jobs/extract.py", *argv]),
+        "config": {k: v for k, v in sorted(vars(args).items())},
+    }
+    if weights.kind == "random":
+        manifest["weights_note"] = "random initialisation (asked for explicitly): features carry no learned knowledge"
+    publish(args.out, work / STAGING, manifest)
+    summary = {"store": str(Path(args.out).resolve()), **written, **timing}
+    log(f"store complete: {summary['store']}")
+    log(f"  {spec.feature_dim}-d {args.backbone} features ({weights.label}); rows per split "
+        + ", ".join(f"{s}={n}" for s, n in written["splits"].items()))
+    log(f"  {written['errors']} unreadable images (see {ERRORS_DIR}/); "
+        f"{images.counts.get('images_missing', 0)} metadata rows without an image; "
+        f"{images.counts.get('age_dropped', 0)} implausible ages dropped")
+    if timing["images_processed"]:
+        log(f"  this run: {timing['images_processed']} images in {timing['seconds']} s "
+            f"({timing['images_per_second']} images/s)")
+    return summary
+
+
+def cli() -> None:
+    try:
+        main()
+    except (OutputError, WeightsError, ValueError, FileNotFoundError) as exc:
+        # One line for bad input; tracebacks are for bugs.
+        print(f"jobs/extract.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
