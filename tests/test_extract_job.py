@@ -1,0 +1,186 @@
+"""End to end: the Spark job over real NIH images, in local[2], with random weights."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from common.images import load_image
+from common.inference import FeatureExtractor
+from common.labels import NIH_LABELS
+from common.metadata import read_nih
+from common.store import StoreError, read_errors, read_manifest, read_split
+from jobs.extract import main
+from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, REPO, needs_shared
+
+pytestmark = needs_shared
+BACKBONE = "mobilenet_v3_large"  # the fastest registry backbone on CPU
+N_IMAGES = 30
+CORRUPT = "00099999_000.png"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """30 real 1024-px NIH images (the RGBA ones among them), one truncated file, 2 absent images."""
+    root = tmp_path_factory.mktemp("nih")
+    names = sorted(os.listdir(NIH_IMAGES))
+    picked = ["00000100_000.png", "00001369_000.png", *[n for n in names[::14] if n not in ("00000100_000.png", "00001369_000.png")]][:N_IMAGES]
+    for i, name in enumerate(picked):  # Kaggle-style nested folders
+        folder = root / "images" / f"images_{i % 3 + 1:03d}" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(NIH_IMAGES / name, folder / name)
+    (root / "images" / CORRUPT).write_bytes((NIH_IMAGES / picked[0]).read_bytes()[:5000])
+    absent = [n for n in names if n not in picked][:2]
+
+    lines = NIH_CSV.read_text().splitlines()
+    keep = set(picked) | set(absent)
+    rows = [line for line in lines[1:] if line.split(",")[0] in keep]
+    # The corrupt file gets a metadata row of its own (a copy of the first row, renamed).
+    rows.append(CORRUPT + "," + rows[0].split(",", 1)[1].replace(",1,", ",99999,", 1))
+    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    for name in ("train_val_list.txt", "test_list.txt"):
+        ids = (NIH / name).read_text().split()
+        listed = [i for i in ids if i in keep] + ([CORRUPT] if name == "train_val_list.txt" else [])
+        (root / name).write_text("\n".join(listed))
+    return {"root": root, "picked": picked, "absent": absent}
+
+
+def job_args(dataset, out, *extra):
+    root = dataset["root"]
+    return ["--dataset", "nih", "--metadata", str(root / "Data_Entry_2017_v2020.csv"),
+            "--images", str(root / "images"), "--out", str(out), "--backbone", BACKBONE,
+            "--weights", "random:0", "--val-fraction", "0.2", "--chunk-size", "8", "--images-per-task", "4",
+            "--progress-interval", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def store(dataset, spark, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "nih-mobilenet"
+    summary = main(job_args(dataset, out), spark=spark)
+    return out, summary
+
+
+def all_rows(out):
+    return pa.concat_tables(pq.read_table(out / f"split={s}") for s in ("train", "val", "test")
+                            if (out / f"split={s}").is_dir())
+
+
+def test_store_has_every_contract_column_and_the_right_rows(store, dataset):
+    out, summary = store
+    table = all_rows(out)
+    assert table.schema.field("image_id").type == pa.string()
+    assert table.schema.field("patient_id").type == pa.string()
+    assert table.schema.field("view").type == pa.string()
+    assert table.schema.field("age").type == pa.float32()
+    assert table.schema.field("sex").type == pa.int8()
+    assert table.schema.field("labels").type.value_type == pa.int8()
+    assert table.schema.field("features").type.value_type == pa.float32()
+    assert sorted(table.column("image_id").to_pylist()) == sorted(dataset["picked"])
+
+    meta = read_nih(NIH_CSV).table.set_index("image_id")
+    manifest = read_manifest(out)
+    for split in manifest["splits"]:
+        data = read_split(out, split, manifest)
+        assert data.features.shape == (len(data), manifest["feature_dim"]) and data.features.dtype == np.float32
+        assert np.isfinite(data.features).all()
+        for i, image_id in enumerate(data.image_id):
+            row = meta.loc[image_id]
+            assert np.array_equal(data.labels[i], row["labels"])
+            assert data.age[i] == row["age"] and data.sex[i] == row["sex"] and data.view[i] == row["view"]
+            assert data.patient_id[i] == row["patient_id"]
+    per_patient = {}
+    for split in manifest["splits"]:
+        for p in read_split(out, split, manifest).patient_id:
+            per_patient.setdefault(p, set()).add(split)
+    assert all(len(s) == 1 for s in per_patient.values())
+    # A few files per split, not one per task (there were 8 tasks per chunk, 4 chunks).
+    assert sum(1 for _ in out.glob("split=*/*.parquet")) <= 3
+
+
+def test_manifest_records_what_made_the_store(store, dataset):
+    out, summary = store
+    m = read_manifest(out)
+    assert m["format_version"] == 1 and m["dataset"] == "nih"
+    assert m["label_names"] == list(NIH_LABELS)
+    assert m["backbone"] == BACKBONE and m["feature_dim"] == 1280
+    assert m["weights"] == "random:0" and "random" in m["weights_note"]
+    assert m["preprocessing"]["input_size"] == 224
+    assert sum(m["splits"].values()) == N_IMAGES
+    assert m["split_method"]["kind"] == "official" and m["split_method"]["val_fraction"] == 0.2
+    assert m["errors"] == 1
+    assert m["metadata_counts"]["images_missing"] == 2
+    assert {"torch", "torchvision", "pyspark", "cxr-features"} <= set(m["software"])
+    assert "--backbone " + BACKBONE in m["command"] and m["created"].endswith("+00:00")
+    assert not (out / "_work").exists()
+
+
+def test_unreadable_image_is_in_the_errors_table_and_the_job_went_on(store):
+    out, _ = store
+    errors = read_errors(out).to_pylist()
+    assert [e["image_id"] for e in errors] == [CORRUPT]
+    assert errors[0]["path"].endswith(CORRUPT) and errors[0]["error"].startswith("OSError")
+    assert "\n" not in errors[0]["error"]
+
+
+def test_features_belong_to_their_own_rows(store, dataset):
+    """Features equal the backbone run directly on each row's image: no row gets another's vector."""
+    out, _ = store
+    data = read_split(out, "train")
+    extractor = FeatureExtractor(BACKBONE, None, 0, threads=1)
+    picks = data.image_id[:3]
+    paths = [next((dataset["root"] / "images").rglob(name)) for name in picks]
+    direct = extractor(np.stack([load_image(str(p), 224) for p in paths]))
+    stored = data.features[:3]
+    cosine = (direct * stored).sum(1) / np.linalg.norm(direct, axis=1) / np.linalg.norm(stored, axis=1)
+    assert (cosine > 0.999).all(), cosine
+    # ...and differ between images, so the check above can fail.
+    assert np.corrcoef(stored)[0, 1] < 0.999
+
+
+def test_complete_store_is_not_overwritten_without_the_flag(store, dataset, spark):
+    out, _ = store
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(RuntimeError, match="already here; pass --overwrite"):
+        main(job_args(dataset, out), spark=spark)
+    assert (out / "manifest.json").read_text() == before
+    assert read_split(out, "train").features.shape[0] > 0
+
+
+def test_killed_run_restarts_without_redoing_committed_chunks(dataset, store, spark, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYSPARK_SUBMIT_ARGS": "--master local[2] pyspark-shell",
+           "PYTHONPATH": str(REPO), "PYSPARK_PYTHON": sys.executable}
+    log = (tmp_path / "first-run.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "extract.py"), *job_args(dataset, out)],
+                            env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (out / "_work" / "chunk-00001").exists():
+        assert proc.poll() is None, (tmp_path / "first-run.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "no chunk committed in time"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its JVM and the Python workers
+    proc.wait()
+    printed = (tmp_path / "first-run.log").read_text()
+    assert "[extract] chunk 1/4 committed; " in printed and " images/s, 0 errors" in printed
+    committed = sorted(p.name for p in (out / "_work").glob("chunk-?????"))
+    assert 2 <= len(committed) < 4, committed
+    with pytest.raises(StoreError, match="no manifest.json"):
+        read_manifest(out)  # a killed run never looks complete
+
+    summary = main(job_args(dataset, out), spark=spark)
+    assert summary["images_processed"] == N_IMAGES + 1 - 8 * len(committed)  # only the rest was embedded
+    table = all_rows(out)
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == N_IMAGES
+    # The same rows as the uninterrupted run, feature for feature.
+    clean = {r["image_id"]: r["features"] for r in all_rows(store[0]).to_pylist()}
+    for row in table.to_pylist():
+        assert np.allclose(row["features"], clean[row["image_id"]], atol=1e-3)
+    assert read_manifest(out)["errors"] == 1
