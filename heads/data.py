@@ -1,0 +1,286 @@
+"""Feature stores -> the arrays a head trains on.
+
+Reading one store or fusing several column-wise, choosing the labels and the policy for uncertain
+ones, and building the input matrix (features, optionally age and sex, standardized with
+statistics fitted on train only). Everything is whole-array numpy; no per-row Python loops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.labels import CHEXPERT_COMPETITION, NIH_NO_FINDING, POSITIVE, UNCERTAIN
+from common.store import MANIFEST, SPLITS, SplitData, StoreError, read_manifest, read_split, split_dir
+
+# Columns that are not a disease: they count neither as "another disease" (D-AUC) nor against
+# "No Finding" (N-AUC).
+NOT_DISEASES = (NIH_NO_FINDING, "Support Devices")
+
+POLICIES = ("ignore", "zeros", "ones")  # U-Ignore, U-Zeros, U-Ones (Irvin et al. 2019)
+SEX_ENCODINGS = ("indicator", "onehot")
+
+
+@dataclass
+class StoreInfo:
+    """One store as a run records it: where it was and exactly which manifest it had."""
+
+    path: str
+    manifest: dict
+    sha256: str  # of manifest.json's bytes: a re-extracted store has a new `created`, so a new hash
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {
+            "path": self.path,
+            "manifest_sha256": self.sha256,
+            "dataset": m.get("dataset"),
+            "backbone": m.get("backbone"),
+            "weights": m.get("weights"),
+            "weights_sha256": m.get("weights_sha256"),
+            "feature_dim": int(m["feature_dim"]),
+            "preprocessing": m.get("preprocessing"),
+        }
+
+
+@dataclass
+class Split:
+    """One split of one or several fused stores; rows sorted by image_id."""
+
+    image_id: np.ndarray  # object array of str
+    age: np.ndarray  # float32, NaN unknown
+    sex: np.ndarray  # float32, 1 male / 0 female / NaN unknown
+    labels: np.ndarray  # int8 (n, n_store_labels): 1, 0, -1
+    features: np.ndarray  # float32 (n, sum of feature_dims)
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+
+@dataclass
+class Stores:
+    infos: list[StoreInfo]
+    label_names: tuple[str, ...]
+    splits: dict[str, Split]
+
+    @property
+    def dataset(self) -> str:
+        return str(self.infos[0].manifest.get("dataset"))
+
+    @property
+    def feature_dims(self) -> list[int]:
+        return [int(i.manifest["feature_dim"]) for i in self.infos]
+
+
+def store_info(path: str | os.PathLike) -> StoreInfo:
+    manifest = read_manifest(path)  # refuses missing manifest / unknown format_version
+    digest = hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
+    return StoreInfo(str(path), manifest, digest)
+
+
+def store_splits(path: str | os.PathLike) -> list[str]:
+    return [s for s in SPLITS if split_dir(path, s).is_dir()]
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
+    only = sorted(set(a.tolist()) ^ set(b.tolist()))
+    return repr(only[0]) if only else "(same ids, different count)"
+
+
+def _fuse(parts: list[SplitData], infos: list[StoreInfo], split: str) -> Split:
+    first = parts[0]
+    for part, info in zip(parts[1:], infos[1:]):
+        if len(part) != len(first) or not np.array_equal(part.image_id, first.image_id):
+            raise StoreError(
+                f"{info.path}: split={split} image_ids differ from {infos[0].path}'s "
+                f"(e.g. {_first_difference(part.image_id, first.image_id)}); fused stores must hold the same images"
+            )
+        if not np.array_equal(part.labels, first.labels):
+            row = int(np.flatnonzero((part.labels != first.labels).any(axis=1))[0])
+            raise StoreError(
+                f"{info.path}: split={split} labels differ from {infos[0].path}'s for {first.image_id[row]!r}; "
+                "fused stores must come from the same metadata"
+            )
+    features = first.features if len(parts) == 1 else np.concatenate([p.features for p in parts], axis=1)
+    return Split(first.image_id, first.age, first.sex, first.labels, features)
+
+
+def open_stores(paths: list[str], splits: list[str] | None = None) -> Stores:
+    """Read `splits` (default: all the first store has) of one store, or of several fused column-wise.
+
+    Fusion is refused, with a one-line StoreError, unless every store has the same label names,
+    the same splits and, split by split, the same image_ids and labels.
+    """
+    if not paths:
+        raise StoreError("--store: give at least one feature store")
+    if len(set(map(os.path.abspath, paths))) != len(paths):
+        raise StoreError(f"--store: a store is given twice ({', '.join(paths)})")
+    infos = [store_info(p) for p in paths]
+    names = tuple(infos[0].manifest["label_names"])
+    have = store_splits(paths[0])
+    for info in infos[1:]:
+        if tuple(info.manifest["label_names"]) != names:
+            raise StoreError(f"{info.path}: label_names differ from {infos[0].path}'s; only stores of one dataset fuse")
+        if store_splits(info.path) != have:
+            raise StoreError(
+                f"{info.path}: has splits {store_splits(info.path)}, {infos[0].path} has {have}; fused stores need the same"
+            )
+    wanted = have if splits is None else list(splits)
+    for split in wanted:
+        if split not in have:
+            raise StoreError(f"{paths[0]}: has no split={split} (it has {', '.join(have) or 'none'})")
+    out = {}
+    for split in wanted:
+        parts = [read_split(i.path, split, i.manifest) for i in infos]
+        out[split] = _fuse(parts, infos, split)
+        del parts
+    return Stores(infos, names, out)
+
+
+# --- labels ---------------------------------------------------------------------------------
+
+
+def select_labels(label_names: tuple[str, ...], choice="all", drop_no_finding: bool = True) -> list[str]:
+    """The label subset a head predicts: 'all', 'competition' (CheXpert's five) or a list of names."""
+    if choice == "all":
+        chosen = list(label_names)
+    elif choice == "competition":
+        chosen = list(CHEXPERT_COMPETITION)
+    else:
+        chosen = [c.strip() for c in choice.split(",")] if isinstance(choice, str) else list(choice)
+    missing = [c for c in chosen if c not in label_names]
+    if missing:
+        raise StoreError(f"--labels: {missing[0]!r} is not a label of this store ({', '.join(label_names)})")
+    if drop_no_finding:
+        chosen = [c for c in chosen if c != NIH_NO_FINDING]
+    if not chosen:
+        raise StoreError("--labels: no labels left to train on")
+    return chosen
+
+
+def label_columns(label_names: tuple[str, ...], chosen: list[str]) -> np.ndarray:
+    return np.array([label_names.index(c) for c in chosen], dtype=np.intp)
+
+
+def apply_policy(labels: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """Uncertain (-1) labels -> (targets float32 0/1, mask bool): U-Ignore masks them out of loss
+    and metrics, U-Zeros reads them as negative, U-Ones as positive."""
+    if policy not in POLICIES:
+        raise ValueError(f"--policy {policy!r}: choose from {', '.join(POLICIES)}")
+    uncertain = labels == UNCERTAIN
+    if policy == "ignore":
+        return (labels == POSITIVE).astype(np.float32), ~uncertain
+    targets = (labels == POSITIVE) | (uncertain if policy == "ones" else False)
+    return targets.astype(np.float32), np.ones(labels.shape, dtype=bool)
+
+
+def finding_flags(labels: np.ndarray, label_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, over all the store's disease labels (not only the trained subset):
+    has_disease = at least one positive; no_finding = every disease label negative (0).
+    These define the negatives of D-AUC and N-AUC (Ge et al. 2018)."""
+    cols = [i for i, n in enumerate(label_names) if n not in NOT_DISEASES]
+    disease = labels[:, cols]
+    return (disease == POSITIVE).any(axis=1), (disease == 0).all(axis=1)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class InputSpec:
+    """How a split becomes the head's input; saved in the checkpoint so predict rebuilds it exactly."""
+
+    feature_dims: list[int]
+    age_sex: bool
+    sex_encoding: str
+    age_fill: float  # train mean age, for unknown ages
+    mean: np.ndarray  # float32 (width,), fitted on train
+    std: np.ndarray  # float32 (width,), 1 where a column is constant on train
+
+    @property
+    def width(self) -> int:
+        return len(self.mean)
+
+    def to_dict(self) -> dict:
+        return {
+            "feature_dims": list(self.feature_dims),
+            "age_sex": self.age_sex,
+            "sex_encoding": self.sex_encoding,
+            "age_fill": float(self.age_fill),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        return cls(
+            list(d["feature_dims"]), bool(d["age_sex"]), d["sex_encoding"], float(d["age_fill"]),
+            np.asarray(d["mean"], dtype=np.float32), np.asarray(d["std"], dtype=np.float32),
+        )
+
+
+def demographics(age: np.ndarray, sex: np.ndarray, encoding: str, age_fill: float) -> np.ndarray:
+    """age/100 then sex: 'indicator' is one column (1 male, 0 female, 0.5 unknown), which with
+    ResNet50's 2,048 features gives the 2,050-wide input of the seed work; 'onehot' is two
+    columns (male, female), both 0 when unknown."""
+    if encoding not in SEX_ENCODINGS:
+        raise ValueError(f"--sex-encoding {encoding!r}: choose from {', '.join(SEX_ENCODINGS)}")
+    age = np.where(np.isnan(age), np.float32(age_fill), age).astype(np.float32) / np.float32(100.0)
+    if encoding == "indicator":
+        return np.stack([age, np.where(np.isnan(sex), np.float32(0.5), sex).astype(np.float32)], axis=1)
+    return np.stack([age, (sex == 1).astype(np.float32), (sex == 0).astype(np.float32)], axis=1)
+
+
+def _column_moments(x: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std in float64, chunk by chunk, so no full-size temporary is made."""
+    n = len(x)
+    total = np.zeros(x.shape[1], dtype=np.float64)
+    for s in range(0, n, chunk):
+        total += x[s:s + chunk].sum(axis=0, dtype=np.float64)
+    mean = total / max(n, 1)
+    sq = np.zeros_like(total)
+    for s in range(0, n, chunk):
+        d = x[s:s + chunk] - mean
+        sq += np.einsum("ij,ij->j", d, d)
+    return mean, np.sqrt(sq / max(n, 1))
+
+
+def _raw_inputs(features: np.ndarray, age: np.ndarray, sex: np.ndarray, age_sex: bool, encoding: str,
+                age_fill: float) -> np.ndarray:
+    if not age_sex:
+        return features
+    demo = demographics(age, sex, encoding, age_fill)
+    out = np.empty((len(features), features.shape[1] + demo.shape[1]), dtype=np.float32)
+    out[:, : features.shape[1]] = features
+    out[:, features.shape[1]:] = demo
+    return out
+
+
+def fit_inputs(train: Split, feature_dims: list[int], age_sex: bool = False,
+               sex_encoding: str = "indicator") -> InputSpec:
+    """Standardization statistics from the train split only (val/test never leak into them)."""
+    known = train.age[~np.isnan(train.age)]
+    age_fill = float(known.mean()) if known.size else 0.0
+    raw = _raw_inputs(train.features, train.age, train.sex, age_sex, sex_encoding, age_fill)
+    mean, std = _column_moments(raw)
+    std = np.where(std < 1e-6, 1.0, std)  # a constant column stays constant instead of dividing by 0
+    return InputSpec(list(feature_dims), age_sex, sex_encoding, age_fill, mean.astype(np.float32),
+                     std.astype(np.float32))
+
+
+def make_inputs(features: np.ndarray, age: np.ndarray, sex: np.ndarray, spec: InputSpec,
+                chunk: int = 16384) -> np.ndarray:
+    """(n, spec.width) float32 standardized inputs; a new array, the store's arrays are untouched."""
+    if features.shape[1] != sum(spec.feature_dims):
+        raise StoreError(f"inputs: features are {features.shape[1]} wide, the head expects {sum(spec.feature_dims)}")
+    raw = _raw_inputs(features, age, sex, spec.age_sex, spec.sex_encoding, spec.age_fill)
+    out = raw.astype(np.float32, copy=True) if raw is features else raw
+    for s in range(0, len(out), chunk):  # in place, chunked: no second full-size temporary
+        block = out[s:s + chunk]
+        block -= spec.mean
+        block /= spec.std
+    return out

@@ -1,0 +1,66 @@
+"""Head models over frozen features: `linear` and `mlp3`, outputting one logit per label.
+
+The modules return logits (losses take logits for numerical stability); a probability is
+`torch.sigmoid` of them, one independent sigmoid per label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+KINDS = ("linear", "mlp3", "mlp3-dropout")
+DEFAULT_HIDDEN = (128, 32)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Everything needed to rebuild a head's module before loading its state dict."""
+
+    kind: str  # 'linear' | 'mlp3'
+    in_dim: int
+    n_out: int
+    hidden: tuple[int, ...] = DEFAULT_HIDDEN
+    dropout: float = 0.0
+
+    @classmethod
+    def make(cls, name: str, in_dim: int, n_out: int, hidden=DEFAULT_HIDDEN, dropout: float | None = None):
+        """`mlp3-dropout` is mlp3 with dropout 0.5 unless a dropout is given."""
+        if name not in KINDS:
+            raise ValueError(f"--head {name!r}: choose from {', '.join(KINDS)}")
+        if dropout is None:
+            dropout = 0.5 if name == "mlp3-dropout" else 0.0
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"--dropout {dropout}: must be in [0, 1)")
+        hidden = tuple(int(h) for h in hidden)
+        if name != "linear" and (not hidden or min(hidden) < 1):
+            raise ValueError(f"--hidden {hidden}: an mlp needs one or more positive layer sizes")
+        kind = "linear" if name == "linear" else "mlp3"
+        return cls(kind, int(in_dim), int(n_out), () if kind == "linear" else hidden, float(dropout))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadSpec":
+        return cls(d["kind"], int(d["in_dim"]), int(d["n_out"]), tuple(d["hidden"]), float(d["dropout"]))
+
+    def describe(self) -> str:
+        sizes = "→".join(str(s) for s in (self.in_dim, *self.hidden, self.n_out))
+        return f"{self.kind} {sizes}" + (f", dropout {self.dropout:g}" if self.dropout else "")
+
+
+def build_head(spec: HeadSpec) -> nn.Sequential:
+    """Linear layers with ReLU between them (dropout after each ReLU when asked); no final sigmoid."""
+    layers: list[nn.Module] = []
+    width = spec.in_dim
+    for h in spec.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = h
+    layers.append(nn.Linear(width, spec.n_out))
+    return nn.Sequential(*layers)

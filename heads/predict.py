@@ -1,0 +1,179 @@
+"""Per-image probabilities from a trained head, for the images of feature stores or of a folder.
+
+    python -m heads.predict --run runs/x --store stores/nih-resnet50 --split test --out preds.parquet
+    python -m heads.predict --run runs/x --images scans/ --out preds.csv
+
+Output: image_id (+ split, or path and error for a folder), then one probability column per
+label of the head. From a folder, each image goes through the backbone(s) the head's stores were
+extracted with (backbone, weights and preprocessing from their manifests); an unreadable image
+gets a row with its error and empty probabilities, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.config import ConfigError, parse_with_config
+from common.store import StoreError
+from heads import rundir
+from heads.data import make_inputs, open_stores, store_info
+from heads.fit import PRECISIONS, input_tensor, predict_logits, resolve_precision
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _check_stores(head: rundir.Head, paths: list[str]) -> None:
+    """The features must come from what the head was trained on: same backbones, weights, preprocessing."""
+    if len(paths) != len(head.stores):
+        raise StoreError(f"--store: the head was trained on {len(head.stores)} fused store(s), {len(paths)} given")
+    for path, trained in zip(paths, head.stores):
+        got = store_info(path).describe()
+        for key in ("backbone", "weights", "feature_dim", "preprocessing"):
+            if trained.get(key) is not None and got.get(key) != trained.get(key):
+                raise StoreError(
+                    f"{path}: {key} {got.get(key)!r} differs from the head's store {trained['path']} "
+                    f"({trained.get(key)!r}); the head cannot read these features"
+                )
+
+
+def probabilities(head: rundir.Head, features: np.ndarray, age: np.ndarray, sex: np.ndarray,
+                  precision: str) -> np.ndarray:
+    x = make_inputs(features, age, sex, head.inputs)
+    return torch.sigmoid(predict_logits(head.model, input_tensor(x, precision), precision)).numpy()
+
+
+def predict_stores(head: rundir.Head, paths: list[str] | None, splits: list[str] | None,
+                   precision: str) -> pd.DataFrame:
+    """Probabilities for every image of the chosen splits (default: all) of the store(s)."""
+    paths = paths or [s["path"] for s in head.stores]
+    _check_stores(head, paths)
+    stores = open_stores(paths, splits)
+    frames = []
+    for name, split in stores.splits.items():
+        probs = probabilities(head, split.features, split.age, split.sex, precision)
+        frames.append(rundir.predictions_frame(split.image_id, probs, head.label_names,
+                                               front={"split": np.full(len(split), name, dtype=object)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _weights_argument(label: str) -> str:
+    """A manifest's weights label back into a --weights value for common.backbones.resolve_weights."""
+    kind, _, rest = label.partition(":")
+    return rest if kind == "checkpoint" else label
+
+
+def _decode(load_image, path: Path, size: int):
+    try:
+        return load_image(str(path), size), None
+    except Exception as exc:  # any decoder failure is reported per image
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+
+
+def predict_images(head: rundir.Head, folder: str, device: str = "cpu", precision: str = "auto",
+                   batch_size: int = 32, threads: int | None = None, log=print) -> pd.DataFrame:
+    """Extract features for every image under `folder` with the head's backbone(s), then predict."""
+    from common.backbones import resolve_weights
+    from common.images import load_image
+    from common.inference import FeatureExtractor
+
+    if head.inputs.age_sex:
+        raise StoreError("--images: this head also takes age and sex, which a folder of images does not have; use --store")
+    root = Path(folder)
+    if not root.is_dir():
+        raise StoreError(f"--images {folder}: not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise StoreError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    extractors = []
+    for st in head.stores:
+        source = resolve_weights(st["backbone"], _weights_argument(st["weights"]))
+        if st.get("weights_sha256") and source.sha256 != st["weights_sha256"]:
+            raise StoreError(f"{source.path}: sha256 differs from the weights store {st['path']} was extracted with")
+        ex = FeatureExtractor(st["backbone"], source.path, source.seed, device=device, precision=precision, threads=threads)
+        if st.get("preprocessing") and ex.preprocessing.describe() != st["preprocessing"]:
+            raise StoreError(f"{st['path']}: its preprocessing is not the one common.images does now; cannot reproduce its features")
+        extractors.append(ex)
+    if len(extractors) > 1:
+        log(f"note: every image goes through all {len(extractors)} backbones; a store built from other images "
+            "(e.g. lung-masked) is not reproduced from a plain folder")
+
+    features = np.full((len(files), sum(head.inputs.feature_dims)), np.nan, dtype=np.float32)
+    errors: list[str | None] = [None] * len(files)
+    for start in range(0, len(files), batch_size):
+        batch = files[start:start + batch_size]
+        decoded = {}
+        for size in {ex.preprocessing.input_size for ex in extractors}:
+            decoded[size] = [_decode(load_image, p, size) for p in batch]
+            for i, (_, err) in enumerate(decoded[size]):
+                errors[start + i] = errors[start + i] or err
+        ok = [i for i in range(len(batch)) if errors[start + i] is None]
+        col = 0
+        for ex in extractors:
+            if ok:
+                images = np.stack([decoded[ex.preprocessing.input_size][i][0] for i in ok])
+                features[[start + i for i in ok], col:col + ex.feature_dim] = ex(images)
+            col += ex.feature_dim
+        log(f"{min(start + batch_size, len(files))}/{len(files)} images")
+    good = np.array([e is None for e in errors])
+    probs = np.full((len(files), len(head.label_names)), np.nan, dtype=np.float32)
+    if good.any():
+        n = int(good.sum())
+        nan = np.full(n, np.nan, dtype=np.float32)
+        head_precision = resolve_precision(precision) if precision in PRECISIONS else "fp32"  # fp16 is CUDA-only
+        probs[good] = probabilities(head, features[good], nan, nan, head_precision)
+    front = {"path": np.array([str(p.resolve()) for p in files], dtype=object),
+             "error": np.array(errors, dtype=object)}
+    ids = [str(p.relative_to(root)) for p in files]
+    return rundir.predictions_frame(ids, probs, head.label_names, front=front)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m heads.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="TOML file whose [predict] table sets defaults for these flags")
+    p.add_argument("--run", help="run directory (or its head.pt) written by heads.train")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--store", nargs="+", help="feature store(s), fused as at training (default: the head's own)")
+    src.add_argument("--images", help="folder of images to run through the head's backbone(s)")
+    p.add_argument("--split", nargs="+", help="store splits to predict (default: all)")
+    p.add_argument("--out", help="output file, .parquet or .csv")
+    p.add_argument("--precision", default="auto", help=f"{' | '.join(PRECISIONS)} (images on CUDA: fp16 too)")
+    p.add_argument("--device", default="cpu", help="for --images: cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=32, help="for --images: images per backbone batch")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = build_parser()
+    try:
+        args = parse_with_config(parser, argv, "predict")
+        for flag in ("run", "out"):
+            if not getattr(args, flag):
+                raise ConfigError(f"heads.predict: --{flag} is required (or set it in --config)")
+        if Path(args.out).suffix not in (".parquet", ".csv"):
+            raise ConfigError(f"--out {args.out}: name a .parquet or .csv file")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        head = rundir.load_head(args.run)
+        if args.images:
+            frame = predict_images(head, args.images, args.device, args.precision, args.batch_size, args.threads,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+        else:
+            stores = [args.store] if isinstance(args.store, str) else args.store
+            splits = [args.split] if isinstance(args.split, str) else args.split
+            frame = predict_stores(head, stores, splits, resolve_precision(args.precision))
+        out = rundir.write_table(frame, args.out)
+    except (ConfigError, StoreError, rundir.RunError, ValueError, RuntimeError) as exc:
+        parser.exit(2, f"heads.predict: {exc}\n")
+    print(f"{len(frame)} rows -> {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
