@@ -148,7 +148,8 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
     with Progress(len(table), already, done, errors, args.progress_interval) as progress:
         for i in pending:
             chunk = chunks[i][list(INPUT_COLUMNS)]
-            parts = max(sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task))
+            # At least four waves of tasks per core keeps the last wave's idle cores a small share.
+            parts = max(4 * sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task))
             tmp = work / f"chunk-{i:05d}.tmp"
             (spark.createDataFrame(chunk, schema=INPUT_DDL).repartition(parts)
              .mapInPandas(task_fn, OUTPUT_DDL)
