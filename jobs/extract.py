@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import __version__
 from common.backbones import WeightsError, get_spec, resolve_weights
-from common.config import parse_with_config
+from common.config import ConfigError, parse_with_config
 from common.dataset import build_image_table
 from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
 from common.images import Preprocessing
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     args = parse_with_config(build_parser(), argv, "extract")
     for flag in ("metadata", "images", "out"):
         if not getattr(args, flag):
-            raise SystemExit(f"jobs/extract.py: --{flag} is required (or set it in --config)")
+            raise ConfigError(f"--{flag} is required (or set it in --config)")
     spec = get_spec(args.backbone)
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
     if weights.kind == "random":
