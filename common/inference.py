@@ -1,0 +1,98 @@
+"""Running a frozen extractor on batches of decoded images, as fast as the device allows.
+
+One `FeatureExtractor` per worker process: building it loads the weights, calling it turns an
+(N, S, S) gray batch from `common.images.load_image` into (N, feature_dim) float32 features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from common.backbones import build_extractor, get_spec
+from common.images import Preprocessing
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # oneDNN's own check for native bf16 (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower.
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class FeatureExtractor:
+    """A frozen backbone on one device, with the precision and memory layout chosen for speed.
+
+    precision 'auto' is bf16 autocast on a CPU with native bf16 (fp32 on other CPUs) and fp16
+    autocast on CUDA. `threads` sets torch's intra-op threads for the whole process.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        state_file: str | None,
+        seed: int,
+        device: str = "cpu",
+        precision: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device {device!r}: only cpu and cuda[:N] are supported") from None
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"device {device!r}: torch.cuda.is_available() is False "
+                    f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+                )
+            if precision == "bf16" and not torch.cuda.is_bf16_supported():
+                raise ValueError(f"precision 'bf16': device {device!r} does not support bf16; use fp16 or fp32")
+            auto = torch.float16
+        elif self.device.type == "cpu":
+            if precision == "fp16":
+                raise ValueError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
+            auto = torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+        else:
+            raise ValueError(f"device {device!r}: only cpu and cuda[:N] are supported")
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+        self.dtype = {"auto": auto, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self._spec = get_spec(backbone)
+        self._preprocessing = self._spec.preprocessing
+        # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
+        model = build_extractor(backbone, state_file, seed)
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+
+    @property
+    def feature_dim(self) -> int:
+        return self._spec.feature_dim
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self._preprocessing
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """(N, S, S) float32 in [0, 1] -> (N, feature_dim) float32."""
+        with torch.inference_mode():
+            gray = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+            if self.device.type == "cuda":
+                # Copy the one-channel batch (a third of the bytes) and normalize on the GPU.
+                gray = gray.pin_memory().to(self.device, non_blocking=True)
+            x = self._preprocessing.to_tensor(gray).contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                features = self.model(x)
+            return features.float().cpu().numpy()

@@ -1,0 +1,155 @@
+"""Decoding and preprocessing, on real NIH images and copies of them in other formats."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_image
+
+NIH_IMAGES = Path("/work/shared/data/nih/images")
+SIZE = 224
+
+pytestmark = pytest.mark.skipif(not NIH_IMAGES.is_dir(), reason=f"{NIH_IMAGES} not present")
+
+
+def _first_with_mode(mode: str) -> Path:
+    for path in sorted(NIH_IMAGES.glob("*.png")):
+        with Image.open(path) as img:
+            if img.mode == mode:
+                return path
+    pytest.skip(f"no {mode} image in {NIH_IMAGES}")
+
+
+@pytest.fixture(scope="module")
+def gray_path() -> Path:
+    return _first_with_mode("L")
+
+
+@pytest.fixture(scope="module")
+def gray(gray_path) -> np.ndarray:
+    with Image.open(gray_path) as img:
+        return np.asarray(img.convert("L"))
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def test_gray_decodes_to_unit_range(gray_path):
+    out = load_image(str(gray_path), SIZE)
+    assert out.shape == (SIZE, SIZE) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    # A real X-ray uses much of the range: a /65535 mix-up would leave it all near 0.
+    assert out.max() > 0.5 and out.std() > 0.05
+
+
+def test_png_variants_decode_alike(gray, tmp_path):
+    base = Image.fromarray(gray)
+    ref = load_image(str(_save(base, tmp_path / "l.png")), SIZE)
+
+    palette = Image.frombytes("P", base.size, gray.tobytes())
+    palette.putpalette([v for i in range(256) for v in (i, i, i)])
+    variants = {
+        "rgb.png": base.convert("RGB"),
+        "rgba.png": base.convert("RGBA"),
+        "la.png": Image.merge("LA", (base, Image.new("L", base.size, 128))),
+        "p.png": palette,
+        "i16.png": Image.fromarray(gray.astype(np.uint16) * 257),
+        # Pillow opens a 32-bit integer TIFF as mode 'I'.
+        "i32.tif": Image.fromarray(gray.astype(np.int32) * 257),
+    }
+    for name, img in variants.items():
+        path = _save(img, tmp_path / name)
+        out = load_image(str(path), SIZE)
+        np.testing.assert_allclose(out, ref, atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_sixteen_bit_uses_full_range(tmp_path):
+    full = np.full((40, 30), 65535, np.uint16)
+    full[:, :15] = 0
+    out = load_image(str(_save(Image.fromarray(full), tmp_path / "full.png")), 8)
+    assert out.max() == 1.0 and out.min() == 0.0
+
+
+def test_one_bit_is_black_and_white(tmp_path):
+    bits = np.zeros((64, 64), bool)
+    bits[:, 32:] = True
+    binary = Image.fromarray(bits)
+    assert binary.mode == "1"
+    out = load_image(str(_save(binary, tmp_path / "bw.png")), 16)
+    assert (out[:, :7] == 0).all() and (out[:, 9:] == 1).all()
+
+
+def test_jpeg_close_to_png(gray, tmp_path):
+    base = Image.fromarray(gray)
+    ref = load_image(str(_save(base, tmp_path / "l.png")), SIZE)
+    for name, img in (("gray.jpg", base), ("rgb.jpg", base.convert("RGB"))):
+        out = load_image(str(_save(img, tmp_path / name, quality=95)), SIZE)
+        assert out.shape == (SIZE, SIZE) and out.dtype == np.float32
+        # Lossy coding plus draft's DCT-domain downscale: close on average, not bit-equal.
+        assert np.abs(out - ref).mean() < 0.005, name
+
+
+def test_stretches_without_crop(tmp_path):
+    # Left third black, rest white, in a wide image: a stretch keeps the 1:2 split in every row.
+    img = np.full((100, 300), 255, np.uint8)
+    img[:, :100] = 0
+    out = load_image(str(_save(Image.fromarray(img), tmp_path / "wide.png")), 30)
+    assert out.shape == (30, 30)
+    assert (out[:, :9] == 0).all() and (out[:, 11:] == 1).all()
+    np.testing.assert_array_equal(out, np.broadcast_to(out[0], out.shape))
+
+
+def test_real_rgba_file_decodes():
+    path = _first_with_mode("RGBA")
+    out = load_image(str(path), SIZE)
+    with Image.open(path) as img:
+        assert img.getextrema()[3] == (255, 255)  # opaque, so alpha carries nothing
+        ref_img = img.convert("L")
+    ref = np.asarray(ref_img.convert("F").resize((SIZE, SIZE), Image.Resampling.BILINEAR)) / 255
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_broken_files_raise(gray_path, tmp_path):
+    data = gray_path.read_bytes()
+    half = tmp_path / "half.png"
+    half.write_bytes(data[: len(data) // 2])
+    # An interrupted copy: only the last rows' compressed data is missing.
+    tail = tmp_path / "tail.png"
+    tail.write_bytes(data[:-1000])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    for path in (half, tail, text, tmp_path / "missing.png"):
+        with pytest.raises(Exception):
+            load_image(str(path), SIZE)
+
+
+def test_out_of_range_32_bit_raises(tmp_path):
+    path = _save(Image.fromarray(np.full((8, 8), 70000, np.int32)), tmp_path / "big.tif")
+    with pytest.raises(ValueError, match="big.tif"):
+        load_image(str(path), 4)
+
+
+def test_to_tensor_normalizes_each_channel():
+    prep = Preprocessing(input_size=4)
+    batch = np.full((2, 4, 4), 0.5, np.float32)
+    batch[1] = 0.0
+    x = prep.to_tensor(batch)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
+    for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
+        assert torch.allclose(x[0, c], torch.full((4, 4), (0.5 - m) / s))
+        assert torch.allclose(x[1, c], torch.full((4, 4), -m / s))
+    with pytest.raises(ValueError, match=r"\(N, 4, 4\)"):
+        prep.to_tensor(np.zeros((2, 5, 5), np.float32))
+
+
+def test_describe_is_json():
+    desc = json.loads(json.dumps(Preprocessing(299).describe()))
+    assert desc["input_size"] == 299
+    assert desc["mean"] == list(IMAGENET_MEAN) and desc["std"] == list(IMAGENET_STD)
+    assert "stretch" in desc["resize"] and "3 channels" in desc["channels"]
