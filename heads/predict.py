@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = build_parser()
+    threads = torch.get_num_threads()
     try:
         args = parse_with_config(parser, argv, "predict")
         for flag in ("run", "out"):
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> Path:
         out = rundir.write_table(frame, args.out)
     except (ConfigError, StoreError, rundir.RunError, ValueError, RuntimeError) as exc:
         parser.exit(2, f"heads.predict: {exc}\n")
+    finally:
+        torch.set_num_threads(threads)  # FeatureExtractor(threads=...) sets it process-wide too
     print(f"{len(frame)} rows -> {out}")
     return out
 

@@ -180,9 +180,17 @@ def main(argv: list[str] | None = None) -> dict:
         out = rundir.prepare(s["out"], s["overwrite"])
     except (ConfigError, rundir.RunError) as exc:
         parser.exit(2, f"heads.train: {exc}\n")
-    started = dt.datetime.now(dt.timezone.utc)
+    threads = torch.get_num_threads()
     if s["threads"]:
         torch.set_num_threads(s["threads"])
+    try:
+        return _run(parser, argv, s, out)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: Path) -> dict:
+    started = dt.datetime.now(dt.timezone.utc)
     precision = resolve_precision(s["precision"])
     try:
         data = prepare_data(s, precision)

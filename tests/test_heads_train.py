@@ -1,0 +1,170 @@
+"""End to end: train on small synthetic stores, then predict and re-render the report.
+
+The planted-signal store (feature c shifted when label c is positive) must be learnt to val
+AUROC > 0.9; the pure-noise store must stay near 0.5 (a leak of labels or val statistics into
+the inputs would push it up).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from common.labels import CHEXPERT_COMPETITION, CHEXPERT_LABELS
+from heads import predict, report, rundir, train
+from tests.heads_fixtures import synthetic_rows, synthetic_store, write_store
+
+# One thread: tiny matmuls on two threads slow to a crawl when other processes hold the cores.
+FAST = ["--epochs", "30", "--batch-size", "64", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    return {
+        "signal": synthetic_store(root / "signal", signal=2.5, seed=1),
+        "noise": synthetic_store(root / "noise", signal=0.0, seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def signal_run(stores, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "signal"
+    summary = train.main(["--store", str(stores["signal"]), "--out", str(out), "--age-sex", *FAST])
+    return out, summary
+
+
+def test_planted_signal_is_learnt(signal_run):
+    out, summary = signal_run
+    assert summary["val_mean_auc"] > 0.9
+    assert summary["test_mean_auc"] > 0.9
+
+
+def test_pure_noise_stays_near_chance(stores, tmp_path):
+    summary = train.main(["--store", str(stores["noise"]), "--out", str(tmp_path / "run"), *FAST])
+    assert abs(summary["val_mean_auc"] - 0.5) < 0.06
+    assert abs(summary["test_mean_auc"] - 0.5) < 0.06
+
+
+def test_run_directory_describes_itself(signal_run, stores):
+    out, _ = signal_run
+    for name in ("head.pt", "config.json", "metrics.json", "report.md", "loss.png", "roc_val.png", "roc_test.png",
+                 "predictions/val.parquet", "predictions/test.parquet"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    manifest_hash = config["stores"][0]["manifest_sha256"]
+    assert config["settings"]["age_sex"] is True and config["input_width"] == 34 and len(manifest_hash) == 64
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["splits"]) == {"val", "test"}
+    assert {"mean_auc", "w_auc", "mean_d_auc", "mean_n_auc"} <= set(metrics["splits"]["test"]["summary"])
+    assert metrics["history"][metrics["best_epoch"] - 1]["val_loss"] == min(h["val_loss"] for h in metrics["history"])
+    text = (out / "report.md").read_text()
+    assert "| Atelectasis |" in text and "Wang 2017" in text and "CheXNet" in text and "CheXpert paper" not in text
+    head = rundir.load_head(out)
+    assert head.inputs.width == 34 and head.label_names == metrics["label_names"] and head.stores[0]["path"] == str(stores["signal"])
+
+
+def test_same_seed_gives_identical_heads(stores, tmp_path):
+    args = ["--store", str(stores["signal"]), "--epochs", "3", "--batch-size", "64", "--threads", "1", "--quiet",
+            "--head", "mlp3-dropout"]
+    train.main([*args, "--out", str(tmp_path / "a")])
+    train.main([*args, "--out", str(tmp_path / "b")])
+    a, b = rundir.load_head(tmp_path / "a"), rundir.load_head(tmp_path / "b")
+    assert a.spec.dropout == 0.5
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key]), key
+
+
+def test_grid_search_records_every_cell_and_picks_the_best(stores, tmp_path):
+    out = tmp_path / "grid"
+    train.main(["--store", str(stores["signal"]), "--out", str(out), "--grid-lr", "1e-3,3e-3",
+                "--grid-weight-decay", "0,1e-4", "--head", "linear", "--loss", "focal", "--precision", "fp32",
+                "--epochs", "5", "--batch-size", "64", "--threads", "1", "--quiet"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    cells = metrics["grid"]
+    assert [(c["lr"], c["weight_decay"]) for c in cells] == [(1e-3, 0), (1e-3, 1e-4), (3e-3, 0), (3e-3, 1e-4)]
+    best = max(cells, key=lambda c: c["val_auc"])
+    assert (metrics["selected"]["lr"], metrics["selected"]["weight_decay"]) == (best["lr"], best["weight_decay"])
+    assert "## Grid search" in (out / "report.md").read_text()
+
+
+def test_config_file_sets_defaults_and_flags_override(stores, tmp_path):
+    conf = tmp_path / "heads.toml"
+    conf.write_text(f'[train]\nstore = ["{stores["noise"]}"]\nepochs = 1\nlr = 0.01\nhidden = [16, 8]\n'
+                    'threads = 1\nquiet = true\n')
+    train.main(["--config", str(conf), "--out", str(tmp_path / "run"), "--epochs", "2"])
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
+    assert (settings["epochs"], settings["lr"], settings["hidden"]) == (2, 0.01, [16, 8])
+    conf.write_text("[train]\nepoch = 3\n")
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(conf), "--out", str(tmp_path / "other")])
+
+
+def test_refusals_exit_with_one_line(stores, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "x"), "--labels", "competition"])
+    assert capsys.readouterr().err.strip().endswith("is not a label of this store (" + ", ".join(
+        json.loads((stores["signal"] / "manifest.json").read_text())["label_names"]) + ")")
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err.strip()
+    assert "not a run directory" in err and "\n" not in err
+
+
+def test_chexpert_policies_subset_and_nan_class(tmp_path):
+    rng = np.random.default_rng(3)
+    names = CHEXPERT_LABELS
+    splits = {s: synthetic_rows(n, 16, len(names), rng, signal=2.5, uncertain=0.1, prefix=s)
+              for s, n in {"train": 400, "val": 200}.items()}
+    splits["val"]["labels"][:, names.index("Edema")] = 0  # no Edema positives in val
+    store = write_store(tmp_path / "chexpert", splits, names, dataset="chexpert", backbone="densenet121")
+    out = tmp_path / "run"
+    train.main(["--store", str(store), "--out", str(out), "--labels", "competition", "--policy", "ones",
+                "--loss", "bce+msml", "--age-sex", "--sex-encoding", "onehot", *FAST])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["label_names"] == list(CHEXPERT_COMPETITION)
+    assert metrics["splits"]["val"]["per_class"]["Edema"]["auroc"] is None
+    assert any("Edema: no positives" in n for n in metrics["notes"])
+    text = (out / "report.md").read_text()
+    assert "CheXpert paper" in text and "0.941 (U-Ones)" in text and "Wang 2017" not in text
+
+
+def test_predict_from_store_matches_the_run(signal_run, stores, tmp_path):
+    out, _ = signal_run
+    path = predict.main(["--run", str(out), "--split", "val", "test", "--out", str(tmp_path / "p.parquet")])
+    got = pd.read_parquet(path)
+    saved = pd.read_parquet(out / "predictions" / "test.parquet")
+    test = got[got["split"] == "test"].reset_index(drop=True)
+    assert len(got) == 600 and list(test["image_id"]) == list(saved["image_id"])
+    names = json.loads((out / "metrics.json").read_text())["label_names"]
+    np.testing.assert_allclose(test[names].to_numpy(), saved[names].to_numpy(), rtol=1e-6)
+    csv = predict.main(["--run", str(out), "--store", str(stores["signal"]), "--split", "val", "--out",
+                        str(tmp_path / "p.csv")])
+    assert list(pd.read_csv(csv).columns) == ["image_id", "split", *names]
+
+
+def test_predict_refuses_features_from_another_backbone(signal_run, tmp_path, capsys):
+    out, _ = signal_run
+    other = synthetic_store(tmp_path / "other", sizes={"val": 20}, backbone="densenet121")
+    with pytest.raises(SystemExit):
+        predict.main(["--run", str(out), "--store", str(other), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert "backbone 'densenet121' differs" in err and err.count("\n") == 1
+
+
+def test_report_rerenders_from_the_run_directory(signal_run):
+    out, _ = signal_run
+    before = (out / "report.md").read_text()
+    for name in ("report.md", "loss.png", "roc_test.png"):
+        (out / name).unlink()
+    result = subprocess.run([sys.executable, "-m", "heads.report", "--run", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (out / "report.md").read_text() == before
+    assert (out / "loss.png").is_file() and (out / "roc_test.png").is_file()
+    report.render(out)  # and in-process
