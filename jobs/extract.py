@@ -27,7 +27,6 @@ from common.backbones import WeightsError, get_spec, resolve_weights
 from common.config import ConfigError, parse_with_config
 from common.dataset import build_image_table
 from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
-from common.images import Preprocessing
 from common.store import ERRORS_DIR, FORMAT_VERSION, ROW_DDL, SPLITS
 from common.store_writer import (STAGING, OutputError, chunk_dir, commit_chunk, is_committed, plan_fingerprint,
                                  prepare_output, publish)
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the store records it")
-    preprocessing = Preprocessing(spec.input_size)
+    preprocessing = spec.preprocessing
     ratios = tuple(float(x) for x in str(args.split_ratios).split(","))
 
     images = build_image_table(args.dataset, args.metadata, args.images, args.split, args.train_val_list,
@@ -231,6 +230,8 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
         "weights_sha256": weights.sha256,
         "preprocessing": preprocessing.describe(),
         "precision": args.precision,
+        "precision_rule": "auto: bf16 autocast on CPUs with native bf16 (else fp32), fp16 autocast on CUDA; "
+                          "features stored as float32",
         "splits": written["splits"],
         "split_method": images.split_method,
         "errors": written["errors"],
