@@ -1,0 +1,59 @@
+"""heads.predict on a folder of images: features from the store's backbone, then the head."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from common.images import Preprocessing, load_image
+from common.inference import FeatureExtractor
+from heads import predict, rundir, train
+from tests.heads_fixtures import synthetic_rows, write_store
+
+BACKBONE, DIM = "mobilenet_v3_large", 1280  # the registry's fastest backbone
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    splits = {s: synthetic_rows(n, DIM, 14, rng, signal=1.0, prefix=s) for s, n in {"train": 60, "val": 30}.items()}
+    store = write_store(root / "store", splits, backbone=BACKBONE, weights="random:0",
+                        manifest_extra={"preprocessing": Preprocessing(224).describe()})
+    out = root / "run"
+    train.main(["--store", str(store), "--out", str(out), "--epochs", "2", "--threads", "1", "--quiet"])
+    return root, out
+
+
+def test_folder_predictions_equal_head_on_extracted_features(run):
+    root, out = run
+    folder = root / "scans"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "sub/b.png", "c.jpg"):
+        Image.fromarray(rng.integers(0, 256, (80, 64), dtype=np.uint8)).save(folder / name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    path = predict.main(["--run", str(out), "--images", str(folder), "--precision", "fp32", "--threads", "1",
+                         "--out", str(root / "p.parquet")])
+    got = pd.read_parquet(path)
+    assert list(got["image_id"]) == ["a.png", "broken.png", "c.jpg", "sub/b.png"]
+    broken = got[got["image_id"] == "broken.png"].iloc[0]
+    assert broken["error"] and np.isnan(broken["Atelectasis"])
+
+    head = rundir.load_head(out)
+    good = got[got["error"].isna()]
+    extractor = FeatureExtractor(BACKBONE, None, 0, precision="fp32", threads=1)
+    features = extractor(np.stack([load_image(str(folder / i), 224) for i in good["image_id"]]))
+    nan = np.full(len(good), np.nan, dtype=np.float32)
+    expected = predict.probabilities(head, features, nan, nan, "fp32")
+    np.testing.assert_allclose(good[head.label_names].to_numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_folder_refused_for_a_head_with_age_and_sex(run, tmp_path, capsys):
+    root, _ = run
+    out = tmp_path / "run"
+    train.main(["--store", str(root / "store"), "--out", str(out), "--epochs", "1", "--age-sex", "--threads", "1",
+                "--quiet"])
+    with pytest.raises(SystemExit):
+        predict.main(["--run", str(out), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")])
+    assert "age and sex" in capsys.readouterr().err
