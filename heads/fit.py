@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from heads.losses import LossFn
-from heads.metrics import per_class_auroc
+from heads.metrics import fast_auroc
 from heads.models import HeadSpec, build_head
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -98,7 +98,7 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, precision: str, chun
 
 
 def _val_auc(y: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> float:
-    aucs, _ = per_class_auroc(y.numpy(), logits.numpy(), mask.numpy().astype(bool))
+    aucs = fast_auroc(y.numpy(), logits.numpy(), mask.numpy().astype(bool))
     return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
 
 
@@ -116,7 +116,9 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)  # weight init and dropout
     model = build_head(spec)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    # fused: one kernel per step instead of ~10 small ops per parameter (a tenth of an epoch here).
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                           fused=True)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.plateau_factor,
                                                          patience=cfg.plateau_patience)
     order = torch.Generator().manual_seed(cfg.seed)

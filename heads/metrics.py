@@ -14,6 +14,7 @@ c-negative images that have another disease (D-AUC) or no disease at all, "No Fi
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, precision_recall_curve, precision_recall_fscore_support, roc_auc_score
 
 
@@ -47,6 +48,21 @@ def per_class_auroc(y, scores, mask=None, names=None) -> tuple[np.ndarray, list[
     """AUROC per class over its valid entries (scikit-learn's roc_auc_score)."""
     valid = _mask(y, mask)
     return _aucs(y, scores, valid, _names(names, y.shape[1]), "AUROC", "negatives")
+
+
+def fast_auroc(y, scores, mask=None) -> np.ndarray:
+    """Per-class AUROC as the Mann-Whitney U of average ranks (ties count half): the same value as
+    roc_auc_score without its input checks, which cost ~4x the computation; for the per-epoch
+    progress line. NaN where a class lacks positives or negatives."""
+    valid = _mask(y, mask)
+    out = np.full(y.shape[1], np.nan)
+    for c in range(y.shape[1]):
+        yc, sc = y[valid[:, c], c] == 1, scores[valid[:, c], c]
+        n_pos = int(yc.sum())
+        n_neg = len(yc) - n_pos
+        if n_pos and n_neg:
+            out[c] = (rankdata(sc)[yc].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out
 
 
 def weighted_auc(aucs: np.ndarray, y: np.ndarray, mask=None) -> float:

@@ -8,7 +8,8 @@ from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_sco
 
 from common.labels import CHEXPERT_LABELS
 from heads.data import finding_flags
-from heads.metrics import at_thresholds, choose_thresholds, d_auc, evaluate, n_auc, per_class_auroc, weighted_auc
+from heads.metrics import (at_thresholds, choose_thresholds, d_auc, evaluate, fast_auroc, n_auc, per_class_auroc,
+                           weighted_auc)
 from heads.rundir import jsonable
 
 # Two classes A, B; scores per class. Worked by hand in the tests below.
@@ -25,6 +26,15 @@ def test_per_class_auroc_matches_sklearn_on_masked_entries():
     for c in range(4):
         assert aucs[c] == pytest.approx(roc_auc_score(y[mask[:, c], c], s[mask[:, c], c]))
     assert notes == []
+
+
+def test_fast_auroc_for_progress_lines_equals_sklearn_with_ties_and_mask():
+    rng = np.random.default_rng(2)
+    y = (rng.random((300, 3)) < 0.2).astype(np.float32)
+    s = np.round(rng.random((300, 3)) + 0.5 * y, 1)  # rounding makes many ties
+    mask = rng.random((300, 3)) > 0.3
+    y[:, 2] = 0  # no positives: NaN, as in per_class_auroc
+    np.testing.assert_allclose(fast_auroc(y, s, mask), per_class_auroc(y, s, mask)[0], rtol=1e-12)
 
 
 def test_hand_built_auroc_d_auc_and_n_auc():
