@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sklearn
 import torch
 
 from common.config import ConfigError, parse_with_config
@@ -189,6 +190,27 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
 
 
+def evaluate_run(data: Prepared, model, precision: str, out: Path) -> tuple[dict, np.ndarray, list[str]]:
+    """Thresholds chosen on val, every metric on val and test, and their predictions files."""
+    probs = {name: torch.sigmoid(predict_logits(model, t.x, precision)).numpy()
+             for name, t in data.tensors.items() if name != "train"}
+    val = data.tensors["val"]
+    thresholds, notes = choose_thresholds(val.y.numpy(), probs["val"], val.mask.numpy().astype(bool), data.label_names)
+    splits = {}
+    for name in ("val", "test"):
+        if name not in probs:
+            continue
+        t = data.tensors[name]
+        has_disease, no_finding = data.flags[name]
+        y, mask = t.y.numpy(), t.mask.numpy().astype(bool)
+        splits[name] = evaluate(y, probs[name], mask, data.label_names, has_disease, no_finding, thresholds)
+        splits[name]["notes"] = [f"{name}: {n}" for n in splits[name]["notes"]]
+        frame = rundir.predictions_frame(data.ids[name], probs[name], data.label_names, y, mask, has_disease,
+                                         no_finding)
+        rundir.write_table(frame, out / rundir.PREDICTIONS / f"{name}.parquet")
+    return splits, thresholds, [f"thresholds: {n}" for n in notes]
+
+
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: Path) -> dict:
     started = dt.datetime.now(dt.timezone.utc)
     precision = resolve_precision(s["precision"])
@@ -203,28 +225,10 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: 
         f"{len(data.label_names)} labels; {spec.describe()}; loss {s['loss']}; {precision}")
 
     cells, (chosen, model, result) = train_grid(s, data, spec, loss_fn, precision)
-    probs = {name: torch.sigmoid(predict_logits(model, t.x, precision)).numpy() for name, t in data.tensors.items()}
-    val = data.tensors["val"]
-    thresholds, threshold_notes = choose_thresholds(val.y.numpy(), probs["val"], val.mask.numpy().astype(bool),
-                                                    data.label_names)
-    notes += [f"thresholds: {n}" for n in threshold_notes]
-    splits = {}
-    for name in ("val", "test"):
-        if name not in data.tensors:
-            continue
-        t = data.tensors[name]
-        has_disease, no_finding = data.flags[name]
-        y, mask = t.y.numpy(), t.mask.numpy().astype(bool)
-        splits[name] = evaluate(y, probs[name], mask, data.label_names, has_disease, no_finding, thresholds)
-        splits[name]["notes"] = [f"{name}: {n}" for n in splits[name]["notes"]]
-        frame = rundir.predictions_frame(data.ids[name], probs[name], data.label_names, y, mask, has_disease,
-                                         no_finding)
-        rundir.write_table(frame, out / rundir.PREDICTIONS / f"{name}.parquet")
+    splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out)
 
     rundir.save_head(out / rundir.CHECKPOINT, model, spec, data.inputs, data.label_names, data.stores, thresholds,
                      precision, s["policy"], data.dataset, s)
-    import sklearn
-
     rundir.write_json(out / rundir.CONFIG, {
         "settings": s,
         "precision_resolved": precision,
@@ -239,7 +243,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: 
         "software": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
                      "python": sys.version.split()[0]},
     })
-    metrics = {
+    rundir.write_json(out / rundir.METRICS, {
         "label_names": data.label_names,
         "selected": {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"], "grid_metric": s["grid_metric"]},
         "best_epoch": result.best_epoch,
@@ -249,9 +253,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: 
         "grid": cells if len(cells) > 1 else [],
         "thresholds": dict(zip(data.label_names, thresholds)),
         "splits": splits,
-        "notes": notes + [n for m in splits.values() for n in m["notes"]],
-    }
-    rundir.write_json(out / rundir.METRICS, metrics)
+        "notes": notes + threshold_notes + [n for m in splits.values() for n in m["notes"]],
+    })
     render(out)
     summary = {"run": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in splits.items()}}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
