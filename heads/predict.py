@@ -12,7 +12,6 @@ gets a row with its error and empty probabilities, never silently dropped.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from common.config import ConfigError, parse_with_config
 from common.store import StoreError
 from heads import rundir
+from heads.cli import HelpFormatter, log
 from heads.data import make_inputs, open_stores, store_info
 from heads.fit import PRECISIONS, input_tensor, predict_logits, resolve_precision
 
@@ -134,7 +134,8 @@ def predict_images(head: rundir.Head, folder: str, device: str = "cpu", precisio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m heads.predict", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m heads.predict", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", help="TOML file whose [predict] table sets defaults for these flags")
     p.add_argument("--run", help="run directory (or its head.pt) written by heads.train")
     src = p.add_mutually_exclusive_group()
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> Path:
         head = rundir.load_head(args.run)
         if args.images:
             frame = predict_images(head, args.images, args.device, args.precision, args.batch_size, args.threads,
-                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+                                   log=log)
         else:
             stores = [args.store] if isinstance(args.store, str) else args.store
             splits = [args.split] if isinstance(args.split, str) else args.split

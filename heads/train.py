@@ -24,6 +24,7 @@ import torch
 from common.config import ConfigError, parse_with_config
 from common.store import StoreError
 from heads import rundir
+from heads.cli import HelpFormatter, log
 from heads.data import (POLICIES, SEX_ENCODINGS, apply_policy, finding_flags, fit_inputs, label_columns,
                         make_inputs, open_stores, select_labels)
 from heads.fit import PRECISIONS, FitConfig, Tensors, fit, input_tensor, predict_logits, resolve_precision
@@ -35,12 +36,9 @@ from heads.report import render
 GRID_METRICS = ("val_auc", "val_loss")
 
 
-def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m heads.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m heads.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--config", help="TOML file whose [train] table sets defaults for these flags (e.g. conf/heads.toml)")
     a("--store", nargs="+", help="feature store directory; several are fused column-wise")
@@ -58,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden", default="128,32", help="hidden layer sizes of mlp3, comma-separated")
     g.add_argument("--dropout", type=float, default=None, help="dropout after each hidden layer (mlp3-dropout: 0.5)")
     g.add_argument("--loss", default="weighted_bce", help="bce | weighted_bce | wcel | focal | msml, or two joined by '+'")
-    g.add_argument("--focal-gamma", type=float, default=2.0)
-    g.add_argument("--focal-alpha", type=float, default=None)
+    g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss γ")
+    g.add_argument("--focal-alpha", type=float, default=None, help="focal loss α for positives (default: no α)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--betas", default="0.9,0.999", help="Adam betas, comma-separated")
-    g.add_argument("--batch-size", type=int, default=512)
-    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--batch-size", type=int, default=512, help="images per step")
+    g.add_argument("--epochs", type=int, default=50, help="at most this many epochs")
     g.add_argument("--plateau-patience", type=int, default=1, help="ReduceLROnPlateau patience (epochs)")
     g.add_argument("--plateau-factor", type=float, default=0.2, help="ReduceLROnPlateau factor")
     g.add_argument("--early-stop-patience", type=int, default=5, help="epochs without better val loss; 0 = never stop")
@@ -73,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-weight-decay", default=None, help="comma-separated weight decays for the grid")
     g.add_argument("--grid-metric", default="val_auc", help="pick the grid cell by val_auc (max) or val_loss (min)")
     g = p.add_argument_group("machine")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="weight init, dropout and batch order")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     g.add_argument("--precision", default="auto",
                    help="auto (bf16 matmuls on a CPU with native bf16, else fp32) | fp32 | bf16")
