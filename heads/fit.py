@@ -111,8 +111,8 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
         log: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, FitResult]:
     """Train a head from seed `cfg.seed`; returns it with the best (lowest val loss) weights loaded."""
     log = log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))
-    # Adam's second moments decay into denormal floats, which x86 handles ~50x slower: an epoch
-    # goes from ~1 s to ~30 s without this.
+    # Adam's moment estimates (squares of tiny gradients) fall into denormal floats, which x86
+    # handles very slowly: measured here, an NIH-size epoch went from ~1 s to 10-30 s without this.
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)  # weight init and dropout
     model = build_head(spec)
