@@ -17,7 +17,7 @@ from common.images import Preprocessing
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     # oneDNN's own check for native bf16 (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower.
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -59,7 +59,7 @@ class FeatureExtractor:
         elif self.device.type == "cpu":
             if precision == "fp16":
                 raise ValueError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
-            auto = torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+            auto = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
         else:
             raise ValueError(f"device {device!r}: only cpu and cuda[:N] are supported")
         if threads is not None:

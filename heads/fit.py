@@ -18,19 +18,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from common.inference import cpu_has_fast_bf16
 from heads.losses import LossFn
 from heads.metrics import fast_auroc
 from heads.models import HeadSpec, build_head
 
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def cpu_has_fast_bf16() -> bool:
-    # oneDNN's check for native bf16 matmul (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slow.
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_precision(name: str) -> str:
