@@ -110,8 +110,9 @@ class Progress:
         left = self.total - self.already - n
         eta = f", ETA {dt.timedelta(seconds=int(left / rate))}" if rate > 0 and left > 0 else ""
         pct = 100 * (self.already + n) / max(self.total, 1)
+        errors = self.errors.value
         return (f"{self.already + n}/{self.total} images ({pct:.1f}%), {rate:.1f} images/s, "
-                f"{self.errors.value} errors{eta}")
+                f"{errors} error{'' if errors == 1 else 's'}{eta}")
 
     def _loop(self):
         while not self._stop.wait(self.interval):
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     if timing["images_processed"]:
         log(f"  this run: {timing['images_processed']} images in {timing['seconds']} s "
             f"({timing['images_per_second']} images/s)")
+    log(f"  next: python -m heads.train --store {args.out} --out runs/<name>")
     return summary
 
 
