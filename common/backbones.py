@@ -1,4 +1,5 @@
-"""Backbone registry and weight loading: registry name + weights -> frozen feature extractor.
+"""Backbone registry and weight loading: registry name + weights -> frozen feature extractor
+(`build_extractor`), or the same model with an N-way head to fine-tune (`build_classifier`).
 
 A backbone is a torchvision ImageNet classifier whose final Linear layer is replaced by
 nn.Identity, so the extractor outputs the pooled penultimate features (the input of that
@@ -23,7 +24,8 @@ A fine-tune job writes, with torch.save, a dict:
     }
 
 `model` is `get_spec(name).build_model(random_init=...)` with its final layer (the spec's
-`classifier` path) replaced by an N-way head (a Linear, or any module under that path).
+`classifier` path) replaced by an N-way head (a Linear, or any module under that path):
+`build_classifier(name, None, seed, N)` builds it, and `load_state_dict(model_state)` fits.
 Keys under that path, and under `aux_classifier` for inception_v3, are dropped when the
 checkpoint is loaded for extraction; every other key must match the registry's model in
 name and shape. Everything in the dict must load with torch.load(weights_only=True):
@@ -276,11 +278,13 @@ def _set_submodule(model: nn.Module, dotted: str, module: nn.Module | None) -> N
     setattr(parent, name, module)
 
 
-def build_extractor(backbone: str, state_file: str | None, seed: int = 0) -> nn.Module:
-    """The frozen feature extractor: (N, 3, S, S) normalized input -> (N, feature_dim) float.
+def build_backbone(backbone: str, state_file: str | None, seed: int = 0) -> nn.Module:
+    """The registry model without its ImageNet head, trainable: (N, 3, S, S) -> (N, feature_dim).
 
-    With `state_file`, its weights are loaded (any accepted checkpoint format); without, the
-    weights are random from `seed`, identical in every process that uses the same seed.
+    The final layer (`spec.classifier`) is nn.Identity and inception's aux head is removed. With
+    `state_file`, its weights are loaded (any accepted checkpoint format); without, the weights
+    are random from `seed`, identical in every process that uses the same seed. The model is in
+    training mode with gradients on, as torchvision builds it.
     """
     spec = get_spec(backbone)
     state = load_state_file(state_file, backbone) if state_file else None
@@ -299,6 +303,29 @@ def build_extractor(backbone: str, state_file: str | None, seed: int = 0) -> nn.
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise WeightsError(f"{state_file}: {_first_line(exc)}") from None
+    return model
+
+
+def build_extractor(backbone: str, state_file: str | None, seed: int = 0) -> nn.Module:
+    """The frozen feature extractor: `build_backbone` in eval mode without gradients."""
+    model = build_backbone(backbone, state_file, seed)
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+def build_classifier(backbone: str, state_file: str | None, seed: int, n_labels: int) -> nn.Module:
+    """`build_backbone` with a fresh `n_labels`-way nn.Linear at `spec.classifier`, trainable.
+
+    This is the model a fine-tune checkpoint's `model_state` belongs to. `seed` initialises the
+    new Linear (and, without `state_file`, the whole backbone).
+    """
+    if n_labels < 1:
+        raise ValueError(f"a classifier needs at least one label, got {n_labels}")
+    spec = get_spec(backbone)
+    model = build_backbone(backbone, state_file, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(spec.feature_dim, n_labels)
+    _set_submodule(model, spec.classifier, head)
     return model

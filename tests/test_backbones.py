@@ -18,6 +18,7 @@ from common.backbones import (
     FINETUNE_FORMAT_VERSION,
     REGISTRY,
     WeightsError,
+    build_classifier,
     build_extractor,
     get_spec,
     resolve_weights,
@@ -155,6 +156,28 @@ def test_checkpoint_formats_give_the_source_features(tmp_path):
         src = resolve_weights(name, _save(obj, tmp_path / f"{fmt}.pt"))
         assert (src.kind, src.label) == ("checkpoint", f"checkpoint:{tmp_path / f'{fmt}.pt'}")
         torch.testing.assert_close(_features(build_extractor(name, src.path), x), want, msg=fmt)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_large"])
+def test_classifier_is_the_backbone_with_a_trainable_n_way_linear(name, tmp_path):
+    spec = get_spec(name)
+    model = build_classifier(name, None, seed=3, n_labels=5)
+    head = model.get_submodule(spec.classifier)
+    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (spec.feature_dim, 5)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    again = build_classifier(name, None, seed=3, n_labels=5)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # Its state dict is a fine-tune checkpoint's model_state: the extractor gives its pooled features.
+    file = _save({"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "backbone": name,
+                  "model_state": model.state_dict(), "label_names": list("abcde")}, tmp_path / "ft.pt")
+    x = _input(64)
+    torch.testing.assert_close(_features(build_extractor(name, file), x), _features(_reference(model, name), x),
+                               rtol=0, atol=0)
+    # Starting from that checkpoint keeps the backbone and puts a fresh head on it.
+    restarted = build_classifier(name, file, seed=4, n_labels=2)
+    assert restarted.get_submodule(spec.classifier).out_features == 2
+    with pytest.raises(ValueError, match="at least one label"):
+        build_classifier(name, None, seed=0, n_labels=0)
 
 
 def test_densenet_legacy_key_names_load(tmp_path):
