@@ -1,4 +1,5 @@
-"""Render a run's report.md, ROC curves and loss curves from the files heads.train wrote.
+"""Render a run's report.md, ROC curves and loss curves from the files heads.train (or the
+fine-tuning job, jobs/finetune.py) wrote.
 
     python -m heads.report --run runs/x
 
@@ -99,12 +100,84 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
     return header, rows + ([means] if means else [])
 
 
+def _head_run_lines(config: dict, metrics: dict) -> list[str]:
+    """The "Run" section of a head trained on feature stores (heads.train)."""
+    names, s = metrics["label_names"], config["settings"]
+    lines = []
+    for st in config["stores"]:
+        lines.append(f"- store `{st['path']}`: {st['dataset']}, {st['backbone']} ({st['weights']}), "
+                     f"{st['feature_dim']}-d, manifest sha256 `{st['manifest_sha256'][:12]}`")
+    head = config["head"]
+    sizes = "→".join(str(v) for v in (head["in_dim"], *head["hidden"], head["n_out"]))
+    return lines + [
+        f"- head: {head['kind']} {sizes}" + (f", dropout {head['dropout']:g}" if head["dropout"] else ""),
+        f"- inputs: {config['input_width']} wide" + (f", with age/100 and sex ({s['sex_encoding']})" if s["age_sex"] else "")
+        + ", standardized with train statistics",
+        f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
+        f"- loss {s['loss']}; Adam lr {metrics['selected']['lr']:g}, weight decay {metrics['selected']['weight_decay']:g}, "
+        f"batch {s['batch_size']}; {config['precision_resolved']}; seed {s['seed']}",
+        f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} ({metrics['stopped']}); "
+        f"training {metrics['train_seconds']:.1f} s",
+    ]
+
+
+def _finetune_run_lines(config: dict, metrics: dict) -> list[str]:
+    """The "Run" section of a model fine-tuned on images (jobs/finetune.py)."""
+    names, s, t = metrics["label_names"], config["settings"], metrics["training"]
+    images = ", ".join(f"{n} {k}" for k, n in config["images"].items())
+    schedule = (f"x{s['lr_factor']:g} every {s['step_epochs']} epochs" if s["schedule"] == "step"
+                else f"x{s['lr_factor']:g} on a val-loss plateau of {s['plateau_patience']} epoch(s)")
+    resumed = t.get("resumed_from")
+    return [
+        f"- images: {config['dataset']}, {images} ({config['split_method'].get('kind')} split); "
+        f"{len(metrics['unreadable'])} unreadable, left out",
+        f"- model: {s['backbone']} from {config['weights']['label']}, {len(names)}-way linear classifier, "
+        + ("backbone frozen (classifier only)" if s["freeze_backbone"] else "every layer trained"),
+        f"- input {config['input_size']} px: resized to {config['resize_size']}, random crop and horizontal flip "
+        "for training, center crop for evaluation",
+        f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
+        f"- loss {s['loss']}; Adam lr {s['lr']:g}, weight decay {s['weight_decay']:g}, lr {schedule}; "
+        f"batch {s['batch_size']} x {t['world_size']} process(es) on {t['device']}; {t['precision']}; "
+        f"seed {s['train_seed']}",
+        f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} by {s['best_metric']} ({metrics['stopped']}); "
+        f"training {metrics['train_seconds']:.1f} s, {t['global_step']} steps"
+        + (f"; resumed at epoch {resumed['epoch']}, step {resumed['step']}" if resumed else ""),
+    ]
+
+
+RUN_KINDS = {  # config.json "kind" -> report title, "Run" section lines
+    "head": ("Head training report", _head_run_lines),
+    "finetune": ("Fine-tuning report", _finetune_run_lines),
+}
+
+
+def _localization_lines(loc: dict) -> list[str]:
+    """Wang et al.'s accuracy table: a row per label, a column per IoU / IoBB threshold."""
+    rows: dict[str, dict] = {}
+    for r in loc["table"]:
+        rows.setdefault(r["label"], {"n": r["n"]})[f"{r['measure']}>{r['threshold']:g}"] = r["accuracy"]
+    columns = [c for c in next(iter(rows.values())) if c != "n"]
+    header = ["label", "boxes"] + [c.replace("iou", "IoU").replace("iobb", "IoBB") for c in columns]
+    body = [[label, str(v["n"])] + [_f(v.get(c), 2) for c in columns] for label, v in rows.items()]
+    lines = ["", "## Localization (class activation maps)", "",
+             f"{loc['boxes']} radiologist boxes on {loc['images']} images ({loc['box_list']}); each label's map "
+             f"from the last conv features and the classifier weights, at {loc['input_size']} px, upsampled to the "
+             "box grid and thresholded at 180/255 into boxes. Accuracy: the share of boxes that a predicted box "
+             "overlaps by more than T (Wang et al. 2017).", ""]
+    lines += _table(header, body)
+    if loc["overlays"]:
+        lines += ["", "Overlays (truth green, predicted red):", ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in loc["overlays"]]
+    return lines
+
+
 def render(run: str | Path) -> Path:
     """Write report.md, loss.png and roc_<split>.png into the run directory; returns report.md."""
     run = Path(run)
     config = rundir.read_json(run / rundir.CONFIG)
     metrics = rundir.read_json(run / rundir.METRICS)
-    names, splits, s = metrics["label_names"], metrics["splits"], config["settings"]
+    names, splits = metrics["label_names"], metrics["splits"]
+    title, run_lines = RUN_KINDS[config.get("kind", "head")]
     headline = "test" if "test" in splits else "val"
     baselines = [b for b in for_dataset(config.get("dataset", "")) if any(n in b.auroc for n in names)]
 
@@ -116,26 +189,8 @@ def render(run: str | Path) -> Path:
             aucs = {n: splits[split]["per_class"][n]["auroc"] for n in names}
             plot_roc(rundir.read_predictions(pred_file, names), names, aucs, f"ROC, {split} split", run / f"roc_{split}.png")
 
-    lines = [f"# Head training report: {run.name}", "", f"`{config['command']}`", ""]
-    lines += ["## Run", ""]
-    for st in config["stores"]:
-        lines.append(f"- store `{st['path']}`: {st['dataset']}, {st['backbone']} ({st['weights']}), "
-                     f"{st['feature_dim']}-d, manifest sha256 `{st['manifest_sha256'][:12]}`")
-    head = config["head"]
-    sizes = "→".join(str(v) for v in (head["in_dim"], *head["hidden"], head["n_out"]))
-    lines += [
-        f"- head: {head['kind']} {sizes}" + (f", dropout {head['dropout']:g}" if head["dropout"] else ""),
-        f"- inputs: {config['input_width']} wide" + (f", with age/100 and sex ({s['sex_encoding']})" if s["age_sex"] else "")
-        + ", standardized with train statistics",
-        f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
-        f"- loss {s['loss']}; Adam lr {metrics['selected']['lr']:g}, weight decay {metrics['selected']['weight_decay']:g}, "
-        f"batch {s['batch_size']}; {config['precision_resolved']}; seed {s['seed']}",
-        f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} ({metrics['stopped']}); "
-        f"training {metrics['train_seconds']:.1f} s",
-        "",
-        "## Summary",
-        "",
-    ]
+    lines = [f"# {title}: {run.name}", "", f"`{config['command']}`", ""]
+    lines += ["## Run", ""] + run_lines(config, metrics) + ["", "## Summary", ""]
     summary_keys = [("mean_auc", "mean AUROC"), ("w_auc", "W-AUC"), ("mean_d_auc", "mean D-AUC"),
                     ("mean_n_auc", "mean N-AUC"), ("macro_f1_at_0.5", "macro F1@0.5"),
                     ("macro_f1_at_val_threshold", "macro F1@val thr")]
@@ -149,6 +204,8 @@ def render(run: str | Path) -> Path:
         lines += [f"- {b.title}: {b.source}" for b in baselines]
         if any(n not in b.auroc for b in baselines for n in names):
             lines.append("- a baseline's mean is over the labels it reports")
+    if metrics.get("localization"):
+        lines += _localization_lines(metrics["localization"])
     if metrics["grid"]:
         lines += ["", "## Grid search", "", f"Picked by {metrics['selected']['grid_metric']}.", ""]
         grid_rows = []
@@ -168,7 +225,7 @@ def render(run: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m heads.report", description="Re-render a run's report and plots.")
-    p.add_argument("--run", required=True, help="run directory written by heads.train")
+    p.add_argument("--run", required=True, help="run directory written by heads.train or jobs/finetune.py")
     args = p.parse_args(argv)
     try:
         print(render(args.run))

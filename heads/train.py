@@ -27,9 +27,9 @@ from heads import rundir
 from heads.cli import HelpFormatter, log
 from heads.data import (POLICIES, SEX_ENCODINGS, apply_policy, finding_flags, fit_inputs, label_columns,
                         make_inputs, open_stores, select_labels)
+from heads.evaluation import SplitScores, evaluate_splits
 from heads.fit import PRECISIONS, FitConfig, Tensors, fit, input_tensor, predict_logits, resolve_precision
 from heads.losses import make_loss
-from heads.metrics import choose_thresholds, evaluate
 from heads.models import KINDS, HeadSpec
 from heads.report import render
 
@@ -190,23 +190,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def evaluate_run(data: Prepared, model, precision: str, out: Path) -> tuple[dict, np.ndarray, list[str]]:
     """Thresholds chosen on val, every metric on val and test, and their predictions files."""
-    probs = {name: torch.sigmoid(predict_logits(model, t.x, precision)).numpy()
-             for name, t in data.tensors.items() if name != "train"}
-    val = data.tensors["val"]
-    thresholds, notes = choose_thresholds(val.y.numpy(), probs["val"], val.mask.numpy().astype(bool), data.label_names)
-    splits = {}
-    for name in ("val", "test"):
-        if name not in probs:
+    scores = {}
+    for name, t in data.tensors.items():
+        if name == "train":
             continue
-        t = data.tensors[name]
-        has_disease, no_finding = data.flags[name]
-        y, mask = t.y.numpy(), t.mask.numpy().astype(bool)
-        splits[name] = evaluate(y, probs[name], mask, data.label_names, has_disease, no_finding, thresholds)
-        splits[name]["notes"] = [f"{name}: {n}" for n in splits[name]["notes"]]
-        frame = rundir.predictions_frame(data.ids[name], probs[name], data.label_names, y, mask, has_disease,
-                                         no_finding)
-        rundir.write_table(frame, out / rundir.PREDICTIONS / f"{name}.parquet")
-    return splits, thresholds, [f"thresholds: {n}" for n in notes]
+        probs = torch.sigmoid(predict_logits(model, t.x, precision)).numpy()
+        scores[name] = SplitScores(data.ids[name], probs, t.y.numpy(), t.mask.numpy().astype(bool), *data.flags[name])
+    return evaluate_splits(scores, data.label_names, out)
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: Path) -> dict:
