@@ -6,6 +6,7 @@ Every row dropped on the way is counted, and the counts go into the store's mani
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,3 +90,28 @@ def build_image_table(
         table = table.head(limit)
     counts["images"] = len(table)
     return ImageTable(meta.dataset, meta.label_names, table, counts, method)
+
+
+def add_table_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of `build_image_table`, the same in every job that reads an archive (`p` may be
+    an argument group)."""
+    p.add_argument("--dataset", choices=["nih", "chexpert"], default="nih")
+    p.add_argument("--metadata", help="Data_Entry_2017*.csv (nih) or train.csv/valid.csv (chexpert)")
+    p.add_argument("--images", help="folder holding the images, searched recursively")
+    p.add_argument("--split", choices=["auto", "official", "ratios"], default="auto",
+                   help="auto: official lists when found beside the metadata, else patient-level ratios")
+    p.add_argument("--train-val-list", help="official train_val list (default: beside --metadata)")
+    p.add_argument("--test-list", help="official test list (default: beside --metadata)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train_val patients carved out as val")
+    p.add_argument("--split-ratios", default="0.7,0.1,0.2", help="train,val,test shares of patients")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--keep-laterals", action="store_true", help="chexpert: keep lateral views")
+    p.add_argument("--limit", type=int, help="use only the first N images (by image_id), for trials")
+
+
+def table_from_flags(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> ImageTable:
+    """`build_image_table` from the flags `add_table_flags` defines."""
+    ratios = tuple(float(x) for x in str(args.split_ratios).split(","))
+    return build_image_table(args.dataset, args.metadata, args.images, args.split, args.train_val_list,
+                             args.test_list, args.val_fraction, ratios, args.seed, args.keep_laterals,
+                             args.limit, log=log)

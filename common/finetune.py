@@ -37,6 +37,7 @@ from common.backbones import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsEr
 from common.distributed import Dist, setup
 from common.image_dataset import ImageDataset
 from common.inference import cpu_has_fast_bf16
+from common.torch_files import load_versioned
 from heads.losses import make_loss
 from heads.metrics import fast_auroc
 
@@ -224,13 +225,7 @@ def checkpoint(model: torch.nn.Module, cfg: FinetuneConfig, state: TrainState, e
 
 def read_checkpoint(path: str | Path) -> dict:
     """A fine-tune checkpoint's dict, checked for format; one-line WeightsError otherwise."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors are many-lined and of many classes
-        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FINETUNE_FORMAT or obj.get("format_version") != FINETUNE_FORMAT_VERSION:
-        raise WeightsError(f"{path}: not a {FINETUNE_FORMAT} version {FINETUNE_FORMAT_VERSION} checkpoint")
-    return obj
+    return load_versioned(path, FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, "fine-tune checkpoint")
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -1,4 +1,4 @@
-"""What the heads command lines share: help text with defaults, progress lines on stderr."""
+"""What the trainers' command lines share: help text with defaults, the loss flags, progress lines on stderr."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_loss_flags(g: argparse.ArgumentParser) -> None:
+    """The flags of heads.losses.make_loss, for every trainer that uses it (`g` may be a group)."""
+    g.add_argument("--loss", default="weighted_bce", help="bce | weighted_bce | wcel | focal | msml, or two joined by '+'")
+    g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss γ")
+    g.add_argument("--focal-alpha", type=float, default=None, help="focal loss α for positives (default: no α)")
 
 
 def log(line: str) -> None:

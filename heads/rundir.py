@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common.torch_files import load_versioned
 from heads.data import InputSpec
 from heads.models import HeadSpec, build_head
 
@@ -123,12 +124,7 @@ def load_head(run_or_file: str | Path) -> Head:
         path = path / CHECKPOINT
     if not path.is_file():
         raise RunError(f"--run {run_or_file}: no {CHECKPOINT} found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors are many-lined and of many classes
-        raise RunError(f"{path}: cannot be read as a head checkpoint ({type(exc).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT or obj.get("format_version") != HEAD_FORMAT_VERSION:
-        raise RunError(f"{path}: not a {HEAD_FORMAT} version {HEAD_FORMAT_VERSION} checkpoint")
+    obj = load_versioned(path, HEAD_FORMAT, HEAD_FORMAT_VERSION, RunError, "head checkpoint")
     spec = HeadSpec.from_dict(obj["head"])
     model = build_head(spec)
     model.load_state_dict(obj["state_dict"])

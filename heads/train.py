@@ -24,7 +24,7 @@ import torch
 from common.config import ConfigError, parse_with_config
 from common.store import StoreError
 from heads import rundir
-from heads.cli import HelpFormatter, log
+from heads.cli import HelpFormatter, add_loss_flags, log
 from heads.data import (POLICIES, SEX_ENCODINGS, apply_policy, finding_flags, fit_inputs, label_columns,
                         make_inputs, open_stores, select_labels)
 from heads.evaluation import SplitScores, evaluate_splits
@@ -55,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head", default="mlp3", help=f"{' | '.join(KINDS)}")
     g.add_argument("--hidden", default="128,32", help="hidden layer sizes of mlp3, comma-separated")
     g.add_argument("--dropout", type=float, default=None, help="dropout after each hidden layer (mlp3-dropout: 0.5)")
-    g.add_argument("--loss", default="weighted_bce", help="bce | weighted_bce | wcel | focal | msml, or two joined by '+'")
-    g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss γ")
-    g.add_argument("--focal-alpha", type=float, default=None, help="focal loss α for positives (default: no α)")
+    add_loss_flags(g)
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")

@@ -25,7 +25,7 @@ from pathlib import Path
 from common import __version__
 from common.backbones import WeightsError, get_spec, resolve_weights
 from common.config import ConfigError, parse_with_config
-from common.dataset import build_image_table
+from common.dataset import add_table_flags, table_from_flags
 from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
 from common.store import ERRORS_DIR, FORMAT_VERSION, ROW_DDL, SPLITS
 from common.store_writer import (STAGING, OutputError, chunk_dir, commit_chunk, is_committed, plan_fingerprint,
@@ -37,23 +37,12 @@ OUTPUT_DDL = ROW_DDL + ", split string, path string, error string"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs/extract.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="TOML file whose [extract] table sets defaults for these flags")
-    p.add_argument("--dataset", choices=["nih", "chexpert"], default="nih")
-    p.add_argument("--metadata", help="Data_Entry_2017*.csv (nih) or train.csv/valid.csv (chexpert)")
-    p.add_argument("--images", help="folder holding the images, searched recursively")
+    add_table_flags(p)
     p.add_argument("--out", help="store directory to write")
     p.add_argument("--backbone", default="densenet121", help="registry name, e.g. resnet50, densenet121, inception_v3")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet[:ENUM], a checkpoint path, or random[:SEED] (random only when asked for)")
     p.add_argument("--download-weights", action="store_true", help="fetch ImageNet weights if not cached")
-    p.add_argument("--split", choices=["auto", "official", "ratios"], default="auto",
-                   help="auto: official lists when found beside the metadata, else patient-level ratios")
-    p.add_argument("--train-val-list", help="official train_val list (default: beside --metadata)")
-    p.add_argument("--test-list", help="official test list (default: beside --metadata)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train_val patients carved out as val")
-    p.add_argument("--split-ratios", default="0.7,0.1,0.2", help="train,val,test shares of patients")
-    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
-    p.add_argument("--keep-laterals", action="store_true", help="chexpert: keep lateral views")
-    p.add_argument("--limit", type=int, help="process only the first N images (by image_id), for trials")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto",
                    help="auto: the task's GPU when Spark assigned one, else CPU")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -195,11 +184,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the store records it")
     preprocessing = spec.preprocessing
-    ratios = tuple(float(x) for x in str(args.split_ratios).split(","))
-
-    images = build_image_table(args.dataset, args.metadata, args.images, args.split, args.train_val_list,
-                               args.test_list, args.val_fraction, ratios, args.seed, args.keep_laterals,
-                               args.limit, log=log)
+    images = table_from_flags(args, log=log)
     table = images.table
     log(f"{len(table)} images to embed with {args.backbone} ({weights.label}); "
         + ", ".join(f"{s} {int((table['split'] == s).sum())}" for s in SPLITS))

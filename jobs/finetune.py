@@ -28,13 +28,13 @@ from common import __version__
 from common.backbones import WeightsError, get_spec, resolve_weights
 from common.bboxes import read_nih_bboxes
 from common.config import ConfigError, parse_with_config
-from common.dataset import build_image_table
+from common.dataset import add_table_flags, table_from_flags
 from common.finetune import (BEST, BEST_METRICS, PRECISIONS, SCHEDULES, FinetuneConfig, FinetuneError,
                              SplitImages, load_classifier, log, predict, resume_point, train)
 from common.image_dataset import resize_size
 from common.store import SPLITS, StoreError
 from heads import rundir
-from heads.cli import HelpFormatter
+from heads.cli import HelpFormatter, add_loss_flags
 from heads.data import POLICIES, apply_policy, finding_flags, label_columns, select_labels
 from heads.evaluation import SplitScores, evaluate_splits
 from heads.localization import CAM_LAYERS, evaluate_localization
@@ -51,19 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="TOML file whose [finetune] table sets defaults for these flags (e.g. conf/finetune.toml)")
     a("--out", help="run directory; an interrupted run there is resumed")
     a("--overwrite", action="store_true", help="replace a finished (or interrupted) run at --out")
-    g = p.add_argument_group("images (as jobs/extract.py)")
-    g.add_argument("--dataset", choices=["nih", "chexpert"], default="nih")
-    g.add_argument("--metadata", help="Data_Entry_2017*.csv (nih) or train.csv/valid.csv (chexpert)")
-    g.add_argument("--images", help="folder holding the images, searched recursively")
-    g.add_argument("--split", choices=["auto", "official", "ratios"], default="auto",
-                   help="auto: official lists when found beside the metadata, else patient-level ratios")
-    g.add_argument("--train-val-list", help="official train_val list (default: beside --metadata)")
-    g.add_argument("--test-list", help="official test list (default: beside --metadata)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="share of train_val patients carved out as val")
-    g.add_argument("--split-ratios", default="0.7,0.1,0.2", help="train,val,test shares of patients")
-    g.add_argument("--seed", type=int, default=0, help="seed of the patient-level split (as in extraction)")
-    g.add_argument("--keep-laterals", action="store_true", help="chexpert: keep lateral views")
-    g.add_argument("--limit", type=int, help="use only the first N images (by image_id), for trials")
+    g = p.add_argument_group("images and their patient-level split (as jobs/extract.py)")
+    add_table_flags(g)
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="densenet121", help="registry name, e.g. densenet121, resnet50, inception_v3")
     g.add_argument("--weights", default="imagenet",
@@ -76,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", default="all", help="all | competition (CheXpert's five) | comma-separated names")
     g.add_argument("--keep-no-finding", action="store_true", help="also train on a 'No Finding' label")
     g.add_argument("--policy", default="ignore", help=f"uncertain (-1) labels: {' | '.join(POLICIES)}")
-    g.add_argument("--loss", default="weighted_bce", help="bce | weighted_bce | wcel | focal | msml, or two joined by '+'")
-    g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss γ")
-    g.add_argument("--focal-alpha", type=float, default=None, help="focal loss α for positives (default: no α)")
+    add_loss_flags(g)
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
@@ -266,10 +253,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
         log(f"weights {weights.label}: random initialisation, as asked; the run records it")
     if args.bbox_list:
         read_nih_bboxes(args.bbox_list)  # a bad box file fails now, not after training
-    ratios = tuple(float(x) for x in str(args.split_ratios).split(","))
-    images = build_image_table(args.dataset, args.metadata, args.images, args.split, args.train_val_list,
-                               args.test_list, args.val_fraction, ratios, args.seed, args.keep_laterals,
-                               args.limit, log=log)
+    images = table_from_flags(args, log=log)
     table = images.table
     label_names = select_labels(images.label_names, args.labels, drop_no_finding=not args.keep_no_finding)
     splits, flag_rows, labels = split_images(table, label_columns(images.label_names, label_names), args.policy)

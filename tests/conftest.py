@@ -21,3 +21,15 @@ def spark():
                .getOrCreate())
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: as fast, and it does not slow to a crawl when
+    another process holds the cores (two spinning intra-op threads on two busy cores took 10x longer)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,12 +36,7 @@ FAST = ["--backbone", "densenet121", "--weights", "random:0", "--input-size", "6
         "--split", "ratios", "--split-ratios", "0.6,0.2,0.2", "--early-stop-patience", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

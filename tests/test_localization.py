@@ -34,14 +34,8 @@ BBOX_CSV = NIH / "BBox_List_2017.csv"
 LABELS3 = ("Cardiomegaly", "Mass", "Nodule")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The inputs are tiny: one thread is as fast, and does not slow to a crawl when another
-    # process holds the cores (two spinning intra-op threads on two busy cores took 10x longer).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The inputs are tiny: one thread is as fast and stays fast while other processes hold the cores.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,22 @@
+"""Reading this project's versioned checkpoint files (fine-tune and head checkpoints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_versioned(path: str | Path, fmt: str, version: int, error: type[Exception], what: str) -> dict:
+    """The dict saved in `path` if its "format" and "format_version" are these; else `error`, one line.
+
+    Read with weights_only=True: such files hold tensors, numbers, strings, lists and dicts only,
+    and a foreign file cannot run code on load.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors are many-lined and of many classes
+        raise error(f"{path}: cannot be read as a {what} ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt or obj.get("format_version") != version:
+        raise error(f"{path}: not a {fmt} version {version} checkpoint")
+    return obj
