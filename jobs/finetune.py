@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import shlex
 import sys
 from pathlib import Path
@@ -234,6 +235,10 @@ def prepare_out(out: str, overwrite: bool, identity: dict) -> tuple[Path, dict |
     return rundir.prepare(path, overwrite), None
 
 
+def _ids_digest(ids: list[str]) -> str:
+    return f"{len(ids)} images, sha256 {hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:16]}"
+
+
 def _started(out: Path, resume: dict | None) -> str:
     """When the run began: now, or for a resumed run, when its first part did."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
         "backbone": args.backbone, "weights": weights.label, "weights_sha256": weights.sha256,
         "labels": label_names, "policy": args.policy, "input_size": input_size, "batch_size": args.batch_size,
         "num_processes": args.num_processes, "train_seed": args.train_seed, "freeze_backbone": args.freeze_backbone,
-        "loss": args.loss, "train_images": splits["train"].ids, "val_images": splits["val"].ids,
+        "loss": args.loss, "train_images": _ids_digest(splits["train"].ids), "val_images": _ids_digest(splits["val"].ids),
     }
     out, resume = prepare_out(args.out, args.overwrite, identity)
     if spark is None and args.num_processes > 1:  # TorchDistributor runs on the active session

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.backbones import build_extractor, get_spec, resolve_weights
+from common.backbones import build_classifier, build_extractor, get_spec, resolve_weights
+from common.bboxes import read_nih_bboxes
 from common.config import ConfigError
 from common.finetune import (BEST, LAST, EpochSampler, FinetuneConfig, FinetuneError, SplitImages, load_classifier,
                              state_sha256, train)
@@ -46,7 +47,7 @@ def nih40(tmp_path_factory):
         pytest.skip("shared NIH data not found")
     root = tmp_path_factory.mktemp("nih40")
     (root / "images").mkdir()
-    boxed = set(pd.read_csv(BBOX_CSV, usecols=[0]).iloc[:, 0])
+    boxed = set(read_nih_bboxes(BBOX_CSV)["image_id"])
     names = sorted(os.listdir(NIH_IMAGES))
     picked = [n for n in names if n in boxed] + [n for n in names if n not in boxed][::13]
     picked = picked[:39]
@@ -92,8 +93,9 @@ def test_sampler_shards_cover_every_image_once_per_epoch_with_equal_steps():
     assert np.array_equal(again.indices(), got[1][batch:]) and len(again) == 4
 
 
+@needs_shared
 def test_dataset_crops_flips_and_survives_an_unreadable_file(tmp_path):
-    path = str(sorted(NIH_IMAGES.glob("*.png"))[0]) if NIH_IMAGES.is_dir() else pytest.skip("no NIH images")
+    path = str(sorted(NIH_IMAGES.glob("*.png"))[0])
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     y = np.array([[1, 0], [0, 1]], np.float32)
@@ -141,16 +143,10 @@ def test_frozen_backbone_trains_only_the_classifier(nih40, tmp_path):
                          lr=1e-2, batch_size=4, epochs=1, num_workers=0, threads=1, log_every=0, loss="bce")
     result = train(cfg)
     assert result["stopped"] == "epochs" and result["global_step"] == 2
-    before = build_classifier_state(cfg)
+    before = build_classifier(cfg.backbone, None, cfg.init_seed, len(cfg.label_names)).state_dict()
     after = torch.load(tmp_path / LAST, weights_only=True)["model_state"]
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert changed == {"classifier.weight", "classifier.bias"}  # BatchNorm statistics untouched too
-
-
-def build_classifier_state(cfg):
-    from common.backbones import build_classifier
-
-    return build_classifier(cfg.backbone, None, cfg.init_seed, len(cfg.label_names)).state_dict()
 
 
 # --- the job ------------------------------------------------------------------------------------
