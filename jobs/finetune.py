@@ -124,6 +124,8 @@ def check_settings(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
     if len(_floats(args.betas, "betas")) != 2:
         raise ConfigError(f"--betas {args.betas!r}: give two values")
+    if args.device == "cuda" and not (args.num_processes > 1 and not args.local_mode) and not torch.cuda.is_available():
+        raise ConfigError(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
     if args.bbox_list and args.backbone not in CAM_LAYERS:
         raise ConfigError(f"--bbox-list: CAM is defined for {', '.join(CAM_LAYERS)}, not {args.backbone}")
 
@@ -131,8 +133,6 @@ def check_settings(args: argparse.Namespace) -> None:
 def resolve_device(args: argparse.Namespace) -> str:
     """cpu or cuda for the training processes; on a cluster (--no-local-mode) the executors decide."""
     on_executors = args.num_processes > 1 and not args.local_mode
-    if args.device == "cuda" and not on_executors and not torch.cuda.is_available():
-        raise ConfigError(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
     if args.device != "auto":
         return args.device
     if on_executors:
