@@ -252,6 +252,20 @@ def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_input_size(path: str) -> int | None:
+    """The input size a fine-tune checkpoint was trained at; None for other checkpoints.
+
+    Read on the driver before any work starts, so an unreadable file fails there, in one line.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # unpickling errors are many-lined and of many classes
+        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({_first_line(exc)})") from None
+    if isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT and isinstance(obj.get("input_size"), int):
+        return obj["input_size"]
+    return None
+
+
 def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """One-line error naming the first few keys that do not fit, before load_state_dict's long one."""
     expected = model.state_dict()

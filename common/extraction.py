@@ -27,13 +27,13 @@ _EXTRACTORS: dict[tuple, FeatureExtractor] = {}
 
 
 def cached_extractor(backbone: str, state_file: str | None, seed: int, device: str, precision: str,
-                     threads: int) -> FeatureExtractor:
+                     threads: int, input_size: int) -> FeatureExtractor:
     """One model per Python worker process: Spark reuses workers, so later tasks skip the build."""
-    key = (backbone, state_file, seed, device, precision, threads)
+    key = (backbone, state_file, seed, device, precision, threads, input_size)
     if key not in _EXTRACTORS:
         _EXTRACTORS.clear()  # a worker serves one job's settings; free the old model first
         _EXTRACTORS[key] = FeatureExtractor(backbone, state_file, seed, device=device, precision=precision,
-                                            threads=threads)
+                                            threads=threads, input_size=input_size)
     return _EXTRACTORS[key]
 
 

@@ -40,6 +40,7 @@ class FeatureExtractor:
         device: str = "cpu",
         precision: str = "auto",
         threads: int | None = None,
+        input_size: int | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
@@ -67,7 +68,8 @@ class FeatureExtractor:
 
         self.dtype = {"auto": auto, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self._spec = get_spec(backbone)
-        self._preprocessing = self._spec.preprocessing
+        # A fine-tuned checkpoint may have been trained at another size than the registry's.
+        self._preprocessing = Preprocessing(input_size) if input_size else self._spec.preprocessing
         # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
         model = build_extractor(backbone, state_file, seed)
         self.model = model.to(self.device, memory_format=torch.channels_last)

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from common import __version__
-from common.backbones import WeightsError, get_spec, resolve_weights
+from common.backbones import WeightsError, checkpoint_input_size, get_spec, resolve_weights
+from common.images import Preprocessing
 from common.config import ConfigError, parse_with_config
 from common.dataset import add_table_flags, table_from_flags
 from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the task's GPU when Spark assigned one, else CPU")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CPU, fp16 on GPU (autocast; features are stored as float32)")
+    p.add_argument("--input-size", type=int,
+                   help="network input size (default: a fine-tune checkpoint's own, else the backbone's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--chunk-size", type=int, default=4096, help="images per committed chunk (restart granularity)")
     p.add_argument("--images-per-task", type=int, default=64, help="images per Spark task")
@@ -61,7 +64,7 @@ def log(message: str) -> None:
 
 
 def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
-                 batch_size: int, done, errors):
+                 input_size: int, batch_size: int, done, errors):
     """The mapInPandas function; it captures only small values, the model is built in the worker."""
 
     def run(frames):
@@ -72,7 +75,7 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
         on = f"cuda:{gpus.addresses[0]}" if gpus and device == "auto" else "cpu"
         threads = max(1, task.cpus())
         state_file = SparkFiles.get(weights_file) if weights_file else None
-        extractor = cached_extractor(backbone, state_file, seed, on, precision, threads)
+        extractor = cached_extractor(backbone, state_file, seed, on, precision, threads, input_size)
 
         def count(n_ok, n_err):
             done.add(n_ok + n_err)
@@ -122,7 +125,7 @@ def get_spark():
             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
 
 
-def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: int) -> dict:
+def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: int, input_size: int) -> dict:
     """Process every uncommitted chunk; returns timing figures for the summary."""
     sc = spark.sparkContext
     chunks = [table.iloc[i:i + args.chunk_size] for i in range(0, len(table), args.chunk_size)]
@@ -131,7 +134,7 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
     if already:
         log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
     done, errors = sc.accumulator(0), sc.accumulator(0)
-    task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, args.batch_size,
+    task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, input_size, args.batch_size,
                            done, errors)
     start = time.monotonic()
     with Progress(len(table), already, done, errors, args.progress_interval) as progress:
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the store records it")
-    preprocessing = spec.preprocessing
+    trained_size = checkpoint_input_size(weights.path) if weights.kind == "checkpoint" else None
+    preprocessing = Preprocessing(args.input_size or trained_size or spec.input_size)
     images = table_from_flags(args, log=log)
     table = images.table
     log(f"{len(table)} images to embed with {args.backbone} ({weights.label}); "
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     if weights.path:
         spark.sparkContext.addFile(weights.path)  # executors fetch it; SparkFiles.get finds it by name
         weights_file = Path(weights.path).name
-    timing = run_chunks(spark, table, work, args, weights_file, weights.seed)
+    timing = run_chunks(spark, table, work, args, weights_file, weights.seed, preprocessing.input_size)
     n_chunks = timing["chunks"]
     written = compact(spark, work, n_chunks, spec.feature_dim, args.file_mb)
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from common.backbones import build_classifier, build_extractor, get_spec, resolve_weights
+from common.backbones import build_classifier, build_extractor, resolve_weights
 from common.bboxes import read_nih_bboxes
 from common.config import ConfigError
 from common.finetune import (BEST, LAST, EpochSampler, FinetuneConfig, FinetuneError, SplitImages, load_classifier,
                              state_sha256, train)
 from common.image_dataset import ImageDataset, crop_offsets, resize_size
-from common.images import load_image
+from common.images import Preprocessing, load_image
 from common.store import read_manifest, read_split
 from heads import rundir
 from heads.localization import IOBB_THRESHOLDS, IOU_THRESHOLDS
@@ -277,10 +277,11 @@ def test_extraction_job_takes_a_finetune_checkpoint_as_backbone(run, nih40, tmp_
     rows = {s: read_split(store, s) for s in ("train", "val", "test") if (store / f"split={s}").is_dir()}
     ids = np.concatenate([r.image_id for r in rows.values()])
     features = np.concatenate([r.features for r in rows.values()])
-    size = get_spec("densenet121").input_size
-    pixels = np.stack([load_image(str(nih40 / "images" / i), size) for i in ids])
+    # Extraction runs at the size the checkpoint was fine-tuned at, not the registry's 224.
+    assert manifest["preprocessing"]["input_size"] == 64
+    pixels = np.stack([load_image(str(nih40 / "images" / i), 64) for i in ids])
     with torch.inference_mode():
-        want = model(get_spec("densenet121").preprocessing.to_tensor(pixels)).numpy()
+        want = model(Preprocessing(64).to_tensor(pixels)).numpy()
     # The job runs under bf16 autocast where the CPU has it: close, not equal.
     np.testing.assert_allclose(features, want, rtol=0.05, atol=0.05 * np.abs(want).max())
 
