@@ -111,7 +111,11 @@ def add_table_flags(p: argparse.ArgumentParser) -> None:
 
 def table_from_flags(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> ImageTable:
     """`build_image_table` from the flags `add_table_flags` defines."""
-    ratios = tuple(float(x) for x in str(args.split_ratios).split(","))
+    value = args.split_ratios  # "0.7,0.1,0.2" from a flag, or a list from a config file
+    try:
+        ratios = tuple(float(x) for x in (value if isinstance(value, (list, tuple)) else str(value).split(",")))
+    except ValueError:
+        raise ValueError(f"--split-ratios {value!r}: expected three comma-separated numbers") from None
     return build_image_table(args.dataset, args.metadata, args.images, args.split, args.train_val_list,
                              args.test_list, args.val_fraction, ratios, args.seed, args.keep_laterals,
                              args.limit, log=log)

@@ -69,3 +69,9 @@ def test_directory_that_is_not_a_store_is_never_written_into(monkeypatch, capsys
 def test_missing_required_flag(monkeypatch, capsys):
     code, line = run_cli(monkeypatch, capsys, "--weights", "random")
     assert code == 2 and line == "jobs/extract.py: error: --metadata is required (or set it in --config)"
+
+
+def test_unparsable_split_ratios_name_the_flag(monkeypatch, capsys, tmp_path):
+    code, line = run_cli(monkeypatch, capsys, *sample_flags(tmp_path / "s", "--weights", "random", "--split", "ratios",
+                                                            "--split-ratios", "0.7;0.1;0.2"))
+    assert code == 2 and line == "jobs/extract.py: error: --split-ratios '0.7;0.1;0.2': expected three comma-separated numbers"
