@@ -39,7 +39,7 @@ from common.image_dataset import ImageDataset
 from common.inference import cpu_has_fast_bf16
 from common.torch_files import load_versioned
 from heads.losses import make_loss
-from heads.metrics import fast_auroc
+from heads.metrics import fast_auroc, nanmean
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -306,9 +306,7 @@ def _validate(model, val: ImageDataset, loss_fn, cfg: FinetuneConfig, d: Dist, p
         y, mask = val.targets.numpy(), val.mask.numpy().astype(bool) & ok[:, None]
         with torch.no_grad():
             loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y), torch.from_numpy(mask.astype(np.float32))))
-        aucs = fast_auroc(y, logits, mask)
-        auc = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else math.nan
-        values = (loss, auc, [val.paths[i] for i in np.flatnonzero(~ok)])
+        values = (loss, nanmean(fast_auroc(y, logits, mask)), [val.paths[i] for i in np.flatnonzero(~ok)])
     return d.broadcast(values)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from common.inference import cpu_has_fast_bf16
 from heads.losses import LossFn
-from heads.metrics import fast_auroc
+from heads.metrics import fast_auroc, nanmean
 from heads.models import HeadSpec, build_head
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -91,8 +91,7 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, precision: str, chun
 
 
 def _val_auc(y: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> float:
-    aucs = fast_auroc(y.numpy(), logits.numpy(), mask.numpy().astype(bool))
-    return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+    return nanmean(fast_auroc(y.numpy(), logits.numpy(), mask.numpy().astype(bool)))
 
 
 def _line(epoch: int, cfg: FitConfig, row: dict, mark: str) -> str:

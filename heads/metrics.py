@@ -127,7 +127,8 @@ def at_thresholds(y, scores, thresholds, mask=None) -> dict[str, np.ndarray]:
     return out
 
 
-def _nanmean(a: np.ndarray) -> float:
+def nanmean(a: np.ndarray) -> float:
+    """Mean of the finite entries (e.g. per-class AUROCs); NaN, without a warning, when there are none."""
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
 
@@ -154,12 +155,12 @@ def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None
             entry["at_val_threshold"] = {"threshold": float(thresholds[c]), **{m: v[c] for m, v in tuned.items()}}
         per_class[name] = entry
     summary = {
-        "mean_auc": _nanmean(auc),
+        "mean_auc": nanmean(auc),
         "w_auc": weighted_auc(auc, y, valid),
-        "mean_d_auc": _nanmean(dauc),
-        "mean_n_auc": _nanmean(nauc),
-        "macro_f1_at_0.5": _nanmean(half["f1"]),
+        "mean_d_auc": nanmean(dauc),
+        "mean_n_auc": nanmean(nauc),
+        "macro_f1_at_0.5": nanmean(half["f1"]),
     }
     if tuned is not None:
-        summary["macro_f1_at_val_threshold"] = _nanmean(tuned["f1"])
+        summary["macro_f1_at_val_threshold"] = nanmean(tuned["f1"])
     return {"n": int(len(y)), "summary": summary, "per_class": per_class, "notes": n1 + n2 + n3}
