@@ -38,6 +38,7 @@ from common.distributed import Dist, setup
 from common.image_dataset import ImageDataset
 from common.inference import cpu_has_fast_bf16
 from common.torch_files import load_versioned
+from heads.cli import epoch_line
 from heads.losses import make_loss
 from heads.metrics import fast_auroc, nanmean
 
@@ -318,11 +319,6 @@ def _progress(state: TrainState, cfg: FinetuneConfig, steps: int, done: int, ima
             f"{images / max(seconds, 1e-9):.1f} images/s  epoch ETA {eta}")
 
 
-def _epoch_line(row: dict, cfg: FinetuneConfig, mark: str) -> str:
-    return (f"epoch {row['epoch']:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-            f"val_auc {row['val_auc']:.4f}  lr {row['lr']:.1e}  {row['seconds']:.1f}s{mark}")
-
-
 def train(cfg: FinetuneConfig) -> dict:
     """Train (or resume) the run in cfg.out; returns rank 0's summary on every rank."""
     d = setup(cfg.device)
@@ -486,7 +482,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
                     save_atomic(checkpoint(model, cfg, state, state.epoch), out / BEST)
             else:
                 state.bad_epochs += 1
-        say(_epoch_line(row, cfg, mark))
+        say(epoch_line(row, cfg.epochs, mark))
         if state.stopped is None and 0 < cfg.early_stop_patience <= state.bad_epochs:
             state.stopped = "early_stop"
             say(f"early stop: {cfg.best_metric} has not improved for {state.bad_epochs} epochs; "

@@ -22,5 +22,11 @@ def add_loss_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--focal-alpha", type=float, default=None, help="focal loss α for positives (default: no α)")
 
 
+def epoch_line(row: dict, epochs: int, mark: str = "") -> str:
+    """The progress line of one finished epoch (a history row of either trainer)."""
+    return (f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_auc {row['val_auc']:.4f}  lr {row['lr']:.1e}  {row['seconds']:.1f}s{mark}")
+
+
 def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from common.inference import cpu_has_fast_bf16
+from heads.cli import epoch_line, log as log_stderr
 from heads.losses import LossFn
 from heads.metrics import fast_auroc, nanmean
 from heads.models import HeadSpec, build_head
@@ -94,15 +94,10 @@ def _val_auc(y: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> float
     return nanmean(fast_auroc(y.numpy(), logits.numpy(), mask.numpy().astype(bool)))
 
 
-def _line(epoch: int, cfg: FitConfig, row: dict, mark: str) -> str:
-    return (f"epoch {epoch:3d}/{cfg.epochs}  loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-            f"val_auc {row['val_auc']:.4f}  lr {row['lr']:.1e}  {row['seconds']:.1f}s{mark}")
-
-
 def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitConfig,
         log: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, FitResult]:
     """Train a head from seed `cfg.seed`; returns it with the best (lowest val loss) weights loaded."""
-    log = log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log if log is not None else log_stderr
     # Adam's moment estimates (squares of tiny gradients) fall into denormal floats, which x86
     # handles very slowly: measured here, an NIH-size epoch went from ~1 s to 10-30 s without this.
     torch.set_flush_denormal(True)
@@ -141,7 +136,7 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
         result.history.append(row)
         if not (math.isfinite(row["train_loss"]) and math.isfinite(val_loss)):
             result.stopped = "diverged"
-            log(_line(epoch, cfg, row, "  diverged (non-finite loss); keeping the best epoch so far"))
+            log(epoch_line(row, cfg.epochs, "  diverged (non-finite loss); keeping the best epoch so far"))
             break
         improved = val_loss < result.best_val_loss
         if improved:
@@ -150,7 +145,7 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
             bad_epochs = 0
         else:
             bad_epochs += 1
-        log(_line(epoch, cfg, row, "  *" if improved else ""))
+        log(epoch_line(row, cfg.epochs, "  *" if improved else ""))
         if 0 < cfg.early_stop_patience <= bad_epochs:
             result.stopped = "early_stop"
             log(f"early stop: val loss has not improved for {bad_epochs} epochs; best epoch {result.best_epoch}")
