@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.config import ConfigError
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless it is None or False (nothing worth saying)."""
@@ -20,6 +22,17 @@ def add_loss_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", default="weighted_bce", help="bce | weighted_bce | wcel | focal | msml, or two joined by '+'")
     g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss γ")
     g.add_argument("--focal-alpha", type=float, default=None, help="focal loss α for positives (default: no α)")
+
+
+def parse_list(value, cast, flag: str) -> list:
+    """A TOML list or a comma-separated flag value (empty items skipped; None: [])."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return [cast(str(v).strip()) for v in items if str(v).strip() != ""]
+    except ValueError:
+        raise ConfigError(f"--{flag} {value!r}: expected comma-separated {cast.__name__} values") from None
 
 
 def epoch_line(row: dict, epochs: int, mark: str = "") -> str:

@@ -24,7 +24,7 @@ import torch
 from common.config import ConfigError, parse_with_config
 from common.store import StoreError
 from heads import rundir
-from heads.cli import HelpFormatter, add_loss_flags, log
+from heads.cli import HelpFormatter, add_loss_flags, log, parse_list
 from heads.data import (POLICIES, SEX_ENCODINGS, apply_policy, finding_flags, fit_inputs, label_columns,
                         make_inputs, open_stores, select_labels)
 from heads.evaluation import SplitScores, evaluate_splits
@@ -77,17 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _list(value, cast, flag: str) -> list:
-    """A TOML list or a comma-separated flag value."""
-    if value is None:
-        return []
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        return [cast(str(v).strip()) for v in items if str(v).strip() != ""]
-    except ValueError:
-        raise ConfigError(f"--{flag} {value!r}: expected comma-separated {cast.__name__} values") from None
-
-
 def settings_from(args: argparse.Namespace) -> dict:
     """Validated, normalized settings: what config.json records and the run is made from."""
     s = {k: v for k, v in vars(args).items() if k != "config"}
@@ -95,10 +84,10 @@ def settings_from(args: argparse.Namespace) -> dict:
         if not s[flag]:
             raise ConfigError(f"heads.train: --{flag} is required (or set it in --config)")
     s["store"] = [s["store"]] if isinstance(s["store"], str) else list(s["store"])
-    s["hidden"] = _list(s["hidden"], int, "hidden")
-    s["betas"] = _list(s["betas"], float, "betas")
-    s["grid_lr"] = _list(s["grid_lr"], float, "grid-lr")
-    s["grid_weight_decay"] = _list(s["grid_weight_decay"], float, "grid-weight-decay")
+    s["hidden"] = parse_list(s["hidden"], int, "hidden")
+    s["betas"] = parse_list(s["betas"], float, "betas")
+    s["grid_lr"] = parse_list(s["grid_lr"], float, "grid-lr")
+    s["grid_weight_decay"] = parse_list(s["grid_weight_decay"], float, "grid-weight-decay")
     checks = [("policy", POLICIES), ("sex_encoding", SEX_ENCODINGS), ("head", KINDS), ("precision", PRECISIONS),
               ("grid_metric", GRID_METRICS)]
     for key, allowed in checks:

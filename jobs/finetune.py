@@ -35,7 +35,7 @@ from common.finetune import (BEST, BEST_METRICS, PRECISIONS, SCHEDULES, Finetune
 from common.image_dataset import resize_size
 from common.store import SPLITS, StoreError
 from heads import rundir
-from heads.cli import HelpFormatter, add_loss_flags
+from heads.cli import HelpFormatter, add_loss_flags, parse_list
 from heads.data import POLICIES, apply_policy, finding_flags, label_columns, select_labels
 from heads.evaluation import SplitScores, evaluate_splits
 from heads.localization import CAM_LAYERS, evaluate_localization
@@ -102,15 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _floats(value, flag: str) -> list[float]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        return [float(str(v).strip()) for v in items]
-    except ValueError:
-        raise ConfigError(f"--{flag} {value!r}: expected comma-separated numbers") from None
-
-
 def check_settings(args: argparse.Namespace) -> None:
+    """Refuse bad flags before any work; --betas becomes its list of floats."""
     for flag in ("metadata", "images", "out"):
         if not getattr(args, flag):
             raise ConfigError(f"--{flag} is required (or set it in --config)")
@@ -122,7 +115,8 @@ def check_settings(args: argparse.Namespace) -> None:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    if len(_floats(args.betas, "betas")) != 2:
+    args.betas = parse_list(args.betas, float, "betas")
+    if len(args.betas) != 2:
         raise ConfigError(f"--betas {args.betas!r}: give two values")
     if args.device == "cuda" and not (args.num_processes > 1 and not args.local_mode) and not torch.cuda.is_available():
         raise ConfigError(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
@@ -268,7 +262,6 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     make_loss(args.loss, torch.zeros(1, len(label_names)), torch.ones(1, len(label_names)))  # a bad --loss fails now
 
     settings = {k: v for k, v in sorted(vars(args).items()) if k != "config"}
-    settings["betas"] = _floats(args.betas, "betas")
     identity = {
         "backbone": args.backbone, "weights": weights.label, "weights_sha256": weights.sha256,
         "labels": label_names, "policy": args.policy, "input_size": input_size, "batch_size": args.batch_size,
@@ -301,7 +294,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
         out=str(out), backbone=args.backbone, label_names=label_names, train=splits["train"], val=splits["val"],
         state_file=weights.path, init_seed=weights.seed if weights.kind == "random" else args.train_seed,
         input_size=input_size, freeze_backbone=args.freeze_backbone, loss=args.loss, focal_gamma=args.focal_gamma,
-        focal_alpha=args.focal_alpha, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(settings["betas"]),
+        focal_alpha=args.focal_alpha, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
         batch_size=args.batch_size, epochs=args.epochs, schedule=args.schedule, step_epochs=args.step_epochs,
         lr_factor=args.lr_factor, plateau_patience=args.plateau_patience,
         early_stop_patience=args.early_stop_patience, best_metric=args.best_metric, seed=args.train_seed,
