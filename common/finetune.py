@@ -357,7 +357,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
 
     state, resumed = TrainState(), None
     if (out / LAST).is_file():
-        obj = torch.load(out / LAST, map_location="cpu", weights_only=True)
+        obj = read_checkpoint(out / LAST)
         if obj.get("world_size") != d.world:
             raise FinetuneError(f"{out / LAST}: written by {obj.get('world_size')} processes, this run has {d.world}")
         model.load_state_dict(obj["model_state"])
