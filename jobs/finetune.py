@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
         return {"run": str(out), **result}
     if result["best_epoch"] == 0:
         raise FinetuneError(f"{out}: training diverged in its first epoch; no best checkpoint to evaluate")
-    if len(set(result["rank_state_sha256"])) > 1:
+    replicas_differ = len(set(result["rank_state_sha256"])) > 1
+    if replicas_differ:
         log(f"warning: the {result['world_size']} processes ended with different weights: "
             f"{', '.join(d[:12] for d in result['rank_state_sha256'])}")
 
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     notes = ([f"unreadable images ({len(unreadable)}), left out of training and metrics: "
               + ", ".join(Path(p).name for p in unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")]
              if unreadable else [])
-    notes += [f"{args.num_processes} processes ended with different weights"] if len(set(result["rank_state_sha256"])) > 1 else []
+    notes += [f"{args.num_processes} processes ended with different weights"] if replicas_differ else []
     rundir.write_json(out / rundir.METRICS, {
         "label_names": label_names,
         "best_epoch": result["best_epoch"],
