@@ -42,3 +42,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, s
             settings[dest] = value
         parser.set_defaults(**settings)
     return parser.parse_args(argv)
+
+
+def require(args: argparse.Namespace, *flags: str) -> None:
+    """Refuse a run missing a flag that neither the command line nor the config file gave."""
+    for flag in flags:
+        if not getattr(args, flag.replace("-", "_")):
+            raise ConfigError(f"--{flag} is required (or set it in --config)")

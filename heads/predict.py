@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.config import ConfigError, parse_with_config
+from common.config import ConfigError, parse_with_config, require
 from common.store import StoreError
 from heads import rundir
 from heads.cli import HelpFormatter, log
@@ -157,9 +157,7 @@ def main(argv: list[str] | None = None) -> Path:
     threads = torch.get_num_threads()
     try:
         args = parse_with_config(parser, argv, "predict")
-        for flag in ("run", "out"):
-            if not getattr(args, flag):
-                raise ConfigError(f"heads.predict: --{flag} is required (or set it in --config)")
+        require(args, "run", "out")
         if Path(args.out).suffix not in (".parquet", ".csv"):
             raise ConfigError(f"--out {args.out}: name a .parquet or .csv file")
         if args.threads:

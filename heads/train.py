@@ -21,7 +21,7 @@ import numpy as np
 import sklearn
 import torch
 
-from common.config import ConfigError, parse_with_config
+from common.config import ConfigError, parse_with_config, require
 from common.store import StoreError
 from heads import rundir
 from heads.cli import HelpFormatter, add_loss_flags, log, parse_list
@@ -80,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> dict:
     """Validated, normalized settings: what config.json records and the run is made from."""
     s = {k: v for k, v in vars(args).items() if k != "config"}
-    for flag in ("store", "out"):
-        if not s[flag]:
-            raise ConfigError(f"heads.train: --{flag} is required (or set it in --config)")
+    require(args, "store", "out")
     s["store"] = [s["store"]] if isinstance(s["store"], str) else list(s["store"])
     s["hidden"] = parse_list(s["hidden"], int, "hidden")
     s["betas"] = parse_list(s["betas"], float, "betas")

@@ -25,7 +25,7 @@ from pathlib import Path
 from common import __version__
 from common.backbones import WeightsError, checkpoint_input_size, get_spec, resolve_weights
 from common.images import Preprocessing
-from common.config import ConfigError, parse_with_config
+from common.config import parse_with_config, require
 from common.dataset import add_table_flags, table_from_flags
 from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
 from common.store import ERRORS_DIR, FORMAT_VERSION, ROW_DDL, SPLITS
@@ -179,9 +179,7 @@ def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) ->
 
 def main(argv: list[str] | None = None, spark=None) -> dict:
     args = parse_with_config(build_parser(), argv, "extract")
-    for flag in ("metadata", "images", "out"):
-        if not getattr(args, flag):
-            raise ConfigError(f"--{flag} is required (or set it in --config)")
+    require(args, "metadata", "images", "out")
     spec = get_spec(args.backbone)
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
     if weights.kind == "random":

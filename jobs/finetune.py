@@ -28,7 +28,7 @@ import torch
 from common import __version__
 from common.backbones import WeightsError, get_spec, resolve_weights
 from common.bboxes import read_nih_bboxes
-from common.config import ConfigError, parse_with_config
+from common.config import ConfigError, parse_with_config, require
 from common.dataset import add_table_flags, table_from_flags
 from common.finetune import (BEST, BEST_METRICS, PRECISIONS, SCHEDULES, FinetuneConfig, FinetuneError,
                              SplitImages, load_classifier, log, predict, resume_point, train)
@@ -104,9 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_settings(args: argparse.Namespace) -> None:
     """Refuse bad flags before any work; --betas becomes its list of floats."""
-    for flag in ("metadata", "images", "out"):
-        if not getattr(args, flag):
-            raise ConfigError(f"--{flag} is required (or set it in --config)")
+    require(args, "metadata", "images", "out")
     for key, allowed in (("policy", POLICIES), ("schedule", SCHEDULES), ("best_metric", BEST_METRICS),
                          ("precision", PRECISIONS)):
         if getattr(args, key) not in allowed:

@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from common.config import ConfigError, parse_with_config
+from common.config import ConfigError, parse_with_config, require
 
 
 def parser():
@@ -26,3 +26,9 @@ def test_unknown_config_key_is_an_error_naming_file_and_key(tmp_path):
     conf.write_text("[extract]\nchunk_sise = 16\n")
     with pytest.raises(ConfigError, match=r"job\.toml: unknown setting 'chunk_sise' in \[extract\]"):
         parse_with_config(parser(), ["--config", str(conf)], "extract")
+
+
+def test_require_names_the_missing_flag_once():
+    args = argparse.Namespace(store="s", out=None)
+    with pytest.raises(ConfigError, match=r"^--out is required \(or set it in --config\)$"):
+        require(args, "store", "out")
