@@ -19,7 +19,6 @@ train_state, and in last.pt only optimizer, scheduler, scaler, rng and world_siz
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -36,7 +35,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from common.backbones import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, build_classifier, get_spec
 from common.distributed import Dist, setup
 from common.image_dataset import ImageDataset
-from common.inference import cpu_has_fast_bf16
+from common.inference import autocast, resolve_precision
 from common.torch_files import load_versioned
 from heads.cli import epoch_line
 from heads.losses import make_loss
@@ -44,7 +43,6 @@ from heads.metrics import fast_auroc, nanmean
 
 LAST = "last.pt"
 BEST = "best.pt"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("plateau", "step")
 BEST_METRICS = ("val_loss", "val_auc")
 
@@ -108,23 +106,6 @@ class FinetuneConfig:
 
 class FinetuneError(ValueError):
     """A run that cannot start or resume; the message is one line."""
-
-
-def resolve_precision(name: str, device: str) -> str:
-    """'auto': fp16 on CUDA, bf16 on a CPU with native bf16, else fp32."""
-    if name not in PRECISIONS:
-        raise FinetuneError(f"--precision {name!r}: choose from {', '.join(PRECISIONS)}")
-    if device == "cpu" and name == "fp16":
-        raise FinetuneError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
-    if name == "auto":
-        return "fp16" if device == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
-    return name
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 class EpochSampler(Sampler[int]):
@@ -264,7 +245,7 @@ def predict(model: torch.nn.Module, dataset, batch_size: int, device: torch.devi
         with torch.inference_mode():
             for x, _y, _m, ok, _i in loader:
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision):
+                with autocast(device.type, precision):
                     logits.append(model(x).float().cpu())
                 oks.append(ok)
     finally:
@@ -421,7 +402,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
             x = x.to(d.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(d.device, non_blocking=True)
             mask = (mask * ok[:, None]).to(d.device, non_blocking=True)  # unreadable images add no loss
-            with autocast(d.device, precision):
+            with autocast(d.device.type, precision):
                 logits = net(x)
             loss = loss_fn(logits.float(), y, mask)
             opt.zero_grad(set_to_none=True)

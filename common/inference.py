@@ -15,6 +15,7 @@ from common.backbones import build_extractor, get_spec
 from common.images import Preprocessing
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -23,6 +24,24 @@ def cpu_has_fast_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def resolve_precision(name: str, device_type: str = "cpu") -> str:
+    """'auto' -> fp16 on CUDA, bf16 on a CPU with native bf16, else fp32; fp16 only on CUDA."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r}: choose from {', '.join(PRECISIONS)}")
+    if name == "fp16" and device_type != "cuda":
+        raise ValueError("--precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
+    if name == "auto":
+        return "fp16" if device_type == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+    return name
+
+
+def autocast(device_type: str, precision: str):
+    """Mixed precision: weights stay fp32, the ops autocast lists run in the resolved dtype."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=DTYPES[precision])
 
 
 class FeatureExtractor:
@@ -42,8 +61,6 @@ class FeatureExtractor:
         threads: int | None = None,
         input_size: int | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
         try:
             self.device = torch.device(device)
         except RuntimeError:
@@ -56,17 +73,13 @@ class FeatureExtractor:
                 )
             if precision == "bf16" and not torch.cuda.is_bf16_supported():
                 raise ValueError(f"precision 'bf16': device {device!r} does not support bf16; use fp16 or fp32")
-            auto = torch.float16
-        elif self.device.type == "cpu":
-            if precision == "fp16":
-                raise ValueError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
-            auto = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-        else:
+        elif self.device.type != "cpu":
             raise ValueError(f"device {device!r}: only cpu and cuda[:N] are supported")
+        self.precision = resolve_precision(precision, self.device.type)
         if threads is not None:
             torch.set_num_threads(threads)
 
-        self.dtype = {"auto": auto, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.dtype = DTYPES[self.precision]
         self._spec = get_spec(backbone)
         # A fine-tuned checkpoint may have been trained at another size than the registry's.
         self._preprocessing = Preprocessing(input_size) if input_size else self._spec.preprocessing
@@ -82,11 +95,6 @@ class FeatureExtractor:
     def preprocessing(self) -> Preprocessing:
         return self._preprocessing
 
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S) float32 in [0, 1] -> (N, feature_dim) float32."""
         with torch.inference_mode():
@@ -95,6 +103,6 @@ class FeatureExtractor:
                 # Copy the one-channel batch (a third of the bytes) and normalize on the GPU.
                 gray = gray.pin_memory().to(self.device, non_blocking=True)
             x = self._preprocessing.to_tensor(gray).contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            with autocast(self.device.type, self.precision):
                 features = self.model(x)
             return features.float().cpu().numpy()

@@ -7,7 +7,6 @@ which on a 2-core CPU is several times faster than per-sample fetching and colla
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -17,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common.inference import cpu_has_fast_bf16
+from common import inference
 from heads.cli import epoch_line, log as log_stderr
 from heads.losses import LossFn
 from heads.metrics import fast_auroc, nanmean
@@ -27,12 +26,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(name: str) -> str:
-    """'auto' -> 'bf16' on a CPU with native bf16, else 'fp32'."""
+    """'auto' -> 'bf16' on a CPU with native bf16, else 'fp32' (heads train on the CPU)."""
     if name not in PRECISIONS:
         raise ValueError(f"--precision {name!r}: choose from {', '.join(PRECISIONS)}")
-    if name == "auto":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return name
+    return inference.resolve_precision(name, "cpu")
 
 
 def input_tensor(x: np.ndarray, precision: str) -> torch.Tensor:
@@ -40,11 +37,6 @@ def input_tensor(x: np.ndarray, precision: str) -> torch.Tensor:
     so holding it as bf16 gives the same results at half the memory and gather traffic."""
     t = torch.from_numpy(x)
     return t.to(torch.bfloat16) if precision == "bf16" else t
-
-
-def _autocast(precision: str):
-    # Mixed precision: weights, optimizer state and the loss stay fp32; matmuls run in bf16.
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 @dataclass
@@ -85,7 +77,7 @@ class FitResult:
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, precision: str, chunk: int = 16384) -> torch.Tensor:
     model.eval()
-    with _autocast(precision):
+    with inference.autocast("cpu", precision):
         out = [model(x[s:s + chunk]).float() for s in range(0, len(x), chunk)]
     return torch.cat(out) if out else torch.empty(0)
 
@@ -119,7 +111,7 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
         total = torch.zeros((), dtype=torch.float64)
         for s in range(0, n, bs):
             idx = perm[s:s + bs]
-            with _autocast(cfg.precision):
+            with inference.autocast("cpu", cfg.precision):  # weights, Adam, loss stay fp32
                 logits = model(train.x.index_select(0, idx))
             loss = loss_fn(logits.float(), train.y.index_select(0, idx), train.mask.index_select(0, idx))
             opt.zero_grad(set_to_none=True)

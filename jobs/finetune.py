@@ -30,9 +30,10 @@ from common.backbones import WeightsError, get_spec, resolve_weights
 from common.bboxes import read_nih_bboxes
 from common.config import ConfigError, parse_with_config, require
 from common.dataset import add_table_flags, table_from_flags
-from common.finetune import (BEST, BEST_METRICS, PRECISIONS, SCHEDULES, FinetuneConfig, FinetuneError,
+from common.finetune import (BEST, BEST_METRICS, SCHEDULES, FinetuneConfig, FinetuneError,
                              SplitImages, load_classifier, log, predict, resume_point, train)
 from common.image_dataset import resize_size
+from common.inference import PRECISIONS
 from common.store import SPLITS, StoreError
 from heads import rundir
 from heads.cli import HelpFormatter, add_loss_flags, parse_list

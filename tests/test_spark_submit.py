@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from common.store import read_manifest
 from tests.data_paths import REPO
