@@ -4,8 +4,8 @@ setup(
     name="cxr-features",
     version="0.1.0",
     description="Distributed feature extraction and head training for chest X-ray diagnosis",
-    python_requires=">=3.10",
-    packages=find_packages(include=["common", "common.*", "jobs", "jobs.*", "heads", "heads.*"]),
+    python_requires=">=3.11",
+    packages=find_packages(include=["common", "common.*", "jobs", "jobs.*", "heads", "heads.*", "finetune", "finetune.*"]),
     install_requires=[
         # torch/torchvision are pinned to the releases this project is built and tested against.
         "torch==2.14.1",
@@ -18,6 +18,7 @@ setup(
         "scikit-learn>=1.5,<2",
         "pillow>=10,<14",
         "matplotlib>=3.8,<4",
+        "scipy>=1.11,<2",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
 )

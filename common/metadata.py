@@ -128,6 +128,9 @@ def read_chexpert(path: str | Path, frontal_only: bool = True) -> Metadata:
     frontal = raw["Frontal/Lateral"].str.strip() == "Frontal"
     view = raw["AP/PA"].str.strip().str.upper().where(frontal, "LATERAL").replace("", None)
     age, age_dropped = _parse_ages(raw["Age"], path)
+    # CheXpert codes an unknown age as 0 (no radiograph in it is of a newborn's age in years).
+    zero_age = age == 0
+    age, age_dropped = age.mask(zero_age), age_dropped + int(zero_age.sum())
     table = pd.DataFrame(
         {
             "image_id": raw["Path"].str.strip(),

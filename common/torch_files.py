@@ -1,7 +1,8 @@
-"""Reading this project's versioned checkpoint files (fine-tune and head checkpoints)."""
+"""This project's checkpoint files (fine-tune and head): written atomically, read back checked for format."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -20,3 +21,10 @@ def load_versioned(path: str | Path, fmt: str, version: int, error: type[Excepti
     if not isinstance(obj, dict) or obj.get("format") != fmt or obj.get("format_version") != version:
         raise error(f"{path}: not a {fmt} version {version} checkpoint")
     return obj
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a kill never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from common import inference
-from heads.cli import epoch_line, log as log_stderr
-from heads.losses import LossFn
-from heads.metrics import fast_auroc, nanmean
+from common.config import epoch_line, log as log_stderr
+from common.losses import LossFn
+from common.metrics import fast_auroc, nanmean
 from heads.models import HeadSpec, build_head
 
 PRECISIONS = ("auto", "fp32", "bf16")

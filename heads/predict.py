@@ -20,15 +20,16 @@ import torch
 
 from common.config import ConfigError, parse_with_config, require
 from common.store import StoreError
-from heads import rundir
-from heads.cli import HelpFormatter, log
+from common import rundir
+from common.config import HelpFormatter, log
+from heads.checkpoint import Head, load_head
 from heads.data import make_inputs, open_stores, store_info
 from heads.fit import PRECISIONS, input_tensor, predict_logits, resolve_precision
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def _check_stores(head: rundir.Head, paths: list[str]) -> None:
+def _check_stores(head: Head, paths: list[str]) -> None:
     """The features must come from what the head was trained on: same backbones, weights, preprocessing."""
     if len(paths) != len(head.stores):
         raise StoreError(f"--store: the head was trained on {len(head.stores)} fused store(s), {len(paths)} given")
@@ -44,13 +45,13 @@ def _check_stores(head: rundir.Head, paths: list[str]) -> None:
                 )
 
 
-def probabilities(head: rundir.Head, features: np.ndarray, age: np.ndarray, sex: np.ndarray,
+def probabilities(head: Head, features: np.ndarray, age: np.ndarray, sex: np.ndarray,
                   precision: str) -> np.ndarray:
     x = make_inputs(features, age, sex, head.inputs)
     return torch.sigmoid(predict_logits(head.model, input_tensor(x, precision), precision)).numpy()
 
 
-def predict_stores(head: rundir.Head, paths: list[str] | None, splits: list[str] | None,
+def predict_stores(head: Head, paths: list[str] | None, splits: list[str] | None,
                    precision: str) -> pd.DataFrame:
     """Probabilities for every image of the chosen splits (default: all) of the store(s)."""
     paths = paths or [s["path"] for s in head.stores]
@@ -77,10 +78,10 @@ def _decode(load_image, path: Path, size: int):
         return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
-def predict_images(head: rundir.Head, folder: str, device: str = "cpu", precision: str = "auto",
+def predict_images(head: Head, folder: str, device: str = "cpu", precision: str = "auto",
                    batch_size: int = 32, threads: int | None = None, log=print) -> pd.DataFrame:
     """Extract features for every image under `folder` with the head's backbone(s), then predict."""
-    from common.backbones import resolve_weights
+    from common.weights import resolve_weights
     from common.images import load_image
     from common.inference import FeatureExtractor
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise ConfigError(f"--out {args.out}: name a .parquet or .csv file")
         if args.threads:
             torch.set_num_threads(args.threads)
-        head = rundir.load_head(args.run)
+        head = load_head(args.run)
         if args.images:
             frame = predict_images(head, args.images, args.device, args.precision, args.batch_size, args.threads,
                                    log=log)

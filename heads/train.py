@@ -21,17 +21,17 @@ import numpy as np
 import sklearn
 import torch
 
-from common.config import ConfigError, parse_with_config, require
+from common import rundir
+from common.config import ConfigError, HelpFormatter, add_loss_flags, log, parse_list, parse_with_config, require
+from common.evaluation import SplitScores, evaluate_splits
+from common.losses import make_loss
+from common.report import render
 from common.store import StoreError
-from heads import rundir
-from heads.cli import HelpFormatter, add_loss_flags, log, parse_list
-from heads.data import (POLICIES, SEX_ENCODINGS, apply_policy, finding_flags, fit_inputs, label_columns,
-                        make_inputs, open_stores, select_labels)
-from heads.evaluation import SplitScores, evaluate_splits
+from common.targets import POLICIES, apply_policy, eval_targets, finding_flags, label_columns, select_labels
+from heads.checkpoint import CHECKPOINT, save_head
+from heads.data import SEX_ENCODINGS, fit_inputs, make_inputs, open_stores
 from heads.fit import PRECISIONS, FitConfig, Tensors, fit, input_tensor, predict_logits, resolve_precision
-from heads.losses import make_loss
 from heads.models import KINDS, HeadSpec
-from heads.report import render
 
 GRID_METRICS = ("val_auc", "val_loss")
 
@@ -104,6 +104,7 @@ class Prepared:
     tensors: dict[str, Tensors]
     ids: dict[str, np.ndarray]
     flags: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (has_disease, no_finding)
+    truth: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> raw (y, mask): what metrics score, whatever the policy
     inputs: object  # InputSpec
     stores: list[dict]
     dataset: str
@@ -117,16 +118,17 @@ def prepare_data(s: dict, precision: str) -> Prepared:
     chosen = select_labels(stores.label_names, s["labels"], drop_no_finding=not s["keep_no_finding"])
     cols = label_columns(stores.label_names, chosen)
     inputs = fit_inputs(stores.splits["train"], stores.feature_dims, s["age_sex"], s["sex_encoding"])
-    tensors, ids, flags = {}, {}, {}
+    tensors, ids, flags, truth = {}, {}, {}, {}
     for name in list(stores.splits):
         split = stores.splits.pop(name)  # drop each split's store arrays once its inputs exist
         x = make_inputs(split.features, split.age, split.sex, inputs)
         y, mask = apply_policy(split.labels[:, cols], s["policy"])
+        truth[name] = eval_targets(split.labels[:, cols])
         tensors[name] = Tensors(input_tensor(x, precision), torch.from_numpy(y), torch.from_numpy(mask.astype(np.float32)))
         ids[name] = split.image_id
         flags[name] = finding_flags(split.labels, stores.label_names)
         del split, x
-    return Prepared(chosen, tensors, ids, flags, inputs, [i.describe() for i in stores.infos], stores.dataset)
+    return Prepared(chosen, tensors, ids, flags, truth, inputs, [i.describe() for i in stores.infos], stores.dataset)
 
 
 def _score(cell: dict, metric: str) -> float:
@@ -180,7 +182,7 @@ def evaluate_run(data: Prepared, model, precision: str, out: Path) -> tuple[dict
         if name == "train":
             continue
         probs = torch.sigmoid(predict_logits(model, t.x, precision)).numpy()
-        scores[name] = SplitScores(data.ids[name], probs, t.y.numpy(), t.mask.numpy().astype(bool), *data.flags[name])
+        scores[name] = SplitScores(data.ids[name], probs, *data.truth[name], *data.flags[name])
     return evaluate_splits(scores, data.label_names, out)
 
 
@@ -198,9 +200,12 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: 
         f"{len(data.label_names)} labels; {spec.describe()}; loss {s['loss']}; {precision}")
 
     cells, (chosen, model, result) = train_grid(s, data, spec, loss_fn, precision)
+    if result.best_epoch == 0:
+        parser.exit(2, f"heads.train: training diverged in its first epoch (non-finite loss); no weights worth "
+                       f"saving in {out}; lower --lr or check the store's features\n")
     splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out)
 
-    rundir.save_head(out / rundir.CHECKPOINT, model, spec, data.inputs, data.label_names, data.stores, thresholds,
+    save_head(out / CHECKPOINT, model, spec, data.inputs, data.label_names, data.stores, thresholds,
                      precision, s["policy"], data.dataset, s)
     rundir.write_json(out / rundir.CONFIG, {
         "settings": s,

@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 from common import __version__
-from common.backbones import WeightsError, checkpoint_input_size, get_spec, resolve_weights
+from common.backbones import get_spec
+from common.weights import WeightsError, checkpoint_input_size, resolve_weights
 from common.images import Preprocessing
 from common.config import parse_with_config, require
-from common.dataset import add_table_flags, table_from_flags
+from common.image_table import add_table_flags, table_from_flags
 from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
 from common.store import ERRORS_DIR, FORMAT_VERSION, ROW_DDL, SPLITS
 from common.store_writer import (STAGING, OutputError, chunk_dir, commit_chunk, is_committed, plan_fingerprint,

@@ -13,20 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from common.backbones import (
-    FINETUNE_FORMAT,
-    FINETUNE_FORMAT_VERSION,
-    REGISTRY,
-    WeightsError,
-    build_classifier,
-    build_extractor,
-    get_spec,
-    resolve_weights,
-)
+from common.backbones import REGISTRY, build_classifier, build_extractor, get_spec
+from common.weights import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, resolve_weights
 from common.images import load_image
 from common.inference import FeatureExtractor
+from tests.data_paths import NIH_IMAGES
 
-NIH_IMAGES = Path("/work/shared/data/nih/images")
 
 
 def _source_model(name: str, seed: int = 11) -> nn.Module:

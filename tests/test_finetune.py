@@ -15,16 +15,19 @@ import pytest
 import torch
 from torch import nn
 
-from common.backbones import build_classifier, build_extractor, resolve_weights
+from common.backbones import build_classifier, build_extractor
+from common.weights import resolve_weights
 from common.bboxes import read_nih_bboxes
 from common.config import ConfigError
-from common.finetune import (BEST, LAST, EpochSampler, FinetuneConfig, FinetuneError, SplitImages, load_classifier,
-                             state_sha256, train)
-from common.image_dataset import ImageDataset, crop_offsets, resize_size
+from finetune.checkpoint import load_classifier, state_sha256
+from finetune.config import BEST, LAST, FinetuneConfig, FinetuneError, SplitImages
+from finetune.loop import train
+from finetune.sampler import EpochSampler
+from finetune.dataset import ImageDataset, crop_offsets, resize_size
 from common.images import Preprocessing, load_image
 from common.store import read_manifest, read_split
-from heads import rundir
-from heads.localization import IOBB_THRESHOLDS, IOU_THRESHOLDS
+from common import rundir
+from finetune.localization import IOBB_THRESHOLDS, IOU_THRESHOLDS
 from jobs import extract
 from jobs import finetune as job
 from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, needs_shared

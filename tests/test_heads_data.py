@@ -7,7 +7,8 @@ import pytest
 
 from common.labels import CHEXPERT_COMPETITION, CHEXPERT_LABELS, NIH_LABELS
 from common.store import StoreError
-from heads.data import (apply_policy, demographics, fit_inputs, make_inputs, open_stores, select_labels)
+from common.targets import LabelError, apply_policy, select_labels
+from heads.data import demographics, fit_inputs, make_inputs, open_stores
 from tests.heads_fixtures import synthetic_rows, write_store
 
 SIZES = {"train": 40, "val": 20, "test": 20}
@@ -122,7 +123,7 @@ def test_label_subsets():
     assert "No Finding" not in select_labels(CHEXPERT_LABELS, "all")
     assert select_labels(CHEXPERT_LABELS, "all", drop_no_finding=False)[0] == "No Finding"
     assert select_labels(NIH_LABELS, "Mass, Hernia") == ["Mass", "Hernia"]
-    with pytest.raises(StoreError, match="'Pleural Effusion' is not a label"):
+    with pytest.raises(LabelError, match="'Pleural Effusion' is not a label"):
         select_labels(NIH_LABELS, "competition")
 
 

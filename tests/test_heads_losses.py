@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from heads.losses import bce, focal, make_loss, msml, pos_weight_from, wcel
+from common.losses import bce, focal, make_loss, msml, pos_weight_from, wcel
 
 
 def t(rows):
@@ -91,3 +91,11 @@ def test_make_loss_sums_parts_and_refuses_unknown_names():
     assert fn(x, y, m).item() == pytest.approx(bce(x, y, m).item() + msml(x, y, m).item(), rel=1e-6)
     with pytest.raises(ValueError, match="--loss 'hinge'"):
         make_loss("hinge", y, m)
+
+
+def test_weighted_bce_follows_the_logits_device():
+    """pos_weight is fitted on CPU; logits on another device (meta stands in for CUDA) must not fail."""
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    loss_fn, _ = make_loss("weighted_bce", targets, torch.ones_like(targets))
+    logits = torch.zeros(3, 2, device="meta")
+    assert loss_fn(logits, targets.to("meta"), torch.ones(3, 2, device="meta")).device.type == "meta"

@@ -7,10 +7,10 @@ import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from common.labels import CHEXPERT_LABELS
-from heads.data import finding_flags
-from heads.metrics import (at_thresholds, choose_thresholds, d_auc, evaluate, fast_auroc, n_auc, per_class_auroc,
+from common.targets import finding_flags
+from common.metrics import (at_thresholds, choose_thresholds, d_auc, evaluate, fast_auroc, n_auc, per_class_auroc,
                            weighted_auc)
-from heads.rundir import jsonable
+from common.rundir import jsonable
 
 # Two classes A, B; scores per class. Worked by hand in the tests below.
 Y = np.array([[1, 0], [1, 1], [0, 1], [0, 1], [0, 0], [0, 0]], dtype=np.float32)

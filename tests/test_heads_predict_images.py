@@ -7,7 +7,8 @@ from PIL import Image
 
 from common.images import Preprocessing, load_image
 from common.inference import FeatureExtractor
-from heads import predict, rundir, train
+from heads import predict, train
+from heads.checkpoint import load_head
 from tests.heads_fixtures import synthetic_rows, write_store
 
 BACKBONE, DIM = "mobilenet_v3_large", 1280  # the registry's fastest backbone
@@ -40,7 +41,7 @@ def test_folder_predictions_equal_head_on_extracted_features(run):
     broken = got[got["image_id"] == "broken.png"].iloc[0]
     assert broken["error"] and np.isnan(broken["Atelectasis"])
 
-    head = rundir.load_head(out)
+    head = load_head(out)
     good = got[got["error"].isna()]
     extractor = FeatureExtractor(BACKBONE, None, 0, precision="fp32", threads=1)
     features = extractor(np.stack([load_image(str(folder / i), 224) for i in good["image_id"]]))

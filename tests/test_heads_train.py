@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from common.labels import CHEXPERT_COMPETITION, CHEXPERT_LABELS
-from heads import predict, report, rundir, train
+from common import report
+from heads import predict, train
+from heads.checkpoint import load_head
 from tests.heads_fixtures import synthetic_rows, synthetic_store, write_store
 
 # One thread: tiny matmuls on two threads slow to a crawl when other processes hold the cores.
@@ -64,7 +66,7 @@ def test_run_directory_describes_itself(signal_run, stores):
     assert metrics["history"][metrics["best_epoch"] - 1]["val_loss"] == min(h["val_loss"] for h in metrics["history"])
     text = (out / "report.md").read_text()
     assert "| Atelectasis |" in text and "Wang 2017" in text and "CheXNet" in text and "CheXpert paper" not in text
-    head = rundir.load_head(out)
+    head = load_head(out)
     assert head.inputs.width == 34 and head.label_names == metrics["label_names"] and head.stores[0]["path"] == str(stores["signal"])
 
 
@@ -73,7 +75,7 @@ def test_same_seed_gives_identical_heads(stores, tmp_path):
             "--head", "mlp3-dropout"]
     train.main([*args, "--out", str(tmp_path / "a")])
     train.main([*args, "--out", str(tmp_path / "b")])
-    a, b = rundir.load_head(tmp_path / "a"), rundir.load_head(tmp_path / "b")
+    a, b = load_head(tmp_path / "a"), load_head(tmp_path / "b")
     assert a.spec.dropout == 0.5
     for key, value in a.model.state_dict().items():
         assert torch.equal(value, b.model.state_dict()[key]), key
@@ -168,3 +170,35 @@ def test_report_rerenders_from_the_run_directory(signal_run):
     assert (out / "report.md").read_text() == before
     assert (out / "loss.png").is_file() and (out / "roc_test.png").is_file()
     report.render(out)  # and in-process
+
+
+def test_ground_truth_is_the_same_under_every_policy(tmp_path):
+    """The policy shapes the loss only: n_pos/n_neg and saved targets are the raw certain labels."""
+    rng = np.random.default_rng(5)
+    names = CHEXPERT_LABELS
+    splits = {s: synthetic_rows(n, 16, len(names), rng, signal=2.5, uncertain=0.2, prefix=s)
+              for s, n in {"train": 300, "val": 150, "test": 150}.items()}
+    store = write_store(tmp_path / "chexpert", splits, names, dataset="chexpert", backbone="densenet121")
+    raw = np.asarray(splits["test"]["labels"])
+    seen = {}
+    for policy in ("ignore", "zeros", "ones"):
+        out = tmp_path / policy
+        train.main(["--store", str(store), "--out", str(out), "--labels", "competition", "--policy", policy, *FAST])
+        per_class = json.loads((out / "metrics.json").read_text())["splits"]["test"]["per_class"]
+        seen[policy] = {n: (c["n_pos"], c["n_neg"]) for n, c in per_class.items()}
+        saved = pd.read_parquet(out / "predictions" / "test.parquet").set_index("image_id")
+        for name in CHEXPERT_COMPETITION:
+            col = raw[:, names.index(name)]
+            assert seen[policy][name] == (int((col == 1).sum()), int((col == 0).sum()))
+            by_id = dict(zip(splits["test"]["image_id"], col))
+            assert (saved[f"label:{name}"].to_numpy() == np.array([by_id[i] for i in saved.index])).all()
+            assert (saved[f"label:{name}"] == -1).any()  # the uncertain entries are kept as -1
+    assert seen["ignore"] == seen["zeros"] == seen["ones"]
+
+
+def test_a_first_epoch_that_diverges_is_refused(stores, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "run"), "--lr", "1e30", *FAST])
+    err = capsys.readouterr().err
+    assert "diverged in its first epoch" in err
+    assert not (tmp_path / "run" / "head.pt").exists()

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from common.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_image
+from tests.data_paths import NIH_IMAGES
 
-NIH_IMAGES = Path("/work/shared/data/nih/images")
 SIZE = 224
 
 pytestmark = pytest.mark.skipif(not NIH_IMAGES.is_dir(), reason=f"{NIH_IMAGES} not present")

@@ -13,7 +13,7 @@ from torch import nn
 
 from common.backbones import get_spec
 from common.bboxes import read_nih_bboxes
-from heads.localization import (
+from finetune.localization import (
     ALL_LABELS,
     IOBB_THRESHOLDS,
     IOU_THRESHOLDS,

@@ -108,3 +108,11 @@ def test_chexpert_bad_label_value_names_row_and_column(tmp_path):
     path.write_text("\n".join(lines))
     with pytest.raises(MetadataError, match=r"row 3: Edema = '2.0'"):
         read_chexpert(path)
+
+
+def test_chexpert_age_zero_is_unknown_and_counted(chexpert_raw):
+    meta = read_chexpert(CHEXPERT_CSV, frontal_only=False)
+    zeros = int((chexpert_raw["Age"] == 0).sum())
+    assert zeros > 0  # the real table has them
+    assert not (meta.table["age"] == 0).any()
+    assert meta.table["age"].isna().sum() == zeros and meta.counts["age_dropped"] == zeros

@@ -1,4 +1,4 @@
-"""A run directory and the files in it, written by heads.train and read by heads.report/predict.
+"""A run directory and the files in it, written by heads.train and jobs/finetune.py, read by the report and predict.
 
     <run>/config.json             resolved settings, command line, software versions, stores used
     <run>/head.pt                 the head: weights + everything needed to rebuild and feed it
@@ -11,26 +11,19 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from common.torch_files import load_versioned
-from heads.data import InputSpec
-from heads.models import HeadSpec, build_head
 
-CHECKPOINT = "head.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions"
 REPORT = "report.md"
-HEAD_FORMAT = "cxr-features/head"
-HEAD_FORMAT_VERSION = 1
 TARGET_PREFIX = "label:"
 
 
@@ -42,7 +35,7 @@ def prepare(out: str | Path, overwrite: bool) -> Path:
     """An empty run directory; replaces an old run only with overwrite, and never a non-run folder."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        if not ((out / CONFIG).exists() or (out / CHECKPOINT).exists()):
+        if not (out / CONFIG).exists():
             raise RunError(f"--out {out}: exists and is not a run directory; refusing to write into it")
         if not overwrite:
             raise RunError(f"--out {out}: a run is already here; pass --overwrite to replace it")
@@ -69,68 +62,17 @@ def jsonable(obj):
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    """Written to a temporary name, then renamed: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        raise RunError(f"{path}: not found; is {path.parent} a run directory written by heads.train?")
+        raise RunError(f"{path}: not found; is {path.parent} a run directory?")
     return json.loads(path.read_text())
-
-
-# --- checkpoint -----------------------------------------------------------------------------
-
-
-@dataclass
-class Head:
-    model: torch.nn.Module
-    spec: HeadSpec
-    inputs: InputSpec
-    label_names: list[str]
-    stores: list[dict]  # StoreInfo.describe() of each fused store, in fusion order
-    thresholds: np.ndarray
-    precision: str
-    policy: str
-    dataset: str
-
-
-def save_head(path: Path, model: torch.nn.Module, spec: HeadSpec, inputs: InputSpec, label_names: list[str],
-              stores: list[dict], thresholds: np.ndarray, precision: str, policy: str, dataset: str,
-              config: dict) -> None:
-    # Only tensors, numbers, strings, lists and dicts, so torch.load(weights_only=True) reads it.
-    torch.save(
-        {
-            "format": HEAD_FORMAT,
-            "format_version": HEAD_FORMAT_VERSION,
-            "head": spec.to_dict(),
-            "state_dict": model.state_dict(),
-            "inputs": inputs.to_dict(),
-            "label_names": list(label_names),
-            "stores": jsonable(stores),
-            "thresholds": [float(t) for t in thresholds],
-            "precision": precision,
-            "policy": policy,
-            "dataset": dataset,
-            "config": jsonable(config),
-        },
-        path,
-    )
-
-
-def load_head(run_or_file: str | Path) -> Head:
-    """A head from a run directory or a head.pt file, ready for inference (eval mode)."""
-    path = Path(run_or_file)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise RunError(f"--run {run_or_file}: no {CHECKPOINT} found")
-    obj = load_versioned(path, HEAD_FORMAT, HEAD_FORMAT_VERSION, RunError, "head checkpoint")
-    spec = HeadSpec.from_dict(obj["head"])
-    model = build_head(spec)
-    model.load_state_dict(obj["state_dict"])
-    model.eval()
-    return Head(model, spec, InputSpec.from_dict(obj["inputs"]), list(obj["label_names"]), list(obj["stores"]),
-                np.asarray(obj["thresholds"], dtype=float), obj["precision"], obj["policy"], obj["dataset"])
 
 
 # --- predictions ----------------------------------------------------------------------------

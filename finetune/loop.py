@@ -1,236 +1,34 @@
-"""Fine-tuning a registry model end to end on images: the function TorchDistributor runs.
+"""The training function TorchDistributor runs: `train(cfg)` fine-tunes a registry model on images.
 
-`train(cfg)` runs alone (no WORLD_SIZE in the environment) or as one rank of a data-parallel
-run (DistributedDataParallel; gloo on CPU, nccl on CUDA). Pure torch: no Spark here.
-
-The run directory `cfg.out` receives, from rank 0 only, each written atomically:
-
-    last.pt   every `checkpoint_every` steps and at each epoch end: weights, optimizer,
-              scheduler, epoch and step, history, every rank's RNG state. `train` resumes from
-              it when it is there: a killed run, started again, continues at the saved step.
-    best.pt   the weights of the best epoch so far by `best_metric` (no optimizer state).
-
-Both are fine-tune checkpoints (common/backbones.py documents the format; the extraction job
-takes either as --weights). Besides the format's keys they hold: input_size, epoch (last.pt:
-the epoch in progress, 1-based; best.pt: the best epoch), step (steps done in that epoch),
-global_step, history, identity (what a resumed run must match), config (the job's settings),
-train_state, and in last.pt only optimizer, scheduler, scaler, rng and world_size.
+It runs alone (no WORLD_SIZE in the environment) or as one rank of a data-parallel run
+(DistributedDataParallel; gloo on CPU, nccl on CUDA), resuming from last.pt when the run
+directory holds one (finetune/checkpoint.py). Pure torch: no Spark here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 
-from common.backbones import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, build_classifier, get_spec
-from common.distributed import Dist, setup
-from common.image_dataset import ImageDataset
+from common.backbones import build_classifier, get_spec
+from common.config import epoch_line
 from common.inference import autocast, resolve_precision
-from common.torch_files import load_versioned
-from heads.cli import epoch_line
-from heads.losses import make_loss
-from heads.metrics import fast_auroc, nanmean
-
-LAST = "last.pt"
-BEST = "best.pt"
-SCHEDULES = ("plateau", "step")
-BEST_METRICS = ("val_loss", "val_auc")
-
-
-def log(message: str) -> None:
-    print(f"[finetune] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class SplitImages:
-    """One split's images and their targets, rows aligned."""
-
-    ids: list[str]
-    paths: list[str]
-    targets: np.ndarray  # (n, K) float32 0/1
-    mask: np.ndarray  # (n, K) bool: False where a label is uncertain under U-Ignore
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def dataset(self, input_size: int, train: bool, seed: int = 0) -> ImageDataset:
-        return ImageDataset(self.paths, self.targets, self.mask, input_size, train, seed)
-
-
-@dataclass
-class FinetuneConfig:
-    out: str
-    backbone: str
-    label_names: list[str]
-    train: SplitImages
-    val: SplitImages
-    state_file: str | None = None  # starting weights (ImageNet file or checkpoint); None: random
-    init_seed: int = 0  # the new classifier, and the whole model without state_file
-    input_size: int = 224
-    freeze_backbone: bool = False
-    loss: str = "weighted_bce"
-    focal_gamma: float = 2.0
-    focal_alpha: float | None = None
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    batch_size: int = 16  # per process
-    epochs: int = 20
-    schedule: str = "plateau"  # 'plateau': ReduceLROnPlateau on val loss; 'step': x lr_factor every step_epochs
-    step_epochs: int = 10
-    lr_factor: float = 0.1
-    plateau_patience: int = 1
-    early_stop_patience: int = 3  # epochs without a better best_metric; <= 0 never stops early
-    best_metric: str = "val_loss"
-    seed: int = 0  # batch order and augmentation
-    precision: str = "auto"
-    device: str = "cpu"  # 'cpu' | 'cuda'
-    num_workers: int = 2  # DataLoader worker processes per training process
-    threads: int | None = None  # torch threads per process; default cores / processes on the node
-    checkpoint_every: int = 500  # steps; last.pt is also written at every epoch end
-    log_every: int = 50  # steps between progress lines within an epoch; 0: none
-    stop_after_steps: int | None = None  # stop (after writing last.pt) once this call has run this many
-    identity: dict = field(default_factory=dict)  # what a resumed run must match (see resume_point)
-    record: dict = field(default_factory=dict)  # the job's settings, stored in the checkpoints
-
-
-class FinetuneError(ValueError):
-    """A run that cannot start or resume; the message is one line."""
-
-
-class EpochSampler(Sampler[int]):
-    """This rank's share of epoch `epoch`'s seeded permutation, from step `start_step` on.
-
-    As DistributedSampler: the permutation depends on (seed, epoch) only and is padded, by
-    repeating its start, to a multiple of the world size, so that every rank runs the same number
-    of steps (DDP needs that); rank r takes positions r, r + W, r + 2W, ...
-    """
-
-    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0):
-        if n < 1:
-            raise ValueError("no images to sample from")
-        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
-        self.epoch, self.start_step = 1, 0
-
-    @property
-    def per_rank(self) -> int:
-        return math.ceil(self.n / self.world)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.per_rank / self.batch_size)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def indices(self) -> np.ndarray:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        order = np.resize(order, self.per_rank * self.world)  # wraps round: the padding
-        return order[self.rank::self.world][self.start_step * self.batch_size:]
-
-    def __iter__(self):
-        return iter(self.indices().tolist())
-
-    def __len__(self) -> int:
-        return max(0, self.per_rank - self.start_step * self.batch_size)
-
-
-@dataclass
-class TrainState:
-    """Where training is; saved in last.pt and restored on resume."""
-
-    epoch: int = 1  # the epoch in progress, 1-based
-    step: int = 0  # steps done in it
-    global_step: int = 0
-    loss_sum: float = 0.0  # this epoch so far, summed over ranks at each checkpoint
-    loss_count: float = 0.0
-    history: list = field(default_factory=list)
-    best_epoch: int = 0
-    best_value: float = math.inf  # best_metric as a loss: val_loss, or -val_auc
-    best_val_loss: float = math.nan
-    best_val_auc: float = math.nan
-    bad_epochs: int = 0
-    stopped: str | None = None  # set once training is over: 'epochs' | 'early_stop' | 'diverged'
-    seconds: float = 0.0  # training time over all runs
-    unreadable: list = field(default_factory=list)  # paths that failed to decode
-
-
-def _cpu_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def state_sha256(state: dict) -> str:
-    """Digest of a state dict (every parameter and buffer), to check that data-parallel replicas agree."""
-    digest = hashlib.sha256()
-    for key, value in sorted(state.items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a kill never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def checkpoint(model: torch.nn.Module, cfg: FinetuneConfig, state: TrainState, epoch: int, **extra) -> dict:
-    """A fine-tune checkpoint of `model` (unwrapped: no 'module.' prefix), loadable with weights_only."""
-    return {
-        "format": FINETUNE_FORMAT,
-        "format_version": FINETUNE_FORMAT_VERSION,
-        "backbone": cfg.backbone,
-        "model_state": _cpu_state(model),
-        "label_names": list(cfg.label_names),
-        "input_size": cfg.input_size,
-        "epoch": epoch,
-        "step": state.step,
-        "global_step": state.global_step,
-        "history": list(state.history),
-        "identity": dict(cfg.identity),
-        "config": dict(cfg.record),
-        "train_state": asdict(state),
-        **extra,
-    }
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A fine-tune checkpoint's dict, checked for format; one-line WeightsError otherwise."""
-    return load_versioned(path, FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, "fine-tune checkpoint")
-
-
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The fine-tuned model of a checkpoint, with its head, in eval mode on `device`."""
-    obj = read_checkpoint(path)
-    model = build_classifier(obj["backbone"], None, 0, len(obj["label_names"]))
-    model.load_state_dict(obj["model_state"])
-    return model.to(device).eval(), obj
-
-
-def resume_point(out: str | Path, identity: dict) -> dict | None:
-    """The saved position of an interrupted run in `out`, after checking it is this run; None if none."""
-    path = Path(out) / LAST
-    if not path.is_file():
-        return None
-    obj = read_checkpoint(path)
-    saved = obj.get("identity", {})
-    differ = [f"{k} ({saved.get(k)!r} then, {identity.get(k)!r} now)" for k in sorted(set(saved) | set(identity))
-              if saved.get(k) != identity.get(k)]
-    if differ:
-        raise FinetuneError(f"--out {out}: holds an interrupted run with other settings: {'; '.join(differ)[:300]}; "
-                            "rerun with those, or pass --overwrite to start over")
-    return {"epoch": obj["epoch"], "step": obj["step"], "global_step": obj["global_step"]}
+from common.losses import make_loss
+from common.metrics import fast_auroc, nanmean
+from common.torch_files import save_atomic
+from finetune.checkpoint import TrainState, checkpoint, read_checkpoint, state_sha256
+from finetune.config import BEST, LAST, SCHEDULES, FinetuneConfig, FinetuneError, log
+from finetune.dataset import ImageDataset
+from finetune.distributed import Dist, setup
+from finetune.sampler import EpochSampler
 
 
 def predict(model: torch.nn.Module, dataset, batch_size: int, device: torch.device, precision: str,

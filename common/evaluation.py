@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from heads import rundir
-from heads.metrics import choose_thresholds, evaluate
+from common import rundir
+from common.metrics import choose_thresholds, evaluate
 
 
 @dataclass

@@ -26,6 +26,8 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def bce(logits, targets, mask, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy averaged over the valid entries; pos_weight (per label) scales positives."""
+    if pos_weight is not None:
+        pos_weight = pos_weight.to(logits.device)  # fitted on CPU; the logits may be on CUDA
     per = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
     return _masked_mean(per, mask)
 

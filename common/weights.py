@@ -1,0 +1,213 @@
+"""Weights: a --weights value -> a local file (or a seed), and checkpoint files -> state dicts.
+
+Weights are named by a string (the job's --weights flag), resolved once on the driver by
+`resolve_weights` into a `WeightsSource` (a local file, or a seed), and loaded on every worker
+by `build_extractor`. Nothing here downloads unless asked to: a machine without internet gets
+a one-line error saying which file to put where.
+
+Fine-tune checkpoint format
+---------------------------
+A fine-tune job writes, with torch.save, a dict:
+
+    {
+        "format": FINETUNE_FORMAT,                  # "cxr-features/finetune"
+        "format_version": FINETUNE_FORMAT_VERSION,  # 1
+        "backbone": "<registry name>",               # e.g. "densenet121"
+        "model_state": model.state_dict(),          # the full torchvision model
+        "label_names": [...],                        # order of the N outputs
+        ...                                          # anything else: epoch, metrics, config
+    }
+
+`model` is `get_spec(name).build_model(random_init=...)` with its final layer (the spec's
+`classifier` path) replaced by an N-way head (a Linear, or any module under that path):
+`build_classifier(name, None, seed, N)` builds it, and `load_state_dict(model_state)` fits.
+Keys under that path, and under `aux_classifier` for inception_v3, are dropped when the
+checkpoint is loaded for extraction; every other key must match the registry's model in
+name and shape. Everything in the dict must load with torch.load(weights_only=True):
+tensors, numbers, strings, lists and dicts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from common.backbones import get_spec
+
+FINETUNE_FORMAT = "cxr-features/finetune"
+FINETUNE_FORMAT_VERSION = 1
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be found or loaded; the message is one line."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    kind: str  # 'imagenet' | 'checkpoint' | 'random'
+    path: str | None  # absolute local file to load; None for random
+    seed: int  # the init seed for random; 0 otherwise
+    label: str  # for the manifest: imagenet:<ENUM>, checkpoint:/abs/path, random:<seed>
+    sha256: str | None
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def imagenet_cache_path(weights: WeightsEnum) -> str:
+    """Where torch.hub (and so torchvision) caches this weights file; honours $TORCH_HOME."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def resolve_weights(backbone: str, weights: str, download: bool = False) -> WeightsSource:
+    """Turn a --weights value into a local file (or a seed), checking it exists.
+
+    Accepted: 'imagenet' (the backbone's default torchvision weights), 'imagenet:<ENUM_NAME>',
+    'random' or 'random:<seed>' (seed 0 by default), or the path of a checkpoint file.
+    """
+    spec = get_spec(backbone)
+    if weights == "random" or weights.startswith("random:"):
+        text = weights.partition(":")[2] or "0"
+        if not (text.isascii() and text.isdigit()):
+            raise WeightsError(f"--weights {weights!r}: the seed after 'random:' must be a non-negative integer")
+        seed = int(text)
+        return WeightsSource("random", None, seed, f"random:{seed}", None)
+
+    if weights == "imagenet" or weights.startswith("imagenet:"):
+        enum_cls = type(spec.default_weights)
+        name = weights.partition(":")[2]
+        if not name:
+            enum = spec.default_weights
+        elif name in enum_cls.__members__:
+            # DEFAULT is an alias: .name gives the canonical member, which is what the label records.
+            enum = enum_cls[name]
+        else:
+            raise WeightsError(
+                f"--weights {weights!r}: {enum_cls.__name__} has no {name!r}; choose from {', '.join(enum_cls.__members__)}"
+            )
+        path = imagenet_cache_path(enum)
+        if not os.path.isfile(path):
+            if not download:
+                file = os.path.basename(path)
+                raise WeightsError(
+                    f"ImageNet weights for {backbone} ({enum}) are not in the cache: put {file} (from {enum.url}) "
+                    f"into {os.path.dirname(path)}/ (set $TORCH_HOME to use another cache), "
+                    f"pass --download-weights on a machine with internet, or pass a checkpoint path"
+                )
+            # Downloads into exactly `path` (torch.hub's cache) and checks the hash in the file name.
+            enum.get_state_dict(progress=True, check_hash=True)
+        return WeightsSource("imagenet", path, 0, f"imagenet:{enum.name}", file_sha256(path))
+
+    path = os.path.abspath(os.path.expanduser(weights))
+    if not os.path.isfile(path):
+        raise WeightsError(
+            f"--weights {weights!r}: no checkpoint file at {path} "
+            f"(accepted: imagenet, imagenet:<ENUM>, random, random:<seed>, or a checkpoint path)"
+        )
+    return WeightsSource("checkpoint", path, 0, f"checkpoint:{path}", file_sha256(path))
+
+
+# torchvision's DenseNet checkpoints keep pre-0.4 key names ('norm.1' for 'norm1'); torchvision
+# renames them with this pattern when it loads its own weights, so we do the same.
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _unwrap_state_dict(obj: Any, path: str, backbone: str) -> dict[str, torch.Tensor]:
+    """The model state dict inside a checkpoint of any accepted format."""
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    if "format" in obj:
+        if obj["format"] != FINETUNE_FORMAT or obj.get("format_version") != FINETUNE_FORMAT_VERSION:
+            raise WeightsError(
+                f"{path}: checkpoint format {obj['format']!r} version {obj.get('format_version')!r} is not "
+                f"{FINETUNE_FORMAT!r} version {FINETUNE_FORMAT_VERSION}"
+            )
+        if obj.get("backbone") != backbone:
+            raise WeightsError(f"{path}: fine-tuned checkpoint is for backbone {obj.get('backbone')!r}, not {backbone!r}")
+        state = obj.get("model_state")
+    elif isinstance(obj.get("state_dict"), dict):
+        state = obj["state_dict"]
+    elif isinstance(obj.get("model"), dict):
+        state = obj["model"]
+    else:
+        state = obj
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: no state dict of tensors found (plain, 'state_dict', 'model' or fine-tune format)")
+    # DataParallel / DistributedDataParallel save every key under 'module.'.
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict for the extractor: classifier (and aux head) keys dropped."""
+    spec = get_spec(backbone)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors are many-lined and of many classes
+        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
+    state = _unwrap_state_dict(obj, path, backbone)
+    drop = tuple(f"{p}." for p in (spec.classifier, spec.aux_classifier) if p)
+    out = {}
+    for key, value in state.items():
+        if key.startswith(drop):
+            continue
+        if backbone == "densenet121" and (m := _DENSENET_OLD_KEY.match(key)):
+            key = m.group(1) + m.group(2)
+        out[key] = value
+    return out
+
+
+def checkpoint_input_size(path: str) -> int | None:
+    """The input size a fine-tune checkpoint was trained at; None for other checkpoints.
+
+    Read on the driver before any work starts, so an unreadable file fails there, in one line.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # unpickling errors are many-lined and of many classes
+        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
+    if isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT and isinstance(obj.get("input_size"), int):
+        return obj["input_size"]
+    return None
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """One-line error naming the first few keys that do not fit, before load_state_dict's long one."""
+    expected = model.state_dict()
+    # BatchNorm counters do not affect eval, and old checkpoints lack them; load_state_dict fills them.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = [
+        f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+        if keys
+    ]
+    if problems:
+        raise WeightsError(f"{path}: does not fit the model: {'; '.join(problems)}")
+
+

@@ -1,0 +1,110 @@
+"""Fine-tune checkpoints: where a run is (TrainState), writing last.pt / best.pt, reading them back.
+
+The run directory `cfg.out` receives, from rank 0 only, each written atomically:
+
+    last.pt   every `checkpoint_every` steps and at each epoch end: weights, optimizer,
+              scheduler, epoch and step, history, every rank's RNG state. `train` resumes from
+              it when it is there: a killed run, started again, continues at the saved step.
+    best.pt   the weights of the best epoch so far by `best_metric` (no optimizer state).
+
+Both are fine-tune checkpoints (common/backbones.py documents the format; the extraction job
+takes either as --weights). Besides the format's keys they hold: input_size, epoch (last.pt:
+the epoch in progress, 1-based; best.pt: the best epoch), step (steps done in that epoch),
+global_step, history, identity (what a resumed run must match), config (the job's settings),
+train_state, and in last.pt only optimizer, scheduler, scaler, rng and world_size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.backbones import build_classifier
+from common.torch_files import load_versioned
+from common.weights import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError
+from finetune.config import LAST, FinetuneConfig, FinetuneError
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in last.pt and restored on resume."""
+
+    epoch: int = 1  # the epoch in progress, 1-based
+    step: int = 0  # steps done in it
+    global_step: int = 0
+    loss_sum: float = 0.0  # this epoch so far, summed over ranks at each checkpoint
+    loss_count: float = 0.0
+    history: list = field(default_factory=list)
+    best_epoch: int = 0
+    best_value: float = math.inf  # best_metric as a loss: val_loss, or -val_auc
+    best_val_loss: float = math.nan
+    best_val_auc: float = math.nan
+    bad_epochs: int = 0
+    stopped: str | None = None  # set once training is over: 'epochs' | 'early_stop' | 'diverged'
+    seconds: float = 0.0  # training time over all runs
+    unreadable: list = field(default_factory=list)  # paths that failed to decode
+
+
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def state_sha256(state: dict) -> str:
+    """Digest of a state dict (every parameter and buffer), to check that data-parallel replicas agree."""
+    digest = hashlib.sha256()
+    for key, value in sorted(state.items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint(model: torch.nn.Module, cfg: FinetuneConfig, state: TrainState, epoch: int, **extra) -> dict:
+    """A fine-tune checkpoint of `model` (unwrapped: no 'module.' prefix), loadable with weights_only."""
+    return {
+        "format": FINETUNE_FORMAT,
+        "format_version": FINETUNE_FORMAT_VERSION,
+        "backbone": cfg.backbone,
+        "model_state": _cpu_state(model),
+        "label_names": list(cfg.label_names),
+        "input_size": cfg.input_size,
+        "epoch": epoch,
+        "step": state.step,
+        "global_step": state.global_step,
+        "history": list(state.history),
+        "identity": dict(cfg.identity),
+        "config": dict(cfg.record),
+        "train_state": asdict(state),
+        **extra,
+    }
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A fine-tune checkpoint's dict, checked for format; one-line WeightsError otherwise."""
+    return load_versioned(path, FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, "fine-tune checkpoint")
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The fine-tuned model of a checkpoint, with its head, in eval mode on `device`."""
+    obj = read_checkpoint(path)
+    model = build_classifier(obj["backbone"], None, 0, len(obj["label_names"]))
+    model.load_state_dict(obj["model_state"])
+    return model.to(device).eval(), obj
+
+
+def resume_point(out: str | Path, identity: dict) -> dict | None:
+    """The saved position of an interrupted run in `out`, after checking it is this run; None if none."""
+    path = Path(out) / LAST
+    if not path.is_file():
+        return None
+    obj = read_checkpoint(path)
+    saved = obj.get("identity", {})
+    differ = [f"{k} ({saved.get(k)!r} then, {identity.get(k)!r} now)" for k in sorted(set(saved) | set(identity))
+              if saved.get(k) != identity.get(k)]
+    if differ:
+        raise FinetuneError(f"--out {out}: holds an interrupted run with other settings: {'; '.join(differ)[:300]}; "
+                            "rerun with those, or pass --overwrite to start over")
+    return {"epoch": obj["epoch"], "step": obj["step"], "global_step": obj["global_step"]}
