@@ -154,6 +154,3 @@ def _refuse_duplicate_ids(table: pd.DataFrame, path: Path) -> None:
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0])
         raise MetadataError(f"{path}: row {row + 2}: image {table['image_id'].iloc[row]!r} appears twice")
-
-
-READERS = {"nih": read_nih, "chexpert": read_chexpert}
