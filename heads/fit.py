@@ -82,13 +82,18 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, precision: str, chun
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _val_auc(y: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> float:
-    return nanmean(fast_auroc(y.numpy(), logits.numpy(), mask.numpy().astype(bool)))
+def _val_auc(y: np.ndarray, mask: np.ndarray, logits: torch.Tensor) -> float:
+    return nanmean(fast_auroc(y, logits.numpy(), mask))
 
 
 def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitConfig,
-        log: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, FitResult]:
-    """Train a head from seed `cfg.seed`; returns it with the best (lowest val loss) weights loaded."""
+        log: Callable[[str], None] | None = None,
+        val_truth: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.nn.Module, FitResult]:
+    """Train a head from seed `cfg.seed`; returns it with the best (lowest val loss) weights loaded.
+
+    The val loss (early stopping) uses `val`'s policy targets; the val AUROC uses `val_truth`, the
+    raw (y, mask) of common.targets.eval_targets, when given, so it does not move with the policy."""
+    truth = val_truth if val_truth is not None else (val.y.numpy(), val.mask.numpy().astype(bool))
     log = log if log is not None else log_stderr
     # Adam's moment estimates (squares of tiny gradients) fall into denormal floats, which x86
     # handles very slowly: measured here, an NIH-size epoch went from ~1 s to 10-30 s without this.
@@ -122,7 +127,7 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
         with torch.no_grad():
             val_loss = float(loss_fn(val_logits, val.y, val.mask))
         row = {"epoch": epoch, "train_loss": float(total) / n, "val_loss": val_loss,
-               "val_auc": _val_auc(val.y, val.mask, val_logits), "lr": opt.param_groups[0]["lr"]}
+               "val_auc": _val_auc(*truth, val_logits), "lr": opt.param_groups[0]["lr"]}
         plateau.step(val_loss)
         row["seconds"] = time.perf_counter() - t0
         result.history.append(row)

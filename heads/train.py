@@ -149,7 +149,8 @@ def train_grid(s: dict, data: Prepared, spec: HeadSpec, loss_fn, precision: str)
         cfg = FitConfig(lr=lr, weight_decay=wd, betas=tuple(s["betas"]), batch_size=s["batch_size"],
                         epochs=s["epochs"], plateau_patience=s["plateau_patience"], plateau_factor=s["plateau_factor"],
                         early_stop_patience=s["early_stop_patience"], seed=s["seed"], precision=precision)
-        model, result = fit(spec, data.tensors["train"], data.tensors["val"], loss_fn, cfg, log=quiet)
+        model, result = fit(spec, data.tensors["train"], data.tensors["val"], loss_fn, cfg, log=quiet,
+                            val_truth=data.truth["val"])
         cell = {"lr": lr, "weight_decay": wd, "best_epoch": result.best_epoch, "val_loss": result.best_val_loss,
                 "val_auc": result.best_val_auc, "epochs_run": len(result.history), "stopped": result.stopped,
                 "seconds": round(result.seconds, 2)}
