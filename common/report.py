@@ -88,11 +88,7 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
                   m["at_0.5"]["f1"], tuned.get("f1"), tuned.get("threshold")]
         values += [b.auroc.get(name) for b in baselines]
         columns.append(values)
-        cells = [name] + [_f(v) for v in values]
-        for j, b in enumerate(baselines):
-            if name in b.note and b.auroc.get(name) is not None:
-                cells[-len(baselines) + j] += f" ({b.note[name]})"
-        rows.append(cells)
+        rows.append([name] + [_f(v) for v in values])
     means = ["**mean**", ""] + [_f(_nanmean(col)) for col in list(zip(*columns))[1:]] if columns else []
     return header, rows + ([means] if means else [])
 
@@ -176,7 +172,7 @@ def render(run: str | Path) -> Path:
     names, splits = metrics["label_names"], metrics["splits"]
     title, run_lines = RUN_KINDS[config.get("kind", "head")]
     headline = "test" if "test" in splits else "val"
-    baselines = [b for b in for_dataset(config.get("dataset", "")) if any(n in b.auroc for n in names)]
+    baselines = [b for b in for_dataset(config.get("dataset", ""), config.get("settings", {}).get("policy")) if any(n in b.auroc for n in names)]
 
     if metrics["history"]:
         plot_loss(metrics["history"], run / "loss.png")

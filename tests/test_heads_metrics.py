@@ -117,3 +117,15 @@ def test_thresholds_maximize_f1_and_threshold_metrics_match_sklearn():
 def test_threshold_without_positives_falls_back_to_half():
     thr, notes = choose_thresholds(np.zeros((4, 1)), np.random.default_rng(0).random((4, 1)), names=["A"])
     assert thr[0] == 0.5 and "A: no positives" in notes[0]
+
+
+def test_chexpert_baseline_is_the_row_of_the_runs_policy():
+    from common.baselines import for_dataset
+
+    assert [b.title for b in for_dataset("nih", "ignore")] == ["Wang 2017", "CheXNet"]
+    (ignore,) = for_dataset("chexpert", "ignore")
+    (ones,) = for_dataset("chexpert", "ones")
+    assert ignore.title == "CheXpert paper U-Ignore" and ignore.auroc["Atelectasis"] == 0.818
+    assert ones.auroc["Atelectasis"] == 0.858 and ones.auroc["Consolidation"] == 0.899
+    assert for_dataset("chexpert", "zeros")[0].auroc["Cardiomegaly"] == 0.840
+    assert for_dataset("chexpert", None) == []

@@ -134,7 +134,8 @@ def test_chexpert_policies_subset_and_nan_class(tmp_path):
     assert metrics["splits"]["val"]["per_class"]["Edema"]["auroc"] is None
     assert any("Edema: no positives" in n for n in metrics["notes"])
     text = (out / "report.md").read_text()
-    assert "CheXpert paper" in text and "0.941 (U-Ones)" in text and "Wang 2017" not in text
+    assert "CheXpert paper U-Ones" in text and "| 0.941 |" in text and "Wang 2017" not in text
+    assert "U-MultiClass" not in text  # the row of the run's own policy only
 
 
 def test_predict_from_store_matches_the_run(signal_run, stores, tmp_path):
