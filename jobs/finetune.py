@@ -138,7 +138,7 @@ def get_spark(device: str):
     return builder.getOrCreate()
 
 
-def launcher(args: argparse.Namespace, device: str):
+def launcher(args: argparse.Namespace):
     """How training starts: this process for one, Spark's TorchDistributor for several."""
     if args.num_processes == 1:
         return lambda train, cfg: train(cfg)
@@ -147,7 +147,7 @@ def launcher(args: argparse.Namespace, device: str):
         from pyspark.ml.torch.distributor import TorchDistributor
 
         return TorchDistributor(num_processes=args.num_processes, local_mode=args.local_mode,
-                                use_gpu=device == "cuda").run(train, cfg)
+                                use_gpu=cfg.device == "cuda").run(train, cfg)
 
     return distribute
 
@@ -159,15 +159,13 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     args = parse_with_config(build_parser(), argv, "finetune")
     check_settings(args)
     command = shlex.join(sys.argv if argv is None else ["jobs/finetune.py", *argv])
-    chosen = {}
 
     def device() -> str:
         if spark is None and args.num_processes > 1:  # TorchDistributor runs on the active session
             get_spark("cuda" if args.local_mode and args.device != "cpu" and torch.cuda.is_available() else "cpu")
-        chosen["device"] = resolve_device(args)
-        return chosen["device"]
+        return resolve_device(args)
 
-    return run(args, command, device, lambda train, cfg: launcher(args, chosen["device"])(train, cfg))
+    return run(args, command, device, launcher(args))
 
 
 def cli() -> None:
