@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.backbones import get_spec  # noqa: E402
-from common.images import load_image  # noqa: E402
+from common.data_config import DataConfig  # noqa: E402
 from common.inference import FeatureExtractor  # noqa: E402
 
 NIH = REPO.parent / "shared" / "data" / "nih"
@@ -36,7 +36,7 @@ NIH = REPO.parent / "shared" / "data" / "nih"
 def decode_ms(paths: list[str], size: int) -> float:
     start = time.perf_counter()
     for p in paths:
-        load_image(p, size)
+        DataConfig(size).load(p)
     return 1000 * (time.perf_counter() - start) / len(paths)
 
 
@@ -54,7 +54,7 @@ def plain_loop(extractor: FeatureExtractor, paths: list[str], size: int, batch: 
     """What a user would write without Spark: decode a batch, embed it, repeat."""
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
-        extractor(np.stack([load_image(p, size) for p in paths[i:i + batch]]))
+        extractor(np.stack([extractor.data_config.load(p) for p in paths[i:i + batch]]))
     return len(paths) / (time.perf_counter() - start)
 
 

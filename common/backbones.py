@@ -18,7 +18,8 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models import WeightsEnum
 
-from common.images import Preprocessing
+from common.data_config import DataConfig
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -45,8 +46,9 @@ class BackboneSpec:
         return self.constructor(weights=None, **kwargs)
 
     @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.input_size)
+    def data_config(self) -> DataConfig:
+        """The default input of this backbone (a checkpoint records its own)."""
+        return DataConfig(self.input_size)
 
 
 # aux_logits=True so ImageNet state dicts (which have AuxLogits) load; transform_input=True as

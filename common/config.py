@@ -28,22 +28,65 @@ def load_section(path: str | Path, section: str) -> dict:
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, section: str) -> argparse.Namespace:
     """Parse flags, letting a `--config FILE` supply defaults that explicit flags override.
 
-    Config keys are flag names with dashes or underscores (`chunk-size` or `chunk_size`); an
-    unknown key is an error naming the file and the key, so a typo never passes silently.
+    Config keys are flag names with dashes or underscores (`chunk-size` or `chunk_size`). Each
+    value goes through the same parser as the flag (its type, choices and number of values), so a
+    file is held to what the command line is; a bad value or an unknown key is a one-line
+    ConfigError naming the file, the table and the key. On/off flags take true or false; a list
+    for a one-value flag is its comma-separated form (`hidden = [128, 32]` is `--hidden 128,32`).
     Paths in the file are relative to the directory the job is started from.
     """
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "config", None):
         values = load_section(first.config, section)
-        known = {a.dest for a in parser._actions}
+        flags = {s: a for a in parser._actions for s in a.option_strings
+                 if a.dest not in ("config", argparse.SUPPRESS)}
         settings = {}
         for key, value in values.items():
-            dest = key.replace("-", "_")
-            if dest not in known or dest == "config":
-                raise ConfigError(f"{first.config}: unknown setting {key!r} in [{section}]")
-            settings[dest] = value
+            where, flag = f"{first.config} [{section}] {key}", "--" + key.replace("_", "-")
+            action = flags.get(flag)
+            if action is None:
+                raise ConfigError(f"{where}: unknown setting (not a flag of this job)")
+            tokens = _flag_tokens(flag, action, value, where)
+            if tokens:
+                settings[action.dest] = _parse_tokens(parser, action, tokens, where)
         parser.set_defaults(**settings)
     return parser.parse_args(argv)
+
+
+def _flag_tokens(flag: str, action: argparse.Action, value, where: str) -> list[str]:
+    """The command-line words that give `flag` the config file's `value`."""
+    if action.nargs == 0:  # an on/off flag
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        if value:
+            return [flag]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return ["--" + flag[5:] if flag.startswith("--no-") else "--no-" + flag[2:]]
+        return []  # off: the flag's default
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool):
+            raise ConfigError(f"{where}: expected a value, got {str(item).lower()} (true/false is for on/off flags)")
+        if isinstance(item, (dict, list)):
+            raise ConfigError(f"{where}: expected a value or a list of values, got {item!r}")
+    words = [str(v) for v in items]
+    if action.nargs is None or action.nargs == "?":
+        return [f"{flag}={','.join(words)}"]  # '=': a value starting with '-' is not read as a flag
+    return [flag, *words]
+
+
+def _parse_tokens(parser: argparse.ArgumentParser, action: argparse.Action, tokens: list[str], where: str):
+    """`action`'s value parsed from `tokens` by `parser`, its errors raised rather than exiting."""
+    exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+    try:
+        parsed, rest = parser.parse_known_args(tokens, argparse.Namespace())
+    except argparse.ArgumentError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    finally:
+        parser.exit_on_error = exit_on_error
+    if rest:
+        raise ConfigError(f"{where}: {' '.join(rest)!r} is not a value this flag takes")
+    return getattr(parsed, action.dest)
 
 
 def require(args: argparse.Namespace, *flags: str) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from common import rundir
-from common.metrics import choose_thresholds, evaluate
+from common.bootstrap import BOOTSTRAP_DRAWS
+from common.metrics import choose_thresholds, evaluate, nanmean, per_class_auroc, study_level
 
 
 @dataclass
@@ -23,11 +24,27 @@ class SplitScores:
     mask: np.ndarray  # (n, labels) bool
     has_disease: np.ndarray  # (n,) bool, over all the dataset's disease labels (heads.data.finding_flags)
     no_finding: np.ndarray
+    patient_id: np.ndarray | None = None  # (n,): the AUROC bootstrap's unit; None resamples images
+    study_id: np.ndarray | None = None  # (n,): where a dataset has studies (CheXpert), also scored per study
 
 
-def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out: Path
-                    ) -> tuple[dict, np.ndarray, list[str]]:
-    """Thresholds chosen on val, every metric on val and test, and their predictions files."""
+STUDY_RULE = "a study's score is the highest probability over its images; its label the one its images share"
+
+
+def study_metrics(s: SplitScores, label_names: list[str]) -> dict:
+    """AUROC per class over studies instead of images (the CheXpert paper's evaluation)."""
+    y, probs, mask, disagree = study_level(s.study_id, s.y, s.probs, s.mask)
+    auc, _ = per_class_auroc(y, probs, mask, label_names)
+    per_class = {name: {"auroc": auc[c], "n_pos": int(((y[:, c] == 1) & mask[:, c]).sum()),
+                        "n_neg": int(((y[:, c] == 0) & mask[:, c]).sum())} for c, name in enumerate(label_names)}
+    return {"studies": len(y), "rule": STUDY_RULE, "label_disagreements": disagree, "mean_auc": nanmean(auc),
+            "per_class": per_class}
+
+
+def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out: Path,
+                    bootstrap_draws: int = BOOTSTRAP_DRAWS) -> tuple[dict, np.ndarray, list[str]]:
+    """Thresholds chosen on val, every metric on val and test (AUROC intervals by patient unless
+    bootstrap_draws is 0), and their predictions files."""
     val = scores["val"]
     thresholds, notes = choose_thresholds(val.y, val.probs, val.mask, label_names)
     splits = {}
@@ -35,8 +52,11 @@ def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out:
         if name not in scores:
             continue
         s = scores[name]
-        splits[name] = evaluate(s.y, s.probs, s.mask, label_names, s.has_disease, s.no_finding, thresholds)
+        splits[name] = evaluate(s.y, s.probs, s.mask, label_names, s.has_disease, s.no_finding, thresholds,
+                                s.patient_id, bootstrap_draws)
         splits[name]["notes"] = [f"{name}: {n}" for n in splits[name]["notes"]]
+        if s.study_id is not None:
+            splits[name]["study_level"] = study_metrics(s, label_names)
         frame = rundir.predictions_frame(s.image_id, s.probs, label_names, s.y, s.mask, s.has_disease, s.no_finding)
         rundir.write_table(frame, out / rundir.PREDICTIONS / f"{name}.parquet")
     return splits, thresholds, [f"thresholds: {n}" for n in notes]

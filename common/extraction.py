@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from common.images import load_image
+from common.data_config import DataConfig
 from common.inference import FeatureExtractor
 
 # Columns the task receives, and what it returns: the store's row columns + split + path + error.
@@ -27,29 +27,30 @@ _EXTRACTORS: dict[tuple, FeatureExtractor] = {}
 
 
 def cached_extractor(backbone: str, state_file: str | None, seed: int, device: str, precision: str,
-                     threads: int, input_size: int) -> FeatureExtractor:
+                     threads: int, data_config: DataConfig) -> FeatureExtractor:
     """One model per Python worker process: Spark reuses workers, so later tasks skip the build."""
-    key = (backbone, state_file, seed, device, precision, threads, input_size)
+    key = (backbone, state_file, seed, device, precision, threads, data_config)
     if key not in _EXTRACTORS:
         _EXTRACTORS.clear()  # a worker serves one job's settings; free the old model first
         _EXTRACTORS[key] = FeatureExtractor(backbone, state_file, seed, device=device, precision=precision,
-                                            threads=threads, input_size=input_size)
+                                            threads=threads, data_config=data_config)
     return _EXTRACTORS[key]
 
 
-def _decode(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+def decode(load: Callable[[str], np.ndarray], path: str) -> tuple[np.ndarray | None, str | None]:
+    """(image, None), or (None, a one-line error) for a file `load` cannot read."""
     try:
-        return load_image(path, size), None
+        return load(path), None
     except Exception as exc:  # any decoder failure is data, recorded per image
         message = " ".join(str(exc).split())
         return None, f"{type(exc).__name__}: {message}"[:500]
 
 
-def extract_frame(rows: pd.DataFrame, extractor: Callable[[np.ndarray], np.ndarray], size: int,
-                  pool: ThreadPoolExecutor | None = None) -> pd.DataFrame:
+def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadPoolExecutor | None = None) -> pd.DataFrame:
     """Decode and embed one batch of rows; failed images get `error` and null features."""
     paths = rows["path"].tolist()
-    decoded = list(pool.map(_decode, paths, [size] * len(paths)) if pool else map(_decode, paths, [size] * len(paths)))
+    loads = [extractor.data_config.load] * len(paths)
+    decoded = list(pool.map(decode, loads, paths) if pool else map(decode, loads, paths))
     ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
     features: list = [None] * len(rows)
     if ok:
@@ -62,15 +63,14 @@ def extract_frame(rows: pd.DataFrame, extractor: Callable[[np.ndarray], np.ndarr
     return out[list(OUTPUT_COLUMNS)]
 
 
-def iter_extract(frames: Iterable[pd.DataFrame], extractor: Callable[[np.ndarray], np.ndarray], size: int,
-                 batch_size: int, decode_threads: int = 1,
+def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, batch_size: int, decode_threads: int = 1,
                  on_batch: Callable[[int, int], None] | None = None) -> Iterator[pd.DataFrame]:
     """Re-batch Arrow batches of any size into model batches of `batch_size` rows."""
     pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
     try:
         for frame in frames:
             for start in range(0, len(frame), batch_size):
-                out = extract_frame(frame.iloc[start:start + batch_size], extractor, size, pool)
+                out = extract_frame(frame.iloc[start:start + batch_size], extractor, pool)
                 if on_batch:
                     n_errors = int(out["error"].notna().sum())
                     on_batch(len(out) - n_errors, n_errors)

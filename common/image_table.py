@@ -42,6 +42,41 @@ def _official_lists(metadata: Path, train_val_list, test_list) -> tuple[Path, Pa
     return None
 
 
+def _read(dataset: str, metadata: Path, keep_laterals: bool):
+    if dataset == "nih":
+        return read_nih(metadata)
+    if dataset == "chexpert":
+        return read_chexpert(metadata, frontal_only=not keep_laterals)
+    raise ValueError(f"--dataset {dataset!r}: choose nih or chexpert")
+
+
+def _located(table: pd.DataFrame, images, dataset: str, counts: dict, key: str, log) -> pd.DataFrame:
+    located = locate_images(table, images, LOCATE_BY[dataset])
+    counts[key] = located.missing
+    if located.missing:
+        log(f"{located.missing} of {len(table)} metadata rows have no image under {images} "
+            f"(e.g. {', '.join(located.missing_examples[:3])}); they are skipped")
+    return located.table
+
+
+def _with_test_table(meta, test_meta, test_metadata: Path, val_fraction: float, seed: int, counts: dict):
+    """Train/val from the main table by patient, test = the whole test table (e.g. CheXpert's valid.csv)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    clash = set(meta.table["image_id"]) & set(test_meta.table["image_id"])
+    if clash:
+        raise ValueError(f"--test-metadata {test_metadata}: {len(clash)} image ids also in --metadata, "
+                         f"e.g. {sorted(clash)[0]}")
+    # A patient of the test table must not be trained on: their train rows leave.
+    shared = meta.table["patient_id"].isin(set(test_meta.table["patient_id"]))
+    counts["test_patients_dropped_from_train"] = int(meta.table.loc[shared, "patient_id"].nunique())
+    main = meta.table[~shared.to_numpy()]
+    assignment = ratio_splits(main, (1 - val_fraction, val_fraction, 0.0), seed)
+    table = pd.concat([main.assign(split=assignment), test_meta.table.assign(split="test")], ignore_index=True)
+    method = {"kind": "test_table", "test_metadata": str(test_metadata), "val_fraction": val_fraction, "seed": seed}
+    return table, method
+
+
 def build_image_table(
     dataset: str,
     metadata: str | Path,
@@ -55,37 +90,45 @@ def build_image_table(
     keep_laterals: bool = False,
     limit: int | None = None,
     log=lambda msg: print(msg, file=sys.stderr),
+    test_metadata: str | Path | None = None,
+    test_images: str | Path | None = None,
 ) -> ImageTable:
+    """The located, split image table. With `test_metadata`, its rows (under `test_images`, default
+    `images`) are the test split and the main table's patients are split into train and val."""
     metadata = Path(metadata)
-    if dataset == "nih":
-        meta = read_nih(metadata)
-    elif dataset == "chexpert":
-        meta = read_chexpert(metadata, frontal_only=not keep_laterals)
-    else:
-        raise ValueError(f"--dataset {dataset!r}: choose nih or chexpert")
+    meta = _read(dataset, metadata, keep_laterals)
     counts = dict(meta.counts)
 
-    lists = _official_lists(metadata, train_val_list, test_list) if split in ("auto", "official") else None
-    if split == "official" and lists is None:
-        raise FileNotFoundError(f"--split official: no train_val_list.txt/test_list.txt beside {metadata}")
-    if lists:
-        assignment = official_splits(meta.table, lists[0], lists[1], val_fraction, seed)
-        method = {"kind": "official", "train_val_list": str(lists[0]), "test_list": str(lists[1]),
-                  "val_fraction": val_fraction, "seed": seed}
+    if test_metadata is not None:
+        if split == "official" or train_val_list or test_list:
+            raise ValueError("--test-metadata names the test split itself; leave out --split official and the lists")
+        test_meta = _read(dataset, Path(test_metadata), keep_laterals)
+        counts.update({f"test_table_{k}": v for k, v in test_meta.counts.items()})
+        table, method = _with_test_table(meta, test_meta, Path(test_metadata), val_fraction, seed, counts)
+        check_no_leakage(table, table["split"])
+        counts["unlisted"] = 0
+        is_test = (table["split"] == "test").to_numpy()
+        table = pd.concat([
+            _located(table[~is_test], images, dataset, counts, "images_missing", log),
+            _located(table[is_test], test_images or images, dataset, counts, "test_images_missing", log),
+        ], ignore_index=True)
+        counts["images_missing"] += counts.pop("test_images_missing")
     else:
-        assignment = ratio_splits(meta.table, ratios, seed)
-        method = {"kind": "patient_ratios", "ratios": list(ratios), "seed": seed}
-    check_no_leakage(meta.table, assignment)
-    table = meta.table.assign(split=assignment)
-    counts["unlisted"] = int(table["split"].isna().sum())
-    table = table[table["split"].notna()]
-
-    located = locate_images(table, images, LOCATE_BY[dataset])
-    counts["images_missing"] = located.missing
-    if located.missing:
-        log(f"{located.missing} of {len(table)} metadata rows have no image under {images} "
-            f"(e.g. {', '.join(located.missing_examples[:3])}); they are skipped")
-    table = located.table.sort_values("image_id", kind="stable").reset_index(drop=True)
+        lists = _official_lists(metadata, train_val_list, test_list) if split in ("auto", "official") else None
+        if split == "official" and lists is None:
+            raise FileNotFoundError(f"--split official: no train_val_list.txt/test_list.txt beside {metadata}")
+        if lists:
+            assignment = official_splits(meta.table, lists[0], lists[1], val_fraction, seed)
+            method = {"kind": "official", "train_val_list": str(lists[0]), "test_list": str(lists[1]),
+                      "val_fraction": val_fraction, "seed": seed}
+        else:
+            assignment = ratio_splits(meta.table, ratios, seed)
+            method = {"kind": "patient_ratios", "ratios": list(ratios), "seed": seed}
+        check_no_leakage(meta.table, assignment)
+        table = meta.table.assign(split=assignment)
+        counts["unlisted"] = int(table["split"].isna().sum())
+        table = _located(table[table["split"].notna()], images, dataset, counts, "images_missing", log)
+    table = table.sort_values("image_id", kind="stable").reset_index(drop=True)
     if limit is not None:
         table = table.head(limit)
     counts["images"] = len(table)
@@ -105,6 +148,9 @@ def add_table_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train_val patients carved out as val")
     p.add_argument("--split-ratios", default="0.7,0.1,0.2", help="train,val,test shares of patients")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--test-metadata", help="a separate table as the test split (e.g. CheXpert's valid.csv); "
+                                           "--metadata's patients then go to train and val by --val-fraction")
+    p.add_argument("--test-images", help="image folder of --test-metadata (default: --images)")
     p.add_argument("--keep-laterals", action="store_true", help="chexpert: keep lateral views")
     p.add_argument("--limit", type=int, help="use only the first N images (by image_id), for trials")
 
@@ -118,4 +164,4 @@ def table_from_flags(args: argparse.Namespace, log=lambda msg: print(msg, file=s
         raise ValueError(f"--split-ratios {value!r}: expected three comma-separated numbers") from None
     return build_image_table(args.dataset, args.metadata, args.images, args.split, args.train_val_list,
                              args.test_list, args.val_fraction, ratios, args.seed, args.keep_laterals,
-                             args.limit, log=log)
+                             args.limit, log=log, test_metadata=args.test_metadata, test_images=args.test_images)

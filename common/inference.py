@@ -1,7 +1,7 @@
 """Running a frozen extractor on batches of decoded images, as fast as the device allows.
 
 One `FeatureExtractor` per worker process: building it loads the weights, calling it turns an
-(N, S, S) gray batch from `common.images.load_image` into (N, feature_dim) float32 features.
+(N, S, S) gray batch from its `DataConfig.load` into (N, feature_dim) float32 features.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from common.backbones import build_extractor, get_spec
-from common.images import Preprocessing
+from common.data_config import DataConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,7 +59,7 @@ class FeatureExtractor:
         device: str = "cpu",
         precision: str = "auto",
         threads: int | None = None,
-        input_size: int | None = None,
+        data_config: DataConfig | None = None,
     ) -> None:
         try:
             self.device = torch.device(device)
@@ -81,8 +81,8 @@ class FeatureExtractor:
 
         self.dtype = DTYPES[self.precision]
         self._spec = get_spec(backbone)
-        # A fine-tuned checkpoint may have been trained at another size than the registry's.
-        self._preprocessing = Preprocessing(input_size) if input_size else self._spec.preprocessing
+        # A checkpoint's own config (size, geometry) where it has one; else the registry's default.
+        self.data_config = data_config or self._spec.data_config
         # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
         model = build_extractor(backbone, state_file, seed)
         self.model = model.to(self.device, memory_format=torch.channels_last)
@@ -91,10 +91,6 @@ class FeatureExtractor:
     def feature_dim(self) -> int:
         return self._spec.feature_dim
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self._preprocessing
-
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S) float32 in [0, 1] -> (N, feature_dim) float32."""
         with torch.inference_mode():
@@ -102,7 +98,7 @@ class FeatureExtractor:
             if self.device.type == "cuda":
                 # Copy the one-channel batch (a third of the bytes) and normalize on the GPU.
                 gray = gray.pin_memory().to(self.device, non_blocking=True)
-            x = self._preprocessing.to_tensor(gray).contiguous(memory_format=torch.channels_last)
+            x = self.data_config.to_tensor(gray).contiguous(memory_format=torch.channels_last)
             with autocast(self.device.type, self.precision):
                 features = self.model(x)
             return features.float().cpu().numpy()

@@ -9,13 +9,19 @@ note; nothing raises.
 D-AUC and N-AUC follow Ge et al. 2018 ("Chest X-rays classification: a multi-label and
 fine-grained problem"): for class c, positives are the c-positive images in both; negatives are
 c-negative images that have another disease (D-AUC) or no disease at all, "No Finding" (N-AUC).
+
+AUROC intervals come from common/bootstrap.py (patient-level resampling).
 """
 
 from __future__ import annotations
 
+
 import numpy as np
 from scipy.stats import rankdata
+import pandas as pd
 from sklearn.metrics import accuracy_score, precision_recall_curve, precision_recall_fscore_support, roc_auc_score
+
+from common.bootstrap import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, bootstrap_auroc
 
 
 def _mask(y: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -132,9 +138,28 @@ def nanmean(a: np.ndarray) -> float:
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
 
+def study_level(study_ids, y, scores, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Image rows -> one row per study (CheXpert's study-level evaluation): the study's highest
+    probability per class, and its label, the certain label its images share. A class whose images
+    disagree (a 1 and a 0) is left out for that study; the count of such cases is returned too."""
+    y, scores = np.asarray(y), np.asarray(scores, dtype=np.float64)
+    valid = _mask(y, mask)
+    codes, uniques = pd.factorize(np.asarray(study_ids, dtype=object))
+    n, k = len(uniques), y.shape[1]
+    best = np.full((n, k), -np.inf)
+    np.maximum.at(best, codes, scores)
+    pos, neg = np.zeros((n, k), int), np.zeros((n, k), int)
+    np.add.at(pos, codes, (y == 1) & valid)
+    np.add.at(neg, codes, (y == 0) & valid)
+    has_pos, has_neg = pos > 0, neg > 0
+    return (has_pos.astype(np.float32), best, has_pos ^ has_neg, int((has_pos & has_neg).sum()))
+
+
 def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None,
-             thresholds: np.ndarray | None = None) -> dict:
-    """Every metric of one split, as plain Python values (NaN for undefined ones) and notes."""
+             thresholds: np.ndarray | None = None, patient_ids=None, bootstrap_draws: int = BOOTSTRAP_DRAWS,
+             bootstrap_seed: int = BOOTSTRAP_SEED) -> dict:
+    """Every metric of one split, as plain Python values (NaN for undefined ones) and notes; with
+    bootstrap_draws > 0, AUROC intervals by patient (`patient_ids`, (n,)) under "bootstrap"."""
     y = np.asarray(y)
     valid = _mask(y, mask)
     names = _names(names, y.shape[1])
@@ -143,6 +168,7 @@ def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None
     nauc, n3 = n_auc(y, scores, valid, no_finding, names)
     half = at_thresholds(y, scores, np.full(y.shape[1], 0.5), valid)
     tuned = at_thresholds(y, scores, thresholds, valid) if thresholds is not None else None
+    ci = bootstrap_auroc(y, scores, valid, patient_ids, names, bootstrap_draws, bootstrap_seed) if bootstrap_draws else None
     per_class = {}
     for c, name in enumerate(names):
         entry = {
@@ -151,6 +177,8 @@ def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None
             "auroc": auc[c], "d_auc": dauc[c], "n_auc": nauc[c],
             "at_0.5": {m: v[c] for m, v in half.items()},
         }
+        if ci is not None:
+            entry["auroc_ci_low"], entry["auroc_ci_high"] = ci.low[c], ci.high[c]
         if tuned is not None:
             entry["at_val_threshold"] = {"threshold": float(thresholds[c]), **{m: v[c] for m, v in tuned.items()}}
         per_class[name] = entry
@@ -163,4 +191,9 @@ def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None
     }
     if tuned is not None:
         summary["macro_f1_at_val_threshold"] = nanmean(tuned["f1"])
-    return {"n": int(len(y)), "summary": summary, "per_class": per_class, "notes": n1 + n2 + n3}
+    result = {"n": int(len(y)), "summary": summary, "per_class": per_class, "notes": n1 + n2 + n3}
+    if ci is not None:
+        summary["mean_auc_ci_low"], summary["mean_auc_ci_high"] = ci.mean_low, ci.mean_high
+        result["bootstrap"] = ci.settings
+        result["notes"] += ci.notes
+    return result

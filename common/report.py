@@ -17,12 +17,38 @@ from sklearn.metrics import roc_curve
 
 from common import rundir
 from common.baselines import for_dataset
+from common.data_config import DataConfig
 
 
 def _f(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _with_ci(entry: dict, key: str) -> str:
+    """`entry[key]` with its bootstrap interval when metrics.json has one: "0.812 (0.74-0.88)"."""
+    low, high = entry.get(f"{key}_ci_low"), entry.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return _f(entry.get(key))
+    return f"{_f(entry.get(key))} ({low:.2f}-{high:.2f})"
+
+
+def _bootstrap_lines(splits: dict) -> list[str]:
+    """How the AUROC intervals were made: one line per distinct setting (one, unless a split lacked patient ids)."""
+    described: dict[str, list[str]] = {}
+    for name, m in splits.items():
+        b = m.get("bootstrap")
+        if not b:
+            continue
+        lo, hi = b["percentiles"]
+        whole = ", each with all their images" if b["unit"] == "patient" else ""
+        text = (f"{hi - lo:g}% percentile intervals ({lo:g}th-{hi:g}th) of a {b['unit']}-level bootstrap: "
+                f"{b['draws']} draws of a split's {b['unit']}s with replacement{whole}, seed {b['seed']}; a draw "
+                f"without a positive or a negative of a class is skipped for it (the mean: over the classes left in "
+                f"the draw); no interval with fewer than {b['min_valid_draws']} valid draws")
+        described.setdefault(text, []).append(f"{name} {b['units']} {b['unit']}s")
+    return [""] + [f"AUROC intervals: {text} ({', '.join(n)})." for text, n in described.items()] if described else []
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -78,19 +104,29 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
     splits = metrics["splits"]
     header = ["label", f"{headline} positives"]
     header += [f"{s} AUROC" for s in splits]
+    by_study = [s for s in splits if "study_level" in splits[s]]  # CheXpert: also per study, side by side
+    header += [f"{s} study AUROC" for s in by_study]
     header += [f"{headline} D-AUC", f"{headline} N-AUC", "F1@0.5", "F1@val thr", "val thr"]
     header += [b.title for b in baselines]
     rows, columns = [], []
+    auroc = slice(1, 1 + len(splits))  # the AUROC cells of a row, after the positives
     for name in names:
         m = splits[headline]["per_class"][name]
         tuned = m.get("at_val_threshold", {})
-        values = [m["n_pos"], *[splits[s]["per_class"][name]["auroc"] for s in splits], m["d_auc"], m["n_auc"],
+        values = [m["n_pos"], *[splits[s]["per_class"][name]["auroc"] for s in splits],
+                  *[splits[s]["study_level"]["per_class"][name]["auroc"] for s in by_study], m["d_auc"], m["n_auc"],
                   m["at_0.5"]["f1"], tuned.get("f1"), tuned.get("threshold")]
         values += [b.auroc.get(name) for b in baselines]
         columns.append(values)
-        rows.append([name] + [_f(v) for v in values])
-    means = ["**mean**", ""] + [_f(_nanmean(col)) for col in list(zip(*columns))[1:]] if columns else []
-    return header, rows + ([means] if means else [])
+        cells = [_f(v) for v in values]
+        cells[auroc] = [_with_ci(splits[s]["per_class"][name], "auroc") for s in splits]
+        rows.append([name] + cells)
+    if not columns:
+        return header, rows
+    means = [""] + [_f(_nanmean(col)) for col in list(zip(*columns))[1:]]
+    means[auroc] = [_with_ci(splits[s]["summary"], "mean_auc") for s in splits]  # the same mean, with its interval
+    means[header.index("val thr") - 1] = ""  # a mean of per-class thresholds means nothing
+    return header, rows + [["**mean**"] + means]
 
 
 def _head_run_lines(config: dict, metrics: dict) -> list[str]:
@@ -108,7 +144,7 @@ def _head_run_lines(config: dict, metrics: dict) -> list[str]:
         + ", standardized with train statistics",
         f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
         f"- loss {s['loss']}; Adam lr {metrics['selected']['lr']:g}, weight decay {metrics['selected']['weight_decay']:g}, "
-        f"batch {s['batch_size']}; {config['precision_resolved']}; seed {s['seed']}",
+        f"batch {s['batch_size']}; {config['precision_resolved']}; init seed {s['init_seed']}",
         f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} ({metrics['stopped']}); "
         f"training {metrics['train_seconds']:.1f} s",
     ]
@@ -126,8 +162,8 @@ def _finetune_run_lines(config: dict, metrics: dict) -> list[str]:
         f"{len(metrics['unreadable'])} unreadable, left out",
         f"- model: {s['backbone']} from {config['weights']['label']}, {len(names)}-way linear classifier, "
         + ("backbone frozen (classifier only)" if s["freeze_backbone"] else "every layer trained"),
-        f"- input {config['input_size']} px: resized to {config['resize_size']}, random crop and horizontal flip "
-        "for training, center crop for evaluation",
+        f"- input: {DataConfig.from_dict(config['data_config']).describe()}; training views: "
+        f"{DataConfig.from_dict(config['data_config']).describe_training()}",
         f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
         f"- loss {s['loss']}; Adam lr {s['lr']:g}, weight decay {s['weight_decay']:g}, lr {schedule}; "
         f"batch {s['batch_size']} x {t['world_size']} process(es) on {t['device']}; {t['precision']}; "
@@ -153,10 +189,10 @@ def _localization_lines(loc: dict) -> list[str]:
     header = ["label", "boxes"] + [c.replace("iou", "IoU").replace("iobb", "IoBB") for c in columns]
     body = [[label, str(v["n"])] + [_f(v.get(c), 2) for c in columns] for label, v in rows.items()]
     lines = ["", "## Localization (class activation maps)", "",
-             f"{loc['boxes']} radiologist boxes on {loc['images']} images ({loc['box_list']}); each label's map "
-             f"from the last conv features and the classifier weights, at {loc['input_size']} px, upsampled to the "
-             "box grid and thresholded at 180/255 into boxes. Accuracy: the share of boxes that a predicted box "
-             "overlaps by more than T (Wang et al. 2017).", ""]
+             f"{loc['boxes']} radiologist boxes on {loc['images']} {loc['split']} images ({loc['box_list']}); each "
+             f"label's map from the last conv features and the classifier weights, on the model's input "
+             f"({loc['input']}), carried back onto the box grid and thresholded at 180/255 into boxes. Accuracy: "
+             "the share of boxes that a predicted box overlaps by more than T (Wang et al. 2017).", ""]
     lines += _table(header, body)
     if loc["overlays"]:
         lines += ["", "Overlays (truth green, predicted red):", ""]
@@ -188,10 +224,18 @@ def render(run: str | Path) -> Path:
                     ("mean_n_auc", "mean N-AUC"), ("macro_f1_at_0.5", "macro F1@0.5"),
                     ("macro_f1_at_val_threshold", "macro F1@val thr")]
     lines += _table(["split", "images"] + [t for _, t in summary_keys],
-                    [[sp, str(m["n"])] + [_f(m["summary"].get(k)) for k, _ in summary_keys] for sp, m in splits.items()])
+                    [[sp, str(m["n"])] + [_with_ci(m["summary"], k) for k, _ in summary_keys] for sp, m in splits.items()])
+    lines += _bootstrap_lines(splits)
     lines += ["", f"## Per class ({headline} split unless named)", ""]
     header, rows = _per_class_rows(metrics, headline, baselines)
     lines += _table(header, rows)
+    studies = {s: m["study_level"] for s, m in splits.items() if "study_level" in m}
+    if studies:
+        first = next(iter(studies.values()))
+        lines += ["", f"Study AUROC (the CheXpert paper's evaluation): {first['rule']}; "
+                  + ", ".join(f"{s} {v['studies']} studies" for s, v in studies.items())
+                  + (f"; {sum(v['label_disagreements'] for v in studies.values())} study labels left out where "
+                     "its images disagree" if any(v["label_disagreements"] for v in studies.values()) else "") + "."]
     if baselines:
         lines += ["", "Published AUROCs are from each paper's own split; a reference point, not a like-for-like comparison:"]
         lines += [f"- {b.title}: {b.source}" for b in baselines]

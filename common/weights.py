@@ -11,10 +11,11 @@ A fine-tune job writes, with torch.save, a dict:
 
     {
         "format": FINETUNE_FORMAT,                  # "cxr-features/finetune"
-        "format_version": FINETUNE_FORMAT_VERSION,  # 1
+        "format_version": FINETUNE_FORMAT_VERSION,  # 2
         "backbone": "<registry name>",               # e.g. "densenet121"
         "model_state": model.state_dict(),          # the full torchvision model
         "label_names": [...],                        # order of the N outputs
+        "data_config": DataConfig.to_dict(),         # the input it was trained and evaluated on
         ...                                          # anything else: epoch, metrics, config
     }
 
@@ -40,9 +41,11 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from common.backbones import get_spec
+from common.data_config import DataConfig, DataConfigError
 
 FINETUNE_FORMAT = "cxr-features/finetune"
-FINETUNE_FORMAT_VERSION = 1
+# 2: data_config (one input geometry for every consumer) replaced input_size.
+FINETUNE_FORMAT_VERSION = 2
 
 
 class WeightsError(RuntimeError):
@@ -177,8 +180,8 @@ def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def checkpoint_input_size(path: str) -> int | None:
-    """The input size a fine-tune checkpoint was trained at; None for other checkpoints.
+def checkpoint_data_config(path: str) -> DataConfig | None:
+    """The data config a fine-tune checkpoint was trained and evaluated with; None for other checkpoints.
 
     Read on the driver before any work starts, so an unreadable file fails there, in one line.
     """
@@ -186,9 +189,12 @@ def checkpoint_input_size(path: str) -> int | None:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # unpickling errors are many-lined and of many classes
         raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
-    if isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT and isinstance(obj.get("input_size"), int):
-        return obj["input_size"]
-    return None
+    if not (isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT):
+        return None
+    try:
+        return DataConfig.from_dict(obj.get("data_config"), path)
+    except DataConfigError as exc:
+        raise WeightsError(str(exc)) from None
 
 
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

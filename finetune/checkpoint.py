@@ -8,10 +8,10 @@ The run directory `cfg.out` receives, from rank 0 only, each written atomically:
     best.pt   the weights of the best epoch so far by `best_metric` (no optimizer state).
 
 Both are fine-tune checkpoints (common/backbones.py documents the format; the extraction job
-takes either as --weights). Besides the format's keys they hold: input_size, epoch (last.pt:
+takes either as --weights). Besides the format's keys they hold: data_config, epoch (last.pt:
 the epoch in progress, 1-based; best.pt: the best epoch), step (steps done in that epoch),
 global_step, history, identity (what a resumed run must match), config (the job's settings),
-train_state, and in last.pt only optimizer, scheduler, scaler, rng and world_size.
+train_state, and in last.pt only optimizer, scheduler (type and state), scaler, rng and world_size.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def checkpoint(model: torch.nn.Module, cfg: FinetuneConfig, state: TrainState, e
         "backbone": cfg.backbone,
         "model_state": _cpu_state(model),
         "label_names": list(cfg.label_names),
-        "input_size": cfg.input_size,
+        "data_config": cfg.data_config.to_dict(),
         "epoch": epoch,
         "step": state.step,
         "global_step": state.global_step,
@@ -102,9 +102,27 @@ def resume_point(out: str | Path, identity: dict) -> dict | None:
         return None
     obj = read_checkpoint(path)
     saved = obj.get("identity", {})
-    differ = [f"{k} ({saved.get(k)!r} then, {identity.get(k)!r} now)" for k in sorted(set(saved) | set(identity))
-              if saved.get(k) != identity.get(k)]
+    missing = "(not recorded)"
+    differ = [f"{k}: checkpoint={saved.get(k, missing)!r}, now={identity.get(k, missing)!r}"
+              for k in sorted(set(saved) | set(identity)) if saved.get(k, missing) != identity.get(k, missing)]
     if differ:
-        raise FinetuneError(f"--out {out}: holds an interrupted run with other settings: {'; '.join(differ)[:300]}; "
-                            "rerun with those, or pass --overwrite to start over")
+        raise FinetuneError(f"--out {out} holds an interrupted run with other training settings ({'; '.join(differ)}); "
+                            "resume with the checkpoint's settings (--epochs may differ), or pass --overwrite to start "
+                            "over")
     return {"epoch": obj["epoch"], "step": obj["step"], "global_step": obj["global_step"]}
+
+
+def scheduler_state(scheduler) -> dict:
+    """The LR scheduler's state with its type: the state dicts of StepLR and ReduceLROnPlateau load
+    into each other without a complaint, so loading checks the type (load_scheduler)."""
+    return {"type": type(scheduler).__name__, "state": scheduler.state_dict()}
+
+
+def load_scheduler(scheduler, saved, path: str | Path) -> None:
+    """Restore `scheduler` from scheduler_state's dict saved in `path`, refusing another scheduler type."""
+    kind = saved.get("type") if isinstance(saved, dict) and "state" in saved else None
+    want = type(scheduler).__name__
+    if kind != want:
+        raise FinetuneError(f"{path}: holds {kind or 'an untyped'} scheduler state, this run's scheduler is {want}; "
+                            "resume with the checkpoint's --schedule, or pass --overwrite to start over")
+    scheduler.load_state_dict(saved["state"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.data_config import DataConfig
 from finetune.dataset import ImageDataset
 
 LAST = "last.pt"
@@ -31,8 +34,8 @@ class SplitImages:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def dataset(self, input_size: int, train: bool, seed: int = 0) -> ImageDataset:
-        return ImageDataset(self.paths, self.targets, self.mask, input_size, train, seed)
+    def dataset(self, data_config: DataConfig, train: bool, seed: int = 0) -> ImageDataset:
+        return ImageDataset(self.paths, self.targets, self.mask, data_config, train, seed)
 
 
 @dataclass
@@ -44,7 +47,7 @@ class FinetuneConfig:
     val: SplitImages
     state_file: str | None = None  # starting weights (ImageNet file or checkpoint); None: random
     init_seed: int = 0  # the new classifier, and the whole model without state_file
-    input_size: int = 224
+    data_config: DataConfig = field(default_factory=lambda: DataConfig(224))  # the model's one input
     freeze_backbone: bool = False
     loss: str = "weighted_bce"
     focal_gamma: float = 2.0
@@ -68,8 +71,42 @@ class FinetuneConfig:
     checkpoint_every: int = 500  # steps; last.pt is also written at every epoch end
     log_every: int = 50  # steps between progress lines within an epoch; 0: none
     stop_after_steps: int | None = None  # stop (after writing last.pt) once this call has run this many
-    identity: dict = field(default_factory=dict)  # what a resumed run must match (see resume_point)
+    identity: dict = field(default_factory=dict)  # what a resumed run must match: identity_of(...)
     record: dict = field(default_factory=dict)  # the job's settings, stored in the checkpoints
+
+
+# The FinetuneConfig fields a resumed run may change: a new field shapes training (and so joins
+# the identity) unless it is listed here. `epochs` lets a run be continued for more epochs.
+NOT_IDENTITY = frozenset({
+    "out", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "stop_after_steps",
+    "identity", "record",
+    "state_file",  # a path; the caller gives the weights' label and sha256 instead
+})
+
+
+def _identity_value(value):
+    """`value` as plain data that survives torch.save / weights_only load and compares by content."""
+    if isinstance(value, SplitImages):
+        digest = hashlib.sha256("\n".join(value.ids).encode())
+        digest.update(np.ascontiguousarray(value.targets, np.float32).tobytes())
+        digest.update(np.ascontiguousarray(value.mask, bool).tobytes())
+        return f"{len(value)} images, sha256 {digest.hexdigest()[:16]}"
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    elif dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _identity_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_identity_value(v) for v in value]
+    return value
+
+
+def identity_of(cfg: FinetuneConfig, **context) -> dict:
+    """What a run resuming `cfg.out` must match: every field that shapes training (not NOT_IDENTITY),
+    plus `context`, what shapes it from outside the config (weights digest, policy, process count)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_IDENTITY}
+    return _identity_value({**fields, **context})
 
 
 class FinetuneError(ValueError):

@@ -13,7 +13,6 @@ Pure torch/numpy; `evaluate_localization` is the glue a fine-tune job calls on a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,11 +21,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
+from PIL import Image
+from torchvision.ops import box_area, box_iou
 
 from common.backbones import BackboneSpec
 from common.bboxes import NIH_BBOX_IMAGE_SIZE
-from common.images import load_image
+from common.data_config import DataConfig
+from common.images import read_gray
 
 # Wang et al. threshold the [0, 255]-normalized map at 180.
 CAM_THRESHOLD = 180 / 255
@@ -135,12 +138,37 @@ def class_activation_maps(
     return torch.einsum("kc,nchw->nkhw", weight.to(feature_maps.dtype), feature_maps)
 
 
-def upsample(cams: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of the last two dimensions to `size` (e.g. 1024, the NIH box coordinates)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    lead = cams.shape[:-2]
-    flat = cams.reshape(-1, 1, *cams.shape[-2:]).to(torch.float32)
-    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*lead, *size)
+def box_grid(path: str, long_side: int | None) -> tuple[int, int]:
+    """(width, height) of the pixel grid boxes are drawn in: the file's, its long side scaled to `long_side`."""
+    with Image.open(path) as img:
+        width, height = img.size
+    if long_side is None:
+        return width, height
+    k = long_side / max(width, height)
+    return max(1, round(width * k)), max(1, round(height * k))
+
+
+def map_to_grid(cams: torch.Tensor, data_config: DataConfig, grid: tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) maps over the model's input -> (K, H, W) over the original image's `grid` (W, H).
+
+    Each grid pixel's center is carried into input coordinates by the data config's placement
+    and the map is read there bilinearly, as upsampling it to the input size would give. Grid
+    pixels the input does not show (cut by a crop) get the map's minimum: no evidence.
+    """
+    width, height = grid
+    place = data_config.placement(width, height)
+    xs, ys = place.to_input(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    size = data_config.input_size
+    # grid_sample's [-1, 1] spans the input's outer pixel edges (align_corners=False).
+    gx = torch.as_tensor(xs / size * 2 - 1, dtype=torch.float32, device=cams.device)
+    gy = torch.as_tensor(ys / size * 2 - 1, dtype=torch.float32, device=cams.device)
+    where = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+    maps = cams.to(torch.float32)[None]
+    out = F.grid_sample(maps, where, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    outside = (where.abs() > 1).any(dim=-1)[0]
+    if outside.any():
+        out = torch.where(outside, maps.flatten(2).amin(dim=2)[0][:, None, None], out)
+    return out
 
 
 def cam_to_boxes(cam: np.ndarray, threshold: float = CAM_THRESHOLD) -> np.ndarray:
@@ -159,94 +187,43 @@ def cam_to_boxes(cam: np.ndarray, threshold: float = CAM_THRESHOLD) -> np.ndarra
     low, high = cam.min(), cam.max()
     if high <= low:
         return np.zeros((0, 4))
-    mask = (cam - low) / (high - low) >= threshold
-    rows, starts, ends = _runs(mask)
-    if len(rows) == 0:
+    regions, n = ndimage.label((cam - low) / (high - low) >= threshold, structure=np.ones((3, 3), bool))
+    if n == 0:
         return np.zeros((0, 4))
-    comp = _label_runs(rows, starts, ends, mask.shape[0])
-    n = comp.max() + 1
-    x0 = np.full(n, mask.shape[1]); x1 = np.zeros(n, int)
-    y0 = np.full(n, mask.shape[0]); y1 = np.zeros(n, int)
-    np.minimum.at(x0, comp, starts); np.maximum.at(x1, comp, ends)
-    np.minimum.at(y0, comp, rows); np.maximum.at(y1, comp, rows + 1)
-    peak = np.full(n, -np.inf)
-    np.maximum.at(peak, comp, _run_max(cam, rows, starts, ends))
-    boxes = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.float64)
+    slices = ndimage.find_objects(regions)
+    boxes = np.array([(sx.start, sy.start, sx.stop - sx.start, sy.stop - sy.start) for sy, sx in slices],
+                     dtype=np.float64)
+    peak = np.asarray(ndimage.maximum(cam, regions, index=np.arange(1, n + 1)))
     return boxes[np.argsort(-peak, kind="stable")]
 
 
-def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Horizontal runs of True: row, first column, one past the last column; in row-major order.
-
-    Labelling runs instead of pixels keeps the Python-level work to the few runs per row a
-    smooth upsampled map has, so a 1024 x 1024 map takes milliseconds without scipy.
-    """
-    edges = np.diff(mask.astype(np.int8), axis=1, prepend=0, append=0)
-    rows, starts = np.nonzero(edges == 1)
-    _, ends = np.nonzero(edges == -1)  # row-major order pairs each start with its own end
-    return rows, starts, ends
+def _xyxy(boxes) -> torch.Tensor:
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
+    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
 
 
-def _label_runs(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, height: int) -> np.ndarray:
-    """Component index (0..n-1) of each run: union-find over runs touching in consecutive rows."""
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first = np.searchsorted(rows, np.arange(height + 1))
-    for r in range(1, height):
-        a0, a1, b0, b1 = first[r], first[r + 1], first[r - 1], first[r]
-        if a0 == a1 or b0 == b1:
-            continue
-        # 8-connectivity: [sa, ea) and [sb, eb) touch when they overlap or meet at a corner.
-        touch = (starts[a0:a1, None] <= ends[None, b0:b1]) & (starts[None, b0:b1] <= ends[a0:a1, None])
-        for i, j in zip(*np.nonzero(touch)):
-            ra, rb = find(a0 + int(i)), find(b0 + int(j))
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([find(i) for i in range(len(rows))])
-    return np.unique(roots, return_inverse=True)[1].reshape(-1)
+def _per_prediction(values: torch.Tensor, pred):
+    """One value per predicted box: a float for one (4,) box, an array for (M, 4)."""
+    out = torch.nan_to_num(values[:, 0], nan=0.0).numpy()
+    return float(out[0]) if np.ndim(pred) == 1 else out
 
 
-def _run_max(cam: np.ndarray, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    width = cam.shape[1]
-    # reduceat over [start, end) pairs of the flat map; the appended element keeps the last end in range.
-    flat = np.append(cam.ravel(), 0.0)
-    bounds = np.empty(2 * len(rows), dtype=np.int64)
-    bounds[0::2] = rows * width + starts
-    bounds[1::2] = rows * width + ends
-    return np.maximum.reduceat(flat, bounds)[0::2]
-
-
-def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    iw = np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
-    ih = np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-    return np.clip(iw, 0, None) * np.clip(ih, 0, None)
-
-
-def _ratio(num: np.ndarray, den: np.ndarray):
-    out = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-    return out[()]  # a float for single boxes, an array for arrays of boxes
-
-
-def iou(box_a, box_b):
-    """Intersection over union of (x, y, w, h) boxes; arrays (..., 4) broadcast against each other."""
-    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
-    inter = _intersection(a, b)
-    return _ratio(inter, a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter)
+def iou(pred, truth):
+    """Intersection over union of (x, y, w, h) predicted box(es) (4,) or (M, 4) with one truth box."""
+    return _per_prediction(box_iou(_xyxy(pred), _xyxy(truth)), pred)
 
 
 def iobb(pred, truth):
-    """Intersection over the predicted box's area (Wang et al.'s IoBB); broadcasts like `iou`.
+    """Intersection over the predicted box's area (Wang et al.'s IoBB); arguments as `iou`.
 
     A small predicted box inside the radiologist's box scores 1 here, less in IoU.
     """
-    p, t = np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    return _ratio(_intersection(p, t), p[..., 2] * p[..., 3])
+    p, t = _xyxy(pred), _xyxy(truth)
+    overlap = box_iou(p, t)
+    # IoU = I / (A_p + A_t - I), so I = IoU * (A_p + A_t) / (1 + IoU).
+    inter = overlap * (box_area(p)[:, None] + box_area(t)[None, :]) / (1 + overlap)
+    area = box_area(p)[:, None]
+    return _per_prediction(torch.where(area > 0, inter / area.clamp(min=1e-12), 0.0), pred)
 
 
 MEASURES = {"iou": (iou, IOU_THRESHOLDS), "iobb": (iobb, IOBB_THRESHOLDS)}
@@ -329,20 +306,22 @@ def evaluate_localization(
     bbox_table: pd.DataFrame,
     image_paths: Mapping[str, str],
     label_names: Sequence[str],
-    input_size: int | None = None,
+    data_config: DataConfig | None = None,
     device: torch.device | str | None = None,
     out_dir: str | Path | None = None,
     n_overlays: int = 8,
     threshold: float = CAM_THRESHOLD,
     batch_size: int = 8,
-    box_image_size: int = NIH_BBOX_IMAGE_SIZE,
+    box_image_size: int | None = NIH_BBOX_IMAGE_SIZE,
 ) -> pd.DataFrame:
     """CAM localization accuracy of `model` on the boxes whose image is in `image_paths`.
 
     `model` is spec.build_model() with a len(label_names)-way Linear at spec.classifier, already
-    on `device` (default: where its parameters are). Each image is loaded at `input_size`
-    (default spec.input_size) and preprocessed as the spec says; each box's label picks the
-    class whose map is upsampled to `box_image_size` (the boxes' pixel grid) and boxed. Returns
+    on `device` (default: where its parameters are). Each image is the model's input as
+    `data_config` (default the spec's) builds it; each box's label picks the class whose map is
+    carried back onto the boxes' pixel grid through that input's geometry (`map_to_grid`) and
+    boxed. The grid is the image file's own, scaled so its long side is `box_image_size` (NIH's
+    boxes are in 1024-px coordinates whatever size the file is; None: the file's size). Returns
     the accuracy table of both measures (localization_accuracy). With `out_dir`, overlays of
     the first `n_overlays` (image, label) pairs are written there as <image stem>_<label>.png.
     The model runs in eval mode and is put back in the mode it was in.
@@ -357,7 +336,7 @@ def evaluate_localization(
     unknown = sorted(set(truth["label"]) - set(index))
     if unknown:
         raise ValueError(f"box label(s) {', '.join(map(repr, unknown))} not among the model's labels")
-    prep = dataclasses.replace(spec.preprocessing, input_size=input_size or spec.input_size)
+    data_config = data_config or spec.data_config
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -371,14 +350,15 @@ def evaluate_localization(
     try:
         for begin in range(0, len(images), batch_size):
             batch = images[begin : begin + batch_size]
-            pixels = np.stack([load_image(image_paths[i], prep.input_size) for i in batch])
+            pixels = np.stack([data_config.load(image_paths[i]) for i in batch])
             with torch.inference_mode():
-                features, _ = cam(prep.to_tensor(pixels).to(device))
+                features, _ = cam(data_config.to_tensor(pixels).to(device))
                 weight = cam.classifier.weight
                 for j, image_id in enumerate(batch):
                     labels = list(labels_of[image_id])
+                    grid = box_grid(image_paths[image_id], box_image_size)
                     maps = class_activation_maps(features[j : j + 1], weight, [index[l] for l in labels])
-                    maps = upsample(maps, box_image_size)[0].cpu().numpy()
+                    maps = map_to_grid(maps[0], data_config, grid).cpu().numpy()
                     for label, cam_map in zip(labels, maps):
                         boxes = cam_to_boxes(cam_map, threshold)
                         preds[(image_id, label)] = boxes
@@ -386,7 +366,7 @@ def evaluate_localization(
                             overlays_left -= 1
                             here = truth[(truth["image_id"] == image_id) & (truth["label"] == label)]
                             overlay_png(
-                                load_image(image_paths[image_id], box_image_size),
+                                read_gray(image_paths[image_id], grid),
                                 cam_map,
                                 here[["x", "y", "w", "h"]].to_numpy(),
                                 boxes,

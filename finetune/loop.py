@@ -24,7 +24,7 @@ from common.inference import autocast, resolve_precision
 from common.losses import make_loss
 from common.metrics import fast_auroc, nanmean
 from common.torch_files import save_atomic
-from finetune.checkpoint import TrainState, checkpoint, read_checkpoint, state_sha256
+from finetune.checkpoint import TrainState, checkpoint, load_scheduler, read_checkpoint, scheduler_state, state_sha256
 from finetune.config import BEST, LAST, SCHEDULES, FinetuneConfig, FinetuneError, log
 from finetune.dataset import ImageDataset
 from finetune.distributed import Dist, setup
@@ -141,7 +141,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
             raise FinetuneError(f"{out / LAST}: written by {obj.get('world_size')} processes, this run has {d.world}")
         model.load_state_dict(obj["model_state"])
         opt.load_state_dict(obj["optimizer"])
-        scheduler.load_state_dict(obj["scheduler"])
+        load_scheduler(scheduler, obj["scheduler"], out / LAST)
         scaler.load_state_dict(obj["scaler"])
         state = TrainState(**obj["train_state"])
         rng = obj["rng"][d.rank]
@@ -160,8 +160,8 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
     net = model
     if d.on:
         net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    train_ds = cfg.train.dataset(cfg.input_size, train=True, seed=cfg.seed)
-    val_ds = cfg.val.dataset(cfg.input_size, train=False)
+    train_ds = cfg.train.dataset(cfg.data_config, train=True, seed=cfg.seed)
+    val_ds = cfg.val.dataset(cfg.data_config, train=False)
     sampler = EpochSampler(len(train_ds), cfg.batch_size, d.world, d.rank, cfg.seed)
     steps = sampler.steps_per_epoch
     unreadable = set(state.unreadable)
@@ -179,7 +179,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
         if d.main:
             saved = TrainState(**{**asdict(state), "loss_sum": totals[0], "loss_count": totals[1], "unreadable": names})
             save_atomic(checkpoint(model, cfg, saved, saved.epoch, optimizer=opt.state_dict(),
-                                   scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
+                                   scheduler=scheduler_state(scheduler), scaler=scaler.state_dict(), rng=rngs,
                                    world_size=d.world), out / LAST)
 
     run_steps, interrupted, started = 0, False, time.perf_counter()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -21,15 +20,15 @@ from common import __version__, rundir
 from common.backbones import get_spec
 from common.bboxes import read_nih_bboxes
 from common.evaluation import SplitScores, evaluate_splits
+from common.metadata import study_ids
 from common.image_table import table_from_flags
 from common.losses import make_loss
 from common.report import render
 from common.store import SPLITS
 from common.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
-from common.weights import resolve_weights
+from common.weights import checkpoint_data_config, resolve_weights
 from finetune.checkpoint import load_classifier, resume_point
-from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, log
-from finetune.dataset import resize_size
+from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, identity_of, log
 from finetune.localization import evaluate_localization
 from finetune.loop import predict, train
 
@@ -52,16 +51,18 @@ def split_images(table, cols: np.ndarray, policy: str) -> tuple[dict[str, SplitI
 
 
 def evaluate_best(out: Path, splits: dict[str, SplitImages], flag_rows: dict, labels: np.ndarray, label_names,
-                  all_names, cfg: FinetuneConfig, device: torch.device):
+                  all_names, cfg: FinetuneConfig, device: torch.device, patient_ids: np.ndarray | None = None,
+                  dataset: str | None = None):
     """best.pt on val and test: metrics and predictions (unreadable images left out), the model and
-    the unreadable images' paths."""
+    the unreadable images' paths. `patient_ids` (the table's, row for row) make the AUROC intervals
+    patient-level; without them they resample images."""
     model, _ = load_classifier(out / BEST, device)
     scores, notes, unreadable = {}, [], []
     for name in ("val", "test"):
         if name not in splits:
             continue
         s = splits[name]
-        logits, ok = predict(model, s.dataset(cfg.input_size, train=False), cfg.batch_size * 2, device,
+        logits, ok = predict(model, s.dataset(cfg.data_config, train=False), cfg.batch_size * 2, device,
                              cfg.precision, cfg.num_workers)
         if not ok.all():
             notes.append(f"{name}: {int((~ok).sum())} unreadable images left out of the metrics")
@@ -70,17 +71,20 @@ def evaluate_best(out: Path, splits: dict[str, SplitImages], flag_rows: dict, la
         probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
         # Scored on the raw labels, whatever the training policy (common/targets.py).
         y, mask = eval_targets(labels[flag_rows[name]][:, label_columns(all_names, label_names)])
-        scores[name] = SplitScores(np.asarray(s.ids, dtype=object)[ok], probs[ok], y[ok], mask[ok],
-                                   has_disease[ok], no_finding[ok])
+        patients = None if patient_ids is None else patient_ids[flag_rows[name]][ok]
+        ids = np.asarray(s.ids, dtype=object)[ok]
+        scores[name] = SplitScores(ids, probs[ok], y[ok], mask[ok], has_disease[ok], no_finding[ok], patients,
+                                   study_ids(dataset, ids))
     splits_metrics, thresholds, threshold_notes = evaluate_splits(scores, label_names, out)
     return model, splits_metrics, thresholds, notes + threshold_notes, unreadable
 
 
-def localize(model, spec, box_file: str, table, label_names: list[str], input_size: int, device, out: Path,
-             n_overlays: int, unreadable: set[str]) -> tuple[dict | None, list[str]]:
-    """CAM boxes scored against the radiologists' boxes of the table's readable images (all splits)."""
+def localize(model, spec, box_file: str, table, label_names: list[str], data_config, device, out: Path,
+             n_overlays: int, unreadable: set[str], split: str = "test") -> tuple[dict | None, list[str]]:
+    """CAM boxes scored against the radiologists' boxes of `split`'s readable images."""
     boxes = read_nih_bboxes(box_file)
-    paths = {i: p for i, p in zip(table["image_id"], table["path"]) if p not in unreadable}
+    paths = {i: p for i, p, s in zip(table["image_id"], table["path"], table["split"])
+             if p not in unreadable and s == split}
     boxes = boxes[boxes["image_id"].isin(list(paths))]
     notes = []
     other = sorted(set(boxes["label"]) - set(label_names))
@@ -88,14 +92,12 @@ def localize(model, spec, box_file: str, table, label_names: list[str], input_si
         notes.append(f"localization: boxes of {', '.join(other)} skipped (not a trained label)")
         boxes = boxes[boxes["label"].isin(label_names)]
     if boxes.empty:
-        return None, notes + [f"localization: no image of this run has a box in {box_file}"]
+        return None, notes + [f"localization: no {split} image of this run has a box in {box_file}"]
     folder = out / LOCALIZATION_DIR
-    table_acc = evaluate_localization(model, spec, boxes, paths, label_names, input_size, device, folder, n_overlays)
-    split_of = dict(zip(table["image_id"], table["split"]))
-    per_split = boxes["image_id"].drop_duplicates().map(split_of).value_counts().to_dict()
+    table_acc = evaluate_localization(model, spec, boxes, paths, label_names, data_config, device, folder, n_overlays)
     result = {
         "box_list": str(box_file), "boxes": len(boxes), "images": int(boxes["image_id"].nunique()),
-        "images_per_split": per_split, "input_size": input_size,
+        "split": split, "input": data_config.describe(),
         "table": table_acc.to_dict(orient="records"),
         "overlays": sorted(f"{LOCALIZATION_DIR}/{p.name}" for p in folder.glob("*.png")),
     }
@@ -115,10 +117,6 @@ def prepare_out(out: str, overwrite: bool, identity: dict) -> tuple[Path, dict |
     return rundir.prepare(path, overwrite), None
 
 
-def _ids_digest(ids: list[str]) -> str:
-    return f"{len(ids)} images, sha256 {hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:16]}"
-
-
 def _started(out: Path, resume: dict | None) -> str:
     """When the run began: now, or for a resumed run, when its first part did."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -133,8 +131,10 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
     directory is ready; `launch(train, cfg)` runs training (in this process, or N by TorchDistributor)
     and returns rank 0's result."""
     spec = get_spec(args.backbone)
-    input_size = args.input_size or spec.input_size
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
+    # Fine-tuning a fine-tuned checkpoint keeps its input unless a flag changes it.
+    trained = checkpoint_data_config(weights.path) if weights.kind == "checkpoint" else None
+    data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the run records it")
     if args.bbox_list:
@@ -149,14 +149,24 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
     make_loss(args.loss, torch.zeros(1, len(label_names)), torch.ones(1, len(label_names)))  # a bad --loss fails now
 
     settings = {k: v for k, v in sorted(vars(args).items()) if k != "config"}
-    identity = {
-        "backbone": args.backbone, "weights": weights.label, "weights_sha256": weights.sha256,
-        "labels": label_names, "policy": args.policy, "input_size": input_size, "batch_size": args.batch_size,
-        "num_processes": args.num_processes, "train_seed": args.train_seed, "freeze_backbone": args.freeze_backbone,
-        "loss": args.loss, "train_images": _ids_digest(splits["train"].ids), "val_images": _ids_digest(splits["val"].ids),
-    }
-    out, resume = prepare_out(args.out, args.overwrite, identity)
+    cfg = FinetuneConfig(
+        out=args.out, backbone=args.backbone, label_names=label_names, train=splits["train"], val=splits["val"],
+        state_file=weights.path, init_seed=weights.seed if weights.kind == "random" else args.train_seed,
+        data_config=data_config, freeze_backbone=args.freeze_backbone, loss=args.loss, focal_gamma=args.focal_gamma,
+        focal_alpha=args.focal_alpha, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
+        batch_size=args.batch_size, epochs=args.epochs, schedule=args.schedule, step_epochs=args.step_epochs,
+        lr_factor=args.lr_factor, plateau_patience=args.plateau_patience,
+        early_stop_patience=args.early_stop_patience, best_metric=args.best_metric, seed=args.train_seed,
+        precision=args.precision, num_workers=args.num_workers, threads=args.threads,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_after_steps=args.stop_after_steps,
+        record=rundir.jsonable(settings),
+    )
+    # The weights by content, not path; the policy and the process count shape training from outside cfg.
+    cfg.identity = identity_of(cfg, weights=weights.label, weights_sha256=weights.sha256, policy=args.policy,
+                               num_processes=args.num_processes)
+    out, resume = prepare_out(args.out, args.overwrite, cfg.identity)
     device = resolve_device()
+    cfg.out, cfg.device = str(out), device
     config = {
         "kind": "finetune",
         "settings": settings,
@@ -164,8 +174,7 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
         "dataset": images.dataset,
         "label_names": label_names,
         "weights": {"label": weights.label, "sha256": weights.sha256},
-        "input_size": input_size,
-        "resize_size": resize_size(input_size),
+        "data_config": data_config.to_dict(),
         "images": {s: len(v) for s, v in splits.items()},
         "split_method": images.split_method,
         "metadata_counts": images.counts,
@@ -173,21 +182,8 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
         "software": {"cxr-features": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
     }
     rundir.write_json(out / rundir.CONFIG, config)
-
-    cfg = FinetuneConfig(
-        out=str(out), backbone=args.backbone, label_names=label_names, train=splits["train"], val=splits["val"],
-        state_file=weights.path, init_seed=weights.seed if weights.kind == "random" else args.train_seed,
-        input_size=input_size, freeze_backbone=args.freeze_backbone, loss=args.loss, focal_gamma=args.focal_gamma,
-        focal_alpha=args.focal_alpha, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
-        batch_size=args.batch_size, epochs=args.epochs, schedule=args.schedule, step_epochs=args.step_epochs,
-        lr_factor=args.lr_factor, plateau_patience=args.plateau_patience,
-        early_stop_patience=args.early_stop_patience, best_metric=args.best_metric, seed=args.train_seed,
-        precision=args.precision, device=device, num_workers=args.num_workers, threads=args.threads,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_after_steps=args.stop_after_steps,
-        identity=identity, record=rundir.jsonable(settings),
-    )
     log(f"{len(table)} images ({', '.join(f'{s} {len(v)}' for s, v in splits.items())}); {args.backbone} "
-        f"from {weights.label}, {len(label_names)} labels, input {input_size} px; {args.num_processes} process(es)"
+        f"from {weights.label}, {len(label_names)} labels; input {data_config.describe()}; {args.num_processes} process(es)"
         + (f"; resuming at epoch {resume['epoch']}, step {resume['step']}" if resume else ""))
     result = launch(train, cfg)
     if result["stopped"] == "interrupted":
@@ -202,12 +198,13 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
     eval_device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     cfg.precision = result["precision"] if eval_device.type == device else "fp32"
     model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(
-        out, splits, flag_rows, labels, label_names, images.label_names, cfg, eval_device)
+        out, splits, flag_rows, labels, label_names, images.label_names, cfg, eval_device,
+        table["patient_id"].to_numpy(dtype=object), images.dataset)
     unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
     localization, loc_notes = None, []
     if args.bbox_list:
-        localization, loc_notes = localize(model, spec, args.bbox_list, table, label_names, input_size, eval_device,
-                                           out, args.overlays, set(unreadable))
+        localization, loc_notes = localize(model, spec, args.bbox_list, table, label_names, data_config, eval_device,
+                                           out, args.overlays, set(unreadable), args.localize_split)
     notes = ([f"unreadable images ({len(unreadable)}), left out of training and metrics: "
               + ", ".join(Path(p).name for p in unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")]
              if unreadable else [])

@@ -36,7 +36,7 @@ class StoreInfo:
             "weights": m.get("weights"),
             "weights_sha256": m.get("weights_sha256"),
             "feature_dim": int(m["feature_dim"]),
-            "preprocessing": m.get("preprocessing"),
+            "data_config": m.get("data_config"),
         }
 
 
@@ -49,6 +49,7 @@ class Split:
     sex: np.ndarray  # float32, 1 male / 0 female / NaN unknown
     labels: np.ndarray  # int8 (n, n_store_labels): 1, 0, -1
     features: np.ndarray  # float32 (n, sum of feature_dims)
+    patient_id: np.ndarray | None = None  # object array of str: the unit of the metrics' bootstrap
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -72,7 +73,8 @@ class Stores:
 def store_info(path: str | os.PathLike) -> StoreInfo:
     manifest = read_manifest(path)  # refuses missing manifest / unknown format_version
     digest = hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
-    return StoreInfo(str(path), manifest, digest)
+    # Absolute: a run directory is read from other working directories too.
+    return StoreInfo(str(Path(path).resolve()), manifest, digest)
 
 
 def store_splits(path: str | os.PathLike) -> list[str]:
@@ -99,7 +101,7 @@ def _fuse(parts: list[SplitData], infos: list[StoreInfo], split: str) -> Split:
                 "fused stores must come from the same metadata"
             )
     features = first.features if len(parts) == 1 else np.concatenate([p.features for p in parts], axis=1)
-    return Split(first.image_id, first.age, first.sex, first.labels, features)
+    return Split(first.image_id, first.age, first.sex, first.labels, features, first.patient_id)
 
 
 def open_stores(paths: list[str], splits: list[str] | None = None) -> Stores:

@@ -1,17 +1,19 @@
-"""Per-image probabilities from a trained head, for the images of feature stores or of a folder.
+"""Per-image probabilities from a trained head, for the images of feature stores, a folder or one file.
 
     python -m heads.predict --run runs/x --store stores/nih-resnet50 --split test --out preds.parquet
     python -m heads.predict --run runs/x --images scans/ --out preds.csv
+    python -m heads.predict --run runs/x --images scan.png --out -      # CSV on stdout
 
-Output: image_id (+ split, or path and error for a folder), then one probability column per
+Output: image_id (+ split, or path and error for images), then one probability column per
 label of the head. From a folder, each image goes through the backbone(s) the head's stores were
-extracted with (backbone, weights and preprocessing from their manifests); an unreadable image
+extracted with (backbone, weights and data config from their manifests); an unreadable image
 gets a row with its error and empty probabilities, never silently dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +32,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def _check_stores(head: Head, paths: list[str]) -> None:
-    """The features must come from what the head was trained on: same backbones, weights, preprocessing."""
+    """The features must come from what the head was trained on: same backbones, weights, data config."""
     if len(paths) != len(head.stores):
         raise StoreError(f"--store: the head was trained on {len(head.stores)} fused store(s), {len(paths)} given")
     for path, trained in zip(paths, head.stores):
         got = store_info(path).describe()
         # A checkpoint's label holds its path, which moves between machines; its sha256 does not.
         same_file = trained.get("weights_sha256") and trained.get("weights_sha256") == got.get("weights_sha256")
-        for key in ("backbone", "feature_dim", "preprocessing") + (() if same_file else ("weights",)):
+        for key in ("backbone", "feature_dim", "data_config") + (() if same_file else ("weights",)):
             if trained.get(key) is not None and got.get(key) != trained.get(key):
                 raise StoreError(
                     f"{path}: {key} {got.get(key)!r} differs from the head's store {trained['path']} "
@@ -71,37 +73,44 @@ def _weights_argument(label: str) -> str:
     return rest if kind == "checkpoint" else label
 
 
-def _decode(load_image, path: Path, size: int):
-    try:
-        return load_image(str(path), size), None
-    except Exception as exc:  # any decoder failure is reported per image
-        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+def image_files(source: str) -> tuple[list[Path], Path]:
+    """The image files of a folder (recursively, by suffix) or the one file named; and the root ids are relative to."""
+    path = Path(source)
+    if path.is_file():
+        return [path], path.parent
+    if not path.is_dir():
+        raise StoreError(f"--images {source}: no such file or directory")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise StoreError(f"--images {source}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files, path
 
 
-def predict_images(head: Head, folder: str, device: str = "cpu", precision: str = "auto",
+def predict_images(head: Head, source: str, device: str = "cpu", precision: str = "auto",
                    batch_size: int = 32, threads: int | None = None, log=print) -> pd.DataFrame:
-    """Extract features for every image under `folder` with the head's backbone(s), then predict."""
-    from common.weights import resolve_weights
-    from common.images import load_image
+    """Extract features for one image file, or every image under a folder, with the head's backbone(s), then predict."""
+    from common.data_config import DataConfig, DataConfigError
+    from common.extraction import decode
     from common.inference import FeatureExtractor
+    from common.weights import resolve_weights
 
     if head.inputs.age_sex:
-        raise StoreError("--images: this head also takes age and sex, which a folder of images does not have; use --store")
-    root = Path(folder)
-    if not root.is_dir():
-        raise StoreError(f"--images {folder}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise StoreError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise StoreError("--images: this head also takes age and sex, which image files do not carry; use --store")
+    files, root = image_files(source)
     extractors = []
     for st in head.stores:
         source = resolve_weights(st["backbone"], _weights_argument(st["weights"]))
         if st.get("weights_sha256") and source.sha256 != st["weights_sha256"]:
             raise StoreError(f"{source.path}: sha256 differs from the weights store {st['path']} was extracted with")
-        ex = FeatureExtractor(st["backbone"], source.path, source.seed, device=device, precision=precision, threads=threads)
-        if st.get("preprocessing") and ex.preprocessing.describe() != st["preprocessing"]:
-            raise StoreError(f"{st['path']}: its preprocessing is not the one common.images does now; cannot reproduce its features")
-        extractors.append(ex)
+        if not st.get("data_config"):
+            raise StoreError(f"{st['path']}: its manifest records no data_config (an older store); re-extract it "
+                             "to predict from images")
+        try:
+            data_config = DataConfig.from_dict(st["data_config"], st["path"])
+        except DataConfigError as exc:
+            raise StoreError(str(exc)) from None
+        extractors.append(FeatureExtractor(st["backbone"], source.path, source.seed, device=device,
+                                           precision=precision, threads=threads, data_config=data_config))
     if len(extractors) > 1:
         log(f"note: every image goes through all {len(extractors)} backbones; a store built from other images "
             "(e.g. lung-masked) is not reproduced from a plain folder")
@@ -111,15 +120,15 @@ def predict_images(head: Head, folder: str, device: str = "cpu", precision: str 
     for start in range(0, len(files), batch_size):
         batch = files[start:start + batch_size]
         decoded = {}
-        for size in {ex.preprocessing.input_size for ex in extractors}:
-            decoded[size] = [_decode(load_image, p, size) for p in batch]
-            for i, (_, err) in enumerate(decoded[size]):
+        for config in {ex.data_config for ex in extractors}:
+            decoded[config] = [decode(config.load, str(p)) for p in batch]
+            for i, (_, err) in enumerate(decoded[config]):
                 errors[start + i] = errors[start + i] or err
         ok = [i for i in range(len(batch)) if errors[start + i] is None]
         col = 0
         for ex in extractors:
             if ok:
-                images = np.stack([decoded[ex.preprocessing.input_size][i][0] for i in ok])
+                images = np.stack([decoded[ex.data_config][i][0] for i in ok])
                 features[[start + i for i in ok], col:col + ex.feature_dim] = ex(images)
             col += ex.feature_dim
         log(f"{min(start + batch_size, len(files))}/{len(files)} images")
@@ -143,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run directory (or its head.pt) written by heads.train")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--store", nargs="+", help="feature store(s), fused as at training (default: the head's own)")
-    src.add_argument("--images", help="folder of images to run through the head's backbone(s)")
+    src.add_argument("--images", help="an image file, or a folder of them, to run through the head's backbone(s)")
     p.add_argument("--split", nargs="+", help="store splits to predict (default: all)")
-    p.add_argument("--out", help="output file, .parquet or .csv")
+    p.add_argument("--out", help="output file, .parquet or .csv; - writes CSV to stdout")
     p.add_argument("--precision", default="auto", help=f"{' | '.join(PRECISIONS)} (images on CUDA: fp16 too)")
     p.add_argument("--device", default="cpu", help="for --images: cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=32, help="for --images: images per backbone batch")
@@ -153,14 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     parser = build_parser()
     threads = torch.get_num_threads()
     try:
         args = parse_with_config(parser, argv, "predict")
         require(args, "run", "out")
-        if Path(args.out).suffix not in (".parquet", ".csv"):
-            raise ConfigError(f"--out {args.out}: name a .parquet or .csv file")
+        if args.out != "-" and Path(args.out).suffix not in (".parquet", ".csv"):
+            raise ConfigError(f"--out {args.out}: name a .parquet or .csv file, or - for CSV on stdout")
         if args.threads:
             torch.set_num_threads(args.threads)
         head = load_head(args.run)
@@ -171,12 +180,14 @@ def main(argv: list[str] | None = None) -> Path:
             stores = [args.store] if isinstance(args.store, str) else args.store
             splits = [args.split] if isinstance(args.split, str) else args.split
             frame = predict_stores(head, stores, splits, resolve_precision(args.precision))
-        out = rundir.write_table(frame, args.out)
+        out = None if args.out == "-" else rundir.write_table(frame, args.out)
     except (ConfigError, StoreError, rundir.RunError, ValueError, RuntimeError) as exc:
         parser.exit(2, f"heads.predict: {exc}\n")
     finally:
         torch.set_num_threads(threads)  # FeatureExtractor(threads=...) sets it process-wide too
-    print(f"{len(frame)} rows -> {out}")
+    if out is None:
+        frame.to_csv(sys.stdout, index=False)
+    log(f"{len(frame)} rows -> {out or 'stdout'}")
     return out
 
 

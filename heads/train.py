@@ -24,7 +24,10 @@ import torch
 from common import rundir
 from common.config import ConfigError, HelpFormatter, add_loss_flags, log, parse_list, parse_with_config, require
 from common.evaluation import SplitScores, evaluate_splits
+from common.feature_stats import constant_note, summarize
+from common.metadata import study_ids
 from common.losses import make_loss
+from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
 from common.report import render
 from common.store import StoreError
 from common.targets import POLICIES, apply_policy, eval_targets, finding_flags, label_columns, select_labels
@@ -68,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-lr", default=None, help="comma-separated learning rates: grid search lr x weight decay")
     g.add_argument("--grid-weight-decay", default=None, help="comma-separated weight decays for the grid")
     g.add_argument("--grid-metric", default="val_auc", help="pick the grid cell by val_auc (max) or val_loss (min)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
+                   help=f"patient-level bootstrap draws for the val/test AUROC 95%% intervals (seed 0); "
+                        f"0 = no intervals, else at least {MIN_VALID_DRAWS}")
     g = p.add_argument_group("machine")
-    g.add_argument("--seed", type=int, default=0, help="weight init, dropout and batch order")
+    # Not --seed, which names the split seed in the jobs.
+    g.add_argument("--init-seed", type=int, default=0, help="weight init, dropout and batch order")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     g.add_argument("--precision", default="auto",
                    help="auto (bf16 matmuls on a CPU with native bf16, else fp32) | fp32 | bf16")
@@ -95,6 +103,8 @@ def settings_from(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--betas {s['betas']}: give two values")
     if s["batch_size"] < 1 or s["epochs"] < 1:
         raise ConfigError("--batch-size and --epochs must be positive")
+    if s["bootstrap_draws"] != 0 and s["bootstrap_draws"] < MIN_VALID_DRAWS:
+        raise ConfigError(f"--bootstrap-draws {s['bootstrap_draws']}: 0 (no intervals) or at least {MIN_VALID_DRAWS}")
     return s
 
 
@@ -103,6 +113,7 @@ class Prepared:
     label_names: list[str]
     tensors: dict[str, Tensors]
     ids: dict[str, np.ndarray]
+    patients: dict[str, np.ndarray]  # split -> patient_id per image, the unit of the AUROC bootstrap
     flags: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (has_disease, no_finding)
     truth: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> raw (y, mask): what metrics score, whatever the policy
     inputs: object  # InputSpec
@@ -115,10 +126,13 @@ def prepare_data(s: dict, precision: str) -> Prepared:
     for need in ("train", "val"):
         if need not in stores.splits:
             raise StoreError(f"{s['store'][0]}: has no split={need}; training needs train and val")
+    # Constant features make every head score 0.5 and look like a result: refuse them.
+    if note := constant_note("train", summarize(stores.splits["train"].features)):
+        raise StoreError(f"{', '.join(s['store'])}: {note}")
     chosen = select_labels(stores.label_names, s["labels"], drop_no_finding=not s["keep_no_finding"])
     cols = label_columns(stores.label_names, chosen)
     inputs = fit_inputs(stores.splits["train"], stores.feature_dims, s["age_sex"], s["sex_encoding"])
-    tensors, ids, flags, truth = {}, {}, {}, {}
+    tensors, ids, patients, flags, truth = {}, {}, {}, {}, {}
     for name in list(stores.splits):
         split = stores.splits.pop(name)  # drop each split's store arrays once its inputs exist
         x = make_inputs(split.features, split.age, split.sex, inputs)
@@ -126,9 +140,10 @@ def prepare_data(s: dict, precision: str) -> Prepared:
         truth[name] = eval_targets(split.labels[:, cols])
         tensors[name] = Tensors(input_tensor(x, precision), torch.from_numpy(y), torch.from_numpy(mask.astype(np.float32)))
         ids[name] = split.image_id
+        patients[name] = split.patient_id
         flags[name] = finding_flags(split.labels, stores.label_names)
         del split, x
-    return Prepared(chosen, tensors, ids, flags, truth, inputs, [i.describe() for i in stores.infos], stores.dataset)
+    return Prepared(chosen, tensors, ids, patients, flags, truth, inputs, [i.describe() for i in stores.infos], stores.dataset)
 
 
 def _score(cell: dict, metric: str) -> float:
@@ -148,7 +163,7 @@ def train_grid(s: dict, data: Prepared, spec: HeadSpec, loss_fn, precision: str)
             log(f"grid cell {i}/{len(lrs) * len(wds)}: lr {lr:g}, weight decay {wd:g}")
         cfg = FitConfig(lr=lr, weight_decay=wd, betas=tuple(s["betas"]), batch_size=s["batch_size"],
                         epochs=s["epochs"], plateau_patience=s["plateau_patience"], plateau_factor=s["plateau_factor"],
-                        early_stop_patience=s["early_stop_patience"], seed=s["seed"], precision=precision)
+                        early_stop_patience=s["early_stop_patience"], seed=s["init_seed"], precision=precision)
         model, result = fit(spec, data.tensors["train"], data.tensors["val"], loss_fn, cfg, log=quiet,
                             val_truth=data.truth["val"])
         cell = {"lr": lr, "weight_decay": wd, "best_epoch": result.best_epoch, "val_loss": result.best_val_loss,
@@ -176,15 +191,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
 
 
-def evaluate_run(data: Prepared, model, precision: str, out: Path) -> tuple[dict, np.ndarray, list[str]]:
+def evaluate_run(data: Prepared, model, precision: str, out: Path, bootstrap_draws: int = BOOTSTRAP_DRAWS
+                 ) -> tuple[dict, np.ndarray, list[str]]:
     """Thresholds chosen on val, every metric on val and test, and their predictions files."""
     scores = {}
     for name, t in data.tensors.items():
         if name == "train":
             continue
         probs = torch.sigmoid(predict_logits(model, t.x, precision)).numpy()
-        scores[name] = SplitScores(data.ids[name], probs, *data.truth[name], *data.flags[name])
-    return evaluate_splits(scores, data.label_names, out)
+        scores[name] = SplitScores(data.ids[name], probs, *data.truth[name], *data.flags[name], data.patients[name],
+                                   study_ids(data.dataset, data.ids[name]))
+    return evaluate_splits(scores, data.label_names, out, bootstrap_draws)
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: Path) -> dict:
@@ -204,7 +221,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, s: dict, out: 
     if result.best_epoch == 0:
         parser.exit(2, f"heads.train: training diverged in its first epoch (non-finite loss); no weights worth "
                        f"saving in {out}; lower --lr or check the store's features\n")
-    splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out)
+    splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out, s["bootstrap_draws"])
 
     save_head(out / CHECKPOINT, model, spec, data.inputs, data.label_names, data.stores, thresholds,
                      precision, s["policy"], data.dataset, s)

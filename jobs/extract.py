@@ -24,16 +24,17 @@ from pathlib import Path
 
 from common import __version__
 from common.backbones import get_spec
-from common.weights import WeightsError, checkpoint_input_size, resolve_weights
-from common.images import Preprocessing
+from common.weights import WeightsError, checkpoint_data_config, resolve_weights
+from common.data_config import RESIZE_MODES, DataConfig
 from common.config import parse_with_config, require
 from common.image_table import add_table_flags, table_from_flags
 from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
-from common.store import ERRORS_DIR, FORMAT_VERSION, ROW_DDL, SPLITS
+from common.feature_stats import constant_note, summarize_parquet
+from common.store import ERRORS_DIR, FORMAT_VERSION, ROW_DDL, SPLITS, split_dir
 from common.store_writer import (STAGING, OutputError, chunk_dir, commit_chunk, is_committed, plan_fingerprint,
                                  prepare_output, publish)
 
-OUTPUT_DDL = ROW_DDL + ", split string, path string, error string"
+OUTPUT_DDL = ROW_DDL + ", split string, path string, error string, ran string"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on CPU, fp16 on GPU (autocast; features are stored as float32)")
     p.add_argument("--input-size", type=int,
                    help="network input size (default: a fine-tune checkpoint's own, else the backbone's)")
+    p.add_argument("--resize", choices=RESIZE_MODES,
+                   help="how a non-square image becomes square (default: a fine-tune checkpoint's own, else pad)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--chunk-size", type=int, default=4096, help="images per committed chunk (restart granularity)")
     p.add_argument("--images-per-task", type=int, default=64, help="images per Spark task")
@@ -65,7 +68,7 @@ def log(message: str) -> None:
 
 
 def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
-                 input_size: int, batch_size: int, done, errors):
+                 data_config: DataConfig, batch_size: int, done, errors):
     """The mapInPandas function; it captures only small values, the model is built in the worker."""
 
     def run(frames):
@@ -76,14 +79,15 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
         on = f"cuda:{gpus.addresses[0]}" if gpus and device == "auto" else "cpu"
         threads = max(1, task.cpus())
         state_file = SparkFiles.get(weights_file) if weights_file else None
-        extractor = cached_extractor(backbone, state_file, seed, on, precision, threads, input_size)
+        extractor = cached_extractor(backbone, state_file, seed, on, precision, threads, data_config)
 
         def count(n_ok, n_err):
             done.add(n_ok + n_err)
             errors.add(n_err)
 
-        yield from iter_extract(frames, extractor, extractor.preprocessing.input_size, batch_size,
-                                decode_threads=threads, on_batch=count)
+        ran = f"{extractor.device.type}/{extractor.precision}"
+        for out in iter_extract(frames, extractor, batch_size, decode_threads=threads, on_batch=count):
+            yield out.assign(ran=ran)
 
     return run
 
@@ -126,7 +130,7 @@ def get_spark():
             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
 
 
-def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: int, input_size: int) -> dict:
+def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: int, data_config: DataConfig) -> dict:
     """Process every uncommitted chunk; returns timing figures for the summary."""
     sc = spark.sparkContext
     chunks = [table.iloc[i:i + args.chunk_size] for i in range(0, len(table), args.chunk_size)]
@@ -135,7 +139,7 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
     if already:
         log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
     done, errors = sc.accumulator(0), sc.accumulator(0)
-    task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, input_size, args.batch_size,
+    task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config, args.batch_size,
                            done, errors)
     start = time.monotonic()
     with Progress(len(table), already, done, errors, args.progress_interval) as progress:
@@ -164,6 +168,12 @@ def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) ->
               for r in rows.groupBy("split", F.col("error").isNotNull().alias("failed")).count().collect()}
     per_split = {s: counts.get((s, False), 0) for s in SPLITS}
     n_errors = sum(v for (_, failed), v in counts.items() if failed)
+    ran = {r["ran"]: r["count"] for r in rows.groupBy("ran").count().collect()}
+    if len(ran) > 1:
+        # Features from fp16 on GPU and bf16 on CPU differ; one store holds one precision.
+        raise OutputError(f"{work.parent}: the chunks were embedded on different devices/precisions "
+                          f"({', '.join(f'{k}: {v} images' for k, v in sorted(ran.items()))}); rerun with "
+                          "--precision fp32 (and --overwrite), or on executors of one kind")
 
     rows_per_file = max(1, file_mb * 2**20 // (4 * feature_dim + 256))
     buckets = max(1, math.ceil(max(per_split.values()) / rows_per_file))
@@ -175,7 +185,11 @@ def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) ->
      .parquet(str(staging)))
     (rows.where(F.col("error").isNotNull()).select("image_id", "path", "error").coalesce(1)
      .write.mode("overwrite").parquet(str(staging / ERRORS_DIR)))
-    return {"splits": per_split, "errors": n_errors}
+    stats = {s: summarize_parquet(split_dir(staging, s), feature_dim) for s in SPLITS if per_split[s]}
+    for split, figures in stats.items():
+        if note := constant_note(split, figures):
+            log(f"warning: {note}")
+    return {"splits": per_split, "errors": n_errors, "ran": next(iter(ran), None), "feature_stats": stats}
 
 
 def main(argv: list[str] | None = None, spark=None) -> dict:
@@ -185,14 +199,17 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the store records it")
-    trained_size = checkpoint_input_size(weights.path) if weights.kind == "checkpoint" else None
-    preprocessing = Preprocessing(args.input_size or trained_size or spec.input_size)
+    trained = checkpoint_data_config(weights.path) if weights.kind == "checkpoint" else None
+    data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
+    if trained and data_config != trained:
+        log(f"note: --input-size/--resize differ from the checkpoint's own input; these features are not the "
+            f"ones the fine-tuned model computed")
     images = table_from_flags(args, log=log)
     table = images.table
     log(f"{len(table)} images to embed with {args.backbone} ({weights.label}); "
         + ", ".join(f"{s} {int((table['split'] == s).sum())}" for s in SPLITS))
     settings = {"backbone": args.backbone, "weights": weights.label, "weights_sha256": weights.sha256,
-                "preprocessing": preprocessing.describe(), "precision": args.precision,
+                "data_config": data_config.to_dict(), "precision": args.precision,
                 "chunk_size": args.chunk_size, "format_version": FORMAT_VERSION}
     work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
 
@@ -201,7 +218,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     if weights.path:
         spark.sparkContext.addFile(weights.path)  # executors fetch it; SparkFiles.get finds it by name
         weights_file = Path(weights.path).name
-    timing = run_chunks(spark, table, work, args, weights_file, weights.seed, preprocessing.input_size)
+    timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config)
     n_chunks = timing["chunks"]
     written = compact(spark, work, n_chunks, spec.feature_dim, args.file_mb)
 
@@ -217,10 +234,13 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
         "backbone": args.backbone,
         "weights": weights.label,
         "weights_sha256": weights.sha256,
-        "preprocessing": preprocessing.describe(),
-        "precision": args.precision,
+        "data_config": data_config.to_dict(),
+        "device": written["ran"].split("/")[0] if written["ran"] else None,
+        "precision": written["ran"].split("/")[1] if written["ran"] else None,
+        "precision_requested": args.precision,
         "precision_rule": "auto: bf16 autocast on CPUs with native bf16 (else fp32), fp16 autocast on CUDA; "
                           "features stored as float32",
+        "feature_stats": written["feature_stats"],
         "splits": written["splits"],
         "split_method": images.split_method,
         "errors": written["errors"],
@@ -234,7 +254,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     if weights.kind == "random":
         manifest["weights_note"] = "random initialisation (asked for explicitly): features carry no learned knowledge"
     publish(args.out, work / STAGING, manifest)
-    summary = {"store": str(Path(args.out).resolve()), **written, **timing}
+    summary = {"store": str(Path(args.out).resolve()), **{k: v for k, v in written.items() if k != "ran"}, **timing}
     log(f"store complete: {summary['store']}")
     log(f"  {spec.feature_dim}-d {args.backbone} features ({weights.label}); rows per split "
         + ", ".join(f"{s}={n}" for s, n in written["splits"].items()))

@@ -24,9 +24,10 @@ import torch
 
 from common import rundir
 from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list, parse_with_config, require
+from common.data_config import RESIZE_MODES
 from common.image_table import add_table_flags
 from common.inference import PRECISIONS
-from common.store import StoreError
+from common.store import SPLITS, StoreError
 from common.targets import POLICIES
 from common.weights import WeightsError
 from finetune.config import BEST_METRICS, SCHEDULES
@@ -48,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="starting weights: imagenet[:ENUM], a checkpoint path (a fine-tune checkpoint too), or random[:SEED]")
     g.add_argument("--download-weights", action="store_true", help="fetch ImageNet weights if not cached")
     g.add_argument("--input-size", type=int, default=None,
-                   help="crop size (default: the backbone's, 224; e.g. 320); images are resized to size/0.875 first")
+                   help="network input size (default: the backbone's, e.g. 224; a fine-tune checkpoint's own)")
+    g.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                   help="how a non-square image becomes square: pad (aspect kept, nothing cut), crop, stretch "
+                        "(default: pad, or a fine-tune checkpoint's own)")
     g.add_argument("--freeze-backbone", action="store_true", help="train the new classifier only")
     g = p.add_argument_group("labels and loss (as heads.train)")
     g.add_argument("--labels", default="all", help="all | competition (CheXpert's five) | comma-separated names")
@@ -86,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many steps, with last.pt saved; the same command resumes (time-boxed jobs)")
     g = p.add_argument_group("localization")
     g.add_argument("--bbox-list", help="NIH BBox_List_2017.csv: score CAM boxes of the images that have boxes")
+    g.add_argument("--localize-split", choices=SPLITS, default="test",
+                   help="the split whose boxed images are scored (boxes of training images flatter the model)")
     g.add_argument("--overlays", type=int, default=8, help="heatmap overlays saved as PNG (first images with boxes)")
     return p
 

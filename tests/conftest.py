@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from tests.spark_profile import arrow_settings
+
 # Spark's Python workers must run this interpreter (the project's virtualenv).
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -13,12 +15,15 @@ def spark():
     """One local[2] session for the whole test run: starting a JVM costs seconds."""
     from pyspark.sql import SparkSession
 
-    session = (SparkSession.builder.master("local[2]").appName("cxr-features tests")
+    builder = (SparkSession.builder.master("local[2]").appName("cxr-features tests")
                .config("spark.ui.enabled", "false")
                .config("spark.ui.showConsoleProgress", "false")
                .config("spark.sql.shuffle.partitions", "4")
-               .config("spark.log.level", "WARN")
-               .getOrCreate())
+               .config("spark.log.level", "WARN"))
+    # Arrow as the jobs get it under spark-submit: read from the product's profile, not copied here.
+    for key, value in arrow_settings("local").items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
     yield session
     session.stop()
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.labels import NIH_LABELS
+from common.data_config import DataConfig
 from common.store import FORMAT_VERSION, split_dir, write_manifest
 
 
@@ -49,7 +50,7 @@ def write_store(root: Path, splits: dict[str, dict], label_names=NIH_LABELS, dat
     manifest = {
         "format_version": FORMAT_VERSION, "dataset": dataset, "label_names": list(label_names),
         "feature_dim": int(feature_dim), "backbone": backbone, "weights": weights,
-        "preprocessing": {"input_size": 224}, "splits": {k: len(v["image_id"]) for k, v in splits.items()},
+        "data_config": DataConfig(224).to_dict(), "splits": {k: len(v["image_id"]) for k, v in splits.items()},
         "errors": 0, "created": "2026-01-01T00:00:00+00:00",
     }
     manifest.update(manifest_extra or {})

@@ -15,7 +15,7 @@ from torch import nn
 
 from common.backbones import REGISTRY, build_classifier, build_extractor, get_spec
 from common.weights import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, resolve_weights
-from common.images import load_image
+from common.data_config import DataConfig
 from common.inference import FeatureExtractor
 from tests.data_paths import NIH_IMAGES
 
@@ -200,7 +200,7 @@ def test_inception_loads_with_and_without_aux_head(tmp_path):
     want = _features(_reference(model, name), x)
     plain = _save(model.state_dict(), tmp_path / "plain.pth")
     ft = _save(
-        {"format": FINETUNE_FORMAT, "format_version": 1, "backbone": name, "model_state": finetuned.state_dict()},
+        {"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "backbone": name, "model_state": finetuned.state_dict()},
         tmp_path / "ft.pt",
     )
     for file in (plain, ft):
@@ -214,14 +214,14 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     state = build_extractor(name, None).state_dict()
     wrong_shape = dict(state, **{"features.0.0.weight": torch.zeros(16, 3, 5, 5)})
     foreign = get_spec("densenet121").build_model().state_dict()
-    finetune = {"format": FINETUNE_FORMAT, "format_version": 1, "backbone": "resnet50", "model_state": state}
+    finetune = {"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "backbone": "resnet50", "model_state": state}
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
     cases = {
         "shape.pt": (wrong_shape, r"shape mismatch \(1\): features\.0\.0\.weight \(16, 3, 5, 5\) vs \(16, 3, 3, 3\)"),
         "foreign.pt": (foreign, r"missing \(\d+\): features\.0\.0\.weight.*unexpected \(\d+\): "),
         "other_backbone.pt": (finetune, "fine-tuned checkpoint is for backbone 'resnet50', not 'mobilenet_v3_large'"),
-        "version.pt": (dict(finetune, format_version=2), "version 2 is not"),
+        "version.pt": (dict(finetune, format_version=1), "version 1 is not"),
         "notes.pt": (None, "cannot be read as a torch checkpoint"),
     }
     for file, (obj, pattern) in cases.items():
@@ -251,7 +251,7 @@ def real_batch() -> np.ndarray:
     paths = sorted(NIH_IMAGES.glob("*.png"))[:4]
     if len(paths) < 4:
         pytest.skip(f"NIH images not present in {NIH_IMAGES}")
-    return np.stack([load_image(str(p), 224) for p in paths])
+    return np.stack([DataConfig(224).load(str(p)) for p in paths])
 
 
 def test_extractor_fp32_matches_model_and_bf16_is_close(real_batch):
@@ -261,10 +261,10 @@ def test_extractor_fp32_matches_model_and_bf16_is_close(real_batch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
-    assert fp32.feature_dim == 2048 and fp32.preprocessing.input_size == 224
+    assert fp32.feature_dim == 2048 and fp32.data_config == DataConfig(224)
     out = fp32(real_batch)
     assert out.shape == (4, 2048) and out.dtype == np.float32
-    plain = _features(build_extractor("resnet50", None, seed=0), fp32.preprocessing.to_tensor(real_batch))
+    plain = _features(build_extractor("resnet50", None, seed=0), fp32.data_config.to_tensor(real_batch))
     np.testing.assert_allclose(out, plain.numpy(), rtol=1e-4, atol=1e-5)
 
     bf16 = FeatureExtractor("resnet50", None, seed=0, precision="bf16")(real_batch)

@@ -12,11 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common.images import load_image
+from common.data_config import DataConfig
+from common.feature_stats import is_constant
 from common.inference import FeatureExtractor
 from common.labels import NIH_LABELS
 from common.metadata import read_nih
 from common.store import StoreError, read_errors, read_manifest, read_split
+from common.store_writer import OutputError
 from jobs.extract import main
 from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, REPO, needs_shared
 
@@ -111,7 +113,12 @@ def test_manifest_records_what_made_the_store(store, dataset):
     assert m["label_names"] == list(NIH_LABELS)
     assert m["backbone"] == BACKBONE and m["feature_dim"] == 1280
     assert m["weights"] == "random:0" and "random" in m["weights_note"]
-    assert m["preprocessing"]["input_size"] == 224
+    assert DataConfig.from_dict(m["data_config"]) == DataConfig(224)
+    assert m["device"] == "cpu" and m["precision"] in ("fp32", "bf16") and m["precision_requested"] == "auto"
+    stats = m["feature_stats"]
+    assert {k: v["rows"] for k, v in stats.items()} == {k: v for k, v in m["splits"].items() if v}
+    # Random MobileNet features are ~1e-10 everywhere: flagged as carrying nothing.
+    assert all(is_constant(v) for v in stats.values())
     assert sum(m["splits"].values()) == N_IMAGES
     assert m["split_method"]["kind"] == "official" and m["split_method"]["val_fraction"] == 0.2
     assert m["errors"] == 1
@@ -136,7 +143,7 @@ def test_features_belong_to_their_own_rows(store, dataset):
     extractor = FeatureExtractor(BACKBONE, None, 0, threads=1)
     picks = data.image_id[:3]
     paths = [next((dataset["root"] / "images").rglob(name)) for name in picks]
-    direct = extractor(np.stack([load_image(str(p), 224) for p in paths]))
+    direct = extractor(np.stack([DataConfig(224).load(str(p)) for p in paths]))
     stored = data.features[:3]
     cosine = (direct * stored).sum(1) / np.linalg.norm(direct, axis=1) / np.linalg.norm(stored, axis=1)
     assert (cosine > 0.999).all(), cosine
@@ -173,6 +180,18 @@ def test_killed_run_restarts_without_redoing_committed_chunks(dataset, store, sp
     assert 2 <= len(committed) < 4, committed
     with pytest.raises(StoreError, match="no manifest.json"):
         read_manifest(out)  # a killed run never looks complete
+
+    # Had a committed chunk been embedded elsewhere (a GPU executor, fp16), the store is refused.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    for part in (mixed / "_work" / "chunk-00000").glob("*.parquet"):
+        t = pq.read_table(part)
+        pq.write_table(t.set_column(t.schema.get_field_index("ran"), "ran", pa.array(["cuda/fp16"] * len(t))), part)
+        (part.parent / f".{part.name}.crc").unlink(missing_ok=True)  # Hadoop's checksum of the old bytes
+    with pytest.raises(OutputError, match=r"different devices/precisions \(cpu/\w+: \d+ images, cuda/fp16: 8 images\)"):
+        main(job_args(dataset, mixed), spark=spark)
+    with pytest.raises(StoreError, match="no manifest.json"):
+        read_manifest(mixed)
 
     summary = main(job_args(dataset, out), spark=spark)
     assert summary["images_processed"] == N_IMAGES + 1 - 8 * len(committed)  # only the rest was embedded

@@ -5,6 +5,7 @@ of 8 images: ~0.11 s against ~0.16 s) and CheXNet's backbone. One thread per pro
 convolutions on two threads slow to a crawl while other processes hold the cores.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,11 +21,11 @@ from common.weights import resolve_weights
 from common.bboxes import read_nih_bboxes
 from common.config import ConfigError
 from finetune.checkpoint import load_classifier, state_sha256
-from finetune.config import BEST, LAST, FinetuneConfig, FinetuneError, SplitImages
+from finetune.config import BEST, LAST, NOT_IDENTITY, FinetuneConfig, FinetuneError, SplitImages, identity_of
 from finetune.loop import train
 from finetune.sampler import EpochSampler
-from finetune.dataset import ImageDataset, crop_offsets, resize_size
-from common.images import Preprocessing, load_image
+from finetune.dataset import ImageDataset
+from common.data_config import DataConfig
 from common.store import read_manifest, read_split
 from common import rundir
 from finetune.localization import IOBB_THRESHOLDS, IOU_THRESHOLDS
@@ -72,7 +73,7 @@ def job_args(data, out, *extra):
 @pytest.fixture(scope="module")
 def run(nih40, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "ft"
-    result = job.main(job_args(nih40, out, "--bbox-list", str(BBOX_CSV), "--overlays", "2"))
+    result = job.main(job_args(nih40, out, "--bbox-list", str(BBOX_CSV), "--overlays", "2", "--localize-split", "train"))
     return out, result
 
 
@@ -104,29 +105,22 @@ def test_dataset_crops_flips_and_survives_an_unreadable_file(tmp_path):
     y = np.array([[1, 0], [0, 1]], np.float32)
     m = np.ones((2, 2), bool)
     size = 32
-    eval_ds = ImageDataset([path, str(bad)], y, m, size, train=False)
+    cfg = DataConfig(size)
+    eval_ds = ImageDataset([path, str(bad)], y, m, cfg, train=False)
     x, targets, mask, ok, i = eval_ds[0]
-    full = load_image(path, resize_size(size))
-    off = (resize_size(size) - size) // 2
-    want = eval_ds.preprocessing.to_tensor(full[None, off:off + size, off:off + size])[0]
-    assert x.shape == (3, size, size) and ok and i == 0 and torch.equal(x, want)
+    full = cfg.load(path)  # the eval item is the model's input as its data config builds it
+    assert x.shape == (3, size, size) and ok and i == 0 and torch.equal(x, cfg.to_tensor(full[None])[0])
     assert torch.equal(targets, torch.tensor([1.0, 0.0])) and torch.equal(mask, torch.ones(2))
     x, _, _, ok, i = eval_ds[1]
     assert not ok and i == 1 and torch.equal(x, torch.zeros(3, size, size))
 
-    train_ds = ImageDataset([path] * 40, np.zeros((40, 2)), np.ones((40, 2)), size, train=True, seed=1)
+    train_ds = ImageDataset([path] * 40, np.zeros((40, 2)), np.ones((40, 2)), cfg, train=True, seed=1)
     crops = [train_ds[k][0] for k in range(40)]
-    resized, flips = resize_size(size), 0
     for k, got in enumerate(crops):
-        # The crop and flip of item k in epoch 0 come from (seed 1, epoch 0, k) alone.
-        rng = np.random.default_rng([1, 0, k])
-        top, left = crop_offsets(resized, size, rng)
-        flip = rng.random() < 0.5
-        crop = full[top:top + size, left:left + size]
-        crop = crop[:, ::-1] if flip else crop
-        assert torch.equal(got, eval_ds.preprocessing.to_tensor(np.ascontiguousarray(crop)[None])[0])
-        flips += flip
-    assert 5 < flips < 35 and len({c.sum().item() for c in crops}) > 20
+        # The view of item k in epoch 0 comes from (seed 1, epoch 0, k) alone, on the eval input.
+        view = cfg.train_view(full, np.random.default_rng([1, 0, k]))
+        assert torch.equal(got, cfg.to_tensor(view[None])[0])
+    assert len({c.sum().item() for c in crops}) > 20
     assert torch.equal(train_ds[7][0], crops[7])
     train_ds.epoch = 1
     assert not torch.equal(train_ds[7][0], crops[7])
@@ -142,7 +136,7 @@ def test_frozen_backbone_trains_only_the_classifier(nih40, tmp_path):
                            rng.integers(0, 2, (len(paths), k)).astype(np.float32), np.ones((len(paths), k), bool))
 
     cfg = FinetuneConfig(out=str(tmp_path), backbone="densenet121", label_names=["a", "b", "c"],
-                         train=split(images[:8]), val=split(images[8:]), input_size=64, freeze_backbone=True,
+                         train=split(images[:8]), val=split(images[8:]), data_config=DataConfig(64), freeze_backbone=True,
                          lr=1e-2, batch_size=4, epochs=1, num_workers=0, threads=1, log_every=0, loss="bce")
     result = train(cfg)
     assert result["stopped"] == "epochs" and result["global_step"] == 2
@@ -150,6 +144,42 @@ def test_frozen_backbone_trains_only_the_classifier(nih40, tmp_path):
     after = torch.load(tmp_path / LAST, weights_only=True)["model_state"]
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert changed == {"classifier.weight", "classifier.bias"}  # BatchNorm statistics untouched too
+
+
+def test_a_saved_scheduler_state_loads_only_into_a_scheduler_of_its_type(nih40, tmp_path):
+    images = sorted((nih40 / "images").glob("0000*.png"))[:8]
+
+    def split(paths):
+        return SplitImages([p.name for p in paths], [str(p) for p in paths], np.ones((4, 1), np.float32),
+                           np.ones((4, 1), bool))
+
+    cfg = FinetuneConfig(out=str(tmp_path), backbone="densenet121", label_names=["a"], train=split(images[:4]),
+                         val=split(images[4:]), data_config=DataConfig(64), freeze_backbone=True, batch_size=4,
+                         epochs=1, schedule="step", num_workers=0, threads=1, log_every=0, loss="bce",
+                         stop_after_steps=1)
+    assert train(cfg)["stopped"] == "interrupted"
+    assert torch.load(tmp_path / LAST, weights_only=True)["scheduler"]["type"] == "StepLR"
+    # Untyped, StepLR's state would load into ReduceLROnPlateau without a word (load_state_dict updates __dict__).
+    with pytest.raises(FinetuneError, match=r"last\.pt: holds StepLR scheduler state, this run's scheduler is "
+                                            r"ReduceLROnPlateau"):
+        train(dataclasses.replace(cfg, schedule="plateau", stop_after_steps=None))
+
+
+def test_the_resume_identity_is_every_training_field_but_epochs_and_io():
+    ids, paths = ["a.png", "b.png"], ["/x/a.png", "/x/b.png"]
+    split = SplitImages(ids, paths, np.ones((2, 1), np.float32), np.ones((2, 1), bool))
+    cfg = FinetuneConfig(out="runs/a", backbone="densenet121", label_names=["a"], train=split, val=split)
+    base = identity_of(cfg, policy="ignore")
+    assert set(base) == {f.name for f in dataclasses.fields(cfg)} - NOT_IDENTITY | {"policy"}
+    assert identity_of(dataclasses.replace(cfg, epochs=99, out="runs/b", log_every=1, device="cuda",
+                                           num_workers=7, threads=3), policy="ignore") == base
+    for change in ({"lr": 1e-3}, {"betas": (0.5, 0.9)}, {"schedule": "step"}, {"lr_factor": 0.5},
+                   {"plateau_patience": 4}, {"focal_alpha": 0.25}, {"data_config": DataConfig(320)},
+                   {"train": SplitImages(ids, paths, np.zeros((2, 1), np.float32), np.ones((2, 1), bool))}):
+        other = identity_of(dataclasses.replace(cfg, **change), policy="ignore")
+        assert [k for k in base if base[k] != other[k]] == list(change), change
+    # Plain data: what torch.load(weights_only=True) gives back, equal to what was saved.
+    assert base["betas"] == [0.9, 0.999] and base["data_config"]["input_size"] == 224
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -173,8 +203,11 @@ def test_run_directory_has_the_head_runs_files_and_loadable_checkpoints(run, nih
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert config["kind"] == "finetune" and config["input_size"] == 64 and config["resize_size"] == 73
+    assert config["kind"] == "finetune" and DataConfig.from_dict(config["data_config"]) == DataConfig(64)
     assert set(metrics["splits"]) == {"val", "test"} and len(metrics["label_names"]) == 14
+    for split in ("val", "test"):  # AUROC intervals resample the image table's patients
+        boot = metrics["splits"][split]["bootstrap"]
+        assert boot["unit"] == "patient" and 0 < boot["units"] <= metrics["splits"][split]["n"]
     left_out = sum(int(n.split()[1]) for n in metrics["notes"] if "left out of the metrics" in n)
     predicted = 0
     for split in ("val", "test"):
@@ -192,7 +225,7 @@ def test_run_directory_has_the_head_runs_files_and_loadable_checkpoints(run, nih
     for name in (BEST, LAST):
         ckpt = torch.load(out / name, map_location="cpu", weights_only=True)
         assert ckpt["format"] == "cxr-features/finetune" and ckpt["backbone"] == "densenet121"
-        assert ckpt["label_names"] == metrics["label_names"] and ckpt["input_size"] == 64
+        assert ckpt["label_names"] == metrics["label_names"] and ckpt["data_config"] == config["data_config"]
         assert not any(k.startswith("module.") for k in ckpt["model_state"])
     last = torch.load(out / LAST, weights_only=True)
     assert {"optimizer", "scheduler", "rng"} <= set(last) and last["epoch"] == 3 and last["global_step"] == 6
@@ -204,30 +237,43 @@ def test_run_directory_has_the_head_runs_files_and_loadable_checkpoints(run, nih
 
 
 @needs_shared
-def test_bbox_list_gives_the_accuracy_table_and_overlays(run):
+def test_bbox_list_gives_the_accuracy_table_and_overlays(run, nih40):
     out, _ = run
     loc = json.loads((out / "metrics.json").read_text())["localization"]
-    assert loc["images"] == 9 and loc["boxes"] == 9
+    # Only the named split's boxed images are scored: here train's, the images not in val or test.
+    boxed = set(read_nih_bboxes(BBOX_CSV)["image_id"]) & set(os.listdir(nih40 / "images"))
+    elsewhere = {i for s in ("val", "test") for i in pd.read_parquet(out / "predictions" / f"{s}.parquet")["image_id"]}
+    in_split = boxed - elsewhere
+    assert loc["split"] == "train" and loc["images"] == loc["boxes"] == len(in_split) and 2 < len(in_split) < 9
     table = pd.DataFrame(loc["table"])
     overall = table[table["label"] == "all"]
     assert sorted(overall.query("measure == 'iou'")["threshold"]) == list(IOU_THRESHOLDS)
     assert sorted(overall.query("measure == 'iobb'")["threshold"]) == list(IOBB_THRESHOLDS)
-    assert (overall["n"] == 9).all() and table["accuracy"].between(0, 1).all()
+    assert (overall["n"] == len(in_split)).all() and table["accuracy"].between(0, 1).all()
     assert len(loc["overlays"]) == 2 and all((out / p).is_file() for p in loc["overlays"])
     report = (out / "report.md").read_text()
-    assert "## Localization (class activation maps)" in report and "| all | 9 |" in report
+    assert "## Localization (class activation maps)" in report and f"| all | {len(in_split)} |" in report
     assert f"]({loc['overlays'][0]})" in report
 
 
 @needs_shared
 def test_interrupted_run_resumes_at_its_step_and_ends_where_an_uninterrupted_one_does(run, nih40, tmp_path):
     out = tmp_path / "ft"
-    first = job.main(job_args(nih40, out, "--stop-after-steps", "4"))
+    # Asked for 3 epochs, resumed with 2: --epochs is the one training setting a resume may change.
+    first = job.main(job_args(nih40, out, "--stop-after-steps", "4", "--epochs", "3"))
     assert first["stopped"] == "interrupted" and (first["epoch"], first["step"]) == (2, 1)
     assert (out / LAST).is_file() and not (out / "metrics.json").exists()
 
-    with pytest.raises(FinetuneError, match=r"other settings: batch_size \(8 then, 4 now\)"):
+    with pytest.raises(FinetuneError, match=r"other training settings \(batch_size: checkpoint=8, now=4\)"):
         job.main(job_args(nih40, out, "--batch-size", "4"))
+    # Optimizer and schedule settings too: a resume would keep the checkpoint's while config.json showed these.
+    with pytest.raises(FinetuneError, match=r"\(lr: checkpoint=0\.001, now=0\.01; schedule: checkpoint='plateau', "
+                                            r"now='step'\)"):
+        job.main(job_args(nih40, out, "--lr", "1e-2", "--schedule", "step"))
+    for flag, value in (("--step-epochs", "5"), ("--betas", "0.8,0.99"), ("--focal-gamma", "1"),
+                        ("--weight-decay", "1e-4"), ("--train-seed", "1")):
+        with pytest.raises(FinetuneError, match="other training settings"):
+            job.main(job_args(nih40, out, flag, value))
 
     second = job.main(job_args(nih40, out))
     assert second["resumed_from"] == {"epoch": 2, "step": 1, "global_step": 4}
@@ -273,20 +319,23 @@ def test_extraction_job_takes_a_finetune_checkpoint_as_backbone(run, nih40, tmp_
     store = tmp_path / "store"
     extract.main(["--dataset", "nih", "--metadata", str(nih40 / "meta.csv"), "--images", str(nih40 / "images"),
                   "--out", str(store), "--backbone", "densenet121", "--weights", str(best), "--limit", "6",
-                  "--split", "ratios", "--chunk-size", "8", "--images-per-task", "3", "--progress-interval", "1"],
+                  "--split", "ratios", "--chunk-size", "8", "--images-per-task", "3", "--progress-interval", "1",
+                  "--precision", "fp32"],
                  spark=spark)
     manifest = read_manifest(store)
     assert manifest["weights"] == f"checkpoint:{best}" and manifest["weights_sha256"] == source.sha256
     rows = {s: read_split(store, s) for s in ("train", "val", "test") if (store / f"split={s}").is_dir()}
     ids = np.concatenate([r.image_id for r in rows.values()])
     features = np.concatenate([r.features for r in rows.values()])
-    # Extraction runs at the size the checkpoint was fine-tuned at, not the registry's 224.
-    assert manifest["preprocessing"]["input_size"] == 64
-    pixels = np.stack([load_image(str(nih40 / "images" / i), 64) for i in ids])
+    # Extraction takes the checkpoint's own input (64 px, its geometry), not the registry's 224.
+    ckpt_config = torch.load(best, weights_only=True)["data_config"]
+    assert manifest["data_config"] == ckpt_config and manifest["precision"] == "fp32"
+    # ...so its features are the fine-tuned model's own pooled features on its evaluation input.
+    eval_ds = ImageDataset([str(nih40 / "images" / i) for i in ids], np.zeros((len(ids), 1)), np.ones((len(ids), 1)),
+                           DataConfig.from_dict(ckpt_config), train=False)
     with torch.inference_mode():
-        want = model(Preprocessing(64).to_tensor(pixels)).numpy()
-    # The job runs under bf16 autocast where the CPU has it: close, not equal.
-    np.testing.assert_allclose(features, want, rtol=0.05, atol=0.05 * np.abs(want).max())
+        want = model(torch.stack([eval_ds[k][0] for k in range(len(ids))])).numpy()
+    np.testing.assert_allclose(features, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 def test_refusals_before_any_training(tmp_path, nih40):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.images import Preprocessing, load_image
+from common.data_config import DataConfig
 from common.inference import FeatureExtractor
 from heads import predict, train
 from heads.checkpoint import load_head
@@ -16,18 +16,29 @@ BACKBONE, DIM = "mobilenet_v3_large", 1280  # the registry's fastest backbone
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
+    return _trained(tmp_path_factory.mktemp("images"), DataConfig(224))
+
+
+def _trained(root, data_config):
     rng = np.random.default_rng(0)
     splits = {s: synthetic_rows(n, DIM, 14, rng, signal=1.0, prefix=s) for s, n in {"train": 60, "val": 30}.items()}
     store = write_store(root / "store", splits, backbone=BACKBONE, weights="random:0",
-                        manifest_extra={"preprocessing": Preprocessing(224).describe()})
+                        manifest_extra={"data_config": data_config.to_dict()})
     out = root / "run"
     train.main(["--store", str(store), "--out", str(out), "--epochs", "2", "--threads", "1", "--quiet"])
     return root, out
 
 
-def test_folder_predictions_equal_head_on_extracted_features(run):
-    root, out = run
+@pytest.fixture(scope="module")
+def run_64_crop(tmp_path_factory):
+    # A store extracted at a non-default input (e.g. from a 64 px fine-tune checkpoint).
+    return _trained(tmp_path_factory.mktemp("images64"), DataConfig(64, resize="crop"))
+
+
+@pytest.mark.parametrize("which", ["run", "run_64_crop"])
+def test_folder_predictions_equal_head_on_extracted_features(which, request):
+    root, out = request.getfixturevalue(which)
+    data_config = DataConfig.from_dict(load_head(out).stores[0]["data_config"])
     folder = root / "scans"
     (folder / "sub").mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -43,8 +54,8 @@ def test_folder_predictions_equal_head_on_extracted_features(run):
 
     head = load_head(out)
     good = got[got["error"].isna()]
-    extractor = FeatureExtractor(BACKBONE, None, 0, precision="fp32", threads=1)
-    features = extractor(np.stack([load_image(str(folder / i), 224) for i in good["image_id"]]))
+    extractor = FeatureExtractor(BACKBONE, None, 0, precision="fp32", threads=1, data_config=data_config)
+    features = extractor(np.stack([data_config.load(str(folder / i)) for i in good["image_id"]]))
     nan = np.full(len(good), np.nan, dtype=np.float32)
     expected = predict.probabilities(head, features, nan, nan, "fp32")
     np.testing.assert_allclose(good[head.label_names].to_numpy(), expected, rtol=1e-4, atol=1e-6)
@@ -58,3 +69,18 @@ def test_folder_refused_for_a_head_with_age_and_sex(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict.main(["--run", str(out), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")])
     assert "age and sex" in capsys.readouterr().err
+
+
+def test_folder_images_get_the_stores_own_input(run_64_crop, monkeypatch):
+    # Random-weight features are tiny, so equal probabilities alone would not show the geometry: look at the input.
+    root, out = run_64_crop
+    folder = root / "wide"
+    folder.mkdir()
+    img = np.zeros((60, 180), np.uint8)
+    img[:, 60:120] = 255  # white center square: the 'crop' input is all white
+    Image.fromarray(img).save(folder / "w.png")
+    seen = []
+    original = FeatureExtractor.__call__
+    monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, images: seen.append(images) or original(self, images))
+    predict.main(["--run", str(out), "--images", str(folder), "--threads", "1", "--out", str(root / "w.csv")])
+    assert seen[0].shape == (1, 64, 64) and seen[0][:, :, 2:-2].min() > 0.99  # not padded, not 224

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from common.labels import CHEXPERT_COMPETITION, CHEXPERT_LABELS
 from common import report
@@ -64,21 +65,42 @@ def test_run_directory_describes_itself(signal_run, stores):
     assert set(metrics["splits"]) == {"val", "test"}
     assert {"mean_auc", "w_auc", "mean_d_auc", "mean_n_auc"} <= set(metrics["splits"]["test"]["summary"])
     assert metrics["history"][metrics["best_epoch"] - 1]["val_loss"] == min(h["val_loss"] for h in metrics["history"])
+    # AUROC intervals by patient (the fixture's patients have two images each), for both scored splits.
+    for split in ("val", "test"):
+        m = metrics["splits"][split]
+        assert m["bootstrap"]["unit"] == "patient" and m["bootstrap"]["units"] == 150
+        assert m["bootstrap"]["draws"] == 1000 and m["bootstrap"]["seed"] == 0
+        assert m["bootstrap"]["valid_draws"]["mean"] == 1000
+        s = m["summary"]
+        assert s["mean_auc_ci_low"] < s["mean_auc"] < s["mean_auc_ci_high"]
+        for c in m["per_class"].values():
+            assert c["auroc_ci_low"] <= c["auroc"] <= c["auroc_ci_high"]
     text = (out / "report.md").read_text()
     assert "| Atelectasis |" in text and "Wang 2017" in text and "CheXNet" in text and "CheXpert paper" not in text
+    atelectasis = metrics["splits"]["test"]["per_class"]["Atelectasis"]
+    assert (f"{atelectasis['auroc']:.3f} ({atelectasis['auroc_ci_low']:.2f}-{atelectasis['auroc_ci_high']:.2f})"
+            in text.split("| Atelectasis |")[1].splitlines()[0])
+    assert "of a patient-level bootstrap: 1000 draws" in text and "seed 0" in text and "(val 150 patients, test 150 patients)" in text
     head = load_head(out)
     assert head.inputs.width == 34 and head.label_names == metrics["label_names"] and head.stores[0]["path"] == str(stores["signal"])
 
 
 def test_same_seed_gives_identical_heads(stores, tmp_path):
     args = ["--store", str(stores["signal"]), "--epochs", "3", "--batch-size", "64", "--threads", "1", "--quiet",
-            "--head", "mlp3-dropout"]
+            "--head", "mlp3-dropout", "--init-seed", "7"]
     train.main([*args, "--out", str(tmp_path / "a")])
     train.main([*args, "--out", str(tmp_path / "b")])
     a, b = load_head(tmp_path / "a"), load_head(tmp_path / "b")
     assert a.spec.dropout == 0.5
     for key, value in a.model.state_dict().items():
         assert torch.equal(value, b.model.state_dict()[key]), key
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["settings"]["init_seed"] == 7
+
+
+def test_the_init_seed_flag_is_not_called_seed_which_is_the_jobs_split_seed():
+    assert train.build_parser().parse_args(["--init-seed", "3"]).init_seed == 3
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--seed", "3"])
 
 
 def test_grid_search_records_every_cell_and_picks_the_best(stores, tmp_path):
@@ -97,10 +119,13 @@ def test_grid_search_records_every_cell_and_picks_the_best(stores, tmp_path):
 def test_config_file_sets_defaults_and_flags_override(stores, tmp_path):
     conf = tmp_path / "heads.toml"
     conf.write_text(f'[train]\nstore = ["{stores["noise"]}"]\nepochs = 1\nlr = 0.01\nhidden = [16, 8]\n'
-                    'threads = 1\nquiet = true\n')
+                    'threads = 1\nquiet = true\nbootstrap-draws = 0\n')
     train.main(["--config", str(conf), "--out", str(tmp_path / "run"), "--epochs", "2"])
     settings = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
     assert (settings["epochs"], settings["lr"], settings["hidden"]) == (2, 0.01, [16, 8])
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())["splits"]["test"]  # no intervals asked
+    assert "bootstrap" not in test and "mean_auc_ci_low" not in test["summary"]
+    assert "AUROC intervals" not in (tmp_path / "run" / "report.md").read_text()
     conf.write_text("[train]\nepoch = 3\n")
     with pytest.raises(SystemExit):
         train.main(["--config", str(conf), "--out", str(tmp_path / "other")])
@@ -117,6 +142,10 @@ def test_refusals_exit_with_one_line(stores, tmp_path, capsys):
         train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err.strip()
     assert "not a run directory" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "z"), "--bootstrap-draws", "50"])
+    err = capsys.readouterr().err.strip()
+    assert "--bootstrap-draws 50: 0 (no intervals) or at least 100" in err and "\n" not in err
 
 
 def test_chexpert_policies_subset_and_nan_class(tmp_path):
@@ -206,4 +235,48 @@ def test_a_first_epoch_that_diverges_is_refused(stores, tmp_path, capsys):
         train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "run"), "--lr", "1e30", *FAST])
     err = capsys.readouterr().err
     assert "diverged in its first epoch" in err
+    assert not (tmp_path / "run" / "head.pt").exists()
+
+
+def test_chexpert_runs_are_also_scored_per_study(tmp_path):
+    """CheXpert's study-level evaluation: a study scores its images' highest probability."""
+    rng = np.random.default_rng(7)
+    names = CHEXPERT_LABELS
+    splits = {}
+    for s, n in {"train": 300, "val": 120, "test": 120}.items():
+        rows = synthetic_rows(n, 16, len(names), rng, signal=2.5, prefix=s)
+        # Two views per study, sharing the study's labels as CheXpert's report-derived labels do.
+        rows["labels"][1::2] = rows["labels"][0::2]
+        rows["image_id"] = [f"CheXpert-v1.0-small/{s}/patient{i // 4:05d}/study{(i // 2) % 2 + 1}/view{i % 2 + 1}_frontal.jpg"
+                            for i in range(n)]
+        rows["patient_id"] = [f"patient{i // 4:05d}" for i in range(n)]
+        splits[s] = rows
+    store = write_store(tmp_path / "chexpert", splits, names, dataset="chexpert", backbone="densenet121")
+    out = tmp_path / "run"
+    train.main(["--store", str(store), "--out", str(out), "--labels", "competition", *FAST])
+    test = json.loads((out / "metrics.json").read_text())["splits"]["test"]
+    study = test["study_level"]
+    assert study["studies"] == 60 and study["label_disagreements"] == 0
+    pred = pd.read_parquet(out / "predictions" / "test.parquet")
+    pred["study"] = pred["image_id"].str.extract(r"(patient\d+/study\d+)", expand=False)
+    by_study = pred.groupby("study").agg({"Edema": "max", "label:Edema": "first"})
+    known = by_study["label:Edema"] >= 0
+    want = roc_auc_score(by_study.loc[known, "label:Edema"], by_study.loc[known, "Edema"])
+    assert study["per_class"]["Edema"]["auroc"] == pytest.approx(want)
+    assert study["per_class"]["Edema"]["n_pos"] + study["per_class"]["Edema"]["n_neg"] == int(known.sum())
+    text = (out / "report.md").read_text()
+    assert "test study AUROC" in text and "60 studies" in text
+
+
+def test_constant_features_are_refused(tmp_path, capsys):
+    # A randomly initialised MobileNet's features: ~1e-10 everywhere; a head would score exactly 0.5.
+    rng = np.random.default_rng(0)
+    splits = {s: synthetic_rows(n, 16, 14, rng, prefix=s) for s, n in {"train": 40, "val": 20}.items()}
+    for rows in splits.values():
+        rows["features"] = (1e-10 * (1 + 1e-3 * rng.random(rows["features"].shape))).astype(np.float32)
+    store = write_store(tmp_path / "flat", splits)
+    with pytest.raises(SystemExit):
+        train.main(["--store", str(store), "--out", str(tmp_path / "run"), *FAST])
+    err = capsys.readouterr().err
+    assert "train: features are constant" in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "head.pt").exists()

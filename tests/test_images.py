@@ -1,6 +1,5 @@
-"""Decoding and preprocessing, on real NIH images and copies of them in other formats."""
+"""Decoding, on real NIH images and copies of them in other formats (geometry: test_data_config.py)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -8,10 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from common.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_image
+from common.data_config import DataConfig
+from common.images import read_gray
 from tests.data_paths import NIH_IMAGES
 
 SIZE = 224
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    # These files are square or their geometry does not matter here: decoding is what is tested.
+    return DataConfig(size, resize="stretch").load(path)
 
 pytestmark = pytest.mark.skipif(not NIH_IMAGES.is_dir(), reason=f"{NIH_IMAGES} not present")
 
@@ -132,24 +137,9 @@ def test_broken_files_raise(gray_path, tmp_path):
 def test_out_of_range_32_bit_raises(tmp_path):
     path = _save(Image.fromarray(np.full((8, 8), 70000, np.int32)), tmp_path / "big.tif")
     with pytest.raises(ValueError, match="big.tif"):
-        load_image(str(path), 4)
+        load_image(str(path), 8)
 
 
-def test_to_tensor_normalizes_each_channel():
-    prep = Preprocessing(input_size=4)
-    batch = np.full((2, 4, 4), 0.5, np.float32)
-    batch[1] = 0.0
-    x = prep.to_tensor(batch)
-    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
-    for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
-        assert torch.allclose(x[0, c], torch.full((4, 4), (0.5 - m) / s))
-        assert torch.allclose(x[1, c], torch.full((4, 4), -m / s))
-    with pytest.raises(ValueError, match=r"\(N, 4, 4\)"):
-        prep.to_tensor(np.zeros((2, 5, 5), np.float32))
-
-
-def test_describe_is_json():
-    desc = json.loads(json.dumps(Preprocessing(299).describe()))
-    assert desc["input_size"] == 299
-    assert desc["mean"] == list(IMAGENET_MEAN) and desc["std"] == list(IMAGENET_STD)
-    assert "stretch" in desc["resize"] and "3 channels" in desc["channels"]
+def test_read_gray_gives_exactly_the_size_asked(gray_path):
+    out = read_gray(str(gray_path), (300, 200))
+    assert out.shape == (200, 300) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1

@@ -13,6 +13,7 @@ from torch import nn
 
 from common.backbones import get_spec
 from common.bboxes import read_nih_bboxes
+from common.data_config import DataConfig
 from finetune.localization import (
     ALL_LABELS,
     IOBB_THRESHOLDS,
@@ -25,8 +26,8 @@ from finetune.localization import (
     iobb,
     iou,
     localization_accuracy,
+    map_to_grid,
     overlay_png,
-    upsample,
 )
 from tests.data_paths import NIH, NIH_IMAGES
 
@@ -113,13 +114,30 @@ def test_a_head_that_is_not_one_linear_is_refused():
         cam_model(model, get_spec("resnet50"))
 
 
-def test_upsample_is_bilinear_over_the_last_two_dimensions():
-    cams = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).expand(2, 3, 2, 2)
-    out = upsample(cams, 4)
-    assert out.shape == (2, 3, 4, 4)
-    # Half-pixel centres (align_corners=False): 0, 1/4, 3/4, 1 across.
-    assert torch.allclose(out[1, 2], torch.tensor([0.0, 0.25, 0.75, 1.0]).expand(4, 4))
-    assert upsample(torch.ones(5, 7), (10, 3)).shape == (10, 3)
+def test_map_on_a_square_grid_is_the_bilinear_upsampling():
+    # NIH: a square image, so the map goes to the 1024 grid exactly as a bilinear resize would take it.
+    cams = torch.randn(3, 7, 7)
+    got = map_to_grid(cams, DataConfig(224), (1024, 1024))
+    want = torch.nn.functional.interpolate(cams[None], size=(1024, 1024), mode="bilinear", align_corners=False)[0]
+    assert got.shape == (3, 1024, 1024)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("resize", ["pad", "crop", "stretch"])
+def test_map_peak_lands_where_the_input_showed_it(resize):
+    # A map peaking at one input pixel must peak at that pixel's original position in a wide image.
+    cfg = DataConfig(40, resize=resize)
+    width, height = 200, 100
+    place = cfg.placement(width, height)
+    x0, y0 = 130.0, 60.0  # a point of the original image
+    xi, yi = place.to_input(np.array(x0), np.array(y0))
+    cams = torch.zeros(1, 40, 40)
+    cams[0, int(yi), int(xi)] = 1.0
+    out = map_to_grid(cams, cfg, (width, height))[0]
+    y, x = np.unravel_index(int(out.argmax()), out.shape)
+    assert abs(x + 0.5 - x0) <= 1 / place.scale_x + 1 and abs(y + 0.5 - y0) <= 1 / place.scale_y + 1
+    if resize == "crop":  # the cut sides show nothing: they get the map's minimum
+        assert float(out[:, :10].max()) == 0.0
 
 
 # --- boxes from maps -------------------------------------------------------------------------------
@@ -278,7 +296,7 @@ def test_evaluate_localization_on_whole_image_boxes(tmp_path):
     model = copy.deepcopy(_k_way("resnet50")).train()
     out = tmp_path / "overlays"
     table = evaluate_localization(
-        model, get_spec("resnet50"), boxes, paths, LABELS3, input_size=64, out_dir=out, n_overlays=2
+        model, get_spec("resnet50"), boxes, paths, LABELS3, data_config=DataConfig(64), out_dir=out, n_overlays=2
     )
     assert model.training  # put back as it was
     assert set(table["measure"]) == {"iou", "iobb"}
@@ -303,7 +321,7 @@ def test_evaluate_localization_on_real_nih_boxes(tmp_path):
     assert len(paths) == 9  # the shared image sample holds nine boxed images
     labels = ("Cardiomegaly", "Infiltration", "Mass", "Nodule", "Pneumonia")
     table = evaluate_localization(
-        _k_way("resnet50", k=5), get_spec("resnet50"), boxes, paths, labels, input_size=64, out_dir=tmp_path, n_overlays=1
+        _k_way("resnet50", k=5), get_spec("resnet50"), boxes, paths, labels, data_config=DataConfig(64), out_dir=tmp_path, n_overlays=1
     )
     assert set(table["label"]) == {*labels, ALL_LABELS}
     assert (table.query("label == 'all'")["n"] == 9).all()
