@@ -8,6 +8,7 @@ re-render shows exactly the run's metrics.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,14 +83,16 @@ def plot_loss(history: list[dict], path: Path) -> None:
 def plot_roc(pred: dict, names: list[str], aucs: dict, title: str, path: Path) -> None:
     fig = Figure(figsize=(7, 7))
     ax = fig.add_subplot()
-    colors = colormaps["tab20"].colors  # 14 NIH labels: the default 10-colour cycle would repeat
+    # 14 NIH labels: ten distinct hues, then the same hues dashed (tab20's light/dark pairs look alike).
+    colors = colormaps["tab10"].colors
     for c, name in enumerate(names):
         keep = pred["mask"][:, c]
         y = pred["y"][keep, c]
         if y.size == 0 or y.min() == y.max():
             continue  # undefined AUROC: no curve, the report's notes say why
         fpr, tpr, _ = roc_curve(y, pred["probs"][keep, c])
-        ax.plot(fpr, tpr, lw=1.2, color=colors[c % len(colors)], label=f"{name} ({_f(aucs.get(name))})")
+        ax.plot(fpr, tpr, lw=1.4, color=colors[c % len(colors)], ls="-" if c < len(colors) else "--",
+                label=f"{name} ({_f(aucs.get(name))})")
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -129,6 +132,52 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
     return header, rows + [["**mean**"] + means]
 
 
+def _loss_text(s: dict) -> str:
+    """The loss as run, with the focal loss's parameters when it is part of it."""
+    if "focal" not in s["loss"].split("+"):
+        return s["loss"]
+    alpha = s.get("focal_alpha")
+    return f"{s['loss']} (focal γ {s['focal_gamma']:g}, α {'none' if alpha is None else f'{alpha:g}'})"
+
+
+_NAN_NOTE = re.compile(r"^(?P<split>\w+): (?P<label>.+?): no (?P<what>[\w ]+?), (?P<metric>[\w-]+) is NaN$")
+_PER_LABEL = re.compile(r"^(?P<prefix>\w+): (?P<label>[^:]+): (?P<rest>.+)$")
+
+
+def group_notes(notes: list[str], labels: list[str]) -> list[str]:
+    """One line per kind instead of one per label: "val: Edema: no positives, AUROC is NaN", its
+    D-AUC and N-AUC twins and the same for Hernia become "val: Edema, Hernia: no positives, AUROC,
+    D-AUC, N-AUC undefined"; any notes that differ only in the label join the same way."""
+    merged: list[str] = []  # pass 1: a label's NaN metrics in one note
+    metrics_at: dict[tuple, int] = {}
+    for note in notes:
+        m = _NAN_NOTE.match(note)
+        if not m or m["label"] not in labels:
+            merged.append(note)
+            continue
+        key = (m["split"], m["label"], m["what"])
+        if key in metrics_at:
+            merged[metrics_at[key]] += f", {m['metric']}"
+        else:
+            metrics_at[key] = len(merged)
+            merged.append(f"{m['split']}: {m['label']}: no {m['what']}, {m['metric']}")
+    for key, i in metrics_at.items():
+        merged[i] += " undefined"
+    lines: list = []  # pass 2: notes equal but for the label share a line
+    by_kind: dict[tuple, list[str]] = {}
+    for note in merged:
+        m = _PER_LABEL.match(note)
+        if not m or m["label"] not in labels:
+            lines.append(note)
+            continue
+        kind = (m["prefix"], m["rest"])
+        if kind not in by_kind:
+            by_kind[kind] = []
+            lines.append(kind)
+        by_kind[kind].append(m["label"])
+    return [line if isinstance(line, str) else f"{line[0]}: {', '.join(by_kind[line])}: {line[1]}" for line in lines]
+
+
 def _head_run_lines(config: dict, metrics: dict) -> list[str]:
     """The "Run" section of a head trained on feature stores (heads.train)."""
     names, s = metrics["label_names"], config["settings"]
@@ -143,7 +192,7 @@ def _head_run_lines(config: dict, metrics: dict) -> list[str]:
         f"- inputs: {config['input_width']} wide" + (f", with age/100 and sex ({s['sex_encoding']})" if s["age_sex"] else "")
         + ", standardized with train statistics",
         f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
-        f"- loss {s['loss']}; Adam lr {metrics['selected']['lr']:g}, weight decay {metrics['selected']['weight_decay']:g}, "
+        f"- loss {_loss_text(s)}; Adam lr {metrics['selected']['lr']:g}, weight decay {metrics['selected']['weight_decay']:g}, "
         f"batch {s['batch_size']}; {config['precision_resolved']}; init seed {s['init_seed']}",
         f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} ({metrics['stopped']}); "
         f"training {metrics['train_seconds']:.1f} s",
@@ -165,7 +214,7 @@ def _finetune_run_lines(config: dict, metrics: dict) -> list[str]:
         f"- input: {DataConfig.from_dict(config['data_config']).describe()}; training views: "
         f"{DataConfig.from_dict(config['data_config']).describe_training()}",
         f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
-        f"- loss {s['loss']}; Adam lr {s['lr']:g}, weight decay {s['weight_decay']:g}, lr {schedule}; "
+        f"- loss {_loss_text(s)}; Adam lr {s['lr']:g}, weight decay {s['weight_decay']:g}, lr {schedule}; "
         f"batch {s['batch_size']} x {t['world_size']} process(es) on {t['device']}; {t['precision']}; "
         f"seed {s['train_seed']}",
         f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} by {s['best_metric']} ({metrics['stopped']}); "
@@ -254,7 +303,7 @@ def render(run: str | Path) -> Path:
     lines += ["", "## Curves", "", "![loss curves](loss.png)", ""]
     lines += [f"![ROC {sp}](roc_{sp}.png)" for sp in splits if (run / f"roc_{sp}.png").exists()]
     if metrics["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in metrics["notes"]]
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in group_notes(metrics["notes"], names)]
     path = run / rundir.REPORT
     path.write_text("\n".join(lines) + "\n")
     return path

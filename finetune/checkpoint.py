@@ -109,7 +109,8 @@ def resume_point(out: str | Path, identity: dict) -> dict | None:
         raise FinetuneError(f"--out {out} holds an interrupted run with other training settings ({'; '.join(differ)}); "
                             "resume with the checkpoint's settings (--epochs may differ), or pass --overwrite to start "
                             "over")
-    return {"epoch": obj["epoch"], "step": obj["step"], "global_step": obj["global_step"]}
+    return {"epoch": obj["epoch"], "step": obj["step"], "global_step": obj["global_step"],
+            "stopped": obj.get("train_state", {}).get("stopped")}
 
 
 def scheduler_state(scheduler) -> dict:

@@ -30,6 +30,9 @@ class SplitImages:
     paths: list[str]
     targets: np.ndarray  # (n, K) float32 0/1
     mask: np.ndarray  # (n, K) bool: False where a label is uncertain under U-Ignore
+    # The raw labels' (y, mask) (common.targets.eval_targets): what the val AUROC scores, whatever
+    # the policy; None: the targets themselves.
+    truth: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,6 +73,7 @@ class FinetuneConfig:
     threads: int | None = None  # torch threads per process; default cores / processes on the node
     checkpoint_every: int = 500  # steps; last.pt is also written at every epoch end
     log_every: int = 50  # steps between progress lines within an epoch; 0: none
+    log_seconds: float = 30.0  # also a progress line when this long has passed since the last; 0: none
     stop_after_steps: int | None = None  # stop (after writing last.pt) once this call has run this many
     identity: dict = field(default_factory=dict)  # what a resumed run must match: identity_of(...)
     record: dict = field(default_factory=dict)  # the job's settings, stored in the checkpoints
@@ -78,7 +82,8 @@ class FinetuneConfig:
 # The FinetuneConfig fields a resumed run may change: a new field shapes training (and so joins
 # the identity) unless it is listed here. `epochs` lets a run be continued for more epochs.
 NOT_IDENTITY = frozenset({
-    "out", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "stop_after_steps",
+    "out", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "log_seconds",
+    "stop_after_steps",
     "identity", "record",
     "state_file",  # a path; the caller gives the weights' label and sha256 instead
 })

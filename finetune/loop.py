@@ -72,8 +72,9 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: FinetuneConfig):
 
 
 def _validate(model, val: ImageDataset, loss_fn, cfg: FinetuneConfig, d: Dist, precision: str):
-    """Val loss and mean AUROC of the whole split: each rank predicts every W-th image, rank 0
-    scores them all and broadcasts, so every rank takes the same decisions from the same numbers."""
+    """Val loss (on the policy's targets, as training) and mean AUROC (on the raw labels, as the
+    metrics) of the whole split: each rank predicts every W-th image, rank 0 scores them all and
+    broadcasts, so every rank takes the same decisions from the same numbers."""
     idx = np.arange(d.rank, len(val), d.world)
     logits, ok = predict(model, Subset(val, idx.tolist()), cfg.batch_size, d.device, precision, cfg.num_workers)
     parts = d.all_gather((idx, logits, ok))
@@ -86,7 +87,9 @@ def _validate(model, val: ImageDataset, loss_fn, cfg: FinetuneConfig, d: Dist, p
         y, mask = val.targets.numpy(), val.mask.numpy().astype(bool) & ok[:, None]
         with torch.no_grad():
             loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y), torch.from_numpy(mask.astype(np.float32))))
-        values = (loss, nanmean(fast_auroc(y, logits, mask)), [val.paths[i] for i in np.flatnonzero(~ok)])
+        truth_y, truth_mask = cfg.val.truth if cfg.val.truth is not None else (y, mask)
+        auc = nanmean(fast_auroc(truth_y, logits, np.asarray(truth_mask, bool) & ok[:, None]))
+        values = (loss, auc, [val.paths[i] for i in np.flatnonzero(~ok)])
     return d.broadcast(values)
 
 
@@ -184,7 +187,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
 
     run_steps, interrupted, started = 0, False, time.perf_counter()
     while state.stopped is None and state.epoch <= cfg.epochs and not interrupted:
-        t0 = time.perf_counter()
+        t0 = last_line = time.perf_counter()
         train_ds.epoch = state.epoch
         sampler.set_epoch(state.epoch, state.step)
         _set_train_mode(net, model, spec.classifier, cfg.freeze_backbone)
@@ -217,9 +220,12 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
             state.step += 1
             state.global_step += 1
             run_steps += 1
-            if cfg.log_every and state.step % cfg.log_every == 0 and state.step < steps:
-                say(_progress(state, cfg, steps, done, seen * d.world, time.perf_counter() - t0,
-                              seen_loss / max(seen, 1)))
+            now = time.perf_counter()
+            # Every log_every steps, and in slow epochs (few, long steps) every log_seconds as well.
+            due = (cfg.log_every and state.step % cfg.log_every == 0) or (cfg.log_seconds and now - last_line >= cfg.log_seconds)
+            if due and state.step < steps:
+                say(_progress(state, cfg, steps, done, seen * d.world, now - t0, seen_loss / max(seen, 1)))
+                last_line = now
             if cfg.stop_after_steps and run_steps >= cfg.stop_after_steps:
                 interrupted = True
                 break

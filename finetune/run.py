@@ -45,7 +45,7 @@ def split_images(table, cols: np.ndarray, policy: str) -> tuple[dict[str, SplitI
             continue
         targets, mask = apply_policy(labels[rows][:, cols], policy)
         out[split] = SplitImages(table["image_id"].iloc[rows].tolist(), table["path"].iloc[rows].tolist(),
-                                 targets, mask)
+                                 targets, mask, eval_targets(labels[rows][:, cols]))
         flags[split] = rows
     return out, flags, labels
 
@@ -104,16 +104,26 @@ def localize(model, spec, box_file: str, table, label_names: list[str], data_con
     return result, notes
 
 
-def prepare_out(out: str, overwrite: bool, identity: dict) -> tuple[Path, dict | None]:
-    """The run directory: resumed when it holds an interrupted run of these settings, else fresh."""
+def prepare_out(out: str, overwrite: bool, identity: dict, epochs: int) -> tuple[Path, dict | None]:
+    """The run directory: resumed when it holds an interrupted run of these settings, continued
+    when it holds a finished one that ran out of epochs and more are asked for, else fresh."""
     path = Path(out)
     finished = (path / rundir.METRICS).exists()
-    if not overwrite and not finished:
-        resume = resume_point(path, identity)
-        if resume is not None:
-            return path, resume
-        if (path / rundir.CONFIG).exists():  # started but stopped before its first checkpoint
-            return rundir.prepare(path, overwrite=True), None
+    if overwrite:
+        return rundir.prepare(path, overwrite), None
+    resume = resume_point(path, identity)
+    # A finished run's last.pt says how it stopped; an interrupted continuation of one says None.
+    if resume is not None and finished and resume["stopped"] is not None:
+        done = resume["epoch"] - 1
+        if resume["stopped"] != "epochs" or done >= epochs:
+            why = (f"it stopped early ({resume['stopped']})" if resume["stopped"] != "epochs"
+                   else f"it ran {done} epochs; ask for more with --epochs to continue it")
+            raise rundir.RunError(f"--out {out}: holds a finished run; {why}, or pass --overwrite to replace it")
+        log(f"continuing the finished run in {out}: epochs {done + 1}-{epochs}")
+    if resume is not None:
+        return path, resume
+    if (path / rundir.CONFIG).exists() and not finished:  # started but stopped before its first checkpoint
+        return rundir.prepare(path, overwrite=True), None
     return rundir.prepare(path, overwrite), None
 
 
@@ -158,13 +168,13 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
         lr_factor=args.lr_factor, plateau_patience=args.plateau_patience,
         early_stop_patience=args.early_stop_patience, best_metric=args.best_metric, seed=args.train_seed,
         precision=args.precision, num_workers=args.num_workers, threads=args.threads,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_after_steps=args.stop_after_steps,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, log_seconds=args.log_seconds, stop_after_steps=args.stop_after_steps,
         record=rundir.jsonable(settings),
     )
     # The weights by content, not path; the policy and the process count shape training from outside cfg.
     cfg.identity = identity_of(cfg, weights=weights.label, weights_sha256=weights.sha256, policy=args.policy,
                                num_processes=args.num_processes)
-    out, resume = prepare_out(args.out, args.overwrite, cfg.identity)
+    out, resume = prepare_out(args.out, args.overwrite, cfg.identity, args.epochs)
     device = resolve_device()
     cfg.out, cfg.device = str(out), device
     config = {

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / processes)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between last.pt saves (and every epoch end)")
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines within an epoch; 0: none")
+    g.add_argument("--log-seconds", type=float, default=30.0,
+                   help="also a progress line when this many seconds passed since the last (slow epochs); 0: none")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop after this many steps, with last.pt saved; the same command resumes (time-boxed jobs)")
     g = p.add_argument_group("localization")

@@ -126,7 +126,7 @@ def test_dataset_crops_flips_and_survives_an_unreadable_file(tmp_path):
     assert not torch.equal(train_ds[7][0], crops[7])
 
 
-def test_frozen_backbone_trains_only_the_classifier(nih40, tmp_path):
+def test_frozen_backbone_trains_only_the_classifier(nih40, tmp_path, capfd):
     images = sorted((nih40 / "images").glob("0000*.png"))[:12]
     k = 3
     rng = np.random.default_rng(0)
@@ -137,8 +137,11 @@ def test_frozen_backbone_trains_only_the_classifier(nih40, tmp_path):
 
     cfg = FinetuneConfig(out=str(tmp_path), backbone="densenet121", label_names=["a", "b", "c"],
                          train=split(images[:8]), val=split(images[8:]), data_config=DataConfig(64), freeze_backbone=True,
-                         lr=1e-2, batch_size=4, epochs=1, num_workers=0, threads=1, log_every=0, loss="bce")
+                         lr=1e-2, batch_size=4, epochs=1, num_workers=0, threads=1, log_every=0, loss="bce",
+                         log_seconds=1e-9)
     result = train(cfg)
+    # No step count asked for, but a slow epoch still reports progress, by time.
+    assert "epoch 1/1  step 1/2" in capfd.readouterr().err
     assert result["stopped"] == "epochs" and result["global_step"] == 2
     before = build_classifier(cfg.backbone, None, cfg.init_seed, len(cfg.label_names)).state_dict()
     after = torch.load(tmp_path / LAST, weights_only=True)["model_state"]
@@ -346,3 +349,17 @@ def test_refusals_before_any_training(tmp_path, nih40):
     with pytest.raises(ValueError, match="--loss 'hinge'"):
         job.main(job_args(nih40, tmp_path / "x", "--loss", "hinge"))
     assert not (tmp_path / "x").exists()
+
+
+@needs_shared
+def test_a_finished_run_continues_for_more_epochs_without_overwrite(run, nih40, tmp_path):
+    out = tmp_path / "more"
+    shutil.copytree(run[0], out)
+    with pytest.raises(rundir.RunError, match="it ran 2 epochs; ask for more with --epochs"):
+        job.main(job_args(nih40, out, "--bbox-list", str(BBOX_CSV), "--overlays", "2", "--localize-split", "train"))
+    more = job.main(job_args(nih40, out, "--bbox-list", str(BBOX_CSV), "--overlays", "2", "--localize-split", "train",
+                             "--epochs", "3"))
+    assert more["resumed_from"] == {"epoch": 3, "step": 0, "global_step": 6}
+    assert [h["epoch"] for h in more["history"]] == [1, 2, 3] and more["global_step"] == 9
+    assert more["history"][:2] == run[1]["history"]  # the first two epochs are the finished run's own
+    assert json.loads((out / "metrics.json").read_text())["history"][-1]["epoch"] == 3
