@@ -97,7 +97,8 @@ def plot_roc(pred: dict, names: list[str], aucs: dict, title: str, path: Path) -
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # no class with both positives and negatives: no legend
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -29,6 +29,7 @@ from common.data_config import DataConfig
 from common.store import read_manifest, read_split
 from common import rundir
 from finetune.localization import IOBB_THRESHOLDS, IOU_THRESHOLDS
+from heads import predict as heads_predict, train as heads_train
 from jobs import extract
 from jobs import finetune as job
 from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, needs_shared
@@ -321,7 +322,7 @@ def test_extraction_job_takes_a_finetune_checkpoint_as_backbone(run, nih40, tmp_
 
     store = tmp_path / "store"
     extract.main(["--dataset", "nih", "--metadata", str(nih40 / "meta.csv"), "--images", str(nih40 / "images"),
-                  "--out", str(store), "--backbone", "densenet121", "--weights", str(best), "--limit", "6",
+                  "--out", str(store), "--backbone", "densenet121", "--weights", str(best), "--limit", "16",
                   "--split", "ratios", "--chunk-size", "8", "--images-per-task", "3", "--progress-interval", "1",
                   "--precision", "fp32"],
                  spark=spark)
@@ -339,6 +340,15 @@ def test_extraction_job_takes_a_finetune_checkpoint_as_backbone(run, nih40, tmp_
     with torch.inference_mode():
         want = model(torch.stack([eval_ds[k][0] for k in range(len(ids))])).numpy()
     np.testing.assert_allclose(features, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+    # ...and the chain goes on: a head on that store predicts from image files at the checkpoint's 64 px.
+    head_run = tmp_path / "head"
+    heads_train.main(["--store", str(store), "--out", str(head_run), "--epochs", "1", "--threads", "1", "--quiet",
+                      "--labels", "Effusion,Infiltration", "--bootstrap-draws", "0"])
+    preds = pd.read_parquet(heads_predict.main(["--run", str(head_run), "--images", str(nih40 / "images" / ids[0]),
+                                                "--precision", "fp32", "--out", str(tmp_path / "p.parquet")]))
+    assert preds["error"].isna().all() and len(preds) == 1
+    assert preds[["Effusion", "Infiltration"]].notna().all(axis=None)
 
 
 def test_refusals_before_any_training(tmp_path, nih40):
