@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from common.images import decode_gray, to_unit_array
+from common.images import MAX_PIXELS, decode_gray, to_unit_array
 
 if TYPE_CHECKING:
     import torch
@@ -155,10 +155,11 @@ class DataConfig:
         sx, sy = w / (box[2] - box[0]), h / (box[3] - box[1])
         return Placement(sx, sy, -box[0] * sx - cut, -box[1] * sy - cut)
 
-    def load(self, path: str) -> np.ndarray:
-        """`path` as this model's (input_size, input_size) float32 gray input in [0, 1]; raises if unreadable."""
+    def load(self, path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        """`path` as this model's (input_size, input_size) float32 gray input in [0, 1]; raises if
+        unreadable or larger than `max_pixels`."""
         side, size = self.square_side, self.input_size
-        gray, scale = decode_gray(path, side)
+        gray, scale = decode_gray(path, side, max_pixels)
         w, h, box = self._content(*gray.size)
         resized = gray.resize((w, h), INTERPOLATIONS[self.interpolation], box=box)
         if (w, h) != (side, side):

@@ -53,13 +53,17 @@ def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadP
     decoded = list(pool.map(decode, loads, paths) if pool else map(decode, loads, paths))
     ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
     features: list = [None] * len(rows)
+    errors = [error for _, error in decoded]
     if ok:
         batch = extractor(np.stack([decoded[i][0] for i in ok]))
         for row, vector in zip(ok, batch):
-            features[row] = vector
+            if np.isfinite(vector).all():
+                features[row] = vector
+            else:  # a store never holds NaN/Inf: the image is an error, the job goes on
+                errors[row] = f"non-finite features: {int((~np.isfinite(vector)).sum())} NaN/Inf values from the backbone"
     out = rows.reset_index(drop=True).copy()
     out["features"] = features
-    out["error"] = [error for _, error in decoded]
+    out["error"] = errors
     return out[list(OUTPUT_COLUMNS)]
 
 

@@ -12,17 +12,25 @@ from PIL import Image
 # Integer modes Pillow gives 16-bit grayscale files (PNG opens as 'I;16' in recent Pillow,
 # as 'I' in older ones; big-endian TIFF as 'I;16B').
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Radiographs are at most ~4300 x 4300 (17" detectors at 100 um); 50 Mpixel leaves room and refuses
+# files that pass Pillow's own bomb limit (~179 Mpixel) yet decode to near a gigabyte each.
+MAX_PIXELS = 50_000_000
 
 
-def decode_gray(path: str, min_side: int) -> tuple[Image.Image, float]:
+def decode_gray(path: str, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, float]:
     """Decode `path` to a mode 'F' image and the factor that maps its values to [0, 1].
 
     8-bit images scale by 1/255 and 16-bit ones by 1/65535. Working in float mode for every
     input means no 8-bit rounding happens after a resize, and a 16-bit copy x*257 of an 8-bit
     image gives the same values. A JPEG may be decoded at a DCT-reduced scale whose sides stay
-    >= `min_side`. A missing, truncated or non-image file raises.
+    >= `min_side`. A missing, truncated or non-image file raises, and so does one of more than
+    `max_pixels` pixels, checked from the header before anything is decoded.
     """
     with Image.open(path) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ValueError(f"{path}: {width} x {height} = {width * height / 1e6:.0f} Mpixel, more than the "
+                             f"limit of {max_pixels / 1e6:g} Mpixel (--max-pixels)")
         img.draft("L", (min_side, min_side))
         # Decode now: a truncated file raises here instead of yielding a partly gray image.
         img.load()
@@ -47,7 +55,7 @@ def to_unit_array(gray: Image.Image, scale: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def read_gray(path: str, size: tuple[int, int]) -> np.ndarray:
+def read_gray(path: str, size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """`path` resized to exactly size=(width, height), float32 in [0, 1]: for overlays and displays."""
-    gray, scale = decode_gray(path, max(size))
+    gray, scale = decode_gray(path, max(size), max_pixels)
     return to_unit_array(gray.resize(size, Image.Resampling.BILINEAR), scale)

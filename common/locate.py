@@ -24,11 +24,52 @@ class Located:
     missing_examples: list[str]
 
 
+def is_image_file(path: str | os.PathLike | os.DirEntry) -> bool:
+    """The one rule for what is an image file, in every job: a known suffix and a regular file
+    (following symlinks), so a FIFO or device named *.png is never opened and a dangling link is not one.
+    A DirEntry from `walk_files` answers from the directory listing, without a stat per file."""
+    if not os.fspath(path).lower().endswith(IMAGE_SUFFIXES):
+        return False
+    try:
+        return path.is_file(follow_symlinks=True) if isinstance(path, os.DirEntry) else os.path.isfile(path)
+    except OSError:
+        return False
+
+
+def walk_files(root: str | os.PathLike):
+    """Every non-directory entry below `root` (os.DirEntry, sorted per folder), following symlinks but entering each
+    directory once: a link back up the tree (`ln -s . loop`) cannot make the walk endless."""
+    seen: set[tuple[int, int]] = set()
+    stack = [os.fspath(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue  # vanished or unreadable: nothing to index there
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    subdirs.append(entry.path)
+                    continue
+            except OSError:
+                pass
+            yield entry
+        stack.extend(reversed(subdirs))
+
+
 def _walk(root: Path):
-    for folder, _dirs, files in os.walk(root, followlinks=True):
-        for name in files:
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                yield os.path.join(folder, name)
+    for entry in walk_files(root):
+        if is_image_file(entry):
+            yield entry.path
 
 
 def locate_images(table: pd.DataFrame, root: str | os.PathLike, by: str) -> Located:

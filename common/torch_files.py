@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
+
+
+def read_torch_file(path: str | Path) -> object:
+    """torch.load with weights_only=True, for both of torch.save's formats: the zip one (default
+    since torch 1.6) is memory-mapped, so reading one key of a large file costs little; the legacy
+    one cannot be, and is read whole. The one loader of every checkpoint in the project."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def load_versioned(path: str | Path, fmt: str, version: int, error: type[Exception], what: str) -> dict:
@@ -15,7 +23,7 @@ def load_versioned(path: str | Path, fmt: str, version: int, error: type[Excepti
     and a foreign file cannot run code on load.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_torch_file(path)
     except Exception as exc:  # unpickling errors are many-lined and of many classes
         raise error(f"{path}: cannot be read as a {what} ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != fmt or obj.get("format_version") != version:

@@ -42,6 +42,7 @@ from torchvision.models import WeightsEnum
 
 from common.backbones import get_spec
 from common.data_config import DataConfig, DataConfigError
+from common.torch_files import read_torch_file
 
 FINETUNE_FORMAT = "cxr-features/finetune"
 # 2: data_config (one input geometry for every consumer) replaced input_size.
@@ -165,7 +166,7 @@ def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict for the extractor: classifier (and aux head) keys dropped."""
     spec = get_spec(backbone)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_torch_file(path)
     except Exception as exc:  # unpickling errors are many-lined and of many classes
         raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
     state = _unwrap_state_dict(obj, path, backbone)
@@ -186,7 +187,7 @@ def checkpoint_data_config(path: str) -> DataConfig | None:
     Read on the driver before any work starts, so an unreadable file fails there, in one line.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = read_torch_file(path)
     except Exception as exc:  # unpickling errors are many-lined and of many classes
         raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
     if not (isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT):

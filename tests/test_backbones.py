@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from common.backbones import REGISTRY, build_classifier, build_extractor, get_spec
-from common.weights import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, resolve_weights
+from common.weights import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, checkpoint_data_config, resolve_weights
 from common.data_config import DataConfig
 from common.inference import FeatureExtractor
 from tests.data_paths import NIH_IMAGES
@@ -289,3 +289,16 @@ def test_extractor_rejects_bad_settings():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"device 'cuda:0': torch.cuda.is_available\(\) is False"):
             FeatureExtractor("mobilenet_v3_large", None, 0, device="cuda:0")
+
+
+def test_legacy_format_checkpoints_load_for_extraction_as_for_fine_tuning(tmp_path):
+    # torch.save's pre-1.6 (non-zip) format cannot be memory-mapped; one loader reads both.
+    name = "mobilenet_v3_large"
+    model = build_classifier(name, None, seed=1, n_labels=3)
+    obj = {"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "backbone": name,
+           "model_state": model.state_dict(), "label_names": list("abc"), "data_config": DataConfig(64).to_dict()}
+    path = tmp_path / "legacy.pt"
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+    assert checkpoint_data_config(str(path)) == DataConfig(64)
+    x = _input(64)
+    torch.testing.assert_close(_features(build_extractor(name, str(path)), x), _features(_reference(model, name), x))

@@ -143,3 +143,16 @@ def test_out_of_range_32_bit_raises(tmp_path):
 def test_read_gray_gives_exactly_the_size_asked(gray_path):
     out = read_gray(str(gray_path), (300, 200))
     assert out.shape == (200, 300) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    # 13000 x 13000 passes Pillow's bomb check yet would decode to ~0.8 GB in float mode.
+    path = tmp_path / "huge.png"
+    Image.new("L", (13000, 13000)).save(path, optimize=False)
+    with pytest.raises(ValueError, match=r"huge\.png: 13000 x 13000 = 169 Mpixel, more than the limit of 50 Mpixel"):
+        load_image(str(path), 32)
+    small = tmp_path / "small.png"
+    Image.new("L", (20, 10)).save(small)
+    assert DataConfig(8).load(str(small), max_pixels=200).shape == (8, 8)  # the limit is configurable
+    with pytest.raises(ValueError, match="limit of 0.000199 Mpixel"):
+        DataConfig(8).load(str(small), max_pixels=199)
