@@ -158,3 +158,12 @@ def test_standardization_is_fitted_on_train_only(tmp_path):
     assert x_val[:, :6].mean() > 5  # val statistics did not leak into the fit
     assert not np.isnan(x_val).any()  # unknown age/sex filled, not NaN
     np.testing.assert_array_equal(train.features, splits["train"]["features"])  # store arrays untouched
+
+
+def test_nan_or_inf_features_are_refused_naming_the_first_row(tmp_path):
+    splits = make_splits(8)
+    splits["val"]["features"][[3, 7], 2] = [np.nan, np.inf]
+    store = write_store(tmp_path / "nan", splits)
+    with pytest.raises(StoreError) as err:
+        open_stores([str(store)])
+    assert "2 rows have NaN or Inf features, first 'val_00003.png'" in one_line(err)

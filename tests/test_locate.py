@@ -30,3 +30,20 @@ def test_chexpert_paths_match_with_or_without_the_release_folder(tmp_path):
         assert found.table["path"].tolist() == [str(image), str(other)] and found.missing == 0
     # Matching by name alone would pair both rows with one view1_frontal.jpg.
     assert found.table["path"].nunique() == 2
+
+
+def test_symlink_loops_are_walked_once_and_fifos_are_not_images(tmp_path):
+    import os
+
+    real = touch(tmp_path / "a" / "b" / "00000001_000.png")
+    os.symlink(".", tmp_path / "loop")  # two links back up the tree: an endless walk without a visited set
+    os.symlink("..", tmp_path / "a" / "up")
+    os.mkfifo(tmp_path / "a" / "00000002_000.png")  # opening it would block the task forever
+    os.symlink(tmp_path / "gone.png", tmp_path / "00000003_000.png")  # dangling
+    linked = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    touch(linked / "00000004_000.png")
+    os.symlink(linked, tmp_path / "shared")  # the shared layouts link image folders in: followed
+    table = pd.DataFrame({"image_id": [f"0000000{i}_000.png" for i in range(1, 5)]})
+    found = locate_images(table, tmp_path, by="name")
+    assert found.table["image_id"].tolist() == ["00000001_000.png", "00000004_000.png"]
+    assert found.table["path"].iloc[0] == str(real) and found.missing == 2
