@@ -5,7 +5,10 @@ setup(
     version="0.1.0",
     description="Distributed feature extraction and head training for chest X-ray diagnosis",
     python_requires=">=3.11",
-    packages=find_packages(include=["common", "common.*", "jobs", "jobs.*", "heads", "heads.*", "finetune", "finetune.*"]),
+    packages=find_packages(include=["common", "common.*", "jobs", "jobs.*", "heads", "heads.*", "finetune", "finetune.*",
+                                    "cxr", "cxr.*"]),
+    # `cxr extract|finetune|train|predict|report ...`, also `python -m cxr`.
+    entry_points={"console_scripts": ["cxr=cxr.cli:main"]},
     install_requires=[
         # torch/torchvision are pinned to the releases this project is built and tested against.
         "torch==2.14.1",

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 
 def _mask(y: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -40,6 +39,8 @@ def patient_groups(patient_ids, n: int) -> tuple[np.ndarray, str, list[str]]:
     if patient_ids is None:
         return np.arange(n), "image", ["no patient ids: AUROC intervals resample images, "
                                        "too narrow where patients have several images"]
+    import pandas as pd  # only here (None and NaN alike), so the flags' defaults above import without it
+
     ids = np.asarray(patient_ids, dtype=object)
     missing = pd.isna(ids)
     groups = np.empty(n, dtype=np.intp)

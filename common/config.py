@@ -7,6 +7,7 @@ import argparse
 import sys
 import tomllib
 from pathlib import Path
+from typing import NoReturn
 
 
 class ConfigError(ValueError):
@@ -95,13 +96,21 @@ def require(args: argparse.Namespace, *flags: str) -> None:
         if not getattr(args, flag.replace("-", "_")):
             raise ConfigError(f"--{flag} is required (or set it in --config)")
 
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it is None or False (nothing worth saying)."""
+    """Shows a flag's default, unless it is None or False (nothing worth saying) or the help already
+    speaks of its default. 0 is a default like any other (`0 in (None, False)` is true, hence `is`)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def fail(parser: argparse.ArgumentParser, message) -> NoReturn:
+    """Exit 2 with one line naming the command: `heads.train: ...` for `python -m heads.train`,
+    `cxr train: ...` when the cxr command runs it."""
+    parser.exit(2, f"{parser.prog.removeprefix('python -m ')}: {message}\n")
 
 
 def add_loss_flags(g: argparse.ArgumentParser) -> None:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from common.backbones import build_extractor, get_spec
+from common.choices import PRECISIONS
 from common.data_config import DataConfig
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common.choices import SPLITS  # noqa: F401 (a store's splits; its readers import them from here)
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ERRORS_DIR = "errors"
-SPLITS = ("train", "val", "test")
 
 # Column order of every split's Parquet files, as Spark DDL (for the job's output schema).
 ROW_DDL = (
@@ -93,6 +94,16 @@ def _fixed_width(table: pa.Table, column: str, width: int, dtype, where: str) ->
     return np.ascontiguousarray(flat.astype(dtype, copy=False).reshape(len(table), width))
 
 
+def _finite(features: np.ndarray, table: pa.Table, where: str) -> np.ndarray:
+    """Refuse NaN/Inf features: a head would train on them or write NaN probabilities."""
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        first = table.column("image_id")[int(np.flatnonzero(bad)[0])].as_py()
+        raise StoreError(f"{where}: {int(bad.sum())} rows have NaN or Inf features, first {first!r}; "
+                         "re-extract the store")
+    return features
+
+
 def read_split(store: str | os.PathLike, split: str, manifest: dict | None = None) -> SplitData:
     """Read one split into arrays; refuses rows whose widths disagree with the manifest."""
     manifest = manifest or read_manifest(store)
@@ -110,7 +121,7 @@ def read_split(store: str | os.PathLike, split: str, manifest: dict | None = Non
         age=age,
         sex=sex.astype(np.float32),
         labels=_fixed_width(table, "labels", n_labels, np.int8, where),
-        features=_fixed_width(table, "features", int(manifest["feature_dim"]), np.float32, where),
+        features=_finite(_fixed_width(table, "features", int(manifest["feature_dim"]), np.float32, where), table, where),
     )
 
 

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.data_config import DataConfig
+from finetune.choices import SCHEDULES  # noqa: F401 (finetune.loop takes it from here)
 from finetune.dataset import ImageDataset
 
 LAST = "last.pt"
 BEST = "best.pt"
-SCHEDULES = ("plateau", "step")
-BEST_METRICS = ("val_loss", "val_auc")
 
 
 def log(message: str) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.store import MANIFEST, SPLITS, SplitData, StoreError, read_manifest, read_split, split_dir
-
-SEX_ENCODINGS = ("indicator", "onehot")
+from heads.choices import SEX_ENCODINGS
 
 
 @dataclass

@@ -20,9 +20,8 @@ from common import inference
 from common.config import epoch_line, log as log_stderr
 from common.losses import LossFn
 from common.metrics import fast_auroc, nanmean
+from heads.choices import PRECISIONS
 from heads.models import HeadSpec, build_head
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(name: str) -> str:

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-KINDS = ("linear", "mlp3", "mlp3-dropout")
+from heads.choices import KINDS
+
 DEFAULT_HIDDEN = (128, 32)
 
 

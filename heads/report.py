@@ -7,18 +7,30 @@ from __future__ import annotations
 
 import argparse
 
-from common import rundir
-from common.report import render
+from common.config import HelpFormatter, fail, log
+
+PROG = "python -m heads.report"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m heads.report", description="Re-render a run's report and plots.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Re-render a run's report and plots.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="run directory written by heads.train or jobs/finetune.py")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> None:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    # matplotlib and sklearn come with common.report: imported only once there is a run to render.
+    from common import rundir
+    from common.report import render
+
     try:
-        print(render(args.run))
+        report = render(args.run)
     except rundir.RunError as exc:
-        p.exit(2, f"heads.report: {exc}\n")
+        fail(parser, exc)
+    log(f"report: {report}")
 
 
 if __name__ == "__main__":

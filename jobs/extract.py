@@ -21,24 +21,22 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from common import __version__
-from common.backbones import get_spec
-from common.weights import WeightsError, checkpoint_data_config, resolve_weights
+from common.choices import PRECISIONS, SPLITS
+from common.config import HelpFormatter, parse_with_config, require
 from common.data_config import RESIZE_MODES, DataConfig
-from common.config import parse_with_config, require
-from common.image_table import add_table_flags, table_from_flags
-from common.extraction import INPUT_COLUMNS, INPUT_DDL, OUTPUT_COLUMNS, cached_extractor, iter_extract
-from common.feature_stats import constant_note, summarize_parquet
-from common.store import ERRORS_DIR, FORMAT_VERSION, ROW_DDL, SPLITS, split_dir
-from common.store_writer import (STAGING, OutputError, chunk_dir, commit_chunk, is_committed, plan_fingerprint,
-                                 prepare_output, publish)
+from common.table_flags import add_table_flags
 
-OUTPUT_DDL = ROW_DDL + ", split string, path string, error string, ran string"
+# torch, pyarrow and pandas are imported by the functions that use them, so that --help (and a
+# flag error) answers at once; Spark's workers import what their function needs.
+
+PROG = "jobs/extract.py"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs/extract.py", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="TOML file whose [extract] table sets defaults for these flags")
     add_table_flags(p)
     p.add_argument("--out", help="store directory to write")
@@ -48,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download-weights", action="store_true", help="fetch ImageNet weights if not cached")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto",
                    help="auto: the task's GPU when Spark assigned one, else CPU")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on CPU, fp16 on GPU (autocast; features are stored as float32)")
     p.add_argument("--input-size", type=int,
                    help="network input size (default: a fine-tune checkpoint's own, else the backbone's)")
@@ -73,6 +71,8 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
 
     def run(frames):
         from pyspark import SparkFiles, TaskContext
+
+        from common.extraction import cached_extractor, iter_extract
 
         task = TaskContext.get()
         gpus = task.resources().get("gpu")
@@ -132,6 +132,11 @@ def get_spark():
 
 def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: int, data_config: DataConfig) -> dict:
     """Process every uncommitted chunk; returns timing figures for the summary."""
+    from common.extraction import INPUT_COLUMNS, INPUT_DDL
+    from common.store import ROW_DDL
+    from common.store_writer import commit_chunk, is_committed
+
+    output_ddl = ROW_DDL + ", split string, path string, error string, ran string"
     sc = spark.sparkContext
     chunks = [table.iloc[i:i + args.chunk_size] for i in range(0, len(table), args.chunk_size)]
     pending = [i for i in range(len(chunks)) if not is_committed(work, i)]
@@ -149,7 +154,7 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
             parts = max(4 * sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task))
             tmp = work / f"chunk-{i:05d}.tmp"
             (spark.createDataFrame(chunk, schema=INPUT_DDL).repartition(parts)
-             .mapInPandas(task_fn, OUTPUT_DDL)
+             .mapInPandas(task_fn, output_ddl)
              .write.mode("overwrite").parquet(str(tmp)))
             commit_chunk(tmp, work, i)
             log(f"chunk {i + 1}/{len(chunks)} committed; {progress.line()}")
@@ -161,6 +166,11 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
 def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) -> dict:
     """Rewrite the committed chunks as a few files per split plus the errors table, in staging."""
     from pyspark.sql import functions as F
+
+    from common.extraction import OUTPUT_COLUMNS
+    from common.feature_stats import constant_note, summarize_parquet
+    from common.store import ERRORS_DIR, split_dir
+    from common.store_writer import STAGING, OutputError, chunk_dir
 
     staging = work / STAGING
     rows = spark.read.parquet(*[str(chunk_dir(work, i)) for i in range(n_chunks)])
@@ -192,9 +202,15 @@ def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) ->
     return {"splits": per_split, "errors": n_errors, "ran": next(iter(ran), None), "feature_stats": stats}
 
 
-def main(argv: list[str] | None = None, spark=None) -> dict:
-    args = parse_with_config(build_parser(), argv, "extract")
+def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
+    args = parse_with_config(build_parser(prog), argv, "extract")
     require(args, "metadata", "images", "out")
+    from common.backbones import get_spec
+    from common.image_table import table_from_flags
+    from common.store import ERRORS_DIR, FORMAT_VERSION
+    from common.store_writer import STAGING, plan_fingerprint, prepare_output, publish
+    from common.weights import checkpoint_data_config, resolve_weights
+
     spec = get_spec(args.backbone)
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
     if weights.kind == "random":
@@ -248,7 +264,7 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "software": {"cxr-features": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "pyspark": pyspark.__version__},
-        "command": shlex.join(sys.argv if argv is None else ["jobs/extract.py", *argv]),
+        "command": shlex.join(sys.argv if argv is None else [*prog.split(), *argv]),
         "config": {k: v for k, v in sorted(vars(args).items())},
     }
     if weights.kind == "random":
@@ -268,13 +284,25 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     return summary
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
     try:
-        main()
-    except (OutputError, WeightsError, ValueError, FileNotFoundError) as exc:
-        # One line for bad input; tracebacks are for bugs.
-        print(f"jobs/extract.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        main(argv, prog=prog)
+    except (ValueError, FileNotFoundError) as exc:
+        bad_input(prog, exc)
+    except RuntimeError as exc:
+        # Only main raises these, once it has imported their modules: importing them here is free.
+        from common.store_writer import OutputError
+        from common.weights import WeightsError
+
+        if not isinstance(exc, (OutputError, WeightsError)):
+            raise
+        bad_input(prog, exc)
+
+
+def bad_input(prog: str, exc: Exception) -> NoReturn:
+    """One line for bad input; tracebacks are for bugs."""
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -19,24 +19,28 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-import torch
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # `python jobs/finetune.py` puts jobs/ first on sys.path, where this file would shadow the
+    # finetune package.
+    del sys.path[0]
 
-from common import rundir
+from common.choices import PRECISIONS, SPLITS  # noqa: E402
 from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list, parse_with_config, require
 from common.data_config import RESIZE_MODES
-from common.image_table import add_table_flags
-from common.inference import PRECISIONS
-from common.store import SPLITS, StoreError
+from common.table_flags import add_table_flags
 from common.targets import POLICIES
-from common.weights import WeightsError
-from finetune.config import BEST_METRICS, SCHEDULES
-from finetune.localization import CAM_LAYERS
+from finetune.choices import BEST_METRICS, SCHEDULES
+
+# torch and Spark are imported by the functions that use them, so that --help (and a flag error)
+# answers at once.
+
+PROG = "jobs/finetune.py"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs/finetune.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     a("--config", help="TOML file whose [finetune] table sets defaults for these flags (e.g. conf/finetune.toml)")
     a("--out", help="run directory; an interrupted run there is resumed")
@@ -112,14 +116,22 @@ def check_settings(args: argparse.Namespace) -> None:
     args.betas = parse_list(args.betas, float, "betas")
     if len(args.betas) != 2:
         raise ConfigError(f"--betas {args.betas!r}: give two values")
-    if args.device == "cuda" and not (args.num_processes > 1 and not args.local_mode) and not torch.cuda.is_available():
-        raise ConfigError(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
-    if args.bbox_list and args.backbone not in CAM_LAYERS:
-        raise ConfigError(f"--bbox-list: CAM is defined for {', '.join(CAM_LAYERS)}, not {args.backbone}")
+    if args.device == "cuda" and not (args.num_processes > 1 and not args.local_mode):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
+    if args.bbox_list:
+        from finetune.localization import CAM_LAYERS
+
+        if args.backbone not in CAM_LAYERS:
+            raise ConfigError(f"--bbox-list: CAM is defined for {', '.join(CAM_LAYERS)}, not {args.backbone}")
 
 
 def resolve_device(args: argparse.Namespace) -> str:
     """cpu or cuda for the training processes; on a cluster (--no-local-mode) the executors decide."""
+    import torch
+
     on_executors = args.num_processes > 1 and not args.local_mode
     if args.device != "auto":
         return args.device
@@ -135,6 +147,7 @@ def resolve_device(args: argparse.Namespace) -> str:
 
 def get_spark(device: str):
     """This machine's Spark session; TorchDistributor's local mode takes GPUs from the driver's resources."""
+    import torch
     from pyspark.sql import SparkSession
 
     builder = (SparkSession.builder.appName("cxr-features finetune")
@@ -160,13 +173,16 @@ def launcher(args: argparse.Namespace):
     return distribute
 
 
-def main(argv: list[str] | None = None, spark=None) -> dict:
+def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     """Run the job; `spark`: a session to run TorchDistributor on (else one is made for N > 1)."""
+    args = parse_with_config(build_parser(prog), argv, "finetune")
+    check_settings(args)
+
+    import torch
+
     from finetune.run import run
 
-    args = parse_with_config(build_parser(), argv, "finetune")
-    check_settings(args)
-    command = shlex.join(sys.argv if argv is None else ["jobs/finetune.py", *argv])
+    command = shlex.join(sys.argv if argv is None else [*prog.split(), *argv])
 
     def device() -> str:
         if spark is None and args.num_processes > 1:  # TorchDistributor runs on the active session
@@ -176,13 +192,24 @@ def main(argv: list[str] | None = None, spark=None) -> dict:
     return run(args, command, device, launcher(args))
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
     try:
-        main()
-    except (rundir.RunError, WeightsError, StoreError, ValueError, FileNotFoundError) as exc:
-        # One line for bad input; tracebacks are for bugs.
-        print(f"jobs/finetune.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        main(argv, prog=prog)
+    except (ValueError, FileNotFoundError) as exc:  # RunError, StoreError and FinetuneError among them
+        bad_input(prog, exc)
+    except RuntimeError as exc:
+        # Only main raises it, once it has imported common.weights: importing it here is free.
+        from common.weights import WeightsError
+
+        if not isinstance(exc, WeightsError):
+            raise
+        bad_input(prog, exc)
+
+
+def bad_input(prog: str, exc: Exception) -> NoReturn:
+    """One line for bad input; tracebacks are for bugs."""
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

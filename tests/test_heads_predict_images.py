@@ -7,7 +7,7 @@ from PIL import Image
 
 from common.data_config import DataConfig
 from common.inference import FeatureExtractor
-from heads import predict, train
+from heads import predict, predictions, train
 from heads.checkpoint import load_head
 from tests.heads_fixtures import synthetic_rows, write_store
 
@@ -57,7 +57,7 @@ def test_folder_predictions_equal_head_on_extracted_features(which, request):
     extractor = FeatureExtractor(BACKBONE, None, 0, precision="fp32", threads=1, data_config=data_config)
     features = extractor(np.stack([data_config.load(str(folder / i)) for i in good["image_id"]]))
     nan = np.full(len(good), np.nan, dtype=np.float32)
-    expected = predict.probabilities(head, features, nan, nan, "fp32")
+    expected = predictions.probabilities(head, features, nan, nan, "fp32")
     np.testing.assert_allclose(good[head.label_names].to_numpy(), expected, rtol=1e-4, atol=1e-6)
 
 

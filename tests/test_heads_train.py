@@ -197,6 +197,7 @@ def test_report_rerenders_from_the_run_directory(signal_run):
         (out / name).unlink()
     result = subprocess.run([sys.executable, "-m", "heads.report", "--run", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"report: {out / 'report.md'}"
     assert (out / "report.md").read_text() == before
     assert (out / "loss.png").is_file() and (out / "roc_test.png").is_file()
     report.render(out)  # and in-process

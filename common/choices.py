@@ -1,0 +1,8 @@
+"""The names flags choose from, kept apart from the code that acts on them.
+
+Nothing heavy is imported here, so a command's parser (and its --help) builds without torch or
+pyarrow; common.inference and common.store take these names from here.
+"""
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of the frozen extractor and the fine-tune loop
+SPLITS = ("train", "val", "test")  # a feature store's splits (docs/feature-store.md)

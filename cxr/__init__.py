@@ -1,0 +1,1 @@
+"""The `cxr` command, the project's front door (cxr/cli.py)."""

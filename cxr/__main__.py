@@ -1,0 +1,7 @@
+"""`python -m cxr`: the cxr command."""
+
+import sys
+
+from cxr.cli import main
+
+sys.exit(main())

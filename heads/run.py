@@ -1,0 +1,178 @@
+"""One head run, from checked settings to its run directory: the stores' arrays as tensors, a grid
+of fits (one cell without a grid), val and test scored, then head.pt, config.json, metrics.json
+and the report. heads/train.py parses and checks the flags, then calls `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+
+from common import rundir
+from common.bootstrap import BOOTSTRAP_DRAWS
+from common.config import fail, log
+from common.evaluation import SplitScores, evaluate_splits
+from common.feature_stats import constant_note, summarize
+from common.losses import make_loss
+from common.metadata import study_ids
+from common.report import render
+from common.store import StoreError
+from common.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
+from heads.checkpoint import CHECKPOINT, save_head
+from heads.data import fit_inputs, make_inputs, open_stores
+from heads.fit import FitConfig, Tensors, fit, input_tensor, predict_logits, resolve_precision
+from heads.models import HeadSpec
+
+
+@dataclass
+class Prepared:
+    label_names: list[str]
+    tensors: dict[str, Tensors]
+    ids: dict[str, np.ndarray]
+    patients: dict[str, np.ndarray]  # split -> patient_id per image, the unit of the AUROC bootstrap
+    flags: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (has_disease, no_finding)
+    truth: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> raw (y, mask): what metrics score, whatever the policy
+    inputs: object  # InputSpec
+    stores: list[dict]
+    dataset: str
+
+
+def prepare_data(s: dict, precision: str) -> Prepared:
+    stores = open_stores(s["store"])
+    for need in ("train", "val"):
+        if need not in stores.splits:
+            raise StoreError(f"{s['store'][0]}: has no split={need}; training needs train and val")
+    # Constant features make every head score 0.5 and look like a result: refuse them.
+    if note := constant_note("train", summarize(stores.splits["train"].features)):
+        raise StoreError(f"{', '.join(s['store'])}: {note}")
+    chosen = select_labels(stores.label_names, s["labels"], drop_no_finding=not s["keep_no_finding"])
+    cols = label_columns(stores.label_names, chosen)
+    inputs = fit_inputs(stores.splits["train"], stores.feature_dims, s["age_sex"], s["sex_encoding"])
+    tensors, ids, patients, flags, truth = {}, {}, {}, {}, {}
+    for name in list(stores.splits):
+        split = stores.splits.pop(name)  # drop each split's store arrays once its inputs exist
+        x = make_inputs(split.features, split.age, split.sex, inputs)
+        y, mask = apply_policy(split.labels[:, cols], s["policy"])
+        truth[name] = eval_targets(split.labels[:, cols])
+        tensors[name] = Tensors(input_tensor(x, precision), torch.from_numpy(y), torch.from_numpy(mask.astype(np.float32)))
+        ids[name] = split.image_id
+        patients[name] = split.patient_id
+        flags[name] = finding_flags(split.labels, stores.label_names)
+        del split, x
+    return Prepared(chosen, tensors, ids, patients, flags, truth, inputs, [i.describe() for i in stores.infos], stores.dataset)
+
+
+def _score(cell: dict, metric: str) -> float:
+    """Larger is better; a NaN cell never wins."""
+    value = cell["val_auc"] if metric == "val_auc" else -cell["val_loss"]
+    return value if value is not None and math.isfinite(value) else -math.inf
+
+
+def train_grid(s: dict, data: Prepared, spec: HeadSpec, loss_fn, precision: str):
+    """Fit every lr x weight-decay cell (one cell without a grid); keep the best by the grid metric."""
+    lrs = s["grid_lr"] or [s["lr"]]
+    wds = s["grid_weight_decay"] or [s["weight_decay"]]
+    cells, best = [], None
+    quiet = (lambda line: None) if s["quiet"] else log
+    for i, (lr, wd) in enumerate(itertools.product(lrs, wds), 1):
+        if len(lrs) * len(wds) > 1:
+            log(f"grid cell {i}/{len(lrs) * len(wds)}: lr {lr:g}, weight decay {wd:g}")
+        cfg = FitConfig(lr=lr, weight_decay=wd, betas=tuple(s["betas"]), batch_size=s["batch_size"],
+                        epochs=s["epochs"], plateau_patience=s["plateau_patience"], plateau_factor=s["plateau_factor"],
+                        early_stop_patience=s["early_stop_patience"], seed=s["init_seed"], precision=precision)
+        model, result = fit(spec, data.tensors["train"], data.tensors["val"], loss_fn, cfg, log=quiet,
+                            val_truth=data.truth["val"])
+        cell = {"lr": lr, "weight_decay": wd, "best_epoch": result.best_epoch, "val_loss": result.best_val_loss,
+                "val_auc": result.best_val_auc, "epochs_run": len(result.history), "stopped": result.stopped,
+                "seconds": round(result.seconds, 2)}
+        cells.append(cell)
+        if best is None or _score(cell, s["grid_metric"]) > _score(best[0], s["grid_metric"]):
+            best = (cell, model, result)
+    return cells, best
+
+
+def run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> dict:
+    """Train and evaluate the head of settings `s` (heads.train.settings_from) into the prepared run
+    directory `out`; `command` is recorded. Bad stores and a diverged fit exit through `parser`."""
+    threads = torch.get_num_threads()
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    try:
+        return _run(parser, s, out, command)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
+
+
+def evaluate_run(data: Prepared, model, precision: str, out: Path, bootstrap_draws: int = BOOTSTRAP_DRAWS
+                 ) -> tuple[dict, np.ndarray, list[str]]:
+    """Thresholds chosen on val, every metric on val and test, and their predictions files."""
+    scores = {}
+    for name, t in data.tensors.items():
+        if name == "train":
+            continue
+        probs = torch.sigmoid(predict_logits(model, t.x, precision)).numpy()
+        scores[name] = SplitScores(data.ids[name], probs, *data.truth[name], *data.flags[name], data.patients[name],
+                                   study_ids(data.dataset, data.ids[name]))
+    return evaluate_splits(scores, data.label_names, out, bootstrap_draws)
+
+
+def _run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> dict:
+    started = dt.datetime.now(dt.timezone.utc)
+    precision = resolve_precision(s["precision"])
+    try:
+        data = prepare_data(s, precision)
+        spec = HeadSpec.make(s["head"], data.inputs.width, len(data.label_names), s["hidden"], s["dropout"])
+        train = data.tensors["train"]
+        loss_fn, notes = make_loss(s["loss"], train.y, train.mask, s["focal_gamma"], s["focal_alpha"], data.label_names)
+    except (StoreError, ValueError) as exc:
+        fail(parser, exc)
+    log(f"{len(train)} train / {len(data.tensors['val'])} val images, {data.inputs.width} inputs, "
+        f"{len(data.label_names)} labels; {spec.describe()}; loss {s['loss']}; {precision}")
+
+    cells, (chosen, model, result) = train_grid(s, data, spec, loss_fn, precision)
+    if result.best_epoch == 0:
+        fail(parser, f"training diverged in its first epoch (non-finite loss); no weights worth saving in {out}; "
+                     "lower --lr or check the store's features")
+    splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out, s["bootstrap_draws"])
+
+    save_head(out / CHECKPOINT, model, spec, data.inputs, data.label_names, data.stores, thresholds,
+                     precision, s["policy"], data.dataset, s)
+    rundir.write_json(out / rundir.CONFIG, {
+        "settings": s,
+        "precision_resolved": precision,
+        "head": spec.to_dict(),
+        "label_names": data.label_names,
+        "dataset": data.dataset,
+        "stores": data.stores,
+        "input_width": data.inputs.width,
+        "command": command,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "software": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+                     "python": sys.version.split()[0]},
+    })
+    rundir.write_json(out / rundir.METRICS, {
+        "label_names": data.label_names,
+        "selected": {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"], "grid_metric": s["grid_metric"]},
+        "best_epoch": result.best_epoch,
+        "stopped": result.stopped,
+        "train_seconds": round(sum(c["seconds"] for c in cells), 2),
+        "history": result.history,
+        "grid": cells if len(cells) > 1 else [],
+        "thresholds": dict(zip(data.label_names, thresholds)),
+        "splits": splits,
+        "notes": notes + threshold_notes + [n for m in splits.values() for n in m["notes"]],
+    })
+    render(out)
+    summary = {"run": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in splits.items()}}
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return summary
