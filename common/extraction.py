@@ -7,12 +7,14 @@ ones are batched through the frozen backbone, and every input row comes out exac
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from common.data_config import DataConfig
+from common.images import MAX_PIXELS
 from common.inference import FeatureExtractor
 
 # Columns the task receives, and what it returns: the store's row columns + split + path + error.
@@ -46,10 +48,11 @@ def decode(load: Callable[[str], np.ndarray], path: str) -> tuple[np.ndarray | N
         return None, f"{type(exc).__name__}: {message}"[:500]
 
 
-def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadPoolExecutor | None = None) -> pd.DataFrame:
+def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadPoolExecutor | None = None,
+                  max_pixels: int = MAX_PIXELS) -> pd.DataFrame:
     """Decode and embed one batch of rows; failed images get `error` and null features."""
     paths = rows["path"].tolist()
-    loads = [extractor.data_config.load] * len(paths)
+    loads = [partial(extractor.data_config.load, max_pixels=max_pixels)] * len(paths)
     decoded = list(pool.map(decode, loads, paths) if pool else map(decode, loads, paths))
     ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
     features: list = [None] * len(rows)
@@ -67,14 +70,14 @@ def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadP
     return out[list(OUTPUT_COLUMNS)]
 
 
-def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, batch_size: int, decode_threads: int = 1,
+def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, batch_size: int, max_pixels: int = MAX_PIXELS, decode_threads: int = 1,
                  on_batch: Callable[[int, int], None] | None = None) -> Iterator[pd.DataFrame]:
     """Re-batch Arrow batches of any size into model batches of `batch_size` rows."""
     pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
     try:
         for frame in frames:
             for start in range(0, len(frame), batch_size):
-                out = extract_frame(frame.iloc[start:start + batch_size], extractor, pool)
+                out = extract_frame(frame.iloc[start:start + batch_size], extractor, pool, max_pixels)
                 if on_batch:
                     n_errors = int(out["error"].notna().sum())
                     on_batch(len(out) - n_errors, n_errors)

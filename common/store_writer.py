@@ -7,6 +7,10 @@
 
 A run killed at any point leaves no manifest, so nothing looks complete; restarted with the same
 inputs it keeps every committed chunk. Only an explicit --overwrite discards an existing store.
+
+A folder is a store only by this project's own marks: a readable manifest.json, or the
+_work/plan.json of an unfinished run (with its format). Folder names such as split=* prove
+nothing, and --overwrite deletes only what a store run writes (OWN), never other files.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.store import ERRORS_DIR, MANIFEST, write_manifest
+from common.safe_output import LOCK
+from common.store import ERRORS_DIR, MANIFEST, SPLITS, write_manifest
 
 WORK_DIR = "_work"
 PLAN = "plan.json"
+PLAN_FORMAT = "cxr-features/store-plan"
 STAGING = "_staging"
+# Everything a store run writes at the top of its folder: all that --overwrite may delete.
+OWN = frozenset({MANIFEST, ERRORS_DIR, WORK_DIR, *(f"split={s}" for s in SPLITS)})
 
 
 class OutputError(RuntimeError):
@@ -37,36 +45,63 @@ def plan_fingerprint(table: pd.DataFrame, settings: dict) -> str:
     return digest.hexdigest()
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _is_store_dir(out: Path) -> bool:
-    return (out / MANIFEST).exists() or (out / WORK_DIR).is_dir() or any(out.glob("split=*"))
+    manifest = _read_json(out / MANIFEST)
+    plan = _read_json(out / WORK_DIR / PLAN)
+    return (manifest is not None and "format_version" in manifest) or (plan is not None and plan.get("format") == PLAN_FORMAT)
 
 
-def _clear(out: Path) -> None:
-    (out / MANIFEST).unlink(missing_ok=True)  # first, so a half-cleared store never looks complete
-    for child in out.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+def _own(name: str) -> bool:
+    return name in OWN or name.startswith(f".{MANIFEST}.tmp")
+
+
+def _clear(out: Path, log) -> None:
+    """Delete what a store run wrote (manifest first, so a half-cleared store never looks complete)."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    kept = []
+    for child in sorted(out.iterdir()):
+        if child.name == LOCK:
+            continue  # this run's own lock
+        if not _own(child.name):
+            kept.append(child.name)
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    if kept:
+        log(f"--overwrite: kept {len(kept)} file(s) this project did not write: {', '.join(kept[:5])}")
 
 
 def prepare_output(out: str | Path, overwrite: bool, fingerprint: str, plan: dict, log=print) -> Path:
     """Make `out` ready for this run and return its work directory (resuming when it can)."""
     out = Path(out)
     work = out / WORK_DIR
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(c.name != LOCK for c in out.iterdir()):
         if not _is_store_dir(out):
-            raise OutputError(f"--out {out}: exists and is not a feature store; refusing to write into it")
-        previous = json.loads((work / PLAN).read_text()).get("fingerprint") if (work / PLAN).is_file() else None
+            raise OutputError(f"--out {out}: exists and is not a feature store of this project (no {MANIFEST}, "
+                              f"no {WORK_DIR}/{PLAN}); refusing to write into it, even with --overwrite")
+        previous = (_read_json(work / PLAN) or {}).get("fingerprint")
         if (out / MANIFEST).exists() and not overwrite:
             raise OutputError(f"--out {out}: a complete feature store is already here; pass --overwrite to replace it")
         if overwrite:
-            log(f"--overwrite: discarding what was in {out}")
-            _clear(out)
+            log(f"--overwrite: discarding the store in {out}")
+            _clear(out, log)
         elif previous != fingerprint:
             raise OutputError(f"--out {out}: holds an unfinished run with other inputs or settings; "
                               "pass --overwrite to discard it")
         else:
             log(f"resuming the unfinished run in {out}")
     work.mkdir(parents=True, exist_ok=True)
-    (work / PLAN).write_text(json.dumps({**plan, "fingerprint": fingerprint}, indent=2, sort_keys=True))
+    (work / PLAN).write_text(json.dumps({**plan, "format": PLAN_FORMAT, "fingerprint": fingerprint}, indent=2,
+                                        sort_keys=True))
     return work
 
 

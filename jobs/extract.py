@@ -27,6 +27,8 @@ from common import __version__
 from common.choices import PRECISIONS, SPLITS
 from common.config import HelpFormatter, parse_with_config, require
 from common.data_config import RESIZE_MODES, DataConfig
+from common.images import MAX_PIXELS
+from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
 from common.table_flags import add_table_flags
 
 # torch, pyarrow and pandas are imported by the functions that use them, so that --help (and a
@@ -57,6 +59,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--images-per-task", type=int, default=64, help="images per Spark task")
     p.add_argument("--file-mb", type=int, default=128, help="target size of the store's Parquet files")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="images with more pixels are recorded as errors, unread (guards memory against huge files)")
+    p.add_argument("--stall-timeout", type=float, default=1800.0,
+                   help="seconds without any image finishing before the job stops as stuck (0: wait forever)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     return p
 
@@ -66,7 +72,7 @@ def log(message: str) -> None:
 
 
 def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
-                 data_config: DataConfig, batch_size: int, done, errors):
+                 data_config: DataConfig, batch_size: int, done, errors, max_pixels: int = MAX_PIXELS):
     """The mapInPandas function; it captures only small values, the model is built in the worker."""
 
     def run(frames):
@@ -86,18 +92,29 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
             errors.add(n_err)
 
         ran = f"{extractor.device.type}/{extractor.precision}"
-        for out in iter_extract(frames, extractor, batch_size, decode_threads=threads, on_batch=count):
+        for out in iter_extract(frames, extractor, batch_size, max_pixels, decode_threads=threads, on_batch=count):
             yield out.assign(ran=ran)
 
     return run
 
 
 class Progress:
-    """A driver thread printing images done / total, images per second and errors so far."""
+    """A driver thread printing images done / total, images per second and errors so far; and the
+    watchdog of a stuck job.
 
-    def __init__(self, total: int, already: int, done, errors, interval: float):
+    A hung task (a read that never returns on a dead network mount, a wedged GPU) would wait
+    forever: Spark has no task timeout, and a thread blocked in read() cannot be interrupted from
+    inside the worker. So the driver watches: when no image finishes for `stall_seconds` it calls
+    `on_stall` (cancel the Spark jobs) and the run stops with a message. Images are counted when
+    their task ends, so the limit must exceed the longest task (--images-per-task images).
+    """
+
+    def __init__(self, total: int, already: int, done, errors, interval: float, stall_seconds: float = 0.0,
+                 on_stall=lambda: None):
         self.total, self.already, self.done, self.errors, self.interval = total, already, done, errors, interval
-        self.start = time.monotonic()
+        self.stall_seconds, self.on_stall, self.stalled = stall_seconds, on_stall, False
+        self.start = self._moved = time.monotonic()
+        self._last = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -112,8 +129,19 @@ class Progress:
                 f"{errors} error{'' if errors == 1 else 's'}{eta}")
 
     def _loop(self):
-        while not self._stop.wait(self.interval):
-            log(self.line())
+        tick = min(self.interval, self.stall_seconds) if self.stall_seconds else self.interval
+        printed = time.monotonic()
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if self.done.value != self._last:
+                self._last, self._moved = self.done.value, now
+            elif self.stall_seconds and now - self._moved >= self.stall_seconds and not self.stalled:
+                self.stalled = True
+                log(f"no image finished for {self.stall_seconds:g} s (--stall-timeout): stopping the stuck job")
+                self.on_stall()
+            if now - printed >= self.interval:
+                printed = now
+                log(self.line())
 
     def __enter__(self):
         self._thread.start()
@@ -134,7 +162,7 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
     """Process every uncommitted chunk; returns timing figures for the summary."""
     from common.extraction import INPUT_COLUMNS, INPUT_DDL
     from common.store import ROW_DDL
-    from common.store_writer import commit_chunk, is_committed
+    from common.store_writer import OutputError, commit_chunk, is_committed
 
     output_ddl = ROW_DDL + ", split string, path string, error string, ran string"
     sc = spark.sparkContext
@@ -145,17 +173,25 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
         log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
     done, errors = sc.accumulator(0), sc.accumulator(0)
     task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config, args.batch_size,
-                           done, errors)
+                           done, errors, args.max_pixels)
     start = time.monotonic()
-    with Progress(len(table), already, done, errors, args.progress_interval) as progress:
+    with Progress(len(table), already, done, errors, args.progress_interval, args.stall_timeout,
+                  sc.cancelAllJobs) as progress:
         for i in pending:
             chunk = chunks[i][list(INPUT_COLUMNS)]
             # At least four waves of tasks per core keeps the last wave's idle cores a small share.
             parts = max(4 * sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task))
             tmp = work / f"chunk-{i:05d}.tmp"
-            (spark.createDataFrame(chunk, schema=INPUT_DDL).repartition(parts)
-             .mapInPandas(task_fn, output_ddl)
-             .write.mode("overwrite").parquet(str(tmp)))
+            try:
+                (spark.createDataFrame(chunk, schema=INPUT_DDL).repartition(parts)
+                 .mapInPandas(task_fn, output_ddl)
+                 .write.mode("overwrite").parquet(str(tmp)))
+            except Exception:
+                if progress.stalled:
+                    raise OutputError(f"--out {work.parent}: no image finished for {args.stall_timeout:g} s "
+                                      "(--stall-timeout), so the job was stopped as stuck; the committed chunks "
+                                      "are kept and a rerun resumes after them") from None
+                raise
             commit_chunk(tmp, work, i)
             log(f"chunk {i + 1}/{len(chunks)} committed; {progress.line()}")
     seconds = time.monotonic() - start
@@ -205,10 +241,11 @@ def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) ->
 def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     args = parse_with_config(build_parser(prog), argv, "extract")
     require(args, "metadata", "images", "out")
+    check_dir_path(args.out)
     from common.backbones import get_spec
     from common.image_table import table_from_flags
-    from common.store import ERRORS_DIR, FORMAT_VERSION
-    from common.store_writer import STAGING, plan_fingerprint, prepare_output, publish
+    from common.store import FORMAT_VERSION
+    from common.store_writer import plan_fingerprint, prepare_output
     from common.weights import checkpoint_data_config, resolve_weights
 
     spec = get_spec(args.backbone)
@@ -227,8 +264,18 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     settings = {"backbone": args.backbone, "weights": weights.label, "weights_sha256": weights.sha256,
                 "data_config": data_config.to_dict(), "precision": args.precision,
                 "chunk_size": args.chunk_size, "format_version": FORMAT_VERSION}
-    work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
+    # One writer per store for the whole run: two jobs on one --out would write the same chunks.
+    with OutputLock(args.out, log=log):
+        work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
+        return _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work)
 
+
+def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work: Path) -> dict:
+    """Embed the uncommitted chunks, compact them, publish the store with its manifest last."""
+    from common.store import ERRORS_DIR, FORMAT_VERSION
+    from common.store_writer import STAGING, publish
+
+    table = images.table
     spark = spark or get_spark()
     weights_file = None
     if weights.path:
@@ -287,8 +334,13 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
 def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
     try:
         main(argv, prog=prog)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, OutputLockedError) as exc:
         bad_input(prog, exc)
+    except OSError as exc:
+        if not is_disk_error(exc):
+            raise
+        # A full or read-only disk is the machine's state, not a bug: say so; committed chunks stay.
+        bad_input(prog, os_error_line(exc, "--out"))
     except RuntimeError as exc:
         # Only main raises these, once it has imported their modules: importing them here is free.
         from common.store_writer import OutputError

@@ -75,3 +75,77 @@ def test_unparsable_split_ratios_name_the_flag(monkeypatch, capsys, tmp_path):
     code, line = run_cli(monkeypatch, capsys, *sample_flags(tmp_path / "s", "--weights", "random", "--split", "ratios",
                                                             "--split-ratios", "0.7;0.1;0.2"))
     assert code == 2 and line == "jobs/extract.py: error: --split-ratios '0.7;0.1;0.2': expected three comma-separated numbers"
+
+
+def test_a_folder_with_split_subfolders_is_not_taken_for_a_store(monkeypatch, capsys, tmp_path):
+    # Folder names prove nothing: only the manifest or an unfinished run's plan make a store.
+    lookalike = tmp_path / "results"
+    (lookalike / "split=train").mkdir(parents=True)
+    (lookalike / "split=train" / "mine.csv").write_text("keep me")
+    code, line = run_cli(monkeypatch, capsys, *sample_flags(lookalike, "--weights", "random", "--overwrite"))
+    assert code == 2 and "is not a feature store of this project" in line and "even with --overwrite" in line
+    assert (lookalike / "split=train" / "mine.csv").read_text() == "keep me"
+
+
+def test_out_that_is_a_file_or_under_one_is_one_line(monkeypatch, capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    code, line = run_cli(monkeypatch, capsys, *sample_flags(tmp_path / "f" / "store", "--weights", "random"))
+    assert code == 2 and line.endswith(f"--out {tmp_path / 'f' / 'store'}: is under {tmp_path / 'f'}, which is a file, not a folder")
+
+
+def test_a_store_another_job_writes_is_refused_naming_it(monkeypatch, capsys, tmp_path):
+    import os
+    import socket
+
+    from common.safe_output import OutputLock
+
+    with OutputLock(tmp_path / "s"):
+        code, line = run_cli(monkeypatch, capsys, *sample_flags(tmp_path / "s", "--weights", "random"))
+    assert code == 2 and f"another job is writing here (host {socket.gethostname()}, pid {os.getpid()}" in line
+    assert not (tmp_path / "s" / ".cxr.lock").exists()  # released by its holder
+
+
+def test_full_disk_is_one_line_keeps_chunks_and_overwrite_keeps_foreign_files(monkeypatch, capsys, tmp_path, spark):
+    import errno
+
+    import common.store_writer
+
+    store = tmp_path / "store"
+    flags = sample_flags(store, "--weights", "random", "--backbone", "mobilenet_v3_large", "--limit", "12",
+                         "--chunk-size", "6")
+    run_cli_ok = lambda *extra: (monkeypatch.setattr(sys, "argv", ["jobs/extract.py", *flags, *extra]), cli())
+    run_cli_ok()
+    (store / "notes.txt").write_text("mine")
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device", str(store / "manifest.json"))
+
+    monkeypatch.setattr(common.store_writer, "write_manifest", full)
+    code, line = run_cli(monkeypatch, capsys, *flags, "--overwrite")
+    assert code == 2 and line == f"jobs/extract.py: error: {store / 'manifest.json'}: no space left on device"
+    assert sorted(p.name for p in (store / "_work").glob("chunk-?????")) == ["chunk-00000", "chunk-00001"]
+    assert not (store / "manifest.json").exists() and (store / "notes.txt").read_text() == "mine"
+    monkeypatch.undo()
+    run_cli_ok()  # the same command resumes from the kept chunks
+    assert (store / "manifest.json").exists() and (store / "notes.txt").read_text() == "mine"
+    assert not (store / "_work").exists() and not (store / ".cxr.lock").exists()
+
+
+def test_the_watchdog_stops_a_job_where_no_image_finishes():
+    import time
+
+    from jobs.extract import Progress
+
+    class Counter:
+        value = 0
+
+    stopped = []
+    with Progress(10, 0, Counter(), Counter(), interval=60, stall_seconds=0.2, on_stall=lambda: stopped.append(1)) as p:
+        time.sleep(0.6)
+    assert p.stalled and stopped == [1]  # called once, not at every tick
+    moving = Counter()
+    with Progress(10, 0, moving, Counter(), interval=60, stall_seconds=0.3, on_stall=lambda: stopped.append(2)) as p:
+        for _ in range(8):
+            moving.value += 1
+            time.sleep(0.1)
+    assert not p.stalled and stopped == [1]

@@ -1,0 +1,150 @@
+"""Output directories a job may write into: checked paths, one-line OS errors, one writer at a time.
+
+Every job that writes a store or a run directory holds an `OutputLock` on it for the whole run:
+a lock file created with O_CREAT | O_EXCL (atomic on local disks and on NFS v3+, Lustre, GPFS),
+holding host, pid, start time and command, its mtime refreshed by a heartbeat thread. A second
+job on the same folder stops at once with a line naming the first. A lock is stale, and taken
+over, when its process is gone (same host) or its heartbeat stopped (another host's job was
+killed with its machine); taking over renames the stale file first, so two jobs that both see it
+stale cannot both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+LOCK = ".cxr.lock"
+HEARTBEAT_SECONDS = 30.0
+STALE_SECONDS = 600.0  # twenty missed heartbeats: a job on another host is gone
+
+
+class OutputLockedError(RuntimeError):
+    """Another job writes this folder; the message names it."""
+
+
+def os_error_line(exc: OSError, path: str | os.PathLike) -> str:
+    """An OSError as one line that says what happened and where: "no space left on device", ..."""
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    where = exc.filename or path
+    return f"{where}: {reason}"
+
+
+def check_dir_path(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """`out` as a Path, refused in one line when it or a folder above it is a file."""
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == out else f"is under {p}, which is a file"
+            raise NotADirectoryError(f"{flag} {out}: {what}, not a folder")
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+class OutputLock:
+    """`with OutputLock(folder): ...` holds `folder`/.cxr.lock for the block (see the module doc)."""
+
+    def __init__(self, folder: str | os.PathLike, log=lambda m: print(m, file=sys.stderr),
+                 stale_seconds: float = STALE_SECONDS, heartbeat_seconds: float = HEARTBEAT_SECONDS):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self.log, self.stale_seconds, self.heartbeat_seconds = log, stale_seconds, heartbeat_seconds
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       "command": " ".join(sys.argv)[:500]}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.record, f)
+        return True
+
+    def _holder(self) -> dict | None:
+        """The lock's record, or None when it vanished meanwhile; {} when unreadable (being written)."""
+        try:
+            text, mtime = self.path.read_text(), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+        except json.JSONDecodeError:
+            holder = {}
+        return {**holder, "age": time.time() - mtime}
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") == self.record["host"] and isinstance(holder.get("pid"), int):
+            return not _alive(holder["pid"])
+        return holder["age"] > self.stale_seconds
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._create():
+                break
+            holder = self._holder()
+            if holder is None:
+                continue  # released just now: try again
+            if not self._stale(holder):
+                raise OutputLockedError(
+                    f"{self.folder}: another job is writing here (host {holder.get('host')}, pid {holder.get('pid')}, "
+                    f"since {holder.get('started')}: {holder.get('command', '?')[:120]}); wait for it, or remove "
+                    f"{self.path} if that job is gone")
+            stale = self.path.with_name(f"{LOCK}.stale-{self.record['host']}-{os.getpid()}")
+            try:
+                os.rename(self.path, stale)  # only one taker wins this rename
+            except FileNotFoundError:
+                continue
+            stale.unlink(missing_ok=True)
+            self.log(f"{self.folder}: took over the stale lock of host {holder.get('host')}, pid {holder.get('pid')}")
+        else:
+            raise OutputLockedError(f"{self.folder}: could not take {self.path} (other jobs keep taking it)")
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # the folder is gone or read-only now; the job itself will say so
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        holder = self._holder()
+        if holder and holder.get("pid") == self.record["pid"] and holder.get("host") == self.record["host"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def is_disk_error(exc: OSError) -> bool:
+    """Errors of the file system rather than of the input: full, read-only, permission, quota."""
+    return exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
