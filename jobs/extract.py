@@ -327,7 +327,7 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
     if timing["images_processed"]:
         log(f"  this run: {timing['images_processed']} images in {timing['seconds']} s "
             f"({timing['images_per_second']} images/s)")
-    log(f"  next: python -m heads.train --store {args.out} --out runs/<name>")
+    log(f"  next: cxr train --store {args.out} --out runs/<name>")
     return summary
 
 
