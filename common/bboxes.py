@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.labels import NIH_LABELS
-from common.metadata import MetadataError
+from common.metadata import MetadataError, not_utf8
 
 # NIH images are 1024 x 1024 and the boxes are given in those pixels.
 NIH_BBOX_IMAGE_SIZE = 1024
@@ -41,14 +41,17 @@ def read_nih_bboxes(path: str | Path) -> pd.DataFrame:
     # utf-8-sig: a copy saved by a spreadsheet may start with a byte-order mark.
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        header = [cell.strip() for cell in next(reader, [])]
-        if tuple(header[:2]) != _HEADER_START:
-            raise MetadataError(f"{path}: row 1: header starts {header[:2]!r}, expected {list(_HEADER_START)!r}")
-        for fields in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in fields):
-                continue  # blank line, e.g. at the end of the file
-            rows.append(_parse_row([cell.strip() for cell in fields], path, line))
+        try:
+            header = [cell.strip() for cell in next(reader, [])]
+            if tuple(header[:2]) != _HEADER_START:
+                raise MetadataError(f"{path}: row 1: header starts {header[:2]!r}, expected {list(_HEADER_START)!r}")
+            for fields in reader:
+                line = reader.line_num
+                if not any(cell.strip() for cell in fields):
+                    continue  # blank line, e.g. at the end of the file
+                rows.append(_parse_row([cell.strip() for cell in fields], path, line))
+        except UnicodeDecodeError:
+            raise MetadataError(not_utf8(path)) from None
     if not rows:
         raise MetadataError(f"{path}: no boxes after the header")
     table = pd.DataFrame(rows, columns=list(BBOX_COLUMNS))

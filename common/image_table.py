@@ -42,20 +42,31 @@ def _official_lists(metadata: Path, train_val_list, test_list) -> tuple[Path, Pa
     return None
 
 
-def _read(dataset: str, metadata: Path, keep_laterals: bool):
+def _read(dataset: str, metadata: Path, keep_laterals: bool, flag: str, empty: list[str]):
     if dataset == "nih":
-        return read_nih(metadata)
-    if dataset == "chexpert":
-        return read_chexpert(metadata, frontal_only=not keep_laterals)
-    raise ValueError(f"--dataset {dataset!r}: choose nih or chexpert")
+        meta = read_nih(metadata)
+    elif dataset == "chexpert":
+        meta = read_chexpert(metadata, frontal_only=not keep_laterals)
+    else:
+        raise ValueError(f"--dataset {dataset!r}: choose nih or chexpert")
+    if meta.table.empty:  # the readers refuse a file without rows; this is every row filtered out
+        laterals = meta.counts.get("laterals_dropped", 0)
+        empty.append(f"{flag} {metadata}: 0 rows" + (f" ({laterals} of {meta.counts['rows_read']} are lateral "
+                                                     "views; --keep-laterals keeps them)" if laterals else ""))
+    return meta
 
 
-def _located(table: pd.DataFrame, images, dataset: str, counts: dict, key: str, log) -> pd.DataFrame:
+def _located(table: pd.DataFrame, images, dataset: str, counts: dict, key: str, log, flag: str,
+             empty: list[str]) -> pd.DataFrame:
     located = locate_images(table, images, LOCATE_BY[dataset])
     counts[key] = located.missing
     if located.missing:
         log(f"{located.missing} of {len(table)} metadata rows have no image under {images} "
             f"(e.g. {', '.join(located.missing_examples[:3])}); they are skipped")
+    if len(table) and located.table.empty:
+        how = "by file name anywhere below it" if LOCATE_BY[dataset] == "name" else "by path relative to it"
+        empty.append(f"{flag} {images}: none of the {len(table)} metadata rows has an image there (looked "
+                     f"{how} for e.g. {', '.join(located.missing_examples[:3])})")
     return located.table
 
 
@@ -95,22 +106,30 @@ def build_image_table(
 ) -> ImageTable:
     """The located, split image table. With `test_metadata`, its rows (under `test_images`, default
     `images`) are the test split and the main table's patients are split into train and val."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: must be at least 1")
     metadata = Path(metadata)
-    meta = _read(dataset, metadata, keep_laterals)
+    empty: list[str] = []  # why each stage that left nothing did, for the error when no image remains
+    meta = _read(dataset, metadata, keep_laterals, "--metadata", empty)
     counts = dict(meta.counts)
 
     if test_metadata is not None:
         if split == "official" or train_val_list or test_list:
             raise ValueError("--test-metadata names the test split itself; leave out --split official and the lists")
-        test_meta = _read(dataset, Path(test_metadata), keep_laterals)
+        test_meta = _read(dataset, Path(test_metadata), keep_laterals, "--test-metadata", empty)
         counts.update({f"test_table_{k}": v for k, v in test_meta.counts.items()})
         table, method = _with_test_table(meta, test_meta, Path(test_metadata), val_fraction, seed, counts)
         check_no_leakage(table, table["split"])
         counts["unlisted"] = 0
         is_test = (table["split"] == "test").to_numpy()
+        if len(meta.table) and is_test.all():
+            empty.append(f"--metadata {metadata}: all {len(meta.table)} rows are of --test-metadata patients, "
+                         "who are not trained on")
+        test_flag = "--test-images" if test_images else "--images"
         table = pd.concat([
-            _located(table[~is_test], images, dataset, counts, "images_missing", log),
-            _located(table[is_test], test_images or images, dataset, counts, "test_images_missing", log),
+            _located(table[~is_test], images, dataset, counts, "images_missing", log, "--images", empty),
+            _located(table[is_test], test_images or images, dataset, counts, "test_images_missing", log,
+                     test_flag, empty),
         ], ignore_index=True)
         counts["images_missing"] += counts.pop("test_images_missing")
     else:
@@ -127,10 +146,16 @@ def build_image_table(
         check_no_leakage(meta.table, assignment)
         table = meta.table.assign(split=assignment)
         counts["unlisted"] = int(table["split"].isna().sum())
-        table = _located(table[table["split"].notna()], images, dataset, counts, "images_missing", log)
+        if len(table) and counts["unlisted"] == len(table):
+            empty.append(f"{lists[0]}, {lists[1]}: the split lists name none of the {len(table)} images of "
+                         f"--metadata {metadata} (e.g. {table['image_id'].iloc[0]})")
+        table = _located(table[table["split"].notna()], images, dataset, counts, "images_missing", log,
+                         "--images", empty)
     table = table.sort_values("image_id", kind="stable").reset_index(drop=True)
     if limit is not None:
         table = table.head(limit)
+    if table.empty:  # a job must stop here, before it writes anything
+        raise ValueError("; ".join(empty) or f"--metadata {metadata}: no image left to process")
     counts["images"] = len(table)
     return ImageTable(meta.dataset, meta.label_names, table, counts, method)
 

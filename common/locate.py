@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff")
+# Every job's list (extraction, fine-tuning, heads.predict --images). .dcm is listed though DICOM is
+# not decoded yet: such a file becomes an error row, reported, rather than passed over unseen.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp")
 
 
 @dataclass

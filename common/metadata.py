@@ -42,11 +42,39 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     """
     if not path.is_file():
         raise MetadataError(f"{path}: metadata file not found")
-    header = pd.read_csv(path, nrows=0, index_col=False).columns
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise MetadataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}")
-    return pd.read_csv(path, usecols=columns, dtype=str, index_col=False, keep_default_na=False)
+    if path.stat().st_size == 0:
+        raise MetadataError(f"{path}: empty file (0 bytes)")
+    try:
+        header = pd.read_csv(path, nrows=0, index_col=False).columns
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise MetadataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}")
+        table = pd.read_csv(path, usecols=columns, dtype=str, index_col=False, keep_default_na=False)
+    except UnicodeDecodeError:
+        raise MetadataError(not_utf8(path)) from None
+    except pd.errors.EmptyDataError:
+        raise MetadataError(f"{path}: no header line, only blank lines") from None
+    except pd.errors.ParserError as exc:
+        raise MetadataError(f"{path}: not a readable CSV: {' '.join(str(exc).split())}") from None
+    # Refused here rather than passed on as an empty table: a metadata file without rows is a
+    # truncated copy or the wrong file, and every job would otherwise fail later and vaguer.
+    if table.empty:
+        raise MetadataError(f"{path}: no rows below the header")
+    return table
+
+
+def not_utf8(path: Path) -> str:
+    """The message for a file that is not UTF-8, naming its first bad line. Scanned only once a
+    decode has failed (pandas' own error gives an offset into a buffer, not a line); a multi-byte
+    character never spans a newline, so decoding line by line finds the same byte."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (f"{path}: line {number}: not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}, "
+                        "e.g. Latin-1 text); save the file as UTF-8")
+    return f"{path}: not UTF-8; save the file as UTF-8"
 
 
 def _parse_ages(raw: pd.Series, path: Path) -> tuple[pd.Series, int]:

@@ -261,12 +261,12 @@ def render(run: str | Path) -> Path:
     baselines = [b for b in for_dataset(config.get("dataset", ""), config.get("settings", {}).get("policy")) if any(n in b.auroc for n in names)]
 
     if metrics["history"]:
-        plot_loss(metrics["history"], run / "loss.png")
+        plot_loss(metrics["history"], run / rundir.LOSS_PLOT)
     for split in splits:
         pred_file = run / rundir.PREDICTIONS / f"{split}.parquet"
         if pred_file.is_file():
             aucs = {n: splits[split]["per_class"][n]["auroc"] for n in names}
-            plot_roc(rundir.read_predictions(pred_file, names), names, aucs, f"ROC, {split} split", run / f"roc_{split}.png")
+            plot_roc(rundir.read_predictions(pred_file, names), names, aucs, f"ROC, {split} split", run / rundir.roc_plot(split))
 
     lines = [f"# {title}: {run.name}", "", f"`{config['command']}`", ""]
     lines += ["## Run", ""] + run_lines(config, metrics) + ["", "## Summary", ""]
@@ -301,8 +301,8 @@ def render(run: str | Path) -> Path:
             grid_rows.append([f"{c['lr']:g}", f"{c['weight_decay']:g}", str(c["best_epoch"]), _f(c["val_loss"], 4),
                               _f(c["val_auc"], 4), str(c["epochs_run"]), _f(float(c["seconds"]), 1), "✓" if pick else ""])
         lines += _table(["lr", "weight decay", "best epoch", "val loss", "val AUROC", "epochs", "seconds", "picked"], grid_rows)
-    lines += ["", "## Curves", "", "![loss curves](loss.png)", ""]
-    lines += [f"![ROC {sp}](roc_{sp}.png)" for sp in splits if (run / f"roc_{sp}.png").exists()]
+    lines += ["", "## Curves", "", f"![loss curves]({rundir.LOSS_PLOT})", ""]
+    lines += [f"![ROC {sp}]({rundir.roc_plot(sp)})" for sp in splits if (run / rundir.roc_plot(sp)).exists()]
     if metrics["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in group_notes(metrics["notes"], names)]
     path = run / rundir.REPORT

@@ -1,46 +1,138 @@
 """A run directory and the files in it, written by heads.train and jobs/finetune.py, read by the report and predict.
 
+    <run>/.cxr-run.json           the marker: written first, it makes the folder a run directory
     <run>/config.json             resolved settings, command line, software versions, stores used
     <run>/head.pt                 the head: weights + everything needed to rebuild and feed it
+    <run>/best.pt, last.pt        a fine-tune run's checkpoints (finetune/checkpoint.py)
     <run>/metrics.json            per-split metrics, epoch history, grid cells, thresholds, notes
     <run>/predictions/<split>.parquet   image_id, a probability column per label, `label:<name>`
                                   targets (-1 where masked), has_disease, no_finding
     <run>/report.md, roc_<split>.png, loss.png    rendered by heads.report
+    <run>/localization/*.png      a fine-tune run's CAM overlays
+
+A folder is a run directory only by its marker: a config.json proves nothing (any tool writes
+one). --overwrite deletes only the names above (OWN and friends), never a user's files.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import fnmatch
 import json
 import os
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from common.safe_output import LOCK
 
+
+MARKER = ".cxr-run.json"
+RUN_FORMAT = "cxr-features/run"
+RUN_FORMAT_VERSION = 1
+KINDS = ("head", "finetune")
 CONFIG = "config.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions"
 REPORT = "report.md"
+LOSS_PLOT = "loss.png"
+HEAD_CHECKPOINT = "head.pt"
+BEST = "best.pt"
+LAST = "last.pt"
+LOCALIZATION = "localization"
 TARGET_PREFIX = "label:"
+
+# Everything a run writes, and all that --overwrite may delete: the files at the top of the
+# directory, their temporary names (write_json: .<name>.tmp, torch_files.save_atomic: <name>.tmp),
+# and inside the folders only the files the run puts there.
+OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST})
+OWN_PATTERNS = ("roc_*.png", f"{LOCK}.stale-*")  # roc_<split>.png; a lock taker killed mid-takeover
+OWN_DIRS = {PREDICTIONS: "*.parquet", LOCALIZATION: "*.png"}
 
 
 class RunError(ValueError):
     """A run directory or head checkpoint that cannot be used; the message is one line."""
 
 
-def prepare(out: str | Path, overwrite: bool) -> Path:
-    """An empty run directory; replaces an old run only with overwrite, and never a non-run folder."""
+def roc_plot(split: str) -> str:
+    return f"roc_{split}.png"
+
+
+def _own_file(name: str) -> bool:
+    if name.endswith(".tmp"):
+        name = name.removesuffix(".tmp")
+        if name.startswith(".") and name[1:] in OWN_FILES:
+            return True
+    return name in OWN_FILES or any(fnmatch.fnmatchcase(name, p) for p in OWN_PATTERNS)
+
+
+def read_marker(out: Path) -> dict | None:
+    """The marker of run directory `out`, or None when `out` is not one."""
+    try:
+        marker = json.loads((Path(out) / MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == RUN_FORMAT else None
+
+
+def check_run_dir(out: str | Path) -> dict | None:
+    """The marker of `out`; None when `out` is absent or empty (our own lock aside); RunError for a
+    folder that is not a run directory of this project, or one of a newer format."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / CONFIG).exists():
-            raise RunError(f"--out {out}: exists and is not a run directory; refusing to write into it")
+    if not out.exists() or not any(c.name != LOCK for c in out.iterdir()):
+        return None
+    marker = read_marker(out)
+    if marker is None:
+        raise RunError(f"--out {out}: exists and is not a run directory of this project (no {MARKER}); "
+                       "refusing to write into it")
+    version = marker.get("format_version")
+    if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
+        raise RunError(f"--out {out}: a run directory of format_version {version!r}, which this cxr-features "
+                       f"(version {RUN_FORMAT_VERSION}) does not know; refusing to write into it")
+    return marker
+
+
+def clear(out: Path, log=print) -> None:
+    """Delete what a run wrote into `out` and keep everything else (named in one log line). The
+    marker stays, so a clear that is killed halfway still leaves a run directory."""
+    kept = []
+    (out / METRICS).unlink(missing_ok=True)  # first: a half-cleared run never looks finished
+    for child in sorted(out.iterdir()):
+        if child.name in (LOCK, MARKER):
+            continue
+        if child.name in OWN_DIRS and child.is_dir() and not child.is_symlink():
+            for f in sorted(child.iterdir()):
+                if f.is_file() and fnmatch.fnmatchcase(f.name, OWN_DIRS[child.name]):
+                    f.unlink()
+                else:
+                    kept.append(f"{child.name}/{f.name}")
+            if not any(child.iterdir()):
+                child.rmdir()
+        elif _own_file(child.name) and (child.is_symlink() or not child.is_dir()):
+            child.unlink()
+        else:
+            kept.append(child.name)
+    if kept:
+        log(f"--overwrite: kept {len(kept)} file(s) in {out} that this project did not write: "
+            + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
+
+
+def prepare(out: str | Path, overwrite: bool, kind: str = "head", log=print) -> Path:
+    """A run directory ready for a new run of `kind`: made and marked when absent or empty, an old
+    run replaced only with overwrite (its files only), a folder without the marker never."""
+    if kind not in KINDS:
+        raise ValueError(f"run kind {kind!r}: choose from {', '.join(KINDS)}")
+    out = Path(out)
+    if check_run_dir(out) is not None:
         if not overwrite:
             raise RunError(f"--out {out}: a run is already here; pass --overwrite to replace it")
-        shutil.rmtree(out)
+        log(f"--overwrite: replacing the run in {out}")
+        clear(out, log)
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MARKER, {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "kind": kind,
+                              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     return out
 
 

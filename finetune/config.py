@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.data_config import DataConfig
+from common.rundir import BEST, LAST  # noqa: F401 (a run directory's names live in common/rundir.py)
 from finetune.choices import SCHEDULES  # noqa: F401 (finetune.loop takes it from here)
 from finetune.dataset import ImageDataset
-
-LAST = "last.pt"
-BEST = "best.pt"
 
 
 def log(message: str) -> None:

@@ -24,6 +24,7 @@ from common.metadata import study_ids
 from common.image_table import table_from_flags
 from common.losses import make_loss
 from common.report import render
+from common.safe_output import OutputLock
 from common.store import SPLITS
 from common.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
 from common.weights import checkpoint_data_config, resolve_weights
@@ -32,7 +33,7 @@ from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, id
 from finetune.localization import evaluate_localization
 from finetune.loop import predict, train
 
-LOCALIZATION_DIR = "localization"
+LOCALIZATION_DIR = rundir.LOCALIZATION
 
 
 def split_images(table, cols: np.ndarray, policy: str) -> tuple[dict[str, SplitImages], dict, np.ndarray]:
@@ -106,11 +107,13 @@ def localize(model, spec, box_file: str, table, label_names: list[str], data_con
 
 def prepare_out(out: str, overwrite: bool, identity: dict, epochs: int) -> tuple[Path, dict | None]:
     """The run directory: resumed when it holds an interrupted run of these settings, continued
-    when it holds a finished one that ran out of epochs and more are asked for, else fresh."""
+    when it holds a finished one that ran out of epochs and more are asked for, else fresh. The
+    caller holds its lock: nothing here may race another job's writes."""
     path = Path(out)
+    marker = rundir.check_run_dir(path)  # a folder without the marker is refused before anything is read
+    if overwrite or marker is None:
+        return rundir.prepare(path, overwrite, kind="finetune", log=log), None
     finished = (path / rundir.METRICS).exists()
-    if overwrite:
-        return rundir.prepare(path, overwrite), None
     resume = resume_point(path, identity)
     # A finished run's last.pt says how it stopped; an interrupted continuation of one says None.
     if resume is not None and finished and resume["stopped"] is not None:
@@ -122,9 +125,9 @@ def prepare_out(out: str, overwrite: bool, identity: dict, epochs: int) -> tuple
         log(f"continuing the finished run in {out}: epochs {done + 1}-{epochs}")
     if resume is not None:
         return path, resume
-    if (path / rundir.CONFIG).exists() and not finished:  # started but stopped before its first checkpoint
-        return rundir.prepare(path, overwrite=True), None
-    return rundir.prepare(path, overwrite), None
+    if marker.get("kind") == "finetune" and not finished:  # started but stopped before its first checkpoint
+        return rundir.prepare(path, overwrite=True, kind="finetune", log=log), None
+    return rundir.prepare(path, overwrite, kind="finetune", log=log), None
 
 
 def _started(out: Path, resume: dict | None) -> str:
@@ -174,74 +177,77 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
     # The weights by content, not path; the policy and the process count shape training from outside cfg.
     cfg.identity = identity_of(cfg, weights=weights.label, weights_sha256=weights.sha256, policy=args.policy,
                                num_processes=args.num_processes)
-    out, resume = prepare_out(args.out, args.overwrite, cfg.identity, args.epochs)
-    device = resolve_device()
-    cfg.out, cfg.device = str(out), device
-    config = {
-        "kind": "finetune",
-        "settings": settings,
-        "command": command,
-        "dataset": images.dataset,
-        "label_names": label_names,
-        "weights": {"label": weights.label, "sha256": weights.sha256},
-        "data_config": data_config.to_dict(),
-        "images": {s: len(v) for s, v in splits.items()},
-        "split_method": images.split_method,
-        "metadata_counts": images.counts,
-        "started": _started(out, resume),
-        "software": {"cxr-features": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
-    }
-    rundir.write_json(out / rundir.CONFIG, config)
-    log(f"{len(table)} images ({', '.join(f'{s} {len(v)}' for s, v in splits.items())}); {args.backbone} "
-        f"from {weights.label}, {len(label_names)} labels; input {data_config.describe()}; {args.num_processes} process(es)"
-        + (f"; resuming at epoch {resume['epoch']}, step {resume['step']}" if resume else ""))
-    result = launch(train, cfg)
-    if result["stopped"] == "interrupted":
-        return {"run": str(out), **result}
-    if result["best_epoch"] == 0:
-        raise FinetuneError(f"{out}: training diverged in its first epoch; no best checkpoint to evaluate")
-    replicas_differ = len(set(result["rank_state_sha256"])) > 1
-    if replicas_differ:
-        log(f"warning: the {result['world_size']} processes ended with different weights: "
-            f"{', '.join(d[:12] for d in result['rank_state_sha256'])}")
+    # One job per run directory, taken before deciding to resume or overwrite, held to the last file.
+    with OutputLock(args.out, log=log):
+        out, resume = prepare_out(args.out, args.overwrite, cfg.identity, args.epochs)
+        device = resolve_device()
+        cfg.out, cfg.device = str(out), device
+        config = {
+            "kind": "finetune",
+            "settings": settings,
+            "command": command,
+            "dataset": images.dataset,
+            "label_names": label_names,
+            "weights": {"label": weights.label, "sha256": weights.sha256},
+            "data_config": data_config.to_dict(),
+            "images": {s: len(v) for s, v in splits.items()},
+            "split_method": images.split_method,
+            "metadata_counts": images.counts,
+            "started": _started(out, resume),
+            "software": {"cxr-features": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+        }
+        rundir.write_json(out / rundir.CONFIG, config)
+        log(f"{len(table)} images ({', '.join(f'{s} {len(v)}' for s, v in splits.items())}); {args.backbone} "
+            f"from {weights.label}, {len(label_names)} labels; input {data_config.describe()}; "
+            f"{args.num_processes} process(es)"
+            + (f"; resuming at epoch {resume['epoch']}, step {resume['step']}" if resume else ""))
+        result = launch(train, cfg)
+        if result["stopped"] == "interrupted":
+            return {"run": str(out), **result}
+        if result["best_epoch"] == 0:
+            raise FinetuneError(f"{out}: training diverged in its first epoch; no best checkpoint to evaluate")
+        replicas_differ = len(set(result["rank_state_sha256"])) > 1
+        if replicas_differ:
+            log(f"warning: the {result['world_size']} processes ended with different weights: "
+                f"{', '.join(d[:12] for d in result['rank_state_sha256'])}")
 
-    eval_device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-    cfg.precision = result["precision"] if eval_device.type == device else "fp32"
-    model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(
-        out, splits, flag_rows, labels, label_names, images.label_names, cfg, eval_device,
-        table["patient_id"].to_numpy(dtype=object), images.dataset)
-    unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
-    localization, loc_notes = None, []
-    if args.bbox_list:
-        localization, loc_notes = localize(model, spec, args.bbox_list, table, label_names, data_config, eval_device,
-                                           out, args.overlays, set(unreadable), args.localize_split)
-    notes = ([f"unreadable images ({len(unreadable)}), left out of training and metrics: "
-              + ", ".join(Path(p).name for p in unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")]
-             if unreadable else [])
-    notes += [f"{args.num_processes} processes ended with different weights"] if replicas_differ else []
-    rundir.write_json(out / rundir.METRICS, {
-        "label_names": label_names,
-        "best_epoch": result["best_epoch"],
-        "stopped": result["stopped"],
-        "train_seconds": result["train_seconds"],
-        "history": result["history"],
-        "grid": [],
-        "thresholds": dict(zip(label_names, thresholds)),
-        "splits": split_metrics,
-        "localization": localization,
-        "unreadable": unreadable,
-        "training": {k: result[k] for k in ("global_step", "steps_per_epoch", "resumed_from", "world_size", "device",
-                                            "precision", "rank_state_sha256", "seconds_this_run")},
-        "notes": result["loss_notes"] + notes + eval_notes + loc_notes
-                 + [n for m in split_metrics.values() for n in m["notes"]],
-    })
-    config["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    rundir.write_json(out / rundir.CONFIG, config)
-    render(out)
-    summary = {"run": str(out), "stopped": result["stopped"], "best_epoch": result["best_epoch"],
-               **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in split_metrics.items()}}
-    log(f"run complete: {out}; best epoch {result['best_epoch']} ({result['stopped']}); "
-        + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in split_metrics.items()))
-    return {**result, **summary}
+        eval_device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+        cfg.precision = result["precision"] if eval_device.type == device else "fp32"
+        model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(
+            out, splits, flag_rows, labels, label_names, images.label_names, cfg, eval_device,
+            table["patient_id"].to_numpy(dtype=object), images.dataset)
+        unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
+        localization, loc_notes = None, []
+        if args.bbox_list:
+            localization, loc_notes = localize(model, spec, args.bbox_list, table, label_names, data_config, eval_device,
+                                               out, args.overlays, set(unreadable), args.localize_split)
+        notes = ([f"unreadable images ({len(unreadable)}), left out of training and metrics: "
+                  + ", ".join(Path(p).name for p in unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")]
+                 if unreadable else [])
+        notes += [f"{args.num_processes} processes ended with different weights"] if replicas_differ else []
+        rundir.write_json(out / rundir.METRICS, {
+            "label_names": label_names,
+            "best_epoch": result["best_epoch"],
+            "stopped": result["stopped"],
+            "train_seconds": result["train_seconds"],
+            "history": result["history"],
+            "grid": [],
+            "thresholds": dict(zip(label_names, thresholds)),
+            "splits": split_metrics,
+            "localization": localization,
+            "unreadable": unreadable,
+            "training": {k: result[k] for k in ("global_step", "steps_per_epoch", "resumed_from", "world_size", "device",
+                                                "precision", "rank_state_sha256", "seconds_this_run")},
+            "notes": result["loss_notes"] + notes + eval_notes + loc_notes
+                     + [n for m in split_metrics.values() for n in m["notes"]],
+        })
+        config["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        rundir.write_json(out / rundir.CONFIG, config)
+        render(out)
+        summary = {"run": str(out), "stopped": result["stopped"], "best_epoch": result["best_epoch"],
+                   **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in split_metrics.items()}}
+        log(f"run complete: {out}; best epoch {result['best_epoch']} ({result['stopped']}); "
+            + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in split_metrics.items()))
+        return {**result, **summary}
 
 

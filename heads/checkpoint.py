@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.rundir import RunError, jsonable
+from common.rundir import HEAD_CHECKPOINT, RunError, jsonable
 from common.torch_files import load_versioned, save_atomic
 from heads.data import InputSpec
 from heads.models import HeadSpec, build_head
 
-CHECKPOINT = "head.pt"
+CHECKPOINT = HEAD_CHECKPOINT
 HEAD_FORMAT = "cxr-features/head"
 HEAD_FORMAT_VERSION = 1
 

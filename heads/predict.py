@@ -6,8 +6,10 @@
 
 Output: image_id (+ split, or path and error for images), then one probability column per
 label of the head. From a folder, each image goes through the backbone(s) the head's stores were
-extracted with (backbone, weights and data config from their manifests); an unreadable image
-gets a row with its error and empty probabilities, never silently dropped.
+extracted with (backbone, weights and data config from their manifests); an unreadable image, and
+a name with an image suffix that is not a regular file (a FIFO, a dangling link: never opened), gets
+a row with its error and empty probabilities, never silently dropped; files without an image suffix
+are counted in one log line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
+from common.images import MAX_PIXELS  # numpy and PIL only, as jobs/extract.py's parser
 from heads.choices import PRECISIONS
 
 # torch, pyarrow and pandas come with heads/predictions.py, imported once the flags are good, so
@@ -37,6 +40,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help=f"{' | '.join(PRECISIONS)} (images on CUDA: fp16 too)")
     p.add_argument("--device", default="cpu", help="for --images: cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=32, help="for --images: images per backbone batch")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="for --images: an image with more pixels (from its header) gets an error row, undecoded; "
+                        "guards memory against decompression bombs and huge files")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     return p
 
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
         require(args, "run", "out")
         if args.out != "-" and Path(args.out).suffix not in (".parquet", ".csv"):
             raise ConfigError(f"--out {args.out}: name a .parquet or .csv file, or - for CSV on stdout")
+        if args.max_pixels < 1:
+            raise ConfigError(f"--max-pixels {args.max_pixels}: must be at least 1")
     except ConfigError as exc:
         fail(parser, exc)
 
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
         head = load_head(args.run)
         if args.images:
             frame = predict_images(head, args.images, args.device, args.precision, args.batch_size, args.threads,
-                                   log=log)
+                                   log=log, max_pixels=args.max_pixels)
         else:
             stores = [args.store] if isinstance(args.store, str) else args.store
             splits = [args.split] if isinstance(args.split, str) else args.split

@@ -4,6 +4,10 @@ run through the backbone(s) its stores were extracted with. heads/predict.py is 
 
 from __future__ import annotations
 
+import os
+import stat
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +15,13 @@ import pandas as pd
 import torch
 
 from common import rundir
+from common.images import MAX_PIXELS
+from common.locate import IMAGE_SUFFIXES, is_image_file, walk_files
 from common.store import StoreError
 from heads.checkpoint import Head
 from heads.choices import PRECISIONS
 from heads.data import make_inputs, open_stores, store_info
 from heads.fit import input_tensor, predict_logits, resolve_precision
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def _check_stores(head: Head, paths: list[str]) -> None:
@@ -62,22 +66,61 @@ def _weights_argument(label: str) -> str:
     return rest if kind == "checkpoint" else label
 
 
-def image_files(source: str) -> tuple[list[Path], Path]:
-    """The image files of a folder (recursively, by suffix) or the one file named; and the root ids are relative to."""
+@dataclass
+class ImageFiles:
+    ids: list[str]  # relative to the folder (or the file's name), sorted: one output row each
+    paths: list[str]  # absolute: the folder resolved, the entries below it as listed
+    skipped: list[str | None]  # why a row is not decoded, None for an image to decode
+    others: list[str]  # ids of files without an image suffix: logged, not rows
+
+
+def _skip_reason(path: str) -> str:
+    """Why a name with an image suffix is not an image file (common.locate.is_image_file): opening a
+    FIFO or device would block or read forever, and a dangling link has nothing to read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "skipped: dangling symlink" if os.path.islink(path) else "skipped: gone since listed"
+    except OSError as exc:  # e.g. a link to itself: too many levels of symbolic links
+        return f"skipped: {(exc.strerror or str(exc)).lower()}"
+    return "skipped: not a regular file" if not stat.S_ISREG(mode) else "skipped: not readable as a file"
+
+
+def image_files(source: str) -> ImageFiles:
+    """Every entry below a folder (or the one file named), by common.locate's rule: image files to
+    decode, names with an image suffix that are not image files as skipped rows, the rest aside."""
     path = Path(source)
-    if path.is_file():
-        return [path], path.parent
     if not path.is_dir():
-        raise StoreError(f"--images {source}: no such file or directory")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise StoreError(f"--images {source}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return files, path
+        if not os.path.lexists(path):
+            raise StoreError(f"--images {source}: no such file or directory")
+        if not path.name.lower().endswith(IMAGE_SUFFIXES):
+            raise StoreError(f"--images {source}: not an image suffix ({', '.join(IMAGE_SUFFIXES)})")
+        if not is_image_file(path):
+            raise StoreError(f"--images {source}: {_skip_reason(str(path)).removeprefix('skipped: ')}")
+        return ImageFiles([path.name], [str(path.resolve())], [None], [])
+    root = path.resolve()
+    rows, others = [], []
+    for entry in walk_files(root):
+        rel = os.path.relpath(entry.path, root)
+        if is_image_file(entry):
+            rows.append((rel, entry.path, None))
+        elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+            rows.append((rel, entry.path, _skip_reason(entry.path)))
+        else:
+            others.append(rel)
+    rows.sort(key=lambda row: Path(row[0]).parts)
+    if not rows:
+        aside = f"; {len(others)} other files, e.g. {', '.join(sorted(others)[:3])}" if others else ""
+        raise StoreError(f"--images {source}: no image files ({', '.join(IMAGE_SUFFIXES)}){aside}")
+    ids, paths, skipped = (list(c) for c in zip(*rows))
+    return ImageFiles(ids, paths, skipped, sorted(others))
 
 
 def predict_images(head: Head, source: str, device: str = "cpu", precision: str = "auto",
-                   batch_size: int = 32, threads: int | None = None, log=print) -> pd.DataFrame:
-    """Extract features for one image file, or every image under a folder, with the head's backbone(s), then predict."""
+                   batch_size: int = 32, threads: int | None = None, log=print,
+                   max_pixels: int = MAX_PIXELS) -> pd.DataFrame:
+    """Extract features for one image file, or every image under a folder, with the head's backbone(s), then
+    predict. Every image-named file gets a row (an error row if skipped or unreadable); others get a log line."""
     from common.data_config import DataConfig, DataConfigError
     from common.extraction import decode
     from common.inference import FeatureExtractor
@@ -85,7 +128,10 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
 
     if head.inputs.age_sex:
         raise StoreError("--images: this head also takes age and sex, which image files do not carry; use --store")
-    files, root = image_files(source)
+    listing = image_files(source)
+    if listing.others:
+        log(f"--images {source}: {len(listing.others)} files without an image suffix ({', '.join(IMAGE_SUFFIXES)}) "
+            f"left out, e.g. {', '.join(listing.others[:3])}")
     extractors = []
     for st in head.stores:
         source = resolve_weights(st["backbone"], _weights_argument(st["weights"]))
@@ -104,31 +150,36 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
         log(f"note: every image goes through all {len(extractors)} backbones; a store built from other images "
             "(e.g. lung-masked) is not reproduced from a plain folder")
 
-    features = np.full((len(files), sum(head.inputs.feature_dims)), np.nan, dtype=np.float32)
-    errors: list[str | None] = [None] * len(files)
-    for start in range(0, len(files), batch_size):
-        batch = files[start:start + batch_size]
-        decoded = {}
-        for config in {ex.data_config for ex in extractors}:
-            decoded[config] = [decode(config.load, str(p)) for p in batch]
-            for i, (_, err) in enumerate(decoded[config]):
-                errors[start + i] = errors[start + i] or err
-        ok = [i for i in range(len(batch)) if errors[start + i] is None]
+    n = len(listing.ids)
+    features = np.full((n, sum(head.inputs.feature_dims)), np.nan, dtype=np.float32)
+    errors = list(listing.skipped)
+    todo = [i for i in range(n) if errors[i] is None]
+    loads = {ex.data_config: partial(ex.data_config.load, max_pixels=max_pixels) for ex in extractors}
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        decoded: dict = {}
+        for config, load in loads.items():
+            decoded[config] = {}
+            for i in batch:
+                if errors[i] is None:  # a file one config could not read is not read again for another
+                    decoded[config][i], errors[i] = decode(load, listing.paths[i])
+        ok = [i for i in batch if errors[i] is None]
         col = 0
         for ex in extractors:
             if ok:
-                images = np.stack([decoded[ex.data_config][i][0] for i in ok])
-                features[[start + i for i in ok], col:col + ex.feature_dim] = ex(images)
+                features[ok, col:col + ex.feature_dim] = ex(np.stack([decoded[ex.data_config][i] for i in ok]))
             col += ex.feature_dim
-        log(f"{min(start + batch_size, len(files))}/{len(files)} images")
+        log(f"{start + len(batch)}/{len(todo)} images")
     good = np.array([e is None for e in errors])
-    probs = np.full((len(files), len(head.label_names)), np.nan, dtype=np.float32)
+    if not good.all():
+        first = int(np.flatnonzero(~good)[0])
+        log(f"{int((~good).sum())} of {n} rows have an error and no probabilities, e.g. {listing.ids[first]}: "
+            f"{errors[first]}")
+    probs = np.full((n, len(head.label_names)), np.nan, dtype=np.float32)
     if good.any():
         n = int(good.sum())
         nan = np.full(n, np.nan, dtype=np.float32)
         head_precision = resolve_precision(precision) if precision in PRECISIONS else "fp32"  # fp16 is CUDA-only
         probs[good] = probabilities(head, features[good], nan, nan, head_precision)
-    front = {"path": np.array([str(p.resolve()) for p in files], dtype=object),
-             "error": np.array(errors, dtype=object)}
-    ids = [str(p.relative_to(root)) for p in files]
-    return rundir.predictions_frame(ids, probs, head.label_names, front=front)
+    front = {"path": np.array(listing.paths, dtype=object), "error": np.array(errors, dtype=object)}
+    return rundir.predictions_frame(listing.ids, probs, head.label_names, front=front)

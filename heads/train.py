@@ -13,7 +13,8 @@ import shlex
 import sys
 
 from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
-from common.config import ConfigError, HelpFormatter, add_loss_flags, fail, parse_list, parse_with_config, require
+from common.config import ConfigError, HelpFormatter, add_loss_flags, fail, log, parse_list, parse_with_config, require
+from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
 from common.targets import POLICIES
 from heads.choices import KINDS, PRECISIONS, SEX_ENCODINGS
 
@@ -102,11 +103,18 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     from common import rundir
     from heads.run import run
 
+    command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
     try:
-        out = rundir.prepare(s["out"], s["overwrite"])
-    except rundir.RunError as exc:
+        # One job per run directory, from the overwrite decision to the last file.
+        with OutputLock(check_dir_path(s["out"]), log=log):
+            out = rundir.prepare(s["out"], s["overwrite"], kind="head", log=log)
+            return run(parser, s, out, command)
+    except (rundir.RunError, NotADirectoryError, OutputLockedError) as exc:
         fail(parser, exc)
-    return run(parser, s, out, shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)]))
+    except OSError as exc:
+        if not is_disk_error(exc):
+            raise
+        fail(parser, os_error_line(exc, s["out"]))  # a full or read-only disk: where and what, no traceback
 
 
 if __name__ == "__main__":

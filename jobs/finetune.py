@@ -29,6 +29,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 from common.choices import PRECISIONS, SPLITS  # noqa: E402
 from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list, parse_with_config, require
 from common.data_config import RESIZE_MODES
+from common.safe_output import OutputLockedError, check_dir_path, is_disk_error, os_error_line
 from common.table_flags import add_table_flags
 from common.targets import POLICIES
 from finetune.choices import BEST_METRICS, SCHEDULES
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     """Run the job; `spark`: a session to run TorchDistributor on (else one is made for N > 1)."""
     args = parse_with_config(build_parser(prog), argv, "finetune")
     check_settings(args)
+    check_dir_path(args.out)
 
     import torch
 
@@ -195,8 +197,13 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
 def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
     try:
         main(argv, prog=prog)
-    except (ValueError, FileNotFoundError) as exc:  # RunError, StoreError and FinetuneError among them
-        bad_input(prog, exc)
+    except (ValueError, FileNotFoundError, NotADirectoryError, OutputLockedError) as exc:
+        bad_input(prog, exc)  # RunError, StoreError and FinetuneError are ValueErrors
+    except OSError as exc:
+        if not is_disk_error(exc):
+            raise
+        # A full or read-only disk is the machine's state, not a bug: say where and what.
+        bad_input(prog, os_error_line(exc, "--out"))
     except RuntimeError as exc:
         # Only main raises it, once it has imported common.weights: importing it here is free.
         from common.weights import WeightsError

@@ -85,3 +85,11 @@ def test_other_files_are_refused(tmp_path):
         read_nih_bboxes(_write(tmp_path, "Image Index,Finding Label,Bbox [x,y,w,h],,,", []))
     with pytest.raises(MetadataError, match="not found"):
         read_nih_bboxes(tmp_path / "absent.csv")
+
+
+def test_a_non_utf8_box_list_names_its_first_bad_line(tmp_path):
+    path = tmp_path / "BBox_List_2017.csv"
+    rows = ["Image Index,Finding Label,Bbox [x,y,w,h],,,", GOOD_ROWS[0], GOOD_ROWS[1].replace(".png", "é.png")]
+    path.write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(MetadataError, match=r"BBox_List_2017\.csv: line 3: not UTF-8 \(byte 0xe9 at column 13,"):
+        read_nih_bboxes(path)

@@ -373,3 +373,85 @@ def test_a_finished_run_continues_for_more_epochs_without_overwrite(run, nih40, 
     assert [h["epoch"] for h in more["history"]] == [1, 2, 3] and more["global_step"] == 9
     assert more["history"][:2] == run[1]["history"]  # the first two epochs are the finished run's own
     assert json.loads((out / "metrics.json").read_text())["history"][-1]["epoch"] == 3
+
+
+# --- the run directory is safe output (common/rundir.py, common/safe_output.py) --------------------
+
+
+def finetune_cli(capsys, *argv) -> tuple[int, str]:
+    """jobs/finetune.py's exit status and its last stderr line, for a run expected to fail."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        job.cli(list(argv))
+    return info.value.code, capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_that_only_looks_like_a_run_is_refused_and_kept(nih40, tmp_path, capsys, overwrite):
+    # A config.json without metrics.json once read as "started, not checkpointed" and was wiped.
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "notes.txt").write_text("mine")
+    code, line = finetune_cli(capsys, *job_args(nih40, out, *overwrite))
+    assert code == 2 and line == (f"jobs/finetune.py: error: --out {out}: exists and is not a run directory of this "
+                                  "project (no .cxr-run.json); refusing to write into it")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert (out / "config.json").read_text() == '{"mine": true}'
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_keeping_other_files(tmp_path):
+    from finetune.run import prepare_out
+
+    out = rundir.prepare(tmp_path / "ft", overwrite=False, kind="finetune")
+    rundir.write_json(out / rundir.CONFIG, {"kind": "finetune"})
+    (out / "notes.txt").write_text("mine")
+    assert prepare_out(str(out), False, {}, 2) == (out, None)
+    assert sorted(p.name for p in out.iterdir()) == [rundir.MARKER, "notes.txt"]
+    # A head run there is another matter: replaced only when asked.
+    head = rundir.prepare(tmp_path / "head", overwrite=False, kind="head")
+    rundir.write_json(head / rundir.CONFIG, {})
+    with pytest.raises(rundir.RunError, match="a run is already here; pass --overwrite"):
+        prepare_out(str(head), False, {}, 2)
+
+
+@needs_shared
+def test_overwrite_of_a_finetune_run_deletes_every_file_it_wrote_and_nothing_else(run, tmp_path):
+    out = tmp_path / "ft"
+    shutil.copytree(run[0], out)  # with --bbox-list: localization/ overlays too
+    (out / "notes.txt").write_text("mine")
+    (out / "localization" / "my-box.txt").write_text("mine")
+    logged = []
+    rundir.prepare(out, overwrite=True, kind="finetune", log=logged.append)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        rundir.MARKER, "localization", "localization/my-box.txt", "notes.txt"]
+    assert logged[-1].endswith("that this project did not write: localization/my-box.txt, notes.txt")
+
+
+def test_a_finetune_run_directory_another_job_writes_is_refused(nih40, tmp_path, capsys):
+    import socket
+
+    from common.safe_output import OutputLock
+
+    with OutputLock(tmp_path / "ft"):
+        code, line = finetune_cli(capsys, *job_args(nih40, tmp_path / "ft"))
+    assert code == 2 and line.startswith(f"jobs/finetune.py: error: {tmp_path / 'ft'}: another job is writing here "
+                                         f"(host {socket.gethostname()}, pid {os.getpid()}")
+    assert list((tmp_path / "ft").iterdir()) == []  # no marker, no config: it stopped before writing
+
+
+def test_finetune_out_under_a_file_or_on_a_full_disk_is_one_line(nih40, tmp_path, capsys, monkeypatch):
+    import errno
+
+    (tmp_path / "f").write_text("x")
+    code, line = finetune_cli(capsys, *job_args(nih40, tmp_path / "f" / "ft"))
+    assert code == 2 and line == (f"jobs/finetune.py: error: --out {tmp_path / 'f' / 'ft'}: is under {tmp_path / 'f'}, "
+                                  "which is a file, not a folder")
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rundir, "write_json", full)
+    code, line = finetune_cli(capsys, *job_args(nih40, tmp_path / "ft"))
+    assert code == 2 and line == f"jobs/finetune.py: error: {tmp_path / 'ft' / rundir.MARKER}: no space left on device"
+    assert not (tmp_path / "ft" / ".cxr.lock").exists()

@@ -1,5 +1,8 @@
 """heads.predict on a folder of images: features from the store's backbone, then the head."""
 
+import os
+import stat
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -84,3 +87,55 @@ def test_folder_images_get_the_stores_own_input(run_64_crop, monkeypatch):
     monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, images: seen.append(images) or original(self, images))
     predict.main(["--run", str(out), "--images", str(folder), "--threads", "1", "--out", str(root / "w.csv")])
     assert seen[0].shape == (1, 64, 64) and seen[0][:, :, 2:-2].min() > 0.99  # not padded, not 224
+
+
+def test_every_image_named_entry_gets_a_row_and_a_fifo_is_never_opened(run, monkeypatch, capsys):
+    root, out = run
+    folder = root / "odd"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(np.full((40, 100), 128, np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(folder / "sub" / "b.bmp")
+    os.mkfifo(folder / "fifo.png")  # opening it for reading would block until a writer comes: forever
+    os.symlink(folder / "gone.png", folder / "dangling.png")
+    os.symlink("self.png", folder / "self.png")  # a link to itself
+    os.symlink(".", folder / "sub" / "loop")  # a folder loop: walked once
+    (folder / "scan.dcm").write_bytes(b"DICM")  # in the list, not decodable yet: an error row, not skipped
+    (folder / "README.txt").write_text("notes")
+    loaded = []
+    load = DataConfig.load
+
+    def spy(self, path, max_pixels):
+        assert not stat.S_ISFIFO(os.stat(path).st_mode), f"opened the FIFO {path}"
+        loaded.append((os.path.basename(path), max_pixels))
+        return load(self, path, max_pixels=max_pixels)
+
+    monkeypatch.setattr(DataConfig, "load", spy)
+    path = predict.main(["--run", str(out), "--images", str(folder), "--threads", "1", "--max-pixels", "2000",
+                         "--out", str(root / "odd.csv")])
+    got = pd.read_csv(path).set_index("image_id")
+    assert list(got.index) == ["a.png", "dangling.png", "fifo.png", "scan.dcm", "self.png", "sub/b.bmp"]
+    error = got["error"]
+    assert error["dangling.png"] == "skipped: dangling symlink" and error["fifo.png"] == "skipped: not a regular file"
+    assert error["self.png"] == "skipped: too many levels of symbolic links"
+    assert error["scan.dcm"].startswith("UnidentifiedImageError")
+    assert "more than the limit of 0.002 Mpixel (--max-pixels)" in error["a.png"]  # 100 x 40 px; 40 x 40 is fine
+    assert pd.isna(error["sub/b.bmp"]) and not got.loc["sub/b.bmp", head_labels(out)].isna().any()
+    assert got.loc["fifo.png", head_labels(out)].isna().all()
+    assert got.loc["dangling.png", "path"] == str(folder.resolve() / "dangling.png")  # the link, not its target
+    assert sorted(loaded) == [("a.png", 2000), ("b.bmp", 2000), ("scan.dcm", 2000)]
+    assert "1 files without an image suffix" in capsys.readouterr().err and "README.txt" not in got.index
+
+
+def head_labels(run_dir):
+    return list(load_head(run_dir).label_names)
+
+
+def test_a_named_file_that_is_no_image_file_is_refused(run, tmp_path, capsys):
+    _, out = run
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "notes.txt").write_text("x")
+    for name, message in [("fifo.png", "not a regular file"), ("notes.txt", "not an image suffix"),
+                          ("absent.png", "no such file or directory")]:
+        with pytest.raises(SystemExit):
+            predict.main(["--run", str(out), "--images", str(tmp_path / name), "--out", str(tmp_path / "p.csv")])
+        assert f"--images {tmp_path / name}: {message}" in capsys.readouterr().err

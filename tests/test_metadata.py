@@ -6,7 +6,6 @@ from common.labels import CHEXPERT_LABELS, NIH_LABELS
 from common.metadata import MetadataError, read_chexpert, read_nih
 from tests.data_paths import CHEXPERT_CSV, NIH_CSV, needs_shared
 
-pytestmark = needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -14,6 +13,7 @@ def nih():
     return read_nih(NIH_CSV)
 
 
+@needs_shared
 def test_nih_2020_file_reads_every_row_with_labels_in_fixed_order(nih):
     table = nih.table
     assert len(table) == 112_120
@@ -31,6 +31,7 @@ def test_nih_2020_file_reads_every_row_with_labels_in_fixed_order(nih):
     assert nih.counts == {"rows_read": 112_120, "age_dropped": 0}
 
 
+@needs_shared
 def test_nih_2017_variant_with_trailing_column_and_implausible_ages(tmp_path, nih):
     lines = NIH_CSV.read_text().splitlines()
     # The 2017 release: a trailing empty column on every line, and ages such as 148-414.
@@ -53,6 +54,7 @@ def test_nih_2017_variant_with_trailing_column_and_implausible_ages(tmp_path, ni
     assert np.array_equal(np.stack(old.table["labels"]), np.stack(nih.table["labels"]))
 
 
+@needs_shared
 def test_nih_unknown_finding_names_the_row(tmp_path):
     lines = NIH_CSV.read_text().splitlines()[:6]
     fields = lines[3].split(",")
@@ -76,6 +78,7 @@ def chexpert_raw():
     return pd.read_csv(CHEXPERT_CSV)
 
 
+@needs_shared
 def test_chexpert_keeps_uncertain_raw_blank_is_zero_frontal_only(chexpert_raw):
     meta = read_chexpert(CHEXPERT_CSV)
     frontal = chexpert_raw[chexpert_raw["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)
@@ -93,12 +96,14 @@ def test_chexpert_keeps_uncertain_raw_blank_is_zero_frontal_only(chexpert_raw):
     assert meta.table["sex"].isna().sum() == (frontal["Sex"] == "Unknown").sum()
 
 
+@needs_shared
 def test_chexpert_keep_laterals(chexpert_raw):
     meta = read_chexpert(CHEXPERT_CSV, frontal_only=False)
     assert len(meta.table) == 223_414
     assert (meta.table["view"] == "LATERAL").sum() == 32_387
 
 
+@needs_shared
 def test_chexpert_bad_label_value_names_row_and_column(tmp_path):
     lines = CHEXPERT_CSV.read_text().splitlines()[:4]
     fields = lines[2].split(",")
@@ -110,9 +115,53 @@ def test_chexpert_bad_label_value_names_row_and_column(tmp_path):
         read_chexpert(path)
 
 
+@needs_shared
 def test_chexpert_age_zero_is_unknown_and_counted(chexpert_raw):
     meta = read_chexpert(CHEXPERT_CSV, frontal_only=False)
     zeros = int((chexpert_raw["Age"] == 0).sum())
     assert zeros > 0  # the real table has them
     assert not (meta.table["age"] == 0).any()
     assert meta.table["age"].isna().sum() == zeros and meta.counts["age_dropped"] == zeros
+
+
+NIH_HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position"
+NIH_ROW = "00000001_00{}.png,No Finding,0,1,57,M,PA"
+CHEXPERT_HEADER = ",".join(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS])
+CHEXPERT_ROW = "CheXpert-v1.0-small/train/patient00001/study{}/view1_frontal.jpg,Female,68,Frontal,AP" + "," * 14
+READERS = [(read_nih, NIH_HEADER, NIH_ROW), (read_chexpert, CHEXPERT_HEADER, CHEXPERT_ROW)]
+
+
+def _refused(reader, path, message):
+    with pytest.raises(MetadataError) as err:
+        reader(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("reader, header, row", READERS, ids=["nih", "chexpert"])
+def test_empty_blank_and_header_only_files_are_one_line_errors(tmp_path, reader, header, row):
+    path = tmp_path / "meta.csv"
+    path.write_bytes(b"")
+    _refused(reader, path, "empty file (0 bytes)")
+    path.write_bytes(b"\n\n")
+    _refused(reader, path, "no header line, only blank lines")
+    path.write_text(header + "\n\n")
+    _refused(reader, path, "no rows below the header")
+
+
+@pytest.mark.parametrize("reader, header, row", READERS, ids=["nih", "chexpert"])
+def test_a_non_utf8_file_names_its_first_bad_line(tmp_path, reader, header, row):
+    path = tmp_path / "meta.csv"
+    latin1 = row.format("2ü").encode("latin-1")  # ü is one byte in Latin-1, 0xfc, and two in UTF-8
+    path.write_bytes(b"\n".join([header.encode(), row.format(1).encode(), latin1, row.format(3).encode()]))
+    column = latin1.index(b"\xfc") + 1
+    _refused(reader, path,
+             f"line 3: not UTF-8 (byte 0xfc at column {column}, e.g. Latin-1 text); save the file as UTF-8")
+    path.write_bytes(path.read_bytes().replace(b"\xfc", "ü".encode()))  # the same text in UTF-8 reads
+    assert len(reader(path).table) == 3
+
+
+def test_a_file_pandas_cannot_tokenize_is_one_line(tmp_path):
+    path = tmp_path / "meta.csv"
+    path.write_text("\n".join([NIH_HEADER, NIH_ROW.format(1), '"' + NIH_ROW.format(2)]))  # unclosed quote
+    with pytest.raises(MetadataError, match=r"^\S*meta\.csv: not a readable CSV: .*EOF inside string[^\n]*$"):
+        read_nih(path)
