@@ -119,6 +119,14 @@ def clear(out: Path, log=print) -> None:
             + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
 
 
+def discard_if_empty(out: str | Path) -> None:
+    """Remove a run directory that holds nothing but its marker (a run that failed before writing)."""
+    out = Path(out)
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {MARKER}:
+        (out / MARKER).unlink(missing_ok=True)
+        out.rmdir()
+
+
 def prepare(out: str | Path, overwrite: bool, kind: str = "head", log=print) -> Path:
     """A run directory ready for a new run of `kind`: made and marked when absent or empty, an old
     run replaced only with overwrite (its files only), a folder without the marker never."""

@@ -9,6 +9,7 @@ Settings: built-in defaults < the [train] table of --config < flags. See the REA
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     from heads.run import run
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+    fresh = not os.path.exists(s["out"])
     try:
         # One job per run directory, from the overwrite decision to the last file.
         with OutputLock(check_dir_path(s["out"]), log=log):
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         if not is_disk_error(exc):
             raise
         fail(parser, os_error_line(exc, s["out"]))  # a full or read-only disk: where and what, no traceback
+    finally:
+        if fresh:
+            rundir.discard_if_empty(s["out"])  # a run refused before its first file leaves no folder behind
 
 
 if __name__ == "__main__":

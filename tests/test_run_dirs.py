@@ -184,3 +184,17 @@ def test_heads_train_read_only_folder_is_one_line(store, tmp_path, capsys, monke
     reason = "read-only file system" if os.geteuid() == 0 else "permission denied"
     assert code == 2 and err.count("\n") == 1 and err.startswith("heads.train: ") and err.endswith(f": {reason}\n")
     assert str(parent) in err
+
+
+def test_a_run_refused_for_its_store_leaves_no_folder(tmp_path, capsys):
+    import numpy as np
+
+    from tests.heads_fixtures import synthetic_rows, write_store
+
+    rng = np.random.default_rng(0)
+    splits = {s: synthetic_rows(n, 8, 14, rng, prefix=s) for s, n in {"train": 40, "val": 20}.items()}
+    splits["train"]["features"][3, 1] = np.nan
+    bad = write_store(tmp_path / "nan", splits)
+    code, err = train_cli(capsys, "--store", str(bad), "--out", str(tmp_path / "run"), *FAST)
+    assert code == 2 and "1 rows have NaN or Inf features, first 'train_00003.png'" in err
+    assert not (tmp_path / "run").exists()
