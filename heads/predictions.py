@@ -170,6 +170,9 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
                 features[ok, col:col + ex.feature_dim] = ex(np.stack([decoded[ex.data_config][i] for i in ok]))
             col += ex.feature_dim
         log(f"{start + len(batch)}/{len(todo)} images")
+    for i in np.flatnonzero(~np.isfinite(features).all(axis=1)):
+        # Never NaN probabilities with exit 0: a non-finite feature row is that image's error, as in extraction.
+        errors[i] = errors[i] or f"non-finite features: {int((~np.isfinite(features[i])).sum())} NaN/Inf values from the backbone"
     good = np.array([e is None for e in errors])
     if not good.all():
         first = int(np.flatnonzero(~good)[0])

@@ -139,3 +139,24 @@ def test_a_named_file_that_is_no_image_file_is_refused(run, tmp_path, capsys):
         with pytest.raises(SystemExit):
             predict.main(["--run", str(out), "--images", str(tmp_path / name), "--out", str(tmp_path / "p.csv")])
         assert f"--images {tmp_path / name}: {message}" in capsys.readouterr().err
+
+
+def test_non_finite_features_are_an_error_row_not_nan_probabilities(run, monkeypatch, tmp_path):
+    root, out = run
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("L", (40, 40), 90).save(folder / name)
+    original = FeatureExtractor.__call__
+
+    def nan_first(self, images):
+        features = original(self, images)
+        features[0, 5] = np.nan
+        return features
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", nan_first)
+    got = pd.read_csv(predict.main(["--run", str(out), "--images", str(folder), "--threads", "1",
+                                    "--out", str(tmp_path / "p.csv")]))
+    a, b = got.set_index("image_id").loc["a.png"], got.set_index("image_id").loc["b.png"]
+    assert "non-finite features" in a["error"] and np.isnan(a["Atelectasis"])
+    assert pd.isna(b["error"]) and np.isfinite(b["Atelectasis"])
