@@ -6,7 +6,9 @@ setup(
     description="Distributed feature extraction and head training for chest X-ray diagnosis",
     python_requires=">=3.11",
     packages=find_packages(include=["common", "common.*", "jobs", "jobs.*", "heads", "heads.*", "finetune", "finetune.*",
-                                    "cxr", "cxr.*"]),
+                                    "cxr", "cxr.*", "lungs", "lungs.*"]),
+    # The shipped lung model travels with the package (lungs.model.load_lung_model("default")).
+    package_data={"lungs": ["models/*.pt", "models/*.json"]},
     # `cxr extract|finetune|train|predict|report ...`, also `python -m cxr`.
     entry_points={"console_scripts": ["cxr=cxr.cli:main"]},
     install_requires=[

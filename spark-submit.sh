@@ -4,7 +4,7 @@
 #   ./spark-submit.sh [--profile local|gpu-cluster] jobs/extract.py [job flags...]
 #
 # The profile is a Spark properties file in conf/spark/ (default: local, or $CXR_SPARK_PROFILE).
-# common/, jobs/, heads/, finetune/ and cxr/ are zipped into build/cxr_features.zip and passed as --py-files, so
+# common/, jobs/, heads/, finetune/, cxr/ and lungs/ are zipped into build/cxr_features.zip and passed as --py-files, so
 # the same job file also runs under a cluster's own spark-submit. Extra spark-submit options go
 # in $SPARK_SUBMIT_OPTS_EXTRA (e.g. "--master yarn --num-executors 8").
 set -euo pipefail
@@ -42,7 +42,7 @@ mkdir -p "$here/build"
 import pathlib, sys, zipfile
 root = pathlib.Path(sys.argv[1])
 with zipfile.ZipFile(root / "build/cxr_features.zip", "w", zipfile.ZIP_DEFLATED) as z:
-    for package in ("common", "jobs", "heads", "finetune", "cxr"):
+    for package in ("common", "jobs", "heads", "finetune", "cxr", "lungs"):
         for f in sorted((root / package).rglob("*.py")):
             z.write(f, f.relative_to(root))
 PY

@@ -9,6 +9,7 @@
                                   targets (-1 where masked), has_disease, no_finding
     <run>/report.md, roc_<split>.png, loss.png    rendered by heads.report
     <run>/localization/*.png      a fine-tune run's CAM overlays
+    <run>/overlays/*.png          a lung segmentation run's best and worst test masks (lungs/)
 
 A folder is a run directory only by its marker: a config.json proves nothing (any tool writes
 one). --overwrite deletes only the names above (OWN and friends), never a user's files.
@@ -32,7 +33,7 @@ from common.safe_output import LOCK
 MARKER = ".cxr-run.json"
 RUN_FORMAT = "cxr-features/run"
 RUN_FORMAT_VERSION = 1
-KINDS = ("head", "finetune")
+KINDS = ("head", "finetune", "lungs")
 CONFIG = "config.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions"
@@ -42,6 +43,7 @@ HEAD_CHECKPOINT = "head.pt"
 BEST = "best.pt"
 LAST = "last.pt"
 LOCALIZATION = "localization"
+OVERLAYS = "overlays"
 TARGET_PREFIX = "label:"
 
 # Everything a run writes, and all that --overwrite may delete: the files at the top of the
@@ -49,7 +51,7 @@ TARGET_PREFIX = "label:"
 # and inside the folders only the files the run puts there.
 OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST})
 OWN_PATTERNS = ("roc_*.png", f"{LOCK}.stale-*")  # roc_<split>.png; a lock taker killed mid-takeover
-OWN_DIRS = {PREDICTIONS: "*.parquet", LOCALIZATION: "*.png"}
+OWN_DIRS = {PREDICTIONS: "*.parquet", LOCALIZATION: "*.png", OVERLAYS: "*.png"}
 
 
 class RunError(ValueError):

@@ -13,12 +13,14 @@ from cxr import cli
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "pyspark", "sklearn", "matplotlib")
-PARSERS = ("jobs.extract", "jobs.finetune", "heads.train", "heads.predict", "heads.report", "cxr.cli")
+PARSERS = ("jobs.extract", "jobs.finetune", "jobs.lungs", "heads.train", "heads.predict", "heads.report", "cxr.cli")
 HELP_LINES = [  # (command line after `python`, the prog its usage line names)
     (["-m", "cxr", "--help"], "cxr"),
     *[(["-m", "cxr", name, "--help"], f"cxr {name}") for name in cli.COMMANDS],
     (["jobs/extract.py", "--help"], "jobs/extract.py"),
     (["jobs/finetune.py", "--help"], "jobs/finetune.py"),  # jobs/finetune.py must not shadow finetune/
+    (["jobs/lungs.py", "--help"], "jobs/lungs.py"),  # nor jobs/lungs.py lungs/
+    (["jobs/lungs.py", "train", "--help"], "jobs/lungs.py train"),
     (["-m", "heads.train", "--help"], "python -m heads.train"),
     (["-m", "heads.predict", "--help"], "python -m heads.predict"),
     (["-m", "heads.report", "--help"], "python -m heads.report"),
@@ -82,7 +84,7 @@ def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
         cli.main(["trian", "--store", "s"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("cxr: error: unknown command 'trian' "
-                                       "(choose from extract, finetune, train, predict, report)\n")
+                                       "(choose from extract, finetune, train, predict, report, lungs)\n")
 
 
 @pytest.mark.parametrize("argv, code, line", [
@@ -93,6 +95,8 @@ def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
     (["extract", "--weights", "random"], 2, "cxr extract: error: --metadata is required (or set it in --config)"),
     (["finetune", "--out", "x"], 2, "cxr finetune: error: --metadata is required (or set it in --config)"),
     (["report", "--run"], 2, "cxr report: error: argument --run: expected one argument"),
+    (["lungs", "train", "--images", "i", "--masks", "m", "--out", "o", "--split", "0.5,0.5"], 2,
+     "cxr lungs: error: --split [0.5, 0.5]: give three non-negative fractions that sum to 1"),
 ])
 def test_commands_get_their_flags_and_name_and_their_exit_codes_pass_through(capsys, argv, code, line):
     with pytest.raises(SystemExit) as exit_:
@@ -119,9 +123,11 @@ def _help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 
 @pytest.mark.parametrize("module", PARSERS)
 def test_every_default_is_in_the_help(module):
-    parser = importlib.import_module(module).build_parser()
+    top = importlib.import_module(module).build_parser()
+    # A command with subcommands (jobs/lungs.py train|evaluate) keeps its flags in the subparsers.
+    parsers = [top, *[sub for a in top._actions if isinstance(a, argparse._SubParsersAction) for sub in a.choices.values()]]
     checked = 0
-    for action in parser._actions:
+    for parser, action in ((p, a) for p in parsers for a in p._actions):
         if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
             continue
         text = _help_text(parser, action)

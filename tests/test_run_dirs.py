@@ -80,7 +80,7 @@ def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
     out = rundir.prepare(tmp_path / "run", overwrite=False)
     own = ["config.json", "metrics.json", "head.pt", "report.md", "loss.png", "roc_val.png", "roc_test.png",
            "best.pt", "last.pt", ".config.json.tmp", "last.pt.tmp", ".cxr-run.json.tmp", "predictions/val.parquet",
-           "predictions/test.parquet", "localization/00000001_000_Atelectasis.png"]
+           "predictions/test.parquet", "localization/00000001_000_Atelectasis.png", "overlays/worst_CHNCXR_0001_0.png"]
     mine = ["notes.txt", "roc_val.png.bak", "config.json.orig", "predictions/mine.csv", "test-probs.parquet",
             "extra/head.pt", "report.tmp"]
     for name in own + mine:

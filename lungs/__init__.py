@@ -1,0 +1,1 @@
+"""Lung segmentation: a compact U-Net, its data, metrics, post-processing, training and evaluation."""

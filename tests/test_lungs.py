@@ -1,0 +1,277 @@
+"""Lung segmentation: metrics, post-processing, pairing and split, augmentation, training, the CLI, the shipped model."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lungs.data import augment, load_pairs, pair_files, read_mask, split_stems
+from lungs.metrics import dice_iou, per_image, summary
+from lungs.model import DEFAULT, LungModelError, UNet, load_lung_model, predict_masks, read_lung_checkpoint, save_lung_model
+from lungs.postprocess import postprocess, postprocess_all
+from lungs.train import loss_fn
+from tests.data_paths import LUNGS, needs_lungs
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+def test_dice_and_iou_by_hand():
+    pred = np.zeros((4, 4), bool)
+    truth = np.zeros((4, 4), bool)
+    pred[0, :4] = True  # 4 pixels
+    truth[0, 1:4] = truth[1, 1:4] = True  # 6 pixels, 3 shared
+    dice, iou = dice_iou(pred, truth)
+    assert dice == pytest.approx(2 * 3 / 10) and iou == pytest.approx(3 / 7)
+
+
+def test_empty_against_empty_is_perfect_and_empty_against_lung_is_zero():
+    empty, full = np.zeros((3, 3), bool), np.ones((3, 3), bool)
+    assert dice_iou(empty, empty) == (1.0, 1.0)
+    assert dice_iou(empty, full) == (0.0, 0.0)
+    d, i = per_image(np.stack([empty, full]), np.stack([empty, empty]))
+    assert list(d) == [1.0, 0.0] and summary(d, i)["dice"] == 0.5
+
+
+# --- post-processing -----------------------------------------------------------------------
+
+def _lungs(size=64):
+    """Two lung-like blocks either side of the midline."""
+    m = np.zeros((size, size), bool)
+    m[16:48, 10:26] = True
+    m[16:48, 38:54] = True
+    return m
+
+
+def test_three_regions_keep_the_two_nearest_the_center():
+    m = _lungs()
+    m[0:14, 0:14] = True  # as large as a lung, in a corner
+    out, fired = postprocess(m, fill=False, mirror=False)
+    assert fired == {"keep": True}
+    assert np.array_equal(out, _lungs())
+
+
+def test_a_speck_near_the_center_goes_before_a_lung():
+    m = _lungs()
+    m[31:33, 31:33] = True  # tiny, right at the center
+    out, fired = postprocess(m)
+    assert fired["keep"] and np.array_equal(out, _lungs())
+
+
+def test_a_small_collapsed_lung_is_kept_not_replaced_by_a_mirror():
+    m = _lungs()
+    m[16:48, 38:54] = False
+    m[40:48, 44:48] = True  # 32 px: 6 % of its partner
+    out, fired = postprocess(m)
+    assert fired == {"keep": False, "fill": False, "mirror": False} and np.array_equal(out, m)
+
+
+def test_a_lone_lung_is_mirrored_across_the_midline():
+    m = _lungs()
+    m[:, 32:] = False
+    out, fired = postprocess(m)
+    assert fired == {"keep": False, "fill": False, "mirror": True}
+    assert np.array_equal(out, _lungs())
+
+
+def test_a_region_across_the_midline_is_not_mirrored():
+    m = np.zeros((64, 64), bool)
+    m[16:48, 10:54] = True  # both lungs merged
+    out, fired = postprocess(m)
+    assert not fired["mirror"] and np.array_equal(out, m)
+
+
+def test_holes_are_filled_and_the_steps_are_counted():
+    holed = _lungs()
+    holed[25:30, 15:20] = False
+    lone = _lungs()
+    lone[:, 32:] = False
+    out, counts = postprocess_all(np.stack([holed, lone, _lungs()]))
+    assert counts == {"keep": 0, "fill": 1, "mirror": 1}
+    assert np.array_equal(out[0], _lungs()) and np.array_equal(out[2], _lungs())
+
+
+def test_steps_switched_off_neither_run_nor_count():
+    lone = _lungs()
+    lone[:, 32:] = False
+    out, fired = postprocess(lone, keep=False, fill=False, mirror=False)
+    assert fired == {} and np.array_equal(out, lone)
+    assert postprocess_all(np.stack([lone]), mirror=False)[1] == {"keep": 0, "fill": 0}
+
+
+# --- data ----------------------------------------------------------------------------------
+
+def _write_pairs(root, n=3, size=32):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / "images" / f"p{k}.png")
+        mask = np.zeros((size, size), np.uint8)
+        mask[8:24, 4:14] = 255
+        Image.fromarray(mask).save(root / "masks" / f"p{k}.png")
+    return root / "images", root / "masks"
+
+
+def test_pairs_match_by_stem_and_a_missing_mask_is_reported(tmp_path):
+    images, masks = _write_pairs(tmp_path)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "lonely.jpg")
+    (masks / "p1.png").rename(masks / "p1.bmp")  # another suffix still pairs
+    pairs = pair_files(images, masks)
+    assert pairs.stems == ["p0", "p1", "p2"]
+    assert pairs.unpaired == [f"{images / 'lonely.jpg'}: no mask of stem 'lonely' in {masks}"]
+
+
+def test_no_pair_at_all_is_one_line_naming_the_flags(tmp_path):
+    images, masks = _write_pairs(tmp_path)
+    for f in masks.iterdir():
+        f.rename(f.with_name("x" + f.name))
+    with pytest.raises(FileNotFoundError, match="no image and mask share a file stem"):
+        pair_files(images, masks)
+
+
+def test_a_corrupt_pair_is_reported_and_skipped(tmp_path):
+    images, masks = _write_pairs(tmp_path)
+    (images / "p1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    lines = []
+    loaded = load_pairs(pair_files(images, masks), ["p0", "p1", "p2"], 16, log=lines.append)
+    assert loaded.stems == ["p0", "p2"] and loaded.images.shape == (2, 16, 16) and loaded.masks.dtype == bool
+    assert len(loaded.skipped) == 1 and loaded.skipped[0].startswith("p1: skipped") and lines == loaded.skipped
+    assert 0 <= loaded.images.min() and loaded.images.max() <= 1
+
+
+def test_masks_of_0_1_and_0_255_binarize_alike(tmp_path):
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 2:8] = 1
+    Image.fromarray(m).save(tmp_path / "one.png")
+    Image.fromarray(m * 255).save(tmp_path / "full.png")
+    Image.fromarray(m * 100).save(tmp_path / "dim.png")  # below half range: not lung
+    assert np.array_equal(read_mask(str(tmp_path / "one.png"), 16), m.astype(bool))
+    assert np.array_equal(read_mask(str(tmp_path / "full.png"), 16), m.astype(bool))
+    assert not read_mask(str(tmp_path / "dim.png"), 16).any()
+
+
+def test_the_split_is_seeded_and_keeps_a_group_together():
+    stems = [f"pat{p}_img{i}" for p in range(20) for i in range(3)]
+    group = lambda s: s.split("_")[0]  # noqa: E731
+    a = split_stems(stems, (0.6, 0.2, 0.2), seed=1, group=group)
+    assert a == split_stems(stems, (0.6, 0.2, 0.2), seed=1, group=group)
+    assert a != split_stems(stems, (0.6, 0.2, 0.2), seed=2, group=group)
+    assert sorted(sum(a.values(), [])) == sorted(stems)
+    assert [len(a[s]) for s in ("train", "val", "test")] == [36, 12, 12]
+    owner = {group(s): split for split, names in a.items() for s in names}
+    assert all(owner[group(s)] == split for split, names in a.items() for s in names)
+
+
+def test_augmentation_without_ranges_is_the_identity_and_masks_stay_binary():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 32, 32)
+    y = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    same_x, same_y = augment(x, y, g, rotate=0, scale=(1, 1), shift=0, brightness=0, contrast=0, gamma=0)
+    assert torch.allclose(same_x, x, atol=1e-5) and torch.equal(same_y, y)
+    ax, ay = augment(x, y, g)
+    assert ax.shape == x.shape and set(ay.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.allclose(ax, x, atol=1e-3) and 0 <= ax.min() and ax.max() <= 1
+
+
+# --- model and training --------------------------------------------------------------------
+
+def test_the_checkpoint_stores_fp16_and_loads_fp32_in_eval_mode(tmp_path):
+    model = UNet(base=4, depth=2)
+    config = {"size": 32, "base": 4, "depth": 2}
+    save_lung_model(model, config, tmp_path / "m.pt", {"images": "x"}, {"test": 1})
+    obj = read_lung_checkpoint(tmp_path / "m.pt")
+    assert obj["state_dict"]["head.weight"].dtype == torch.float16
+    loaded, got = load_lung_model(tmp_path / "m.pt")
+    assert got == config and not loaded.training and loaded.head.weight.dtype == torch.float32
+    assert torch.allclose(loaded.head.weight, model.head.weight, atol=1e-3)
+    masks = predict_masks(loaded, np.random.default_rng(0).random((3, 32, 32), dtype=np.float32))
+    assert masks.shape == (3, 32, 32) and masks.dtype == bool
+
+
+def test_a_foreign_file_is_one_line(tmp_path):
+    torch.save({"weights": 1}, tmp_path / "x.pt")
+    with pytest.raises(LungModelError, match=r"x.pt: not a cxr-features/lungs version 1 checkpoint"):
+        load_lung_model(tmp_path / "x.pt")
+    with pytest.raises(LungModelError, match="not found"):
+        load_lung_model(tmp_path / "absent.pt")
+
+
+@needs_lungs
+def test_a_few_steps_on_real_pairs_lower_the_loss():
+    torch.manual_seed(0)
+    pairs = pair_files(LUNGS / "images", LUNGS / "masks")
+    loaded = load_pairs(pairs, pairs.stems[:4], 64)
+    x = torch.from_numpy(loaded.images)[:, None]
+    y = torch.from_numpy(loaded.masks.astype(np.float32))[:, None]
+    model = UNet(base=8, depth=3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@needs_lungs
+def test_train_and_evaluate_write_their_run_directories(tmp_path, monkeypatch):
+    from jobs.lungs import main
+
+    root = tmp_path / "data"
+    for side in ("images", "masks"):
+        (root / side).mkdir(parents=True)
+        for f in sorted((LUNGS / side).iterdir())[:10]:
+            shutil.copy(f, root / side / f.name)
+    (root / "images" / "CHNCXR_9999_0.png").write_bytes(b"not a png")  # a corrupt pair
+    shutil.copy(root / "masks" / "CHNCXR_0001_0.png", root / "masks" / "CHNCXR_9999_0.png")
+    flags = ["--images", str(root / "images"), "--masks", str(root / "masks"), "--threads", "1"]
+    got = main(["train", *flags, "--out", str(tmp_path / "run"), "--size", "32", "--base", "4", "--depth", "2",
+                "--batch-size", "4", "--epochs", "2", "--split", "0.6,0.2,0.2"])
+    run = tmp_path / "run"
+    assert {"config.json", "metrics.json", "report.md", "best.pt", "loss.png", ".cxr-run.json"} <= {p.name for p in run.iterdir()}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2 and set(metrics["splits"]) == {"train", "val", "test"}
+    assert {"raw", "post", "postprocess_fired", "worst", "per_image"} <= set(metrics["splits"]["test"])
+    assert any(line.startswith("CHNCXR_9999_0: skipped") for s in metrics["splits"].values() for line in s["skipped"])
+    assert got["splits"]["test"]["post"]["n"] == len(metrics["splits"]["test"]["per_image"])
+    assert list((run / "overlays").glob("worst_*.png")) and "![loss](loss.png)" in (run / "report.md").read_text()
+    obj = read_lung_checkpoint(run / "best.pt")
+    assert set(obj["data"]["split"]) == {"train", "val", "test"} and "test" in obj["metrics"]
+
+    out = main(["evaluate", "--model", str(run / "best.pt"), *flags, "--out", str(tmp_path / "eval"), "--worst", "3"])
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())["splits"]["all"]
+    assert len(scored["per_image"]) == 10 and len(scored["worst"]) == 3
+    assert scored["worst"][0]["dice_post"] <= scored["worst"][-1]["dice_post"]
+    assert out["splits"]["all"]["raw"]["n"] == 10
+    test = main(["evaluate", "--model", str(run / "best.pt"), *flags, "--out", str(tmp_path / "eval-test"), "--split", "test"])
+    assert [r["stem"] for r in test["splits"]["test"]["per_image"]] == obj["data"]["split"]["test"]
+    with pytest.raises(ValueError, match="a run is already here; pass --overwrite"):
+        main(["evaluate", "--model", str(run / "best.pt"), *flags, "--out", str(tmp_path / "eval")])
+
+    # Shipping the run makes it the model "default" names, with its provenance beside it.
+    import lungs.model
+    from lungs import ship
+
+    monkeypatch.setattr(lungs.model, "DEFAULT", tmp_path / "models" / "default.pt")
+    ship.main(["--run", str(run)])
+    card = json.loads((tmp_path / "models" / "default.json").read_text())
+    assert "CC BY-NC-SA 4.0" in card["licence"] and card["split_seed"] == 0 and card["command"].startswith("jobs/lungs.py train")
+    assert card["metrics"]["test"]["post"] == metrics["splits"]["test"]["post"]
+    assert load_lung_model("default")[1] == {"size": 32, "base": 4, "depth": 2}
+
+
+@needs_lungs
+@pytest.mark.skipif(not DEFAULT.is_file(), reason=f"no shipped model at {DEFAULT}")
+def test_the_shipped_model_segments_its_own_test_split():
+    model, config = load_lung_model("default")
+    test = read_lung_checkpoint(DEFAULT)["data"]["split"]["test"]
+    pairs = pair_files(LUNGS / "images", LUNGS / "masks")
+    loaded = load_pairs(pairs, test[:12], config["size"])
+    clean, _ = postprocess_all(predict_masks(model, loaded.images))
+    dice, iou = per_image(clean, loaded.masks)
+    assert dice.mean() >= 0.90, dice
