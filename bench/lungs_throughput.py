@@ -1,0 +1,62 @@
+"""Lung segmentation throughput on real NIH radiographs, measured side by side with a backbone.
+
+    .venv/bin/python bench/lungs_throughput.py [--backbone densenet121] [--n 64] [--device cpu|cuda]
+
+Prints, from one run on the same decoded images: (a) the shipped lung model's images/s alone
+(mask prediction + post-processing), (b) the backbone's images/s alone at its own input, and the
+ratio a/b: what masking would add to an extraction job's model time (decoding excluded: it is
+shared). Random backbone weights: throughput does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common.backbones import get_spec  # noqa: E402
+from common.data_config import DataConfig  # noqa: E402
+from common.inference import FeatureExtractor  # noqa: E402
+from lungs.model import load_lung_model, predict_masks  # noqa: E402
+from lungs.postprocess import postprocess_all  # noqa: E402
+
+
+def rate(fn, batch, repeats: int) -> float:
+    fn(batch[:2])  # warm-up: allocator, oneDNN kernel choice
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(batch)
+    return repeats * len(batch) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", default=str(REPO.parent / "shared" / "data" / "nih" / "images"))
+    p.add_argument("--backbone", default="densenet121")
+    p.add_argument("--n", type=int, default=32, help="images per batch")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    paths = sorted(Path(args.images).glob("*.png"))[: args.n]
+    if not paths:
+        sys.exit(f"no PNGs under {args.images}")
+    model, config = load_lung_model("default", args.device)
+    lung_in = np.stack([DataConfig(config["size"], resize="stretch").load(str(p)) for p in paths])
+    extractor = FeatureExtractor(args.backbone, None, 0, device=args.device)
+    spec = get_spec(args.backbone)
+    backbone_in = np.stack([spec.data_config.load(str(p)) for p in paths])
+    a = rate(lambda x: postprocess_all(predict_masks(model, x)), lung_in, args.repeats)
+    b = rate(extractor, backbone_in, args.repeats)
+    print(f"(a) lung model {config['size']} px + post-processing: {a:.1f} images/s")
+    print(f"(b) {args.backbone} at {spec.input_size} px ({extractor.precision}): {b:.1f} images/s")
+    print(f"a/b = {a / b:.2f}: masked extraction's model time is about {1 + b / a:.2f}x plain extraction's")
+
+
+if __name__ == "__main__":
+    main()
