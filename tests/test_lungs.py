@@ -275,3 +275,38 @@ def test_the_shipped_model_segments_its_own_test_split():
     clean, _ = postprocess_all(predict_masks(model, loaded.images))
     dice, iou = per_image(clean, loaded.masks)
     assert dice.mean() >= 0.90, dice
+
+
+def test_qa_flags_name_masks_that_look_wrong():
+    from lungs.masking import qa_flags
+
+    two = np.zeros((64, 64), bool)
+    two[16:48, 10:28] = two[16:48, 36:54] = True
+    assert qa_flags(two) == []
+    assert qa_flags(np.zeros((64, 64), bool)) == ["empty"]
+    one = np.zeros((64, 64), bool)
+    one[30:34, 30:34] = True
+    assert qa_flags(one) == ["one_region", "too_small"]
+    assert qa_flags(np.ones((64, 64), bool)) == ["one_region", "too_large"]
+
+
+@needs_lungs
+def test_masked_inputs_keep_the_lungs_on_real_nih_films():
+    from common.data_config import DataConfig
+    from lungs.masking import mask_inputs
+    from tests.data_paths import NIH_IMAGES
+
+    paths = sorted(NIH_IMAGES.glob("*.png"))[:4]
+    if not paths:
+        pytest.skip("NIH images not present")
+    cfg = DataConfig(224)  # a backbone's own input: the mask is made in that geometry
+    images = np.stack([cfg.load(str(p)) for p in paths])
+    model, config = load_lung_model("default")
+    out = mask_inputs(model, config["size"], images)
+    assert out.images.shape == images.shape and out.masks.shape == images.shape
+    # Outside the mask black, inside the image untouched.
+    assert (out.images[~out.masks] == 0).all() and np.array_equal(out.images[out.masks], images[out.masks])
+    np.testing.assert_allclose(out.lung_fraction, out.masks.reshape(4, -1).mean(1), rtol=1e-6)
+    # Real adult films: both lungs found, a plausible share of the image, no QA flag.
+    assert ((out.lung_fraction > 0.1) & (out.lung_fraction < 0.5)).all(), out.lung_fraction
+    assert out.qa == [[], [], [], []]
