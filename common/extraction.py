@@ -49,16 +49,27 @@ def decode(load: Callable[[str], np.ndarray], path: str) -> tuple[np.ndarray | N
 
 
 def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadPoolExecutor | None = None,
-                  max_pixels: int = MAX_PIXELS) -> pd.DataFrame:
-    """Decode and embed one batch of rows; failed images get `error` and null features."""
+                  max_pixels: int = MAX_PIXELS, transform=None) -> pd.DataFrame:
+    """Decode and embed one batch of rows; failed images get `error` and null features.
+
+    `transform` (e.g. lungs.masking.LungMasker) changes the decoded inputs before the backbone:
+    called on the (n, S, S) batch it returns the new batch and a list per name in its `columns`,
+    which become extra output columns (null for rows that failed)."""
     paths = rows["path"].tolist()
     loads = [partial(extractor.data_config.load, max_pixels=max_pixels)] * len(paths)
     decoded = list(pool.map(decode, loads, paths) if pool else map(decode, loads, paths))
     ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
     features: list = [None] * len(rows)
     errors = [error for _, error in decoded]
+    extra = {name: [None] * len(rows) for name in (transform.columns if transform else ())}
     if ok:
-        batch = extractor(np.stack([decoded[i][0] for i in ok]))
+        images = np.stack([decoded[i][0] for i in ok])
+        if transform is not None:
+            images, columns = transform(images)
+            for name, values in columns.items():
+                for row, value in zip(ok, values):
+                    extra[name][row] = value
+        batch = extractor(images)
         for row, vector in zip(ok, batch):
             if np.isfinite(vector).all():
                 features[row] = vector
@@ -67,17 +78,20 @@ def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadP
     out = rows.reset_index(drop=True).copy()
     out["features"] = features
     out["error"] = errors
-    return out[list(OUTPUT_COLUMNS)]
+    for name, values in extra.items():
+        out[name] = values
+    return out[[*OUTPUT_COLUMNS, *extra]]
 
 
-def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, batch_size: int, max_pixels: int = MAX_PIXELS, decode_threads: int = 1,
+def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, batch_size: int, max_pixels: int = MAX_PIXELS,
+                 transform=None, decode_threads: int = 1,
                  on_batch: Callable[[int, int], None] | None = None) -> Iterator[pd.DataFrame]:
     """Re-batch Arrow batches of any size into model batches of `batch_size` rows."""
     pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
     try:
         for frame in frames:
             for start in range(0, len(frame), batch_size):
-                out = extract_frame(frame.iloc[start:start + batch_size], extractor, pool, max_pixels)
+                out = extract_frame(frame.iloc[start:start + batch_size], extractor, pool, max_pixels, transform)
                 if on_batch:
                     n_errors = int(out["error"].notna().sum())
                     on_batch(len(out) - n_errors, n_errors)

@@ -36,6 +36,7 @@ class StoreInfo:
             "weights_sha256": m.get("weights_sha256"),
             "feature_dim": int(m["feature_dim"]),
             "data_config": m.get("data_config"),
+            "view": m.get("view", "original"),
         }
 
 

@@ -134,6 +134,10 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
             f"left out, e.g. {', '.join(listing.others[:3])}")
     extractors = []
     for st in head.stores:
+        if st.get("view", "original") != "original":
+            # Plain images would give other features than the lung-masked ones the head learnt from.
+            raise StoreError(f"{st['path']}: a {st['view']} store; predicting from image files reproduces original "
+                             "views only (masked views from images come with the lung-masking issue)")
         source = resolve_weights(st["backbone"], _weights_argument(st["weights"]))
         if st.get("weights_sha256") and source.sha256 != st["weights_sha256"]:
             raise StoreError(f"{source.path}: sha256 differs from the weights store {st['path']} was extracted with")

@@ -63,6 +63,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="images with more pixels are recorded as errors, unread (guards memory against huge files)")
     p.add_argument("--stall-timeout", type=float, default=1800.0,
                    help="seconds without any image finishing before the job stops as stuck (0: wait forever)")
+    p.add_argument("--view", choices=["original", "masked"], default="original",
+                   help="masked: embed the image with everything outside the lungs black (LeDNet); adds "
+                        "lung_fraction and lung_qa columns")
+    p.add_argument("--lung-model", default="default",
+                   help="for --view masked: a lungs checkpoint (jobs/lungs.py train), or default (the shipped one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     return p
 
@@ -72,7 +77,8 @@ def log(message: str) -> None:
 
 
 def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
-                 data_config: DataConfig, batch_size: int, done, errors, max_pixels: int = MAX_PIXELS):
+                 data_config: DataConfig, batch_size: int, done, errors, max_pixels: int = MAX_PIXELS,
+                 lung_file: str | None = None):
     """The mapInPandas function; it captures only small values, the model is built in the worker."""
 
     def run(frames):
@@ -92,7 +98,13 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
             errors.add(n_err)
 
         ran = f"{extractor.device.type}/{extractor.precision}"
-        for out in iter_extract(frames, extractor, batch_size, max_pixels, decode_threads=threads, on_batch=count):
+        masker = None
+        if lung_file:
+            from lungs.masking import cached_masker
+
+            masker = cached_masker(SparkFiles.get(lung_file), on)  # same worker, same device as the backbone
+        for out in iter_extract(frames, extractor, batch_size, max_pixels, masker, decode_threads=threads,
+                                on_batch=count):
             yield out.assign(ran=ran)
 
     return run
@@ -164,7 +176,12 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
     from common.store import ROW_DDL
     from common.store_writer import OutputError, commit_chunk, is_committed
 
-    output_ddl = ROW_DDL + ", split string, path string, error string, ran string"
+    lung_ddl = ""
+    if args.view == "masked":
+        from lungs.masking import COLUMNS_DDL
+
+        lung_ddl = ", " + COLUMNS_DDL
+    output_ddl = ROW_DDL + ", split string, path string, error string" + lung_ddl + ", ran string"
     sc = spark.sparkContext
     chunks = [table.iloc[i:i + args.chunk_size] for i in range(0, len(table), args.chunk_size)]
     pending = [i for i in range(len(chunks)) if not is_committed(work, i)]
@@ -173,7 +190,7 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
         log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
     done, errors = sc.accumulator(0), sc.accumulator(0)
     task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config, args.batch_size,
-                           done, errors, args.max_pixels)
+                           done, errors, args.max_pixels, args.lung_file)
     start = time.monotonic()
     with Progress(len(table), already, done, errors, args.progress_interval, args.stall_timeout,
                   sc.cancelAllJobs) as progress:
@@ -199,7 +216,7 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
             "images_per_second": round(done.value / seconds, 2) if done.value else None, "chunks": len(chunks)}
 
 
-def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) -> dict:
+def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int, masked: bool = False) -> dict:
     """Rewrite the committed chunks as a few files per split plus the errors table, in staging."""
     from pyspark.sql import functions as F
 
@@ -226,7 +243,7 @@ def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) ->
     good = rows.where(F.col("error").isNull()).drop("error", "path")
     (good.repartition(buckets * len(SPLITS), "split", F.pmod(F.hash("image_id"), F.lit(buckets)))
      .sortWithinPartitions("image_id")
-     .select(*[c for c in OUTPUT_COLUMNS if c not in ("path", "error")])
+     .select(*[c for c in OUTPUT_COLUMNS if c not in ("path", "error")], *(("lung_fraction", "lung_qa") if masked else ()))
      .write.mode("overwrite").partitionBy("split").option("maxRecordsPerFile", rows_per_file)
      .parquet(str(staging)))
     (rows.where(F.col("error").isNotNull()).select("image_id", "path", "error").coalesce(1)
@@ -235,7 +252,10 @@ def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int) ->
     for split, figures in stats.items():
         if note := constant_note(split, figures):
             log(f"warning: {note}")
-    return {"splits": per_split, "errors": n_errors, "ran": next(iter(ran), None), "feature_stats": stats}
+    lung_qa = ({str(r["lung_qa"] or "ok"): r["count"]
+                for r in rows.where(F.col("error").isNull()).groupBy("lung_qa").count().collect()} if masked else None)
+    return {"splits": per_split, "errors": n_errors, "ran": next(iter(ran), None), "feature_stats": stats,
+            "lung_qa": lung_qa}
 
 
 def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
@@ -264,6 +284,12 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     settings = {"backbone": args.backbone, "weights": weights.label, "weights_sha256": weights.sha256,
                 "data_config": data_config.to_dict(), "precision": args.precision,
                 "chunk_size": args.chunk_size, "format_version": FORMAT_VERSION}
+    args.lungs = None
+    if args.view == "masked":
+        from lungs.masking import lung_model_source
+
+        args.lungs = lung_model_source(args.lung_model)  # a bad file fails here, before anything is written
+        settings["lungs"] = {k: v for k, v in args.lungs.items() if k != "path"}
     # One writer per store for the whole run: two jobs on one --out would write the same chunks.
     with OutputLock(args.out, log=log):
         work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
@@ -281,9 +307,13 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
     if weights.path:
         spark.sparkContext.addFile(weights.path)  # executors fetch it; SparkFiles.get finds it by name
         weights_file = Path(weights.path).name
+    args.lung_file = None
+    if args.lungs:
+        spark.sparkContext.addFile(args.lungs["path"])  # the lung model travels as the weights do
+        args.lung_file = Path(args.lungs["path"]).name
     timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config)
     n_chunks = timing["chunks"]
-    written = compact(spark, work, n_chunks, spec.feature_dim, args.file_mb)
+    written = compact(spark, work, n_chunks, spec.feature_dim, args.file_mb, masked=args.view == "masked")
 
     import pyspark
     import torch
@@ -304,6 +334,7 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
         "precision_rule": "auto: bf16 autocast on CPUs with native bf16 (else fp32), fp16 autocast on CUDA; "
                           "features stored as float32",
         "feature_stats": written["feature_stats"],
+        "view": args.view,
         "splits": written["splits"],
         "split_method": images.split_method,
         "errors": written["errors"],
@@ -312,8 +343,13 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
         "software": {"cxr-features": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "pyspark": pyspark.__version__},
         "command": shlex.join(sys.argv if argv is None else [*prog.split(), *argv]),
-        "config": {k: v for k, v in sorted(vars(args).items())},
+        "config": {k: v for k, v in sorted(vars(args).items()) if k not in ("lungs", "lung_file")},
     }
+    if args.lungs:
+        from lungs.masking import QA_RULE
+
+        manifest["lungs"] = {**{k: v for k, v in args.lungs.items() if k != "path"}, "qa_counts": written["lung_qa"],
+                             "qa_rule": QA_RULE}
     if weights.kind == "random":
         manifest["weights_note"] = "random initialisation (asked for explicitly): features carry no learned knowledge"
     publish(args.out, work / STAGING, manifest)

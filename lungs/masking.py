@@ -72,3 +72,53 @@ def mask_inputs(model, size: int, images: np.ndarray, **steps) -> Masked:
              >= 0.5).numpy()
     return Masked(images * masks, masks, masks.reshape(n, -1).mean(axis=1).astype(np.float32),
                   [qa_flags(m) for m in masks], fired)
+
+
+# The columns a masked store adds to the contract's, and their Spark types.
+COLUMNS = ("lung_fraction", "lung_qa")
+COLUMNS_DDL = "lung_fraction float, lung_qa string"
+QA_RULE = (f"empty: no lung pixel; one_region: a single connected region; too_small / too_large: lung "
+           f"fraction under {MIN_FRACTION:g} / over {MAX_FRACTION:g}; flagged images are kept")
+POSTPROCESS = ("keep", "fill", "mirror")
+
+
+def lung_model_source(name: str) -> dict:
+    """--lung-model -> {path, label, sha256, size, postprocess}, read on the driver so a bad file fails first."""
+    from common.weights import file_sha256
+    from lungs.model import DEFAULT, read_lung_checkpoint
+
+    path = DEFAULT if name == "default" else name
+    obj = read_lung_checkpoint(path)  # one-line LungModelError for a missing or foreign file
+    return {"path": str(path), "label": "default" if name == "default" else f"checkpoint:{path}",
+            "sha256": file_sha256(str(path)), "size": obj["config"]["size"], "postprocess": list(POSTPROCESS)}
+
+
+class LungMasker:
+    """The extraction job's input transform for `--view masked` (common.extraction's `transform`):
+    a batch of backbone inputs -> the masked batch and, per image, lung_fraction and lung_qa
+    (comma-separated QA_FLAGS, null when the mask looks right)."""
+
+    columns = COLUMNS
+
+    def __init__(self, path: str, device: str = "cpu"):
+        from lungs.model import load_lung_model
+
+        self.model, config = load_lung_model(path, device)
+        self.size = config["size"]
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, dict]:
+        out = mask_inputs(self.model, self.size, images)
+        return out.images, {"lung_fraction": [float(f) for f in out.lung_fraction],
+                            "lung_qa": [",".join(flags) or None for flags in out.qa]}
+
+
+_MASKERS: dict[tuple, LungMasker] = {}
+
+
+def cached_masker(path: str, device: str) -> LungMasker:
+    """One lung model per Python worker process, as the backbone (common.extraction.cached_extractor)."""
+    key = (path, device)
+    if key not in _MASKERS:
+        _MASKERS.clear()
+        _MASKERS[key] = LungMasker(path, device)
+    return _MASKERS[key]

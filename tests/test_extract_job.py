@@ -203,3 +203,27 @@ def test_killed_run_restarts_without_redoing_committed_chunks(dataset, store, sp
     for row in table.to_pylist():
         assert np.allclose(row["features"], clean[row["image_id"]], atol=1e-3)
     assert read_manifest(out)["errors"] == 1
+
+
+def test_masked_view_embeds_lung_masked_inputs_with_fraction_and_qa(dataset, spark, tmp_path):
+    """--view masked: the lung model runs in the backbone's worker; features = masking + embedding done directly."""
+    from lungs.masking import LungMasker
+    from lungs.model import DEFAULT
+
+    out = tmp_path / "masked"
+    main(job_args(dataset, out, "--view", "masked", "--limit", "10", "--precision", "fp32"), spark=spark)
+    m = read_manifest(out)
+    assert m["view"] == "masked" and m["lungs"]["label"] == "default" and len(m["lungs"]["sha256"]) == 64
+    assert sum(m["lungs"]["qa_counts"].values()) == sum(m["splits"].values())
+    rows = all_rows(out).to_pylist()
+    assert rows and all(0 < r["lung_fraction"] < 1 for r in rows)
+    masker = LungMasker(str(DEFAULT))
+    extractor = FeatureExtractor(BACKBONE, None, 0, precision="fp32", threads=1)
+    picks = rows[:3]
+    paths = [next((dataset["root"] / "images").rglob(r["image_id"])) for r in picks]
+    masked, columns = masker(np.stack([DataConfig(224).load(str(p)) for p in paths]))
+    np.testing.assert_allclose(columns["lung_fraction"], [r["lung_fraction"] for r in picks], rtol=1e-6)
+    assert [c or None for c in columns["lung_qa"]] == [r["lung_qa"] for r in picks]
+    direct = extractor(masked)
+    stored = np.array([r["features"] for r in picks])
+    np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5 * np.abs(direct).max())
