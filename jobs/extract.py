@@ -21,14 +21,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
 
 from common import __version__
 from common.choices import PRECISIONS, SPLITS
 from common.config import HelpFormatter, parse_with_config, require
 from common.data_config import RESIZE_MODES, DataConfig
 from common.images import MAX_PIXELS
-from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
+from common.safe_output import OutputLock, check_dir_path, run_job
 from common.table_flags import add_table_flags
 
 # torch, pyarrow and pandas are imported by the functions that use them, so that --help (and a
@@ -368,29 +367,15 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
 
 
 def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
-    try:
-        main(argv, prog=prog)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OutputLockedError) as exc:
-        bad_input(prog, exc)
-    except OSError as exc:
-        if not is_disk_error(exc):
-            raise
-        # A full or read-only disk is the machine's state, not a bug: say so; committed chunks stay.
-        bad_input(prog, os_error_line(exc, "--out"))
-    except RuntimeError as exc:
-        # Only main raises these, once it has imported their modules: importing them here is free.
-        from common.store_writer import OutputError
-        from common.weights import WeightsError
-
-        if not isinstance(exc, (OutputError, WeightsError)):
-            raise
-        bad_input(prog, exc)
+    run_job(main, argv, prog, runtime_errors=_runtime_input_errors)
 
 
-def bad_input(prog: str, exc: Exception) -> NoReturn:
-    """One line for bad input; tracebacks are for bugs."""
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    sys.exit(2)
+def _runtime_input_errors() -> tuple[type[RuntimeError], ...]:
+    # Only main raises these, once it has imported their modules: importing them here is free.
+    from common.store_writer import OutputError
+    from common.weights import WeightsError
+
+    return OutputError, WeightsError
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     # `python jobs/finetune.py` puts jobs/ first on sys.path, where this file would shadow the
@@ -29,7 +28,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 from common.choices import PRECISIONS, SPLITS  # noqa: E402
 from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list, parse_with_config, require
 from common.data_config import RESIZE_MODES
-from common.safe_output import OutputLockedError, check_dir_path, is_disk_error, os_error_line
+from common.safe_output import check_dir_path, run_job
 from common.table_flags import add_table_flags
 from common.targets import POLICIES
 from finetune.choices import BEST_METRICS, SCHEDULES
@@ -195,28 +194,14 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
 
 
 def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
-    try:
-        main(argv, prog=prog)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OutputLockedError) as exc:
-        bad_input(prog, exc)  # RunError, StoreError and FinetuneError are ValueErrors
-    except OSError as exc:
-        if not is_disk_error(exc):
-            raise
-        # A full or read-only disk is the machine's state, not a bug: say where and what.
-        bad_input(prog, os_error_line(exc, "--out"))
-    except RuntimeError as exc:
-        # Only main raises it, once it has imported common.weights: importing it here is free.
-        from common.weights import WeightsError
-
-        if not isinstance(exc, WeightsError):
-            raise
-        bad_input(prog, exc)
+    run_job(main, argv, prog, runtime_errors=_runtime_input_errors)  # RunError, StoreError, FinetuneError: ValueErrors
 
 
-def bad_input(prog: str, exc: Exception) -> NoReturn:
-    """One line for bad input; tracebacks are for bugs."""
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    sys.exit(2)
+def _runtime_input_errors() -> tuple[type[RuntimeError], ...]:
+    # Only main raises it, once it has imported common.weights: importing it here is free.
+    from common.weights import WeightsError
+
+    return (WeightsError,)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 from common.choices import PRECISIONS  # noqa: E402
 from common.config import ConfigError, HelpFormatter, parse_list
-from common.safe_output import OutputLockedError, check_dir_path
+from common.safe_output import check_dir_path, run_job
 
 # torch is imported by lungs.train once the flags are good, so that --help answers at once.
 
@@ -95,12 +95,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
 
 
 def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
-    try:
-        main(argv, prog=prog)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OutputLockedError) as exc:
-        # One line for bad input (LungModelError and RunError are ValueErrors); tracebacks are for bugs.
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main, argv, prog)  # LungModelError and RunError are ValueErrors
 
 
 if __name__ == "__main__":
