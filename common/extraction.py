@@ -53,7 +53,7 @@ def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadP
     """Decode and embed one batch of rows; failed images get `error` and null features.
 
     `transform` (e.g. lungs.masking.LungMasker) changes the decoded inputs before the backbone:
-    called on the (n, S, S) batch it returns the new batch and a list per name in its `columns`,
+    called on the (n, S, S) batch and its image ids it returns the new batch and a list per name in its `columns`,
     which become extra output columns (null for rows that failed)."""
     paths = rows["path"].tolist()
     loads = [partial(extractor.data_config.load, max_pixels=max_pixels)] * len(paths)
@@ -65,7 +65,7 @@ def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadP
     if ok:
         images = np.stack([decoded[i][0] for i in ok])
         if transform is not None:
-            images, columns = transform(images)
+            images, columns = transform(images, [rows["image_id"].iloc[i] for i in ok])
             for name, values in columns.items():
                 for row, value in zip(ok, values):
                     extra[name][row] = value

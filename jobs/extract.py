@@ -67,6 +67,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "lung_fraction and lung_qa columns")
     p.add_argument("--lung-model", default="default",
                    help="for --view masked: a lungs checkpoint (jobs/lungs.py train), or default (the shipped one)")
+    p.add_argument("--save-masks", metavar="DIR",
+                   help="for --view masked: also write each lung mask there as a 0/255 PNG in the backbone's input "
+                        "geometry (a folder every executor can write)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     return p
 
@@ -77,7 +80,7 @@ def log(message: str) -> None:
 
 def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
                  data_config: DataConfig, batch_size: int, done, errors, max_pixels: int = MAX_PIXELS,
-                 lung_file: str | None = None):
+                 lung_file: str | None = None, masks_dir: str | None = None):
     """The mapInPandas function; it captures only small values, the model is built in the worker."""
 
     def run(frames):
@@ -101,7 +104,7 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
         if lung_file:
             from lungs.masking import cached_masker
 
-            masker = cached_masker(SparkFiles.get(lung_file), on)  # same worker, same device as the backbone
+            masker = cached_masker(SparkFiles.get(lung_file), on, masks_dir)  # same worker and device as the backbone
         for out in iter_extract(frames, extractor, batch_size, max_pixels, masker, decode_threads=threads,
                                 on_batch=count):
             yield out.assign(ran=ran)
@@ -189,7 +192,7 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
         log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
     done, errors = sc.accumulator(0), sc.accumulator(0)
     task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config, args.batch_size,
-                           done, errors, args.max_pixels, args.lung_file)
+                           done, errors, args.max_pixels, args.lung_file, args.masks_dir)
     start = time.monotonic()
     with Progress(len(table), already, done, errors, args.progress_interval, args.stall_timeout,
                   sc.cancelAllJobs) as progress:
@@ -289,6 +292,12 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
 
         args.lungs = lung_model_source(args.lung_model)  # a bad file fails here, before anything is written
         settings["lungs"] = {k: v for k, v in args.lungs.items() if k != "path"}
+    args.masks_dir = None
+    if args.save_masks:
+        if args.view != "masked":
+            raise ValueError("--save-masks: needs --view masked (an original-view store predicts no masks)")
+        args.masks_dir = str(check_dir_path(args.save_masks, "--save-masks").resolve())
+        Path(args.masks_dir).mkdir(parents=True, exist_ok=True)
     # One writer per store for the whole run: two jobs on one --out would write the same chunks.
     with OutputLock(args.out, log=log):
         work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
@@ -342,13 +351,13 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
         "software": {"cxr-features": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "pyspark": pyspark.__version__},
         "command": shlex.join(sys.argv if argv is None else [*prog.split(), *argv]),
-        "config": {k: v for k, v in sorted(vars(args).items()) if k not in ("lungs", "lung_file")},
+        "config": {k: v for k, v in sorted(vars(args).items()) if k not in ("lungs", "lung_file", "masks_dir")},
     }
     if args.lungs:
         from lungs.masking import QA_RULE
 
         manifest["lungs"] = {**{k: v for k, v in args.lungs.items() if k != "path"}, "qa_counts": written["lung_qa"],
-                             "qa_rule": QA_RULE}
+                             "qa_rule": QA_RULE, "masks_dir": args.masks_dir}
     if weights.kind == "random":
         manifest["weights_note"] = "random initialisation (asked for explicitly): features carry no learned knowledge"
     publish(args.out, work / STAGING, manifest)

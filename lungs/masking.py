@@ -9,7 +9,11 @@ kept and flagged, never dropped.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,21 +97,50 @@ def lung_model_source(name: str) -> dict:
             "sha256": file_sha256(str(path)), "size": obj["config"]["size"], "postprocess": list(POSTPROCESS)}
 
 
+def mask_file_name(image_id: str) -> str:
+    """The PNG name of an image's saved mask: the id's stem when that is a plain file name (NIH's
+    00000001_000.png -> 00000001_000.png), else its safe characters plus a hash of the whole id,
+    so that ids with folders, spaces or '..' can neither escape the folder nor collide."""
+    stem = image_id[:-4] if image_id.lower().endswith((".png", ".jpg", ".dcm")) else image_id
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._")[:100]
+    if safe != stem or not safe:
+        safe = f"{safe}-{hashlib.sha1(image_id.encode()).hexdigest()[:10]}"
+    return safe + ".png"
+
+
+def save_masks(folder: str | os.PathLike, image_ids, masks: np.ndarray) -> None:
+    """Write each mask as a 0/255 PNG in the backbone's input geometry; each file appears whole
+    (written beside, then renamed), so a killed task leaves no half-written mask and a rerun
+    simply replaces them."""
+    from PIL import Image
+
+    folder = Path(folder)
+    for image_id, mask in zip(image_ids, masks):
+        final = folder / mask_file_name(str(image_id))
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
+        os.replace(tmp, final)
+
+
 class LungMasker:
     """The extraction job's input transform for `--view masked` (common.extraction's `transform`):
-    a batch of backbone inputs -> the masked batch and, per image, lung_fraction and lung_qa
-    (comma-separated QA_FLAGS, null when the mask looks right)."""
+    a batch of backbone inputs and their image ids -> the masked batch and, per image,
+    lung_fraction and lung_qa (comma-separated QA_FLAGS, null when the mask looks right).
+    With `masks_dir` it also writes each mask there (save_masks)."""
 
     columns = COLUMNS
 
-    def __init__(self, path: str, device: str = "cpu"):
+    def __init__(self, path: str, device: str = "cpu", masks_dir: str | None = None):
         from lungs.model import load_lung_model
 
         self.model, config = load_lung_model(path, device)
         self.size = config["size"]
+        self.masks_dir = masks_dir
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, dict]:
+    def __call__(self, images: np.ndarray, image_ids) -> tuple[np.ndarray, dict]:
         out = mask_inputs(self.model, self.size, images)
+        if self.masks_dir:
+            save_masks(self.masks_dir, image_ids, out.masks)
         return out.images, {"lung_fraction": [float(f) for f in out.lung_fraction],
                             "lung_qa": [",".join(flags) or None for flags in out.qa]}
 
@@ -115,10 +148,11 @@ class LungMasker:
 _MASKERS: dict[tuple, LungMasker] = {}
 
 
-def cached_masker(path: str, device: str) -> LungMasker:
+def cached_masker(path: str, device: str, masks_dir: str | None = None) -> LungMasker:
     """One lung model per Python worker process, as the backbone (common.extraction.cached_extractor)."""
     key = (path, device)
     if key not in _MASKERS:
         _MASKERS.clear()
         _MASKERS[key] = LungMasker(path, device)
+    _MASKERS[key].masks_dir = masks_dir  # where masks go is a job setting, not part of the model
     return _MASKERS[key]

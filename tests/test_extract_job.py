@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from common.data_config import DataConfig
 from common.feature_stats import is_constant
@@ -210,20 +211,64 @@ def test_masked_view_embeds_lung_masked_inputs_with_fraction_and_qa(dataset, spa
     from lungs.masking import LungMasker
     from lungs.model import DEFAULT
 
-    out = tmp_path / "masked"
-    main(job_args(dataset, out, "--view", "masked", "--limit", "10", "--precision", "fp32"), spark=spark)
+    out, masks = tmp_path / "masked", tmp_path / "masks"
+    main(job_args(dataset, out, "--view", "masked", "--limit", "10", "--precision", "fp32", "--save-masks", str(masks)),
+         spark=spark)
     m = read_manifest(out)
     assert m["view"] == "masked" and m["lungs"]["label"] == "default" and len(m["lungs"]["sha256"]) == 64
     assert sum(m["lungs"]["qa_counts"].values()) == sum(m["splits"].values())
+    assert m["lungs"]["masks_dir"] == str(masks.resolve())
     rows = all_rows(out).to_pylist()
     assert rows and all(0 < r["lung_fraction"] < 1 for r in rows)
     masker = LungMasker(str(DEFAULT))
     extractor = FeatureExtractor(BACKBONE, None, 0, precision="fp32", threads=1)
     picks = rows[:3]
     paths = [next((dataset["root"] / "images").rglob(r["image_id"])) for r in picks]
-    masked, columns = masker(np.stack([DataConfig(224).load(str(p)) for p in paths]))
+    masked, columns = masker(np.stack([DataConfig(224).load(str(p)) for p in paths]), [r["image_id"] for r in picks])
     np.testing.assert_allclose(columns["lung_fraction"], [r["lung_fraction"] for r in picks], rtol=1e-6)
     assert [c or None for c in columns["lung_qa"]] == [r["lung_qa"] for r in picks]
     direct = extractor(masked)
     stored = np.array([r["features"] for r in picks])
     np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5 * np.abs(direct).max())
+    # --save-masks: one 0/255 PNG per embedded image, named by its id, the mask the backbone saw.
+    assert sorted(p.name for p in masks.iterdir()) == sorted(r["image_id"] for r in rows)
+    for r in rows:
+        saved = np.asarray(Image.open(masks / r["image_id"]))
+        assert saved.shape == (224, 224) and set(np.unique(saved)) <= {0, 255}
+        assert (saved == 255).mean() == pytest.approx(r["lung_fraction"], abs=1e-6)
+
+
+def test_masked_run_resumes_keeps_bad_images_and_refuses_other_settings(dataset, spark, tmp_path, monkeypatch):
+    """A masked run stopped after two chunks resumes after them; the corrupt file is an error row with
+    null lung columns; resuming it as an original-view run is refused."""
+    import common.store_writer as store_writer
+
+    out = tmp_path / "masked"
+    real_commit, commits = store_writer.commit_chunk, []
+
+    def crash_after_two(tmp, work, index):
+        if len(commits) == 2:
+            raise KeyboardInterrupt("stopped")  # what a ^C between chunks does
+        commits.append(index)
+        real_commit(tmp, work, index)
+
+    monkeypatch.setattr(store_writer, "commit_chunk", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(job_args(dataset, out, "--view", "masked"), spark=spark)
+    monkeypatch.setattr(store_writer, "commit_chunk", real_commit)
+    with pytest.raises(OutputError, match="unfinished run with other inputs or settings"):
+        main(job_args(dataset, out), spark=spark)  # the same images, but not masked
+    summary = main(job_args(dataset, out, "--view", "masked"), spark=spark)
+    assert summary["images_processed"] == N_IMAGES + 1 - 16
+    m = read_manifest(out)
+    assert m["errors"] == 1 and sum(m["lungs"]["qa_counts"].values()) == N_IMAGES
+    rows = all_rows(out).to_pylist()
+    assert len(rows) == N_IMAGES and all(0 < r["lung_fraction"] < 1 for r in rows)
+    errors = read_errors(out)
+    assert errors.column("image_id").to_pylist() == [CORRUPT]
+
+
+def test_save_masks_needs_the_masked_view(dataset, spark, tmp_path):
+    with pytest.raises(ValueError, match="--save-masks: needs --view masked"):
+        main(job_args(dataset, tmp_path / "s", "--save-masks", str(tmp_path / "m")), spark=spark)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()

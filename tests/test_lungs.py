@@ -310,3 +310,13 @@ def test_masked_inputs_keep_the_lungs_on_real_nih_films():
     # Real adult films: both lungs found, a plausible share of the image, no QA flag.
     assert ((out.lung_fraction > 0.1) & (out.lung_fraction < 0.5)).all(), out.lung_fraction
     assert out.qa == [[], [], [], []]
+
+
+def test_mask_file_names_stay_in_their_folder_and_never_collide():
+    from lungs.masking import mask_file_name
+
+    assert mask_file_name("00000001_000.png") == "00000001_000.png"
+    hostile = ["../../etc/passwd", "a/b.png", "a_b.png", "a b.png", "..", "", "patient1/study1/view1_frontal.jpg"]
+    names = [mask_file_name(i) for i in hostile]
+    assert len(set(names)) == len(names)
+    assert all("/" not in n and not n.startswith(".") and n.endswith(".png") for n in names)
