@@ -84,7 +84,7 @@ def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
         cli.main(["trian", "--store", "s"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("cxr: error: unknown command 'trian' "
-                                       "(choose from extract, finetune, train, predict, report, lungs)\n")
+                                       "(choose from extract, finetune, train, predict, report, compare, lungs)\n")
 
 
 @pytest.mark.parametrize("argv, code, line", [

@@ -1,0 +1,191 @@
+"""Runs side by side: per-class and mean AUROC with their bootstrap intervals, and the settings
+that differ between the runs (LeDNet's original vs lung-masked vs fused comparison, one policy
+against another, a head against a fine-tune).
+
+Only runs scored on the same images with the same ground truth are compared: a table whose
+columns were measured on different test sets would compare the sets, not the models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from common import rundir
+
+COMPARED_KINDS = ("head", "finetune")
+TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
+# Settings that say where a run wrote or how loudly, not what it learned.
+NOT_SETTINGS = {"out", "overwrite", "quiet", "threads", "config", "log_seconds", "progress_interval"}
+
+
+class CompareError(ValueError):
+    """Runs that cannot be compared; the message names the run and what differs."""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    kind: str
+    config: dict
+    metrics: dict
+    truth: pd.DataFrame  # image_id + the label:<name> targets (-1: not scored) of the split, sorted by image_id
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.metrics["label_names"])
+
+
+def load_run(path: str | os.PathLike, split: str, name: str | None = None) -> Run:
+    """A head or fine-tune run directory and its `split`'s scored images, or a one-line CompareError."""
+    path = Path(path)
+    marker = rundir.read_marker(path)
+    if marker is None:
+        raise CompareError(f"{path}: not a run directory of this project (no {rundir.MARKER})")
+    if marker.get("kind") not in COMPARED_KINDS:
+        raise CompareError(f"{path}: a {marker.get('kind')} run; compare takes {' and '.join(COMPARED_KINDS)} runs")
+    metrics_file = path / rundir.METRICS
+    if not metrics_file.is_file():
+        raise CompareError(f"{path}: no {rundir.METRICS}; the run has not finished")
+    metrics = rundir.read_json(metrics_file)
+    if split not in metrics.get("splits", {}):
+        raise CompareError(f"{path}: no {split} split in {rundir.METRICS} (it has {', '.join(metrics.get('splits', {})) or 'none'})")
+    predictions = path / rundir.PREDICTIONS / f"{split}.parquet"
+    if not predictions.is_file():
+        raise CompareError(f"{predictions}: not found; the {split} predictions say which images were scored")
+    columns = ["image_id", *(rundir.TARGET_PREFIX + n for n in metrics["label_names"])]
+    try:
+        truth = pq.read_table(predictions, columns=columns).to_pandas()
+    except Exception as exc:  # a foreign or damaged file: name it
+        raise CompareError(f"{predictions}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    truth = truth.sort_values("image_id", kind="stable").reset_index(drop=True)
+    return Run(name or path.name, path, marker["kind"], rundir.read_json(path / rundir.CONFIG), metrics, truth)
+
+
+def check_comparable(runs: list[Run], split: str) -> None:
+    """Refuse runs with other labels, other images or other ground truth than the first run."""
+    if len(runs) < 2:
+        raise CompareError("compare needs at least two runs")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise CompareError(f"run names repeat ({', '.join(names)}); give --names")
+    first = runs[0]
+    for run in runs[1:]:
+        if run.label_names != first.label_names:
+            raise CompareError(f"{run.path}: labels {', '.join(run.label_names)} differ from {first.path}'s "
+                               f"({', '.join(first.label_names)}); compare runs of one label set")
+        ids, first_ids = set(run.truth["image_id"]), set(first.truth["image_id"])
+        if ids != first_ids:
+            raise CompareError(f"{run.path}: scored on other {split} images than {first.path} ({len(ids)} vs "
+                               f"{len(first_ids)} images, {len(ids ^ first_ids)} not in both); compare runs of one "
+                               "split of one table")
+        if not run.truth.equals(first.truth):
+            diff = [c for c in run.truth.columns[1:] if not run.truth[c].equals(first.truth[c])]
+            raise CompareError(f"{run.path}: the same {split} images with other ground truth than {first.path} "
+                               f"({', '.join(c.removeprefix(rundir.TARGET_PREFIX) for c in diff)})")
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(obj, sort_keys=True) if isinstance(obj, list) else obj}
+
+
+def run_settings(run: Run) -> dict:
+    """What made a run, flat: its features (the stores' backbone, weights and view, or the fine-tuned
+    weights) and its settings, without where it wrote or how loudly."""
+    config = run.config
+    settings = {k: v for k, v in config.get("settings", {}).items() if k not in NOT_SETTINGS and k != "store"}
+    if run.kind == "head":
+        features = " + ".join(f"{s.get('backbone')} {s.get('weights')} {s.get('view', 'original')}"
+                              for s in config.get("stores", []))
+    else:
+        features = f"{config.get('settings', {}).get('backbone')} fine-tuned from {config.get('weights', {}).get('label')}"
+    return {"kind": run.kind, "features": features, **_flatten(settings)}
+
+
+def differing_settings(runs: list[Run]) -> dict[str, list]:
+    """Setting -> its value per run, for the settings whose values are not all the same."""
+    per_run = [run_settings(r) for r in runs]
+    keys = sorted({k for s in per_run for k in s}, key=lambda k: (k not in ("kind", "features"), k))
+    return {k: [s.get(k) for s in per_run] for k in keys if len({json.dumps(s.get(k), default=str) for s in per_run}) > 1}
+
+
+def comparison_frame(runs: list[Run], split: str) -> pd.DataFrame:
+    """One row per run and class (and `mean`): AUROC, its interval, the class's positives and negatives."""
+    rows = []
+    for run in runs:
+        m = run.metrics["splits"][split]
+        for name in run.label_names:
+            entry = m["per_class"][name]
+            rows.append({"run": run.name, "class": name, "auroc": entry.get("auroc"),
+                         "ci_low": entry.get("auroc_ci_low"), "ci_high": entry.get("auroc_ci_high"),
+                         "n_pos": entry.get("n_pos"), "n_neg": entry.get("n_neg")})
+        s = m["summary"]
+        rows.append({"run": run.name, "class": "mean", "auroc": s.get("mean_auc"), "ci_low": s.get("mean_auc_ci_low"),
+                     "ci_high": s.get("mean_auc_ci_high"), "n_pos": None, "n_neg": None})
+    frame = pd.DataFrame(rows)
+    frame["auroc"] = frame["auroc"].astype(float)
+    frame[["n_pos", "n_neg"]] = frame[["n_pos", "n_neg"]].astype("Int64")  # counts stay integers beside the mean's blank
+    return frame
+
+
+def _cell(row) -> str:
+    if row is None or row["auroc"] is None or not math.isfinite(row["auroc"]):
+        return "—"
+    text = f"{row['auroc']:.3f}"
+    if row["ci_low"] is not None and row["ci_high"] is not None and math.isfinite(row["ci_low"]):
+        text += f" ({row['ci_low']:.2f}-{row['ci_high']:.2f})"
+    return text
+
+
+def render_markdown(runs: list[Run], split: str, frame: pd.DataFrame) -> str:
+    first = runs[0]
+    n_images = len(first.truth)
+    lines = [f"# {len(runs)} runs compared on the same {n_images} {split} images", "",
+             "| run | directory |", "| --- | --- |",
+             *[f"| {r.name} | `{r.path}` |" for r in runs], ""]
+    differ = differing_settings(runs)
+    if differ:
+        lines += ["## Settings that differ", "", "| setting | " + " | ".join(r.name for r in runs) + " |",
+                  "|" + " --- |" * (len(runs) + 1)]
+        lines += [f"| {k} | " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+                  for k, values in differ.items()]
+    else:
+        lines += ["The runs' settings are the same (repeats of one configuration)."]
+    by = {(r["run"], r["class"]): r for r in frame.to_dict("records")}
+    lines += ["", f"## {split} AUROC (95% bootstrap interval)", "",
+              "| class | positives / negatives | " + " | ".join(r.name for r in runs) + " |",
+              "|" + " --- |" * (len(runs) + 2)]
+    for name in [*first.label_names, "mean"]:
+        entries = [by[(r.name, name)] for r in runs]
+        values = [e["auroc"] for e in entries if e["auroc"] is not None and math.isfinite(e["auroc"])]
+        best = max(values) if len(values) > 1 else None
+        cells = [f"**{_cell(e)}**" if best is not None and e["auroc"] == best else _cell(e) for e in entries]
+        count = "" if name == "mean" else f"{int(entries[0]['n_pos'])} / {int(entries[0]['n_neg'])}"
+        lines.append(f"| {'**mean**' if name == 'mean' else name} | {count} | " + " | ".join(cells) + " |")
+    lines += ["", "Bold: the highest AUROC in the row. Intervals come from each run's own bootstrap (its report says "
+              "how it was drawn); overlapping intervals are not a paired test of the difference."]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(runs: list[Run], split: str, out: Path) -> tuple[Path, Path]:
+    """comparison.md and comparison.csv in `out`, each written whole (temporary name, then renamed)."""
+    frame = comparison_frame(runs, split)
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv = out / TABLE_MD, out / TABLE_CSV
+    for path, text in ((md, render_markdown(runs, split, frame)), (csv, frame.to_csv(index=False))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return md, csv
