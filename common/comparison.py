@@ -164,7 +164,7 @@ def render_markdown(runs: list[Run], split: str, frame: pd.DataFrame) -> str:
     else:
         lines += ["The runs' settings are the same (repeats of one configuration)."]
     by = {(r["run"], r["class"]): r for r in frame.to_dict("records")}
-    lines += ["", f"## {split} AUROC (95% bootstrap interval)", "",
+    lines += ["", f"## {split} AUROC (95% bootstrap interval, where the run drew one)", "",
               "| class | positives / negatives | " + " | ".join(r.name for r in runs) + " |",
               "|" + " --- |" * (len(runs) + 2)]
     for name in [*first.label_names, "mean"]:

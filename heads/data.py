@@ -37,6 +37,8 @@ class StoreInfo:
             "feature_dim": int(m["feature_dim"]),
             "data_config": m.get("data_config"),
             "view": m.get("view", "original"),
+            # The lung model of a masked store: predicting from images must mask with this very file.
+            "lungs": {k: m["lungs"].get(k) for k in ("label", "sha256", "size", "postprocess")} if m.get("lungs") else None,
         }
 
 

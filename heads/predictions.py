@@ -32,12 +32,16 @@ def _check_stores(head: Head, paths: list[str]) -> None:
         got = store_info(path).describe()
         # A checkpoint's label holds its path, which moves between machines; its sha256 does not.
         same_file = trained.get("weights_sha256") and trained.get("weights_sha256") == got.get("weights_sha256")
-        for key in ("backbone", "feature_dim", "data_config") + (() if same_file else ("weights",)):
-            if trained.get(key) is not None and got.get(key) != trained.get(key):
+        for key in ("backbone", "feature_dim", "data_config", "view") + (() if same_file else ("weights",)):
+            if trained.get(key) is not None and got.get(key, "original") != trained.get(key):
                 raise StoreError(
                     f"{path}: {key} {got.get(key)!r} differs from the head's store {trained['path']} "
                     f"({trained.get(key)!r}); the head cannot read these features"
                 )
+        lungs, got_lungs = trained.get("lungs") or {}, got.get("lungs") or {}
+        if lungs.get("sha256") and got_lungs.get("sha256") != lungs["sha256"]:
+            raise StoreError(f"{path}: masked with another lung model (sha256 {str(got_lungs.get('sha256'))[:12]}) than "
+                             f"the head's store {trained['path']} ({lungs['sha256'][:12]}); the head cannot read these features")
 
 
 def probabilities(head: Head, features: np.ndarray, age: np.ndarray, sex: np.ndarray,
@@ -58,6 +62,25 @@ def predict_stores(head: Head, paths: list[str] | None, splits: list[str] | None
         frames.append(rundir.predictions_frame(split.image_id, probs, head.label_names,
                                                front={"split": np.full(len(split), name, dtype=object)}))
     return pd.concat(frames, ignore_index=True)
+
+
+def _lung_masker(st: dict, device: str):
+    """The lung model a masked store was extracted with, checked by sha256, as an input transform."""
+    from common.weights import file_sha256
+    from lungs.masking import LungMasker
+    from lungs.model import DEFAULT
+
+    lungs = st.get("lungs")
+    if not lungs or not lungs.get("sha256"):
+        raise StoreError(f"{st['path']}: a {st['view']} store whose lung model the head does not record (trained "
+                         "before masked prediction existed); retrain the head to predict from images")
+    label = lungs.get("label") or ""
+    path = DEFAULT if label == "default" else Path(label.removeprefix("checkpoint:"))
+    if not path.is_file():
+        raise StoreError(f"{st['path']}: its lung model {path} is not here; put that file there to predict from images")
+    if file_sha256(str(path)) != lungs["sha256"]:
+        raise StoreError(f"{path}: sha256 differs from the lung model store {st['path']} was masked with")
+    return LungMasker(str(path), device)
 
 
 def _weights_argument(label: str) -> str:
@@ -132,12 +155,13 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
     if listing.others:
         log(f"--images {source}: {len(listing.others)} files without an image suffix ({', '.join(IMAGE_SUFFIXES)}) "
             f"left out, e.g. {', '.join(listing.others[:3])}")
-    extractors = []
+    extractors, maskers = [], []
     for st in head.stores:
-        if st.get("view", "original") != "original":
-            # Plain images would give other features than the lung-masked ones the head learnt from.
-            raise StoreError(f"{st['path']}: a {st['view']} store; predicting from image files reproduces original "
-                             "views only (masked views from images come with the lung-masking issue)")
+        view = st.get("view", "original")
+        if view not in ("original", "masked"):
+            raise StoreError(f"{st['path']}: a {view} store, a view this version cannot reproduce from image files")
+        # A masked store's features came from lung-masked inputs: the same lung model masks these images.
+        maskers.append(_lung_masker(st, device) if view == "masked" else None)
         source = resolve_weights(st["backbone"], _weights_argument(st["weights"]))
         if st.get("weights_sha256") and source.sha256 != st["weights_sha256"]:
             raise StoreError(f"{source.path}: sha256 differs from the weights store {st['path']} was extracted with")
@@ -151,13 +175,13 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
         extractors.append(FeatureExtractor(st["backbone"], source.path, source.seed, device=device,
                                            precision=precision, threads=threads, data_config=data_config))
     if len(extractors) > 1:
-        log(f"note: every image goes through all {len(extractors)} backbones; a store built from other images "
-            "(e.g. lung-masked) is not reproduced from a plain folder")
+        log(f"note: every image goes through all {len(extractors)} stores' models (fused input)")
 
     n = len(listing.ids)
     features = np.full((n, sum(head.inputs.feature_dims)), np.nan, dtype=np.float32)
     errors = list(listing.skipped)
     todo = [i for i in range(n) if errors[i] is None]
+    lung_columns: dict[str, list] = {}  # lung_fraction and lung_qa of a masked store's input, as the store has them
     loads = {ex.data_config: partial(ex.data_config.load, max_pixels=max_pixels) for ex in extractors}
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
@@ -169,9 +193,16 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
                     decoded[config][i], errors[i] = decode(load, listing.paths[i])
         ok = [i for i in batch if errors[i] is None]
         col = 0
-        for ex in extractors:
+        for ex, masker in zip(extractors, maskers):
             if ok:
-                features[ok, col:col + ex.feature_dim] = ex(np.stack([decoded[ex.data_config][i] for i in ok]))
+                images = np.stack([decoded[ex.data_config][i] for i in ok])
+                if masker is not None:
+                    images, columns = masker(images, [listing.ids[i] for i in ok])
+                    for name, values in columns.items():
+                        lung_columns.setdefault(name, [None] * n)
+                        for i, value in zip(ok, values):
+                            lung_columns[name][i] = value
+                features[ok, col:col + ex.feature_dim] = ex(images)
             col += ex.feature_dim
         log(f"{start + len(batch)}/{len(todo)} images")
     for i in np.flatnonzero(~np.isfinite(features).all(axis=1)):
@@ -188,5 +219,6 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
         nan = np.full(n, np.nan, dtype=np.float32)
         head_precision = resolve_precision(precision) if precision in PRECISIONS else "fp32"  # fp16 is CUDA-only
         probs[good] = probabilities(head, features[good], nan, nan, head_precision)
-    front = {"path": np.array(listing.paths, dtype=object), "error": np.array(errors, dtype=object)}
+    front = {"path": np.array(listing.paths, dtype=object), "error": np.array(errors, dtype=object),
+             **{name: np.array(values, dtype=object) for name, values in lung_columns.items()}}
     return rundir.predictions_frame(listing.ids, probs, head.label_names, front=front)

@@ -1,5 +1,6 @@
 """End to end: the Spark job over real NIH images, in local[2], with random weights."""
 
+import json
 import os
 import shutil
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -272,3 +274,52 @@ def test_save_masks_needs_the_masked_view(dataset, spark, tmp_path):
     with pytest.raises(ValueError, match="--save-masks: needs --view masked"):
         main(job_args(dataset, tmp_path / "s", "--save-masks", str(tmp_path / "m")), spark=spark)
     assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
+
+
+def test_original_masked_and_fused_stores_train_heads_and_compare(dataset, spark, tmp_path, capsys):
+    """LeDNet's comparison on a real pair: original and lung-masked stores of the same NIH images,
+    heads on each and on both fused (heads.train --store A B), one table side by side."""
+    from heads import compare, train
+
+    stores = {}
+    for view in ("original", "masked"):
+        stores[view] = tmp_path / view
+        main(job_args(dataset, stores[view], "--view", view, "--backbone", "resnet50", "--input-size", "96",
+                      "--chunk-size", "64", "--precision", "fp32"), spark=spark)
+    runs = {}
+    head = ["--head", "linear", "--epochs", "3", "--threads", "1", "--quiet", "--bootstrap-draws", "0"]
+    for name, use in (("original", ["original"]), ("masked", ["masked"]), ("fused", ["original", "masked"])):
+        runs[name] = tmp_path / "runs" / name
+        train.main(["--store", *(str(stores[v]) for v in use), "--out", str(runs[name]), *head])
+    fused = json.loads((runs["fused"] / "config.json").read_text())
+    assert [s["view"] for s in fused["stores"]] == ["original", "masked"]
+    assert fused["input_width"] == 2 * 2048
+    summary = compare.main([*(str(runs[n]) for n in runs), "--out", str(tmp_path / "cmp")])
+    table = pd.read_csv(summary["csv"])
+    assert sorted(set(table["run"])) == ["fused", "masked", "original"]
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "resnet50 random:0 original + resnet50 random:0 masked" in md  # the features row says what was fused
+
+    # The fused head on image files: each image is embedded as is and lung-masked by the store's own
+    # lung model, so its probabilities are the ones the head gives the stored features.
+    from heads import predict
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    picked = sorted(dataset["picked"])[:3]
+    for name in picked:
+        shutil.copy(next((dataset["root"] / "images").rglob(name)), folder / name)
+    from_images = pd.read_csv(predict.main(["--run", str(runs["fused"]), "--images", str(folder), "--precision", "fp32",
+                                            "--threads", "1", "--out", str(tmp_path / "images.csv")])).set_index("image_id")
+    from_stores = pd.read_csv(predict.main(["--run", str(runs["fused"]), "--precision", "fp32", "--threads", "1",
+                                            "--out", str(tmp_path / "stores.csv")])).set_index("image_id")
+    labels = json.loads((runs["fused"] / "metrics.json").read_text())["label_names"]
+    np.testing.assert_allclose(from_images.loc[picked, labels].to_numpy(), from_stores.loc[picked, labels].to_numpy(),
+                               atol=1e-4)
+    stored = {r["image_id"]: r["lung_fraction"] for r in all_rows(stores["masked"]).to_pylist()}
+    np.testing.assert_allclose(from_images.loc[picked, "lung_fraction"], [stored[i] for i in picked], rtol=1e-6)
+
+    # A head trained on masked features does not read an original-view store.
+    with pytest.raises(SystemExit):
+        predict.main(["--run", str(runs["masked"]), "--store", str(stores["original"]), "--out", str(tmp_path / "x.csv")])
+    assert "view 'original' differs from the head's store" in capsys.readouterr().err
