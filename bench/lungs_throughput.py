@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/lungs_throughput.py [--backbone densenet121] [--n 64] [--device cpu|cuda]
 
-Prints, from one run on the same decoded images: (a) the shipped lung model's images/s alone
-(mask prediction + post-processing), (b) the backbone's images/s alone at its own input, and the
-ratio a/b: what masking would add to an extraction job's model time (decoding excluded: it is
-shared). Random backbone weights: throughput does not depend on their values.
+Prints, from one run on the same images: (a) the shipped lung model's images/s alone (mask
+prediction + post-processing), (b) the backbone's images/s alone at its own input, and the ratio
+a/b: what masking adds to an extraction's model time (decoding excluded); then (c) plain and
+(d) masked extraction images/s, each the whole work of an extraction task (decode, [mask,]
+embed: common.extraction.extract_frame, as the Spark job runs it per batch), and d/c: the
+mask model's cost as a ratio. Random backbone weights: throughput does not depend on their values.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.backbones import get_spec  # noqa: E402
 from common.data_config import DataConfig  # noqa: E402
+from common.extraction import extract_frame  # noqa: E402
 from common.inference import FeatureExtractor  # noqa: E402
+from lungs.masking import LungMasker  # noqa: E402
 from lungs.model import load_lung_model, predict_masks  # noqa: E402
 from lungs.postprocess import postprocess_all  # noqa: E402
 
@@ -56,6 +61,14 @@ def main() -> None:
     print(f"(a) lung model {config['size']} px + post-processing: {a:.1f} images/s")
     print(f"(b) {args.backbone} at {spec.input_size} px ({extractor.precision}): {b:.1f} images/s")
     print(f"a/b = {a / b:.2f}: masked extraction's model time is about {1 + b / a:.2f}x plain extraction's")
+    rows = pd.DataFrame({"image_id": [p.name for p in paths], "patient_id": "p", "view": "PA", "age": 50.0,
+                         "sex": 0, "labels": [[0]] * len(paths), "split": "test", "path": [str(p) for p in paths]})
+    masker = LungMasker("default", args.device)
+    c = rate(lambda r: extract_frame(r, extractor), rows, args.repeats)
+    d = rate(lambda r: extract_frame(r, extractor, transform=masker), rows, args.repeats)
+    print(f"(c) plain extraction (decode + embed): {c:.1f} images/s")
+    print(f"(d) masked extraction (decode + mask + embed): {d:.1f} images/s")
+    print(f"d/c = {d / c:.2f}: a masked store takes about {c / d:.2f}x the time of a plain one")
 
 
 if __name__ == "__main__":
