@@ -1,6 +1,7 @@
 """Image decoding: a file -> one gray channel in Pillow's float mode, with its value scale.
 
-Pure functions (no Spark, no torch). The geometry that turns the decoded image into a network
+Pure functions (no Spark, no torch). DICOM files go through common/dicom.py, which gives the same
+kind of (mode 'F' image, scale) pair. The geometry that turns the decoded image into a network
 input is common/data_config.py's job; `read_gray` is the plain resize used for displays.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
+from common.dicom import decode_dicom, is_dicom
 
 # Integer modes Pillow gives 16-bit grayscale files (PNG opens as 'I;16' in recent Pillow,
 # as 'I' in older ones; big-endian TIFF as 'I;16B').
@@ -25,7 +28,14 @@ def decode_gray(path: str, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple
     image gives the same values. A JPEG may be decoded at a DCT-reduced scale whose sides stay
     >= `min_side`. A missing, truncated or non-image file raises, and so does one of more than
     `max_pixels` pixels, checked from the header before anything is decoded.
+
+    DICOM is told by content (the 'DICM' marker at byte 128, whatever the name) or by a .dcm name
+    (a bare dataset without the preamble, or a .dcm that is not DICOM, which then raises); its first
+    frame is decoded at full size (`min_side` does not apply) with the scale common/dicom.py gives.
     """
+    if str(path).lower().endswith(".dcm") or is_dicom(path):
+        values, scale = decode_dicom(path, max_pixels)
+        return Image.fromarray(values), scale  # float32 2-D: mode 'F'
     with Image.open(path) as img:
         width, height = img.size
         if width * height > max_pixels:

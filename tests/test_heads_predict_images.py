@@ -99,7 +99,7 @@ def test_every_image_named_entry_gets_a_row_and_a_fifo_is_never_opened(run, monk
     os.symlink(folder / "gone.png", folder / "dangling.png")
     os.symlink("self.png", folder / "self.png")  # a link to itself
     os.symlink(".", folder / "sub" / "loop")  # a folder loop: walked once
-    (folder / "scan.dcm").write_bytes(b"DICM")  # in the list, not decodable yet: an error row, not skipped
+    (folder / "scan.dcm").write_bytes(b"DICM")  # in the list, not a DICOM file: an error row, not skipped
     (folder / "README.txt").write_text("notes")
     loaded = []
     load = DataConfig.load
@@ -117,7 +117,7 @@ def test_every_image_named_entry_gets_a_row_and_a_fifo_is_never_opened(run, monk
     error = got["error"]
     assert error["dangling.png"] == "skipped: dangling symlink" and error["fifo.png"] == "skipped: not a regular file"
     assert error["self.png"] == "skipped: too many levels of symbolic links"
-    assert error["scan.dcm"].startswith("UnidentifiedImageError")
+    assert error["scan.dcm"].startswith("ValueError: ") and "not a DICOM file" in error["scan.dcm"]
     assert "more than the limit of 0.002 Mpixel (--max-pixels)" in error["a.png"]  # 100 x 40 px; 40 x 40 is fine
     assert pd.isna(error["sub/b.bmp"]) and not got.loc["sub/b.bmp", head_labels(out)].isna().any()
     assert got.loc["fifo.png", head_labels(out)].isna().all()

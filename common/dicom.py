@@ -1,0 +1,193 @@
+"""DICOM radiographs -> one gray frame and its value scale, as common/images.py decodes other files.
+
+Pure functions (no Spark, no torch), pydicom 3 underneath; compressed transfer syntaxes decode through
+its pixel-data plugins (pylibjpeg-libjpeg: JPEG baseline/extended/lossless and JPEG-LS;
+pylibjpeg-openjpeg: JPEG 2000 and HTJ2K; pylibjpeg-rle: RLE, faster than pydicom's own). The pipeline
+is the standard's: stored values -> Modality LUT (or Rescale Slope/Intercept) -> VOI LUT (or the
+first Window Center/Width) -> [0, 1], with MONOCHROME1 inverted so bone is bright everywhere.
+Only the tags below are parsed (pydicom's `specific_tags`) and none leaves this module but as pixels:
+names, IDs and dates are never read.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+# A chest radiograph is a projection: these modalities store slices of a volume.
+_VOLUME_MODALITIES = ("CT", "MR", "PT")
+_GRAY = ("MONOCHROME1", "MONOCHROME2")
+# What pydicom's decoders hand back as RGB (YBR_* converted when decoding).
+_COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+
+
+# The Image Pixel, Modality LUT and VOI LUT modules and what tells a radiograph from a volume.
+_TAGS = ["SOPClassUID", "ImageType", "Modality", "SliceThickness", "SpacingBetweenSlices",
+         "PerFrameFunctionalGroupsSequence", "SamplesPerPixel", "PhotometricInterpretation",
+         "PlanarConfiguration", "NumberOfFrames", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+         "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "WindowCenter",
+         "WindowWidth", "VOILUTFunction", "VOILUTSequence", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+         "PixelData", "FloatPixelData", "DoubleFloatPixelData"]
+
+
+# A bare dataset (no 'DICM' marker) is taken for DICOM only when it holds one of these: every image
+# object has them, and random bytes read with force do not.
+_MARKER_TAGS = ("SOPClassUID", "Rows")
+
+
+class MultiFrameWarning(UserWarning):
+    """A multi-frame file whose first frame was used."""
+
+
+def is_dicom(path: str) -> bool:
+    """True for a file in the DICOM file format: 'DICM' after the 128-byte preamble."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def read_dataset(path: str, tags, **options):
+    """The DICOM dataset of `path` with only `tags` parsed (pydicom's `specific_tags`); a file that is
+    not DICOM raises a one-line ValueError naming it.
+
+    Without the 'DICM' marker, old or tool-written files hold a bare dataset, which pydicom reads with
+    force; a file that is not DICOM at all is told apart by having none of the marker tags below.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    forced = not is_dicom(path)
+    try:
+        ds = pydicom.dcmread(path, force=forced, specific_tags=[*tags, *_MARKER_TAGS], **options)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{path}: not a readable DICOM file ({_one_line(exc)})") from None
+    if forced and not any(tag in ds for tag in _MARKER_TAGS):
+        raise ValueError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, no image header)")
+    return ds
+
+
+def decode_dicom(path: str, max_pixels: int) -> tuple[np.ndarray, float]:
+    """The first frame of DICOM `path` as a 2-D float32 array and the factor that maps it to [0, 1].
+
+    Without a VOI LUT or window the stored range is the scale (BitsStored, after the Modality LUT),
+    so an 8-bit DICOM gives the values/255 of its PNG and a 12-bit one values/4095. Anything that
+    is not one 2-D radiograph, or has more than `max_pixels` pixels (from the header, before the
+    pixels are decoded), raises a one-line ValueError naming the file.
+    """
+    # Values over 1 MB (the pixels) are read only when used, after the header checks.
+    ds = read_dataset(path, _TAGS, defer_size="1 MB")
+    _check_header(path, ds, max_pixels)
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        # A bare dataset has no file meta: its encoding is what pydicom found when reading it.
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    try:
+        from pydicom.pixels import pixel_array
+
+        arr = pixel_array(ds, index=0)
+        return _to_scaled(ds, arr)
+    except Exception as exc:  # missing plugin, truncated or corrupt pixel data, bad LUT: one line
+        syntax = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", "unknown transfer syntax")
+        raise ValueError(f"{path}: cannot decode DICOM pixel data ({syntax}): {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception, limit: int = 300) -> str:
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
+def _check_header(path: str, ds, max_pixels: int) -> None:
+    """Refuse, from the header alone, what cannot be one 2-D radiograph."""
+    has_pixels = "PixelData" in ds
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise ValueError(f"{path}: DICOM float pixel data has no known value range")
+    if not has_pixels:
+        sop = _sop_class(ds)
+        # An image SOP class without pixels is most likely cut short inside encapsulated pixel data.
+        hint = "; truncated?" if "Image" in sop else ""
+        raise ValueError(f"{path}: DICOM file has no pixel data (SOP class {sop}{hint})")
+    modality = str(ds.get("Modality", ""))
+    image_type = ds.get("ImageType") or []
+    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
+    if modality in _VOLUME_MODALITIES and "LOCALIZER" not in image_type:  # a CT scout is a projection
+        raise ValueError(f"{path}: DICOM modality {modality} is a slice of a 3-D volume, not a radiograph")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows * cols == 0:
+        raise ValueError(f"{path}: DICOM header gives no image size (Rows {rows}, Columns {cols})")
+    if rows * cols > max_pixels:
+        raise ValueError(f"{path}: {cols} x {rows} = {rows * cols / 1e6:.0f} Mpixel, more than the "
+                         f"limit of {max_pixels / 1e6:g} Mpixel (--max-pixels)")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in _GRAY + _COLOR:
+        raise ValueError(f"{path}: DICOM photometric interpretation {photometric or 'missing'!r} is not supported")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        if _volume_geometry(ds):
+            raise ValueError(f"{path}: DICOM holds {frames} frames with slice geometry: a 3-D volume, "
+                             "not a radiograph")
+        warnings.warn(f"{path}: DICOM holds {frames} frames; the first is used", MultiFrameWarning, stacklevel=3)
+
+
+def _volume_geometry(ds) -> bool:
+    """Frames that are slices: a slice spacing/thickness, or a plane position per frame."""
+    if "SpacingBetweenSlices" in ds or "SliceThickness" in ds:
+        return True
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    return bool(per_frame) and "PlanePositionSequence" in per_frame[0]
+
+
+def _sop_class(ds) -> str:
+    uid = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    return getattr(uid, "name", None) or str(uid or "unknown")
+
+
+def _stored_range(ds) -> tuple[float, float]:
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        return 0.0, float(2 ** bits - 1)
+    return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+
+
+def _to_scaled(ds, arr: np.ndarray) -> tuple[np.ndarray, float]:
+    """Decoded first frame -> (values - low, 1 / (high - low)), [low, high] being the output range."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric in _COLOR:
+        # Gray as Pillow's convert('L') makes it from RGB (ITU-R 601-2 luma), exact for 8-bit data.
+        if arr.dtype == np.uint8:
+            from PIL import Image
+
+            return np.asarray(Image.fromarray(arr, "RGB").convert("L"), dtype=np.float32), 1.0 / 255.0
+        luma = arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
+        return luma.astype(np.float32), 1.0 / (2 ** int(ds.BitsStored) - 1)
+
+    low, high = _stored_range(ds)
+    if ds.get("ModalityLUTSequence"):
+        # Its descriptor's bits per entry give the range (PS3.3 C.11.1.1.1), as pydicom's windowing assumes.
+        low, high = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        low, high = sorted((low * slope + intercept, high * slope + intercept))
+    values = apply_modality_lut(arr, ds)
+    if ds.get("VOILUTSequence"):
+        if not np.issubdtype(values.dtype, np.integer):  # a LUT indexes integers; rescaled ones come as float
+            values = np.rint(values).astype(np.int64)
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        # The LUT's own extremes are its output range: descriptors often claim 16 bits for 12-bit data.
+        entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+        lut = apply_voi_lut(np.arange(first, first + (entries or 65536)), ds, index=0, prefer_lut=True)
+        low, high = float(lut.min()), float(lut.max())
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        # pydicom windows into the range the modality step can give, the [low, high] above.
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=False)
+    if high <= low:
+        raise ValueError(f"empty value range {low:g}..{high:g}")
+    out = values.astype(np.float32) - np.float32(low)
+    if photometric == "MONOCHROME1":  # minimum is white: invert so bone is bright as in MONOCHROME2
+        out = np.float32(high - low) - out
+    return out, 1.0 / (high - low)
+

@@ -1,0 +1,261 @@
+"""DICOM decoding: files written here with pydicom from real NIH PNGs, read back through DataConfig.load."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from common.data_config import DataConfig
+from common.dicom import MultiFrameWarning, decode_dicom
+from common.images import decode_gray
+from tests.data_paths import NIH_IMAGES, needs_shared
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, SecondaryCaptureImageStorage  # noqa: E402
+
+pytestmark = needs_shared
+SIZE = 224
+
+
+def load(path) -> np.ndarray:
+    return DataConfig(SIZE).load(str(path))
+
+
+@pytest.fixture(scope="module")
+def png_path() -> Path:
+    for path in sorted(NIH_IMAGES.glob("*.png")):
+        with Image.open(path) as img:
+            if img.mode == "L":
+                return path
+    pytest.skip(f"no 8-bit gray PNG in {NIH_IMAGES}")
+
+
+@pytest.fixture(scope="module")
+def gray(png_path) -> np.ndarray:
+    with Image.open(png_path) as img:
+        return np.asarray(img)
+
+
+@pytest.fixture(scope="module")
+def png_input(png_path) -> np.ndarray:
+    return load(png_path)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int | None = None,
+                preamble: bool = True, syntax: str | None = None, **tags) -> Path:
+    """A minimal DX-like file: only what a reader needs, no personal data."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Modality = "DX"
+    ds.set_pixel_data(pixels, photometric, bits or pixels.dtype.itemsize * 8)
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    if syntax is not None:
+        ds.compress(syntax)
+    if preamble:
+        ds.save_as(path, enforce_file_format=True)
+    else:  # a bare implicit-VR dataset, as old modalities and some tools write
+        ds.file_meta = FileMetaDataset()
+        ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    return path
+
+
+def test_monochrome2_8bit_equals_png(tmp_path, gray, png_input):
+    out = load(write_dicom(tmp_path / "m2.dcm", gray))
+    np.testing.assert_allclose(out, png_input, atol=1e-6, rtol=0)
+    # The full-size values are the PNG's own, on the PNG's /255 scale.
+    values, scale = decode_dicom(str(tmp_path / "m2.dcm"), 10**8)
+    assert scale == 1 / 255 and np.array_equal(values, gray.astype(np.float32))
+
+
+def test_detected_by_content_and_bare_dataset_by_name(tmp_path, gray, png_input):
+    # A DICOM file named otherwise is found by its 'DICM' marker ...
+    named_png = write_dicom(tmp_path / "m2.dcm", gray).rename(tmp_path / "image.png")
+    np.testing.assert_allclose(load(named_png), png_input, atol=1e-6, rtol=0)
+    # ... and a bare dataset (no preamble, no file meta) is read when named .dcm.
+    bare = write_dicom(tmp_path / "bare.dcm", gray, preamble=False)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_allclose(load(bare), png_input, atol=1e-6, rtol=0)
+
+
+def test_monochrome1_is_inverted(tmp_path, gray, png_input):
+    # The same picture stored MONOCHROME1 (minimum white) holds 255 - v and must read back as v.
+    out = load(write_dicom(tmp_path / "m1.dcm", 255 - gray, "MONOCHROME1"))
+    np.testing.assert_allclose(out, png_input, atol=1e-6, rtol=0)
+    # And MONOCHROME1 of the same stored values is 1 - MONOCHROME2.
+    np.testing.assert_allclose(load(write_dicom(tmp_path / "m1b.dcm", gray, "MONOCHROME1")), 1 - png_input,
+                               atol=1e-6, rtol=0)
+
+
+def test_twelve_bit_with_rescale_maps_by_stored_range(tmp_path, gray, png_input):
+    stored = gray.astype(np.uint16) * 16  # 0..4080 of 4095
+    out = load(write_dicom(tmp_path / "b12.dcm", stored, bits=12, RescaleSlope="0.5", RescaleIntercept="-1024"))
+    # Rescale is affine: without a window it leaves values/4095.
+    np.testing.assert_allclose(out, png_input * (4080 / 4095), atol=1e-6, rtol=0)
+    assert decode_dicom(str(tmp_path / "b12.dcm"), 10**8)[1] == pytest.approx(1 / (4095 * 0.5))
+
+
+def test_window_after_rescale_clips(tmp_path, gray):
+    stored = gray.astype(np.uint16) * 16
+    path = write_dicom(tmp_path / "win.dcm", stored, bits=12, RescaleSlope="0.5", RescaleIntercept="-1024",
+                       WindowCenter=["-700", "0"], WindowWidth=["400", "2000"])  # the first window is used
+    values, scale = decode_dicom(str(path), 10**8)
+    modality = stored * 0.5 - 1024
+    low, high = -700 - 0.5 - 399 / 2, -700 - 0.5 + 399 / 2
+    expected = np.clip((modality - (-700.5)) / 399 + 0.5, 0, 1)
+    np.testing.assert_allclose(values * scale, expected, atol=1e-6)
+    assert (values * scale)[modality <= low].max() == 0 and (values * scale)[modality > high].min() == 1
+    assert ((modality <= low) | (modality > high)).mean() > 0.2  # the window does clip this image
+
+
+def test_voi_lut_sequence(tmp_path, gray):
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [256, 0, 16])
+    item.add_new("LUTData", "US", [min(4 * i, 1000) for i in range(256)])  # 16-bit entries holding 0..1000
+    path = write_dicom(tmp_path / "lut.dcm", gray, VOILUTSequence=[item])
+    values, scale = decode_dicom(str(path), 10**8)
+    np.testing.assert_allclose(values * scale, np.minimum(4 * gray.astype(np.int64), 1000) / 1000, atol=1e-6)
+
+
+def test_rgb_is_pillow_gray(tmp_path, gray, png_input):
+    rgb = np.stack([gray, np.roll(gray, 7, axis=1), 255 - gray], axis=-1)
+    out = load(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB"))
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.png")
+    np.testing.assert_allclose(out, load(tmp_path / "rgb.png"), atol=1e-6, rtol=0)
+    # A gray picture stored as RGB is the gray picture.
+    np.testing.assert_allclose(load(write_dicom(tmp_path / "rgb_gray.dcm", np.repeat(gray[..., None], 3, -1), "RGB")),
+                               png_input, atol=1e-6, rtol=0)
+
+
+def test_ybr_full_is_gray_of_its_rgb(tmp_path, gray):
+    from pydicom.pixels import convert_color_space
+
+    rgb = np.stack([gray, np.roll(gray, 7, axis=1), 255 - gray], axis=-1)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    values, scale = decode_dicom(str(write_dicom(tmp_path / "ybr.dcm", ybr, "YBR_FULL")), 10**8)
+    expected = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.float32)
+    assert scale == 1 / 255 and np.abs(values - expected).max() <= 2  # two 8-bit colour conversions round
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless], ids=lambda s: s.name)
+def test_lossless_compression_decodes_identical(tmp_path, gray, syntax):
+    from pydicom.pixels import get_encoder
+
+    if not get_encoder(syntax).is_available:
+        pytest.skip(f"no encoder installed for {syntax.name}")
+    stored = gray.astype(np.uint16) * 16
+    plain = decode_dicom(str(write_dicom(tmp_path / "plain.dcm", stored, bits=12)), 10**8)
+    packed = tmp_path / "packed.dcm"
+    write_dicom(packed, stored, bits=12, syntax=syntax)
+    assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == syntax
+    values, scale = decode_dicom(str(packed), 10**8)
+    assert scale == plain[1] and np.array_equal(values, plain[0])
+
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # written by other toolkits
+
+
+@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"])
+def test_other_toolkits_lossless_files_decode_identical(tmp_path, name):
+    # Signed 16-bit with a window; stored as MR, so re-labelled DX (pixels untouched) to pass the volume check.
+    out = []
+    for source in ("MR_small.dcm", name):
+        if not (PYDICOM_FILES / source).is_file():
+            pytest.skip(f"pydicom's test file {source} is not installed")
+        ds = pydicom.dcmread(PYDICOM_FILES / source)
+        ds.Modality = "DX"
+        ds.save_as(tmp_path / source)
+        out.append(decode_dicom(str(tmp_path / source), 10**8))
+    (plain, plain_scale), (values, scale) = out
+    assert scale == plain_scale and np.array_equal(values, plain) and 0 < (values * scale).mean() < 1
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEGLSNearLossless_16.dcm"])
+def test_other_toolkits_lossy_files_decode(name):
+    # 12-bit JPEG extended needs pylibjpeg-libjpeg (Pillow refuses it); a YBR_FULL JPEG baseline; JPEG-LS.
+    if not (PYDICOM_FILES / name).is_file():
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    values, scale = decode_dicom(str(PYDICOM_FILES / name), 10**8)
+    assert values.ndim == 2 and values.min() >= 0 and values.max() * scale <= 1 and values.std() > 0
+
+
+def test_multiframe_uses_first_frame(tmp_path, gray, png_input):
+    frames = np.stack([gray, 255 - gray, np.zeros_like(gray)])
+    path = write_dicom(tmp_path / "multi.dcm", frames)
+    with pytest.warns(MultiFrameWarning, match="3 frames; the first is used"):
+        out = load(path)
+    np.testing.assert_allclose(out, png_input, atol=1e-6, rtol=0)
+
+
+def _bad_files(tmp_path: Path, gray: np.ndarray) -> dict[str, tuple[Path, str]]:
+    """name -> (file, the words its one-line error must hold)."""
+    tmp_path.mkdir(exist_ok=True)
+    no_pixels = Dataset()
+    no_pixels.file_meta = FileMetaDataset()
+    no_pixels.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    no_pixels.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
+    no_pixels.SOPInstanceUID = pydicom.uid.generate_uid()
+    no_pixels.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    png_named_dcm = tmp_path / "png.dcm"
+    Image.fromarray(gray).save(png_named_dcm, format="PNG")
+    (tmp_path / "text.dcm").write_text("patient list, not an image\n")
+    volume = write_dicom(tmp_path / "volume.dcm", np.stack([gray] * 4), SliceThickness="1.0")
+    return {
+        "no pixel data": (tmp_path / "sr.dcm", "no pixel data"),
+        "png named .dcm": (png_named_dcm, "not a"),
+        "text named .dcm": (tmp_path / "text.dcm", "not a"),
+        "CT slice": (write_dicom(tmp_path / "ct.dcm", gray, Modality="CT"), "3-D volume"),
+        "multi-frame volume": (volume, "3-D volume"),
+        "too large": (write_dicom(tmp_path / "large.dcm", gray), "Mpixel"),
+    }
+
+
+def test_refusals_are_one_line_naming_the_file(tmp_path, gray):
+    for name, (path, words) in _bad_files(tmp_path, gray).items():
+        with pytest.raises(ValueError) as info:
+            decode_gray(str(path), SIZE, max_pixels=gray.size - 1 if name == "too large" else 10**8)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{path}: ") and words in message, (name, message)
+
+
+def test_float_pixel_data_is_refused(tmp_path, gray):
+    ds = pydicom.dcmread(write_dicom(tmp_path / "m2.dcm", gray))
+    del ds.PixelData
+    ds.FloatPixelData = gray.astype(np.float32).tobytes()
+    ds.save_as(tmp_path / "float.dcm")
+    with pytest.raises(ValueError, match="float pixel data has no known value range"):
+        load(tmp_path / "float.dcm")
+
+
+def test_bad_dicoms_are_error_rows(tmp_path, gray, png_path):
+    from common.extraction import extract_frame
+    from common.inference import FeatureExtractor
+
+    bad = _bad_files(tmp_path / "bad", gray)
+    good = write_dicom(tmp_path / "good.dcm", gray)
+    paths = [good] + [path for path, _ in bad.values()]
+    rows = pd.DataFrame({"image_id": [p.name for p in paths], "patient_id": "p", "view": "PA", "age": 50.0,
+                         "sex": 0, "labels": [[0]] * len(paths), "split": "train", "path": [str(p) for p in paths]})
+    extractor = FeatureExtractor("mobilenet_v3_large", None, 0, precision="fp32", threads=1)
+    out = extract_frame(rows, extractor, max_pixels=gray.size - 1).set_index("image_id")
+    assert out.loc["good.dcm", "error"] is not None  # the limit applies to every file, good ones included
+    assert out["features"].isna().all() and out["error"].str.startswith("ValueError: ").all()
+    out = extract_frame(rows, extractor).set_index("image_id")
+    assert out.loc["good.dcm", "error"] is None and out.loc["good.dcm", "features"] is not None
+    assert out.drop("good.dcm")["error"].str.startswith("ValueError: ").all()
+
+
+def test_png_and_dicom_give_the_same_features(tmp_path, gray, png_input):
+    from common.inference import FeatureExtractor
+
+    extractor = FeatureExtractor("mobilenet_v3_large", None, 0, precision="fp32", threads=1)
+    dicom_input = load(write_dicom(tmp_path / "m2.dcm", gray))
+    png_features, dicom_features = extractor(np.stack([png_input, dicom_input]))
+    np.testing.assert_allclose(dicom_features, png_features, atol=1e-5, rtol=1e-5)
