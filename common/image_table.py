@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.config import ConfigError, load_section, parse_list
+from common.datasets import DATASETS, get_dataset
 from common.locate import locate_images
-from common.metadata import read_chexpert, read_nih
+from common.metadata import TableMapping
 from common.splits import DEFAULT_RATIOS, check_no_leakage, official_splits, ratio_splits
+from common.table_flags import MAPPING_KEYS
 
 # How each dataset's rows find their files (see common/locate.py).
-LOCATE_BY = {"nih": "name", "chexpert": "relpath"}
+LOCATE_BY = {name: d.locate_by for name, d in DATASETS.items()}
 
 
 @dataclass
@@ -30,10 +33,13 @@ class ImageTable:
     split_method: dict = field(default_factory=dict)
 
 
-def _official_lists(metadata: Path, train_val_list, test_list) -> tuple[Path, Path] | None:
-    """The lists given by flag, else NIH's file names beside the metadata file, else None."""
-    train_val = Path(train_val_list) if train_val_list else metadata.parent / "train_val_list.txt"
-    test = Path(test_list) if test_list else metadata.parent / "test_list.txt"
+def _official_lists(metadata: Path | None, train_val_list, test_list) -> tuple[Path, Path] | None:
+    """The lists given by flag, else NIH's file names beside the metadata file (if any), else None."""
+    if metadata is None and not (train_val_list or test_list):
+        return None
+    beside = metadata.parent if metadata is not None else Path(".")
+    train_val = Path(train_val_list) if train_val_list else beside / "train_val_list.txt"
+    test = Path(test_list) if test_list else beside / "test_list.txt"
     if train_val.is_file() and test.is_file():
         return train_val, test
     if train_val_list or test_list:
@@ -42,13 +48,13 @@ def _official_lists(metadata: Path, train_val_list, test_list) -> tuple[Path, Pa
     return None
 
 
-def _read(dataset: str, metadata: Path, keep_laterals: bool, flag: str, empty: list[str]):
-    if dataset == "nih":
-        meta = read_nih(metadata)
-    elif dataset == "chexpert":
-        meta = read_chexpert(metadata, frontal_only=not keep_laterals)
-    else:
-        raise ValueError(f"--dataset {dataset!r}: choose nih or chexpert")
+def _read(dataset: str, metadata: Path | None, images, options: dict, flag: str, empty: list[str]):
+    entry = get_dataset(dataset)
+    if entry.reads == "metadata" and metadata is None:
+        raise ValueError(f"{flag}: required for --dataset {dataset} ({entry.metadata_help})")
+    if entry.reads != "metadata" and metadata is not None:
+        raise ValueError(f"{flag} {metadata}: not used by --dataset {dataset} ({entry.metadata_help}); leave it out")
+    meta = entry.read(metadata if entry.reads == "metadata" else images, **options)
     if meta.table.empty:  # the readers refuse a file without rows; this is every row filtered out
         laterals = meta.counts.get("laterals_dropped", 0)
         empty.append(f"{flag} {metadata}: 0 rows" + (f" ({laterals} of {meta.counts['rows_read']} are lateral "
@@ -58,7 +64,8 @@ def _read(dataset: str, metadata: Path, keep_laterals: bool, flag: str, empty: l
 
 def _located(table: pd.DataFrame, images, dataset: str, counts: dict, key: str, log, flag: str,
              empty: list[str]) -> pd.DataFrame:
-    located = locate_images(table, images, LOCATE_BY[dataset])
+    entry = get_dataset(dataset)
+    located = locate_images(table, images, entry.locate_by, entry.locate_key)
     counts[key] = located.missing
     if located.missing:
         log(f"{located.missing} of {len(table)} metadata rows have no image under {images} "
@@ -67,7 +74,7 @@ def _located(table: pd.DataFrame, images, dataset: str, counts: dict, key: str, 
         how = "by file name anywhere below it" if LOCATE_BY[dataset] == "name" else "by path relative to it"
         empty.append(f"{flag} {images}: none of the {len(table)} metadata rows has an image there (looked "
                      f"{how} for e.g. {', '.join(located.missing_examples[:3])})")
-    return located.table
+    return located.table.drop(columns=["file"], errors="ignore")  # the reader's own path: located, not stored
 
 
 def _with_test_table(meta, test_meta, test_metadata: Path, val_fraction: float, seed: int, counts: dict):
@@ -90,7 +97,7 @@ def _with_test_table(meta, test_meta, test_metadata: Path, val_fraction: float, 
 
 def build_image_table(
     dataset: str,
-    metadata: str | Path,
+    metadata: str | Path | None,
     images: str | Path,
     split: str = "auto",
     train_val_list: str | None = None,
@@ -103,20 +110,29 @@ def build_image_table(
     log=lambda msg: print(msg, file=sys.stderr),
     test_metadata: str | Path | None = None,
     test_images: str | Path | None = None,
+    mapping: TableMapping | None = None,
+    label_table: str | Path | None = None,
+    workers: int | None = None,
 ) -> ImageTable:
     """The located, split image table. With `test_metadata`, its rows (under `test_images`, default
-    `images`) are the test split and the main table's patients are split into train and val."""
+    `images`) are the test split and the main table's patients are split into train and val.
+    `mapping` names the table kind's columns (and the dicom kind's label layout), `label_table` the
+    dicom kind's labels, `workers` its header-reading processes."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit {limit}: must be at least 1")
-    metadata = Path(metadata)
+    if test_metadata is not None and get_dataset(dataset).reads != "metadata":
+        raise ValueError(f"--test-metadata: not for --dataset {dataset}, which reads no metadata file")
+    metadata = Path(metadata) if metadata is not None else None
     empty: list[str] = []  # why each stage that left nothing did, for the error when no image remains
-    meta = _read(dataset, metadata, keep_laterals, "--metadata", empty)
+    options = {"frontal_only": not keep_laterals, "mapping": mapping or TableMapping(), "label_table": label_table,
+               "workers": workers, "log": log}
+    meta = _read(dataset, metadata, images, options, "--metadata", empty)
     counts = dict(meta.counts)
 
     if test_metadata is not None:
         if split == "official" or train_val_list or test_list:
             raise ValueError("--test-metadata names the test split itself; leave out --split official and the lists")
-        test_meta = _read(dataset, Path(test_metadata), keep_laterals, "--test-metadata", empty)
+        test_meta = _read(dataset, Path(test_metadata), test_images or images, options, "--test-metadata", empty)
         counts.update({f"test_table_{k}": v for k, v in test_meta.counts.items()})
         table, method = _with_test_table(meta, test_meta, Path(test_metadata), val_fraction, seed, counts)
         check_no_leakage(table, table["split"])
@@ -155,7 +171,8 @@ def build_image_table(
     if limit is not None:
         table = table.head(limit)
     if table.empty:  # a job must stop here, before it writes anything
-        raise ValueError("; ".join(empty) or f"--metadata {metadata}: no image left to process")
+        source = f"--metadata {metadata}" if metadata is not None else f"--images {images}"
+        raise ValueError("; ".join(empty) or f"{source}: no image left to process")
     counts["images"] = len(table)
     return ImageTable(meta.dataset, meta.label_names, table, counts, method)
 
@@ -169,4 +186,35 @@ def table_from_flags(args: argparse.Namespace, log=lambda msg: print(msg, file=s
         raise ValueError(f"--split-ratios {value!r}: expected three comma-separated numbers") from None
     return build_image_table(args.dataset, args.metadata, args.images, args.split, args.train_val_list,
                              args.test_list, args.val_fraction, ratios, args.seed, args.keep_laterals,
-                             args.limit, log=log, test_metadata=args.test_metadata, test_images=args.test_images)
+                             args.limit, log=log, test_metadata=args.test_metadata, test_images=args.test_images,
+                             mapping=mapping_from_flags(args), label_table=getattr(args, "label_table", None),
+                             workers=getattr(args, "header_workers", None))
+
+
+_LIST_FIELDS = ("label_columns", "label_names")
+
+
+def mapping_from_flags(args: argparse.Namespace) -> TableMapping:
+    """The column mapping: a --table-mapping file's [table] table, overridden by the flags given."""
+    values, source = {}, getattr(args, "table_mapping", None)
+    if source:
+        for key, value in load_section(source, "table").items():
+            name = key.replace("_", "-")
+            if name not in MAPPING_KEYS:
+                raise ConfigError(f"{source} [table] {key}: unknown key (one of {', '.join(MAPPING_KEYS)})")
+            values[MAPPING_KEYS[name]] = value
+    for name, field_ in MAPPING_KEYS.items():
+        value = getattr(args, name.replace("-", "_"), None)
+        if value is not None:
+            values[field_] = value
+    for field_ in _LIST_FIELDS:
+        if field_ in values:
+            flag = next(k for k, v in MAPPING_KEYS.items() if v == field_)
+            values[field_] = tuple(parse_list(values[field_], str, flag))
+    if not isinstance(values.get("blank_label", 0), int) or values.get("blank_label", 0) not in (0, -1):
+        raise ConfigError(f"--blank-label {values['blank_label']!r}: must be 0 or -1")
+    for field_, value in values.items():
+        if field_ not in _LIST_FIELDS and field_ != "blank_label" and not isinstance(value, str):
+            flag = next(k for k, v in MAPPING_KEYS.items() if v == field_)
+            raise ConfigError(f"{source or 'flags'}: {flag} {value!r}: expected a column name (text)")
+    return TableMapping(**values)

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-# Every job's list (extraction, fine-tuning, heads.predict --images). .dcm is listed though DICOM is
-# not decoded yet: such a file becomes an error row, reported, rather than passed over unseen.
+# Every job's list (extraction, fine-tuning, heads.predict --images); .dcm decodes via common/dicom.py.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp")
 
 
@@ -74,11 +73,17 @@ def _walk(root: Path):
             yield entry.path
 
 
-def locate_images(table: pd.DataFrame, root: str | os.PathLike, by: str) -> Located:
-    """Attach `path` to each row whose image exists below `root`; `by` is 'name' or 'relpath'."""
+def locate_images(table: pd.DataFrame, root: str | os.PathLike, by: str, key: str = "image_id") -> Located:
+    """Attach `path` to each row whose image exists below `root`, matching the row's `key` column.
+
+    `by`: 'name' (file name anywhere below), 'relpath' (path relative to `root`; an absolute path is taken as
+    it is, so a table may name files outside the root), or 'found' (the reader walked the files and set `path`).
+    """
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a directory")
+    if by == "found":
+        return Located(table.reset_index(drop=True), 0, [])
     files = list(_walk(root))
     if by == "name":
         index: dict[str, str] = {}
@@ -92,10 +97,15 @@ def locate_images(table: pd.DataFrame, root: str | os.PathLike, by: str) -> Loca
             # CSV paths start with the release folder, which may be the root itself or above it.
             index.setdefault(f"{root.name}/{rel}", path)
     else:
-        raise ValueError(f"locate_images: by must be 'name' or 'relpath', not {by!r}")
-    keys = table["image_id"] if by == "relpath" else table["image_id"].map(os.path.basename)
+        raise ValueError(f"locate_images: by must be 'name', 'relpath' or 'found', not {by!r}")
+    keys = table[key] if by == "relpath" else table[key].map(os.path.basename)
     paths = keys.map(index)
+    if by == "relpath":
+        absolute = paths.isna() & keys.map(os.path.isabs)
+        # One stat per absolute path not already found by the walk (those under the root are not in the index
+        # by this spelling); a directory or a FIFO is no image here either.
+        paths[absolute] = keys[absolute].map(lambda k: os.path.abspath(k) if is_image_file(k) else None)
     found = paths.notna()
     located = table[found.to_numpy()].assign(path=paths[found]).reset_index(drop=True)
-    missing = table.loc[~found, "image_id"]
+    missing = table.loc[~found, key]
     return Located(located, int(len(missing)), missing.head(5).tolist())

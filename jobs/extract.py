@@ -28,7 +28,7 @@ from common.config import HelpFormatter, parse_with_config, require
 from common.data_config import RESIZE_MODES, DataConfig
 from common.images import MAX_PIXELS
 from common.safe_output import OutputLock, check_dir_path, run_job
-from common.table_flags import add_table_flags
+from common.table_flags import add_table_flags, check_table_flags
 
 # torch, pyarrow and pandas are imported by the functions that use them, so that --help (and a
 # flag error) answers at once; Spark's workers import what their function needs.
@@ -262,7 +262,8 @@ def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int, ma
 
 def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     args = parse_with_config(build_parser(prog), argv, "extract")
-    require(args, "metadata", "images", "out")
+    check_table_flags(args)
+    require(args, "out")
     check_dir_path(args.out)
     from common.backbones import get_spec
     from common.image_table import table_from_flags

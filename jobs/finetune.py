@@ -29,7 +29,7 @@ from common.choices import PRECISIONS, SPLITS  # noqa: E402
 from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list, parse_with_config, require
 from common.data_config import RESIZE_MODES
 from common.safe_output import check_dir_path, run_job
-from common.table_flags import add_table_flags
+from common.table_flags import add_table_flags, check_table_flags
 from common.targets import POLICIES
 from finetune.choices import BEST_METRICS, SCHEDULES
 
@@ -104,7 +104,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def check_settings(args: argparse.Namespace) -> None:
     """Refuse bad flags before any work; --betas becomes its list of floats."""
-    require(args, "metadata", "images", "out")
+    check_table_flags(args)
+    require(args, "out")
     for key, allowed in (("policy", POLICIES), ("schedule", SCHEDULES), ("best_metric", BEST_METRICS),
                          ("precision", PRECISIONS)):
         if getattr(args, key) not in allowed:
