@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from common import rundir
 
-COMPARED_KINDS = ("head", "finetune")
+COMPARED_KINDS = ("head", "finetune", "evaluation")
 TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
 # Settings that say where a run wrote or how loudly, not what it learned.
 NOT_SETTINGS = {"out", "overwrite", "quiet", "threads", "config", "log_seconds", "progress_interval"}
@@ -106,7 +106,7 @@ def run_settings(run: Run) -> dict:
     weights) and its settings, without where it wrote or how loudly."""
     config = run.config
     settings = {k: v for k, v in config.get("settings", {}).items() if k not in NOT_SETTINGS and k != "store"}
-    if run.kind == "head":
+    if run.kind in ("head", "evaluation"):  # an evaluation records the stores it scored, as a head run
         features = " + ".join(f"{s.get('backbone')} {s.get('weights')} {s.get('view', 'original')}"
                               for s in config.get("stores", []))
     else:

@@ -33,7 +33,7 @@ from common.safe_output import LOCK
 MARKER = ".cxr-run.json"
 RUN_FORMAT = "cxr-features/run"
 RUN_FORMAT_VERSION = 1
-KINDS = ("head", "finetune", "lungs")
+KINDS = ("head", "finetune", "lungs", "evaluation")  # evaluation: heads.evaluate, a head scored on a store
 CONFIG = "config.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions"

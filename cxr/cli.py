@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": ("jobs.finetune", "cli", "fine-tune a backbone end to end; its best.pt feeds extract"),
     "train": ("heads.train", "main", "train a head on one or several feature stores"),
     "predict": ("heads.predict", "main", "per-image probabilities from a trained head"),
+    "evaluate": ("heads.evaluate", "main", "a head's AUROC on a store, also of another dataset"),
     "report": ("heads.report", "main", "re-render a run's report.md and plots"),
     "compare": ("heads.compare", "main", "runs side by side: per-class AUROC, settings that differ"),
     "lungs": ("jobs.lungs", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),

@@ -13,7 +13,8 @@ from cxr import cli
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "pyspark", "sklearn", "matplotlib")
-PARSERS = ("jobs.extract", "jobs.finetune", "jobs.lungs", "heads.train", "heads.predict", "heads.report", "cxr.cli")
+PARSERS = ("jobs.extract", "jobs.finetune", "jobs.lungs", "heads.train", "heads.predict", "heads.evaluate",
+           "heads.report", "cxr.cli")
 HELP_LINES = [  # (command line after `python`, the prog its usage line names)
     (["-m", "cxr", "--help"], "cxr"),
     *[(["-m", "cxr", name, "--help"], f"cxr {name}") for name in cli.COMMANDS],
@@ -84,7 +85,7 @@ def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
         cli.main(["trian", "--store", "s"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("cxr: error: unknown command 'trian' "
-                                       "(choose from extract, finetune, train, predict, report, compare, lungs)\n")
+                                       "(choose from extract, finetune, train, predict, evaluate, report, compare, lungs)\n")
 
 
 @pytest.mark.parametrize("argv, code, line", [

@@ -1,0 +1,243 @@
+"""Score a trained head on any feature store, also one of another dataset, through the alias table.
+
+    python -m heads.evaluate --run runs/nih-resnet50-mlp3 --store stores/chexpert-resnet50 --out runs/nih-on-chexpert
+
+The store must hold the head's features (same backbone, weights, data config: heads.predict's
+check). Its labels are paired with the head's through common/labels.py (CheXpert "Pleural Effusion"
+is NIH "Effusion"); a head label the store lacks is listed as not scored, never scored against
+zeros, and uncertain (-1) labels are left out of their class. --out becomes a run directory of kind
+"evaluation": metrics.json (the head run's split structure, on the shared labels), predictions/,
+config.json and report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
+from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
+from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
+from common.store import SPLITS
+from heads.choices import PRECISIONS
+
+# torch, pandas and scikit-learn come with the scoring below, once the flags are good.
+
+PROG = "python -m heads.evaluate"
+KIND = "evaluation"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--config", help="TOML file whose [evaluate] table sets defaults for these flags")
+    p.add_argument("--run", help="run directory (or its head.pt) written by heads.train")
+    p.add_argument("--store", nargs="+", help="feature store(s) to score on, fused as at training (default: the head's own)")
+    p.add_argument("--split", nargs="+", default=["test"], choices=SPLITS, help="store splits to score")
+    p.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
+                   help=f"patient-level bootstrap draws for the AUROC 95%% intervals (seed 0); 0: none, else at least "
+                        f"{MIN_VALID_DRAWS}")
+    p.add_argument("--precision", default="auto", help=" | ".join(PRECISIONS))
+    p.add_argument("--out", help="run directory to write (kind evaluation)")
+    p.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
+    return p
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    require(args, "run", "out")
+    if args.bootstrap_draws != 0 and args.bootstrap_draws < MIN_VALID_DRAWS:
+        raise ConfigError(f"--bootstrap-draws {args.bootstrap_draws}: 0 (no intervals) or at least {MIN_VALID_DRAWS}")
+    if args.precision not in PRECISIONS:
+        raise ConfigError(f"--precision {args.precision!r}: choose from {', '.join(PRECISIONS)}")
+
+
+def load_checked(args: argparse.Namespace):
+    """The head, the store paths and the label pairs, every refusal made before --out is touched:
+    features not the head's (heads.predict's check), no shared label."""
+    from heads.checkpoint import load_head
+    from heads.data import store_info
+    from heads.predictions import _check_stores
+
+    head = load_head(args.run)
+    paths = args.store or [s["path"] for s in head.stores]
+    _check_stores(head, paths)  # same backbone, weights, feature width, data config, view
+    manifest = store_info(paths[0]).manifest
+    return head, paths, pair_labels(head, manifest["label_names"], str(manifest["dataset"]), paths[0])
+
+
+def pair_labels(head, store_names, store_dataset: str, where: str) -> list[tuple[str, str]]:
+    """(head label, store label) pairs to score; a one-line error when there is none."""
+    from common.labels import shared_labels
+    from common.store import StoreError
+
+    pairs = shared_labels(head.label_names, store_names, same_dataset=store_dataset == head.dataset)
+    if not pairs:
+        raise StoreError(f"--store {where}: no label of the head ({', '.join(head.label_names)}) is a label of this "
+                         f"{store_dataset} store ({', '.join(store_names)}), even through common/labels.py's aliases")
+    return pairs
+
+
+def score_split(head, split, store_names, pairs, dataset: str, precision: str):
+    """One split's probabilities and relabelled ground truth, as a SplitScores on the paired labels."""
+    import numpy as np
+
+    from common.evaluation import SplitScores
+    from common.labels import relabel
+    from common.metadata import study_ids
+    from common.targets import eval_targets, finding_flags
+    from heads.predictions import probabilities
+
+    names = [h for h, _ in pairs]
+    columns = [head.label_names.index(h) for h in names]
+    probs = probabilities(head, split.features, split.age, split.sex, precision)[:, columns]
+    labels = relabel(split.labels, store_names, names, same_dataset=dataset == head.dataset)
+    y, mask = eval_targets(labels.astype(np.int8))  # every column is paired: no NaN left
+    has_disease, no_finding = finding_flags(split.labels, store_names)  # over the store's own disease labels
+    return SplitScores(split.image_id, probs, y, mask, has_disease, no_finding, split.patient_id,
+                       study_ids(dataset, split.image_id))
+
+
+def evaluate_store(head, paths: list[str], pairs, splits: list[str], precision: str, bootstrap_draws: int,
+                   out: Path) -> dict:
+    """metrics.json's content, with predictions/<split>.parquet written into `out`."""
+    import numpy as np
+
+    from common import rundir
+    from common.evaluation import study_metrics
+    from common.metrics import evaluate
+    from heads.data import open_stores
+
+    stores = open_stores(paths, splits)
+    store_names = list(stores.label_names)
+    names = [h for h, _ in pairs]
+    thresholds = head.thresholds[[head.label_names.index(h) for h in names]]  # chosen on the head's own val
+    scored = {}
+    for name, split in stores.splits.items():
+        s = score_split(head, split, store_names, pairs, stores.dataset, precision)
+        m = evaluate(s.y, s.probs, s.mask, names, s.has_disease, s.no_finding, thresholds, s.patient_id,
+                     bootstrap_draws)
+        m["notes"] = [f"{name}: {n}" for n in m["notes"]]
+        if s.study_id is not None:
+            m["study_level"] = study_metrics(s, names)
+        scored[name] = m
+        frame = rundir.predictions_frame(s.image_id, s.probs, names, s.y, s.mask, s.has_disease, s.no_finding)
+        rundir.write_table(frame, out / rundir.PREDICTIONS / f"{name}.parquet")
+    paired = {b for _, b in pairs}
+    return {
+        "label_names": names,
+        "head_dataset": head.dataset,
+        "store_dataset": stores.dataset,
+        "aliases": [list(p) for p in pairs],
+        "not_scored": [h for h in head.label_names if h not in names],
+        "store_labels_unused": [b for b in store_names if b not in paired],
+        "thresholds": dict(zip(names, np.asarray(thresholds, dtype=float))),
+        "splits": scored,
+        "notes": [n for m in scored.values() for n in m["notes"]],
+    }
+
+
+def _cell(entry: dict, key: str = "auroc") -> str:
+    value, low, high = entry.get(key), entry.get(f"{key}_ci_low"), entry.get(f"{key}_ci_high")
+    if value is None:
+        return "—"
+    return f"{value:.3f}" + (f" ({low:.2f}-{high:.2f})" if low is not None and high is not None else "")
+
+
+def render_report(config: dict, metrics: dict) -> str:
+    """A short report.md: what was scored on what, the pairs, per-class AUROC per split."""
+    store_of = dict(map(tuple, metrics["aliases"]))
+    lines = [f"# {metrics['head_dataset']} head scored on a {metrics['store_dataset']} store", "",
+             f"- head: `{config['head_run']}`", *[f"- store: `{s['path']}`" for s in config["stores"]],
+             f"- labels scored: {len(metrics['label_names'])} shared (common/labels.py aliases); "
+             "uncertain labels left out of their class",
+             f"- not scored (the store has no such label): {', '.join(metrics['not_scored']) or 'none'}",
+             f"- store labels the head does not predict: {', '.join(metrics['store_labels_unused']) or 'none'}",
+             "- thresholds: the head's own, chosen on its training dataset's val split", ""]
+    for split, m in metrics["splits"].items():
+        lines += [f"## {split}: {m['n']} images", "", "| class | store label | positives / negatives | AUROC (95% CI) |",
+                  "| --- | --- | --- | --- |"]
+        for name in metrics["label_names"]:
+            e = m["per_class"][name]
+            lines.append(f"| {name} | {store_of[name]} | {e['n_pos']} / {e['n_neg']} | {_cell(e)} |")
+        lines.append(f"| **mean** | | | {_cell(m['summary'], 'mean_auc')} |")
+        if "study_level" in m:
+            lines += ["", f"Per study ({m['study_level']['studies']} studies): mean AUROC "
+                          f"{_cell(m['study_level'], 'mean_auc')}."]
+        lines.append("")
+    if metrics["notes"]:
+        lines += ["## Notes", "", *[f"- {n}" for n in metrics["notes"]], ""]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, checked, out: Path, command: str) -> dict:
+    import numpy as np
+    import sklearn
+    import torch
+
+    from common import rundir
+    from heads.data import store_info
+    from heads.fit import resolve_precision
+
+    started = dt.datetime.now(dt.timezone.utc)
+    head, paths, pairs = checked
+    precision = resolve_precision(args.precision)
+    metrics = evaluate_store(head, paths, pairs, args.split, precision, args.bootstrap_draws, out)
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    head_config = rundir.read_json(run_dir / rundir.CONFIG) if (run_dir / rundir.CONFIG).is_file() else {}
+    config = {
+        "kind": KIND,
+        # What `cxr compare` sets beside a head run's: the head's training settings, then how it was scored.
+        "settings": {**head_config.get("settings", {}), "head_run": str(run_dir.resolve()), "split": args.split,
+                     "bootstrap_draws": args.bootstrap_draws},
+        "head_run": str(run_dir.resolve()),
+        "stores": [store_info(p).describe() for p in paths],
+        "label_names": metrics["label_names"],
+        "precision_resolved": precision,
+        "command": command,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "software": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+                     "python": sys.version.split()[0]},
+    }
+    rundir.write_json(out / rundir.CONFIG, config)
+    rundir.write_json(out / rundir.METRICS, metrics)
+    (out / rundir.REPORT).write_text(render_report(config, metrics))
+    summary = {"out": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in metrics["splits"].items()},
+               "scored": len(metrics["label_names"]), "not_scored": len(metrics["not_scored"])}
+    log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return summary
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
+    parser = build_parser(prog)
+    try:
+        args = parse_with_config(parser, argv, "evaluate")
+        _check_flags(args)
+    except ConfigError as exc:
+        fail(parser, exc)
+
+    from common import rundir
+
+    command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+    fresh = not os.path.exists(args.out)
+    try:
+        checked = load_checked(args)
+        with OutputLock(check_dir_path(args.out), log=log):
+            out = rundir.prepare(args.out, args.overwrite, kind=KIND, log=log)
+            return run(args, checked, out, command)
+    except (ValueError, RuntimeError, NotADirectoryError, OutputLockedError) as exc:  # StoreError, RunError
+        fail(parser, exc)
+    except OSError as exc:
+        if not is_disk_error(exc):
+            raise
+        fail(parser, os_error_line(exc, args.out))
+    finally:
+        if fresh:
+            rundir.discard_if_empty(args.out)  # a refused evaluation leaves no folder behind
+
+
+if __name__ == "__main__":
+    main()
