@@ -4,7 +4,8 @@ Pure functions (no Spark, no torch), pydicom 3 underneath; compressed transfer s
 its pixel-data plugins (pylibjpeg-libjpeg: JPEG baseline/extended/lossless and JPEG-LS;
 pylibjpeg-openjpeg: JPEG 2000 and HTJ2K; pylibjpeg-rle: RLE, faster than pydicom's own). The pipeline
 is the standard's: stored values -> Modality LUT (or Rescale Slope/Intercept) -> VOI LUT (or the
-first Window Center/Width) -> [0, 1], with MONOCHROME1 inverted so bone is bright everywhere.
+first Window Center/Width) -> [0, 1], with MONOCHROME1 (or a Presentation LUT Shape INVERSE) inverted so
+bone is bright everywhere.
 Only the tags below are parsed (pydicom's `specific_tags`) and none leaves this module but as pixels:
 names, IDs and dates are never read.
 """
@@ -27,9 +28,14 @@ _TAGS = ["SOPClassUID", "ImageType", "Modality", "SliceThickness", "SpacingBetwe
          "PerFrameFunctionalGroupsSequence", "SamplesPerPixel", "PhotometricInterpretation",
          "PlanarConfiguration", "NumberOfFrames", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
          "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "WindowCenter",
-         "WindowWidth", "VOILUTFunction", "VOILUTSequence", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+         "WindowWidth", "VOILUTFunction", "VOILUTSequence", "PresentationLUTShape", "ExtendedOffsetTable",
+         "ExtendedOffsetTableLengths",
          "PixelData", "FloatPixelData", "DoubleFloatPixelData"]
 
+
+# The names that say "DICOM" (a bare dataset without the marker is DICOM only by its name). PACS
+# exports also name files by UID or number with no such suffix: those are told by the marker.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
 # A bare dataset (no 'DICM' marker) is taken for DICOM only when it holds one of these: every image
 # object has them, and random bytes read with force do not.
@@ -38,6 +44,10 @@ _MARKER_TAGS = ("SOPClassUID", "Rows")
 
 class MultiFrameWarning(UserWarning):
     """A multi-frame file whose first frame was used."""
+
+
+def named_dicom(path) -> bool:
+    return str(path).lower().endswith(DICOM_SUFFIXES)
 
 
 def is_dicom(path: str) -> bool:
@@ -187,7 +197,9 @@ def _to_scaled(ds, arr: np.ndarray) -> tuple[np.ndarray, float]:
     if high <= low:
         raise ValueError(f"empty value range {low:g}..{high:g}")
     out = values.astype(np.float32) - np.float32(low)
-    if photometric == "MONOCHROME1":  # minimum is white: invert so bone is bright as in MONOCHROME2
+    # MONOCHROME1 (minimum is white) and a Presentation LUT Shape INVERSE each mean "displayed inverted";
+    # DX files carry both together (PS3.3 C.8.11.6), which is still one inversion, not two.
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         out = np.float32(high - low) - out
     return out, 1.0 / (high - low)
 

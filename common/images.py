@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from common.dicom import decode_dicom, is_dicom
+from common.dicom import decode_dicom, is_dicom, named_dicom
 
 # Integer modes Pillow gives 16-bit grayscale files (PNG opens as 'I;16' in recent Pillow,
 # as 'I' in older ones; big-endian TIFF as 'I;16B').
@@ -29,11 +29,11 @@ def decode_gray(path: str, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple
     >= `min_side`. A missing, truncated or non-image file raises, and so does one of more than
     `max_pixels` pixels, checked from the header before anything is decoded.
 
-    DICOM is told by content (the 'DICM' marker at byte 128, whatever the name) or by a .dcm name
+    DICOM is told by content (the 'DICM' marker at byte 128, whatever the name) or by a .dcm/.dicom name
     (a bare dataset without the preamble, or a .dcm that is not DICOM, which then raises); its first
     frame is decoded at full size (`min_side` does not apply) with the scale common/dicom.py gives.
     """
-    if str(path).lower().endswith(".dcm") or is_dicom(path):
+    if named_dicom(path) or is_dicom(path):
         values, scale = decode_dicom(path, max_pixels)
         return Image.fromarray(values), scale  # float32 2-D: mode 'F'
     with Image.open(path) as img:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-# Every job's list (extraction, fine-tuning, heads.predict --images); .dcm decodes via common/dicom.py.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp")
+from common.dicom import DICOM_SUFFIXES
+
+# Every job's list (extraction, fine-tuning, heads.predict --images); DICOM decodes via common/dicom.py.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DICOM_SUFFIXES)
 
 
 @dataclass
@@ -29,8 +31,11 @@ def is_image_file(path: str | os.PathLike | os.DirEntry) -> bool:
     """The one rule for what is an image file, in every job: a known suffix and a regular file
     (following symlinks), so a FIFO or device named *.png is never opened and a dangling link is not one.
     A DirEntry from `walk_files` answers from the directory listing, without a stat per file."""
-    if not os.fspath(path).lower().endswith(IMAGE_SUFFIXES):
-        return False
+    return os.fspath(path).lower().endswith(IMAGE_SUFFIXES) and is_regular_file(path)
+
+
+def is_regular_file(path: str | os.PathLike | os.DirEntry) -> bool:
+    """A regular file, following symlinks (no FIFO, device or dangling link); False when it cannot be told."""
     try:
         return path.is_file(follow_symlinks=True) if isinstance(path, os.DirEntry) else os.path.isfile(path)
     except OSError:

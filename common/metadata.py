@@ -364,16 +364,20 @@ DICOM_TAGS = ("PatientID", "PatientSex", "PatientAge", "ViewPosition", "SOPInsta
 _DICOM_AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 HEADER_CHUNK = 256  # files per pool task: large enough that pickling and scheduling cost little
+NOT_CLAIMED = "neither a DICOM name nor the DICM marker"  # another kind of file: passed over, not "skipped"
 
 
 def read_dicom_headers(paths: list[str]) -> list[tuple]:
     """(PatientID, PatientSex, PatientAge, ViewPosition, SOPInstanceUID) as text per file, or
     (None, reason): a file that is not DICOM is a reason, never an exception. A process pool's task."""
-    from common.dicom import read_dataset
+    from common.dicom import is_dicom, named_dicom, read_dataset
 
     out = []
     for path in paths:
         try:
+            if not named_dicom(path) and not is_dicom(path):
+                out.append((None, NOT_CLAIMED))  # IM000123 may be DICOM; notes.txt, without the marker, is not
+                continue
             ds = read_dataset(path, DICOM_TAGS, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - not DICOM, truncated, unreadable: counted by the caller
             out.append((None, "not DICOM" if isinstance(exc, ValueError) else f"not DICOM ({type(exc).__name__})"))
@@ -411,29 +415,33 @@ def dicom_age_years(text: str) -> float | None:
 
 def read_dicom(root: str | Path, mapping: TableMapping | None = None, label_table: str | Path | None = None,
                workers: int | None = None, log=print) -> Metadata:
-    """Every *.dcm file below `root`, described by its headers; labels from `label_table` when given.
+    """Every DICOM file below `root`, described by its headers; labels from `label_table` when given.
 
-    image_id is the SOPInstanceUID (the relative path when a file has none); rows carry their `path`.
+    A DICOM file is one named *.dcm, *.dicom or *.dic, or any other file with the 'DICM' marker (exports
+    name files by UID or number); DICOMDIR, the export's index, is passed over. image_id is the
+    SOPInstanceUID (the relative path when a file has none); rows carry their `path`.
     """
-    from common.locate import is_image_file, walk_files
+    from common.locate import is_regular_file, walk_files
 
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a directory")
-    files = [e.path for e in walk_files(root) if e.name.lower().endswith(".dcm") and is_image_file(e)]
-    headers = scan_dicom_headers(files, workers)
-    good = [(f, h) for f, h in zip(files, headers) if h[0] is not None]
-    counts = {"rows_read": len(files), "not_dicom": 0, "no_patient_id": 0}
-    skipped = [(f, h[1]) for f, h in zip(files, headers) if h[0] is None]
+    candidates = [e.path for e in walk_files(root) if e.name.upper() != "DICOMDIR" and is_regular_file(e)]
+    headers = scan_dicom_headers(candidates, workers)
+    claimed = [(f, h) for f, h in zip(candidates, headers) if h != (None, NOT_CLAIMED)]
+    good = [(f, h) for f, h in claimed if h[0] is not None]
+    skipped = [(f, h[1]) for f, h in claimed if h[0] is None]
+    counts = {"rows_read": len(claimed), "other_files": len(candidates) - len(claimed), "not_dicom": 0,
+              "no_patient_id": 0}
     for _, reason in skipped:
         counts["no_patient_id" if reason == "no PatientID" else "not_dicom"] += 1
     if skipped:
         examples = ", ".join(f"{os.path.relpath(f, root)} ({why})" for f, why in skipped[:3])
-        log(f"{len(skipped)} of {len(files)} .dcm files under {root} skipped: {counts['not_dicom']} not DICOM, "
+        log(f"{len(skipped)} of {len(claimed)} DICOM files under {root} skipped: {counts['not_dicom']} not DICOM, "
             f"{counts['no_patient_id']} without PatientID (e.g. {examples})")
     if not good:
         raise MetadataError(f"--images {root}: no readable DICOM file with a PatientID below it "
-                            f"({len(files)} *.dcm files)")
+                            f"({len(claimed)} DICOM files, {counts['other_files']} other files)")
     table = _dicom_rows(root, good, counts)
     names: tuple[str, ...] = ()
     if label_table is not None:

@@ -94,6 +94,17 @@ def test_monochrome1_is_inverted(tmp_path, gray, png_input):
                                atol=1e-6, rtol=0)
 
 
+def test_presentation_lut_shape_inverse_is_one_inversion(tmp_path, gray, png_input):
+    # MONOCHROME2 shown through an INVERSE Presentation LUT (some CR producers) reads back inverted ...
+    out = load(write_dicom(tmp_path / "m2i.dcm", 255 - gray, PresentationLUTShape="INVERSE"))
+    np.testing.assert_allclose(out, png_input, atol=1e-6, rtol=0)
+    # ... and a DX file's MONOCHROME1 with INVERSE (the pair the DX module requires) is inverted once, not twice.
+    out = load(write_dicom(tmp_path / "m1i.dcm", 255 - gray, "MONOCHROME1", PresentationLUTShape="INVERSE"))
+    np.testing.assert_allclose(out, png_input, atol=1e-6, rtol=0)
+    out = load(write_dicom(tmp_path / "m2id.dcm", gray, PresentationLUTShape="IDENTITY"))
+    np.testing.assert_allclose(out, png_input, atol=1e-6, rtol=0)
+
+
 def test_twelve_bit_with_rescale_maps_by_stored_range(tmp_path, gray, png_input):
     stored = gray.astype(np.uint16) * 16  # 0..4080 of 4095
     out = load(write_dicom(tmp_path / "b12.dcm", stored, bits=12, RescaleSlope="0.5", RescaleIntercept="-1024"))

@@ -54,7 +54,14 @@ def archive(tmp_path):
         write_dicom(root / file, PatientID=patient, PatientSex=sex, PatientAge=age, ViewPosition=view,
                     SOPInstanceUID=uid)
     (root / "d" / "notes.dcm").write_text("not a DICOM file\n")
-    (root / "d" / "readme.txt").write_text("ignored: not *.dcm\n")
+    (root / "d" / "readme.txt").write_text("passed over: no DICOM name, no marker\n")
+    (root / "d" / "LICENSE").write_text("passed over too\n")
+    # Exports name files by UID or number: these are DICOM by their marker. DICOMDIR is the export's index.
+    write_dicom(root / "e" / "1.2.840.99.1.77", PatientID="P7", PatientSex="M", PatientAge="070Y", ViewPosition="PA",
+                SOPInstanceUID="1.2.3.11")
+    write_dicom(root / "e" / "IM000010", PatientID="P7", PatientSex="M", PatientAge="070Y", ViewPosition="AP",
+                SOPInstanceUID="1.2.3.10")
+    write_dicom(root / "DICOMDIR", PatientID="X")
     return root
 
 
@@ -70,10 +77,11 @@ def test_headers_become_the_canonical_table_and_bad_files_are_counted(archive, w
     lines = []
     meta = read_dicom(archive, workers=workers, log=lines.append)
     t = meta.table.set_index("image_id")
-    assert meta.counts == {"rows_read": 9, "not_dicom": 1, "no_patient_id": 1, "age_missing": 1, "age_dropped": 2,
-                           "uid_missing": 1, "duplicate_uid": 0}
-    assert len(lines) == 1 and "2 of 9 .dcm files" in lines[0] and "d/notes.dcm (not DICOM" in lines[0]
-    assert sorted(t.index) == ["1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.5", "1.2.3.6", "1.2.3.7", "b/4.dcm"]
+    assert meta.counts == {"rows_read": 11, "other_files": 2, "not_dicom": 1, "no_patient_id": 1, "age_missing": 1,
+                           "age_dropped": 2, "uid_missing": 1, "duplicate_uid": 0}
+    assert len(lines) == 1 and "2 of 11 DICOM files" in lines[0] and "d/notes.dcm (not DICOM" in lines[0]
+    assert sorted(t.index) == ["1.2.3.1", "1.2.3.10", "1.2.3.11", "1.2.3.2", "1.2.3.3", "1.2.3.5", "1.2.3.6", "1.2.3.7",
+                               "b/4.dcm"]
     assert t.loc["1.2.3.2", "view"] == "AP" and t.loc["b/4.dcm", "view"] is None
     assert t.loc["1.2.3.1", "age"] == 45 and t.loc["1.2.3.2", "age"] == pytest.approx(0.5)
     assert t[["age"]].loc[["1.2.3.5", "1.2.3.6", "1.2.3.7"]].isna().all().all()
@@ -99,8 +107,8 @@ def test_labels_keyed_by_uid_or_file_name_in_either_layout(archive, tmp_path):
     meta = read_dicom(archive, mapping, by_uid, workers=1, log=lines.append)
     labels = dict(zip(meta.table["image_id"], map(list, meta.table["labels"])))
     assert labels == {"1.2.3.1": [1, 0], "1.2.3.2": [-1, 1], "1.2.3.3": [-1, 1], "b/4.dcm": [0, 0]}
-    assert meta.label_names == ("Mass", "Effusion") and meta.counts["labels_missing"] == 3
-    assert meta.counts["label_rows_unmatched"] == 1 and "3 of 7 DICOM files have no row" in lines[-1]
+    assert meta.label_names == ("Mass", "Effusion") and meta.counts["labels_missing"] == 5
+    assert meta.counts["label_rows_unmatched"] == 1 and "5 of 9 DICOM files have no row" in lines[-1]
 
     findings = tmp_path / "findings.parquet"
     pd.DataFrame({"SOPInstanceUID": ["1.2.3.1", "c/5.dcm"], "f": ["Mass", "No Finding"]}).to_parquet(findings)
@@ -116,7 +124,9 @@ def test_labels_keyed_by_uid_or_file_name_in_either_layout(archive, tmp_path):
 
 def test_a_folder_without_dicom_files_is_refused(tmp_path):
     (tmp_path / "x.dcm").write_text("no")
-    with pytest.raises(MetadataError, match=r"--images .*: no readable DICOM file with a PatientID below it \(1 \*\.dcm"):
+    (tmp_path / "notes.txt").write_text("no")
+    with pytest.raises(MetadataError, match=r"--images .*: no readable DICOM file with a PatientID below it "
+                                            r"\(1 DICOM files, 1 other files\)"):
         read_dicom(tmp_path, workers=1, log=lambda m: None)
     with pytest.raises(ValueError, match="--test-metadata: not for --dataset dicom"):
         build_image_table("dicom", None, tmp_path, test_metadata=tmp_path / "x.csv", workers=1)
