@@ -1,6 +1,6 @@
 # Two entry points for a fresh clone:
 #   make sample   create .venv, run the extraction job on the bundled sample
-#   make test     create .venv, run the test suite
+#   make test     create .venv (and chromium for the browser test, as root), run the test suite
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
@@ -17,7 +17,8 @@ sample: $(STAMP)
 	./spark-submit.sh jobs/extract.py --config conf/sample.toml --overwrite
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	tests/install-browser.sh
+	$(VENV)/bin/python -m pytest -q -rs tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/extract_throughput.py

@@ -6,9 +6,9 @@ setup(
     description="Distributed feature extraction and head training for chest X-ray diagnosis",
     python_requires=">=3.11",
     packages=find_packages(include=["common", "common.*", "jobs", "jobs.*", "heads", "heads.*", "finetune", "finetune.*",
-                                    "cxr", "cxr.*", "lungs", "lungs.*"]),
+                                    "cxr", "cxr.*", "lungs", "lungs.*", "serve", "serve.*"]),
     # The shipped lung model travels with the package (lungs.model.load_lung_model("default")).
-    package_data={"lungs": ["models/*.pt", "models/*.json"]},
+    package_data={"lungs": ["models/*.pt", "models/*.json"], "serve": ["static/*"]},
     # `cxr extract|finetune|train|predict|report ...`, also `python -m cxr`.
     entry_points={"console_scripts": ["cxr=cxr.cli:main"]},
     install_requires=[
@@ -34,6 +34,11 @@ setup(
         "pylibjpeg-libjpeg>=2.5,<3",
         "pylibjpeg-openjpeg>=2.6,<3",
         "pylibjpeg-rle>=2.2,<3",
+        # The diagnosis service (serve/): Flask for the page and API, waitress to serve it with threads
+        # (pure Python, production-grade, no compiler or system library).
+        "flask>=3.1,<3.2",
+        "waitress>=3.0.2,<4",
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    # playwright drives Debian's chromium in the browser test (no browser download: executable_path).
+    extras_require={"test": ["pytest>=8,<10", "playwright>=1.58,<2"]},
 )

@@ -46,14 +46,25 @@ class MultiFrameWarning(UserWarning):
     """A multi-frame file whose first frame was used."""
 
 
-def named_dicom(path) -> bool:
-    return str(path).lower().endswith(DICOM_SUFFIXES)
+def source_name(source) -> str:
+    """What messages call a file: its path, or an in-memory upload's `name` (the client's file name,
+    used for messages and its suffix only, never as a path)."""
+    return str(getattr(source, "name", None) or source) if hasattr(source, "read") else str(source)
 
 
-def is_dicom(path: str) -> bool:
-    """True for a file in the DICOM file format: 'DICM' after the 128-byte preamble."""
-    with open(path, "rb") as f:
-        head = f.read(132)
+def named_dicom(source) -> bool:
+    return source_name(source).lower().endswith(DICOM_SUFFIXES)
+
+
+def is_dicom(source) -> bool:
+    """True for a file (a path, or a seekable binary stream) in the DICOM file format: 'DICM' after the
+    128-byte preamble."""
+    if hasattr(source, "read"):
+        head = source.read(132)
+        source.seek(0)
+    else:
+        with open(source, "rb") as f:
+            head = f.read(132)
     return head[128:132] == b"DICM"
 
 
@@ -67,13 +78,13 @@ def read_dataset(path: str, tags, **options):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    forced = not is_dicom(path)
+    forced, label = not is_dicom(path), source_name(path)
     try:
         ds = pydicom.dcmread(path, force=forced, specific_tags=[*tags, *_MARKER_TAGS], **options)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
-        raise ValueError(f"{path}: not a readable DICOM file ({_one_line(exc)})") from None
+        raise ValueError(f"{label}: not a readable DICOM file ({_one_line(exc)})") from None
     if forced and not any(tag in ds for tag in _MARKER_TAGS):
-        raise ValueError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128, no image header)")
+        raise ValueError(f"{label}: not a DICOM file (no 'DICM' marker at byte 128, no image header)")
     return ds
 
 
@@ -87,6 +98,7 @@ def decode_dicom(path: str, max_pixels: int) -> tuple[np.ndarray, float]:
     """
     # Values over 1 MB (the pixels) are read only when used, after the header checks.
     ds = read_dataset(path, _TAGS, defer_size="1 MB")
+    path = source_name(path)  # from here on only named in messages
     _check_header(path, ds, max_pixels)
     if not ds.file_meta.get("TransferSyntaxUID"):
         # A bare dataset has no file meta: its encoding is what pydicom found when reading it.

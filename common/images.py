@@ -8,9 +8,9 @@ input is common/data_config.py's job; `read_gray` is the plain resize used for d
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from common.dicom import decode_dicom, is_dicom, named_dicom
+from common.dicom import decode_dicom, is_dicom, named_dicom, source_name
 
 # Integer modes Pillow gives 16-bit grayscale files (PNG opens as 'I;16' in recent Pillow,
 # as 'I' in older ones; big-endian TIFF as 'I;16B').
@@ -20,8 +20,9 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MAX_PIXELS = 50_000_000
 
 
-def decode_gray(path: str, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, float]:
-    """Decode `path` to a mode 'F' image and the factor that maps its values to [0, 1].
+def decode_gray(path, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, float]:
+    """Decode `path` (a file path, or a seekable binary stream such as an upload's io.BytesIO, named by
+    its `name` attribute in messages) to a mode 'F' image and the factor that maps its values to [0, 1].
 
     8-bit images scale by 1/255 and 16-bit ones by 1/65535. Working in float mode for every
     input means no 8-bit rounding happens after a resize, and a 16-bit copy x*257 of an 8-bit
@@ -36,7 +37,13 @@ def decode_gray(path: str, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple
     if named_dicom(path) or is_dicom(path):
         values, scale = decode_dicom(path, max_pixels)
         return Image.fromarray(values), scale  # float32 2-D: mode 'F'
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ValueError(f"{source_name(path)}: not an image file Pillow or pydicom reads "
+                         "(PNG, JPEG, TIFF, BMP, DICOM)") from None
+    with img:
+        path = source_name(path)  # from here on only named in messages
         width, height = img.size
         if width * height > max_pixels:
             raise ValueError(f"{path}: {width} x {height} = {width * height / 1e6:.0f} Mpixel, more than the "

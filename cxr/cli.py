@@ -28,6 +28,7 @@ COMMANDS = {
     "report": ("heads.report", "main", "re-render a run's report.md and plots"),
     "compare": ("heads.compare", "main", "runs side by side: per-class AUROC, settings that differ"),
     "lungs": ("jobs.lungs", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),
+    "serve": ("serve.__main__", "main", "a diagnosis web page and API for one radiograph at a time"),
 }
 SPARK_COMMANDS = ("extract", "finetune")
 

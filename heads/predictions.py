@@ -139,86 +139,139 @@ def image_files(source: str) -> ImageFiles:
     return ImageFiles(ids, paths, skipped, sorted(others))
 
 
+@dataclass
+class ImagePredictions:
+    probs: np.ndarray  # (n, labels), NaN rows where `errors` has a reason
+    errors: list  # None or a one-line reason per image
+    columns: dict  # extra per-image columns (lung_fraction, lung_qa of a masked store)
+    masked: np.ndarray | None = None  # the lung-masked inputs (n, S, S) of a masked store, as the backbone saw them
+    cams: np.ndarray | None = None  # class activation maps (n, labels, h, w), for models that have them
+
+
+class HeadOnImages:
+    """A head run as one model from images: the backbone(s) its stores were extracted with (and a masked
+    store's lung model), built once, then the head. heads.predict --images and the diagnosis service
+    both predict through it, so one image gets one answer wherever it is asked."""
+
+    def __init__(self, head: Head, device: str = "cpu", precision: str = "auto", threads: int | None = None,
+                 log=print):
+        from common.data_config import DataConfig, DataConfigError
+        from common.inference import FeatureExtractor
+        from common.weights import resolve_weights
+
+        if head.inputs.age_sex:
+            raise StoreError("--images: this head also takes age and sex, which image files do not carry; use --store")
+        self.head, self.log = head, log
+        self.extractors, self.maskers = [], []
+        for st in head.stores:
+            view = st.get("view", "original")
+            if view not in ("original", "masked"):
+                raise StoreError(f"{st['path']}: a {view} store, a view this version cannot reproduce from image files")
+            # A masked store's features came from lung-masked inputs: the same lung model masks these images.
+            self.maskers.append(_lung_masker(st, device) if view == "masked" else None)
+            source = resolve_weights(st["backbone"], _weights_argument(st["weights"]))
+            if st.get("weights_sha256") and source.sha256 != st["weights_sha256"]:
+                raise StoreError(f"{source.path}: sha256 differs from the weights store {st['path']} was extracted with")
+            if not st.get("data_config"):
+                raise StoreError(f"{st['path']}: its manifest records no data_config (an older store); re-extract it "
+                                 "to predict from images")
+            try:
+                data_config = DataConfig.from_dict(st["data_config"], st["path"])
+            except DataConfigError as exc:
+                raise StoreError(str(exc)) from None
+            self.extractors.append(FeatureExtractor(st["backbone"], source.path, source.seed, device=device,
+                                                    precision=precision, threads=threads, data_config=data_config))
+        self.configs = list(dict.fromkeys(ex.data_config for ex in self.extractors))
+        # fp16 is CUDA-only: the small head runs in fp32 or bf16 on the CPU.
+        self.head_precision = resolve_precision(precision) if precision in PRECISIONS else "fp32"
+        if len(self.extractors) > 1:
+            log(f"note: every image goes through all {len(self.extractors)} stores' models (fused input)")
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.head.label_names)
+
+    def decode(self, source, max_pixels: int = MAX_PIXELS) -> tuple[dict | None, str | None]:
+        """({data config: model input}, None), or (None, a one-line error). `source` is a path or a
+        seekable binary stream (rewound for each data config)."""
+        from common.extraction import decode
+
+        inputs = {}
+        for config in self.configs:
+            if hasattr(source, "seek"):
+                source.seek(0)
+            inputs[config], error = decode(partial(config.load, max_pixels=max_pixels), source)
+            if error is not None:
+                return None, error
+        return inputs, None
+
+    def predict(self, inputs: list[dict], ids: list[str]) -> ImagePredictions:
+        """Probabilities (n, labels) of decoded images (NaN rows for errors), each row's error or None,
+        the lung columns of masked stores (lung_fraction, lung_qa) and the lung-masked inputs."""
+        n = len(inputs)
+        features = np.full((n, sum(self.head.inputs.feature_dims)), np.nan, dtype=np.float32)
+        lung_columns: dict[str, list] = {}
+        masked = None
+        col = 0
+        for ex, masker in zip(self.extractors, self.maskers):
+            if n:
+                images = np.stack([x[ex.data_config] for x in inputs])
+                if masker is not None:
+                    images, columns = masker(images, ids)
+                    masked = images
+                    for name, values in columns.items():
+                        lung_columns[name] = list(values)
+                features[:, col:col + ex.feature_dim] = ex(images)
+            col += ex.feature_dim
+        # Never NaN probabilities: a non-finite feature row is that image's error, as in extraction.
+        bad = ~np.isfinite(features).all(axis=1)
+        errors = [f"non-finite features: {int((~np.isfinite(features[i])).sum())} NaN/Inf values from the backbone"
+                  if bad[i] else None for i in range(n)]
+        probs = np.full((n, len(self.head.label_names)), np.nan, dtype=np.float32)
+        if (~bad).any():
+            nan = np.full(int((~bad).sum()), np.nan, dtype=np.float32)
+            probs[~bad] = probabilities(self.head, features[~bad], nan, nan, self.head_precision)
+        return ImagePredictions(probs, errors, lung_columns, masked)
+
+
 def predict_images(head: Head, source: str, device: str = "cpu", precision: str = "auto",
                    batch_size: int = 32, threads: int | None = None, log=print,
                    max_pixels: int = MAX_PIXELS) -> pd.DataFrame:
     """Extract features for one image file, or every image under a folder, with the head's backbone(s), then
     predict. Every image-named file gets a row (an error row if skipped or unreadable); others get a log line."""
-    from common.data_config import DataConfig, DataConfigError
-    from common.extraction import decode
-    from common.inference import FeatureExtractor
-    from common.weights import resolve_weights
-
     if head.inputs.age_sex:
         raise StoreError("--images: this head also takes age and sex, which image files do not carry; use --store")
     listing = image_files(source)
     if listing.others:
         log(f"--images {source}: {len(listing.others)} files without an image suffix ({', '.join(IMAGE_SUFFIXES)}) "
             f"left out, e.g. {', '.join(listing.others[:3])}")
-    extractors, maskers = [], []
-    for st in head.stores:
-        view = st.get("view", "original")
-        if view not in ("original", "masked"):
-            raise StoreError(f"{st['path']}: a {view} store, a view this version cannot reproduce from image files")
-        # A masked store's features came from lung-masked inputs: the same lung model masks these images.
-        maskers.append(_lung_masker(st, device) if view == "masked" else None)
-        source = resolve_weights(st["backbone"], _weights_argument(st["weights"]))
-        if st.get("weights_sha256") and source.sha256 != st["weights_sha256"]:
-            raise StoreError(f"{source.path}: sha256 differs from the weights store {st['path']} was extracted with")
-        if not st.get("data_config"):
-            raise StoreError(f"{st['path']}: its manifest records no data_config (an older store); re-extract it "
-                             "to predict from images")
-        try:
-            data_config = DataConfig.from_dict(st["data_config"], st["path"])
-        except DataConfigError as exc:
-            raise StoreError(str(exc)) from None
-        extractors.append(FeatureExtractor(st["backbone"], source.path, source.seed, device=device,
-                                           precision=precision, threads=threads, data_config=data_config))
-    if len(extractors) > 1:
-        log(f"note: every image goes through all {len(extractors)} stores' models (fused input)")
-
+    model = HeadOnImages(head, device, precision, threads, log)
     n = len(listing.ids)
-    features = np.full((n, sum(head.inputs.feature_dims)), np.nan, dtype=np.float32)
+    probs = np.full((n, len(head.label_names)), np.nan, dtype=np.float32)
     errors = list(listing.skipped)
     todo = [i for i in range(n) if errors[i] is None]
     lung_columns: dict[str, list] = {}  # lung_fraction and lung_qa of a masked store's input, as the store has them
-    loads = {ex.data_config: partial(ex.data_config.load, max_pixels=max_pixels) for ex in extractors}
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        decoded: dict = {}
-        for config, load in loads.items():
-            decoded[config] = {}
-            for i in batch:
-                if errors[i] is None:  # a file one config could not read is not read again for another
-                    decoded[config][i], errors[i] = decode(load, listing.paths[i])
+        inputs = {}
+        for i in batch:
+            inputs[i], errors[i] = model.decode(listing.paths[i], max_pixels)
         ok = [i for i in batch if errors[i] is None]
-        col = 0
-        for ex, masker in zip(extractors, maskers):
-            if ok:
-                images = np.stack([decoded[ex.data_config][i] for i in ok])
-                if masker is not None:
-                    images, columns = masker(images, [listing.ids[i] for i in ok])
-                    for name, values in columns.items():
-                        lung_columns.setdefault(name, [None] * n)
-                        for i, value in zip(ok, values):
-                            lung_columns[name][i] = value
-                features[ok, col:col + ex.feature_dim] = ex(images)
-            col += ex.feature_dim
+        if ok:
+            out = model.predict([inputs[i] for i in ok], [listing.ids[i] for i in ok])
+            probs[ok] = out.probs
+            for k, i in enumerate(ok):
+                errors[i] = out.errors[k]
+            for name, values in out.columns.items():
+                lung_columns.setdefault(name, [None] * n)
+                for i, value in zip(ok, values):
+                    lung_columns[name][i] = value
         log(f"{start + len(batch)}/{len(todo)} images")
-    for i in np.flatnonzero(~np.isfinite(features).all(axis=1)):
-        # Never NaN probabilities with exit 0: a non-finite feature row is that image's error, as in extraction.
-        errors[i] = errors[i] or f"non-finite features: {int((~np.isfinite(features[i])).sum())} NaN/Inf values from the backbone"
     good = np.array([e is None for e in errors])
     if not good.all():
         first = int(np.flatnonzero(~good)[0])
         log(f"{int((~good).sum())} of {n} rows have an error and no probabilities, e.g. {listing.ids[first]}: "
             f"{errors[first]}")
-    probs = np.full((n, len(head.label_names)), np.nan, dtype=np.float32)
-    if good.any():
-        n = int(good.sum())
-        nan = np.full(n, np.nan, dtype=np.float32)
-        head_precision = resolve_precision(precision) if precision in PRECISIONS else "fp32"  # fp16 is CUDA-only
-        probs[good] = probabilities(head, features[good], nan, nan, head_precision)
     front = {"path": np.array(listing.paths, dtype=object), "error": np.array(errors, dtype=object),
              **{name: np.array(values, dtype=object) for name, values in lung_columns.items()}}
     return rundir.predictions_frame(listing.ids, probs, head.label_names, front=front)

@@ -14,7 +14,7 @@ from cxr import cli
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "pyspark", "sklearn", "matplotlib")
 PARSERS = ("jobs.extract", "jobs.finetune", "jobs.lungs", "heads.train", "heads.predict", "heads.evaluate",
-           "heads.report", "cxr.cli")
+           "heads.report", "serve.__main__", "cxr.cli")
 HELP_LINES = [  # (command line after `python`, the prog its usage line names)
     (["-m", "cxr", "--help"], "cxr"),
     *[(["-m", "cxr", name, "--help"], f"cxr {name}") for name in cli.COMMANDS],
@@ -85,7 +85,8 @@ def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
         cli.main(["trian", "--store", "s"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("cxr: error: unknown command 'trian' "
-                                       "(choose from extract, finetune, train, predict, evaluate, report, compare, lungs)\n")
+                                       "(choose from extract, finetune, train, predict, evaluate, report, compare, lungs, "
+                                       "serve)\n")
 
 
 @pytest.mark.parametrize("argv, code, line", [

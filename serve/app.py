@@ -1,0 +1,227 @@
+"""The diagnosis web page and its JSON API (Flask), over one loaded model and its batcher.
+
+    GET  /               the page (serve/static: no external asset)
+    GET  /api/health     liveness and what has been served
+    GET  /api/model      what answers: backbone, weights, training data, date, test AUROC, labels, limits
+    POST /api/predict    one radiograph (multipart field `file`, or the raw bytes) -> per-finding JSON
+
+Bad input is answered with a 4xx and a one-line JSON `error`, and the next request is served: an
+empty body 400, a body over --max-upload-mb 413, a content type that is no image 415, bytes that
+do not decode as a radiograph (not an image, truncated, unsupported DICOM, more than --max-pixels,
+checked from the header before decoding) 422. Uploads stay in memory: nothing is written unless
+--keep-uploads names a folder, and no name from the request is ever used as a path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flask import Flask, jsonify, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from common.images import MAX_PIXELS
+
+STATIC = Path(__file__).resolve().parent / "static"
+# Raw bodies the API takes; multipart uploads are judged by their bytes, whatever type the browser guessed.
+RAW_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/dicom", "application/octet-stream")
+CAM_GRID = 64  # long side of the grid CAM maps are sent on; the page scales them over the image smoothly
+PREVIEW_SIDE = 512
+
+
+@dataclass
+class Settings:
+    max_upload_mb: float = 20.0
+    max_pixels: int = MAX_PIXELS
+    keep_uploads: str | None = None
+    timeout_s: float = 60.0  # a request never waits longer than this for the model
+
+
+class BadUpload(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """A message safe to return: one line, no control characters, bounded."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", " ".join(str(text).split()))[:limit]
+
+
+def _client_name(name: str | None) -> str:
+    """The client's file name, only for messages and as the id of the image: its last part, printable."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    return _one_line(base, 120) or "upload"
+
+
+def _upload() -> tuple[bytes, str]:
+    """The uploaded bytes and the client's file name, or BadUpload."""
+    ctype = (request.mimetype or "").lower()
+    if ctype == "multipart/form-data":
+        files = request.files.getlist("file")
+        if len(files) != 1:
+            raise BadUpload(400, f"multipart upload needs exactly one field 'file' (got {len(files)})")
+        data, name = files[0].read(), files[0].filename
+    elif ctype in RAW_TYPES:
+        data, name = request.get_data(cache=False), request.args.get("name")
+    elif not ctype and not request.content_length:
+        raise BadUpload(400, "empty body: send an image as multipart field 'file' or as the raw body")
+    else:
+        raise BadUpload(415, f"content type {ctype or 'missing'!r} is not an image upload; use multipart/form-data "
+                             f"or one of {', '.join(RAW_TYPES)}")
+    if not data:
+        raise BadUpload(400, "empty upload (0 bytes)")
+    return data, _client_name(name)
+
+
+def _keep(folder: str, data: bytes) -> str:
+    """Write an upload under its sha256 (never a client's name), atomically; the name written."""
+    digest = hashlib.sha256(data).hexdigest()
+    target = Path(folder) / f"{digest}.bin"
+    if not target.exists():
+        tmp = target.with_name(f".{digest}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return target.name
+
+
+def _png_data_url(gray: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _display(source, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The upload as a gray image for the page (long side <= PREVIEW_SIDE) and its full (width, height)."""
+    from PIL import Image
+
+    from common.images import decode_gray, to_unit_array
+
+    source.seek(0)
+    gray, scale = decode_gray(source, PREVIEW_SIDE, max_pixels)
+    width, height = gray.size
+    k = min(1.0, PREVIEW_SIDE / max(width, height))
+    shown = gray.resize((max(1, round(width * k)), max(1, round(height * k))), Image.Resampling.BILINEAR)
+    return to_unit_array(shown, scale), (width, height)
+
+
+def _cam_maps(cams: np.ndarray, names: list[str], data_config, size: tuple[int, int], which: list[int]) -> dict:
+    """The chosen classes' maps on the image's own grid (long side CAM_GRID), each scaled to [0, 1]."""
+    import torch
+
+    from finetune.localization import map_to_grid
+
+    width, height = size
+    k = CAM_GRID / max(width, height)
+    grid = (max(1, round(width * k)), max(1, round(height * k)))
+    maps = map_to_grid(torch.as_tensor(cams[which]), data_config, grid).numpy()
+    low = maps.reshape(len(which), -1).min(axis=1)[:, None, None]
+    high = maps.reshape(len(which), -1).max(axis=1)[:, None, None]
+    maps = (maps - low) / np.maximum(high - low, 1e-12)
+    return {"grid": list(grid), "maps": {names[c]: np.round(m, 3).tolist() for c, m in zip(which, maps)}}
+
+
+def create_app(served, batcher, settings: Settings | None = None) -> Flask:
+    """The Flask app over a loaded model (serve.model.Served) and its batcher."""
+    settings = settings or Settings()
+    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
+    names = served.label_names
+    counts = {"ok": 0, "rejected": 0}
+
+    @app.errorhandler(BadUpload)
+    def bad_upload(exc: BadUpload):
+        counts["rejected"] += 1
+        return jsonify(error=_one_line(str(exc))), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code == 413:
+            counts["rejected"] += 1
+            message = f"upload larger than the limit of {settings.max_upload_mb:g} MB (--max-upload-mb)"
+        else:
+            message = exc.description or exc.name
+        return jsonify(error=_one_line(message)), exc.code
+
+    @app.get("/")
+    def page():
+        return send_from_directory(STATIC, "index.html")
+
+    @app.get("/api/health")
+    def health():
+        return jsonify(status="ok", model=served.kind, batches=batcher.batches, images=batcher.images,
+                       waiting=batcher.waiting, answered=counts["ok"], rejected=counts["rejected"])
+
+    @app.get("/api/model")
+    def model():
+        return jsonify(**served.identity, label_names=names,
+                       thresholds=dict(zip(names, served.thresholds.tolist())), has_cam=served.has_cam,
+                       limits={"max_upload_mb": settings.max_upload_mb, "max_pixels": settings.max_pixels},
+                       notice="Research tool, not a medical device: not for diagnosis or treatment decisions.")
+
+    @app.post("/api/predict")
+    def predict():
+        started = time.perf_counter()
+        data, name = _upload()
+        source = io.BytesIO(data)
+        source.name = name  # for messages and the DICOM suffix rule; never a path
+        inputs, error = served.decode(source, settings.max_pixels)
+        if error is not None:
+            raise BadUpload(422, f"cannot read the upload as a radiograph: {error}")
+        decoded = time.perf_counter()
+        future = batcher.submit(inputs, name)
+        try:
+            result, row, waited, batch_size = future.result(timeout=settings.timeout_s)
+        except TimeoutError:
+            return jsonify(error=f"the model did not answer within {settings.timeout_s:g} s; try again"), 503
+        if result.errors[row] is not None:
+            raise BadUpload(422, f"{name}: {result.errors[row]}")
+        answered = time.perf_counter()
+        probs = result.probs[row].astype(float)
+        findings = sorted(({"name": n, "probability": p, "threshold": t, "above_threshold": bool(p >= t)}
+                           for n, p, t in zip(names, probs.tolist(), served.thresholds.tolist())),
+                          key=lambda f: -f["probability"])
+        out = {
+            "image": {"name": name, "bytes": len(data)},
+            "model": {k: served.identity.get(k) for k in ("kind", "backbone", "weights", "view", "run")},
+            "findings": findings,
+            "probabilities": dict(zip(names, probs.tolist())),
+            "thresholds": dict(zip(names, served.thresholds.tolist())),
+            **{k: v[row] for k, v in result.columns.items()},
+        }
+        want_cam = request.args.get("cam")
+        want_preview = request.args.get("preview") in ("1", "true")
+        if want_preview or (want_cam and result.cams is not None):
+            shown, size = _display(source, settings.max_pixels)
+            if want_preview:
+                out["preview"] = _png_data_url(shown)
+                if result.masked is not None:
+                    out["masked_input"] = _png_data_url(result.masked[row])
+            if want_cam and result.cams is not None:
+                which = list(range(len(names))) if want_cam == "all" else [names.index(want_cam)] \
+                    if want_cam in names else None
+                if which is None:
+                    raise BadUpload(400, f"cam={_one_line(want_cam, 80)!r}: not a finding of this model "
+                                         f"(use 'all' or one of {', '.join(names)})")
+                out["cam"] = _cam_maps(result.cams[row], names, served.data_config, size, which)
+        if not served.has_cam:
+            out["cam_note"] = served.identity.get("heatmap")
+        if settings.keep_uploads:
+            out["kept_as"] = _keep(settings.keep_uploads, data)
+        counts["ok"] += 1
+        out["timing_ms"] = {"decode": round(1000 * (decoded - started), 1), "wait": round(1000 * waited, 1),
+                            "model_and_wait": round(1000 * (answered - decoded), 1),
+                            "total": round(1000 * (time.perf_counter() - started), 1)}
+        out["batch_size"] = batch_size
+        return jsonify(out)
+
+    return app

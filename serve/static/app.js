@@ -1,0 +1,153 @@
+// The diagnosis page: upload one radiograph, show the API's answer. No external assets; text from the
+// server (names, messages) goes in through textContent only.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let model = null;
+let last = null;
+
+function show(id, on) { $(id).hidden = !on; }
+
+function setError(message) {
+  $("error").textContent = message || "";
+  show("error", Boolean(message));
+}
+
+async function loadModel() {
+  const response = await fetch("/api/model");
+  model = await response.json();
+  const rows = [
+    ["model", model.kind === "finetune" ? "fine-tuned network" : "frozen backbone + trained head"],
+    ["backbone", model.backbone], ["weights", model.weights], ["input", model.view],
+    ["training data", model.training_data], ["date", model.date],
+    ["test mean AUROC", model.test_mean_auroc == null ? "not recorded" : model.test_mean_auroc.toFixed(3)],
+    ["findings", String(model.label_names.length)], ["thresholds", model.thresholds_note || "chosen on the run's val split"],
+  ];
+  const dl = $("model");
+  dl.replaceChildren();
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt"); dt.textContent = k;
+    const dd = document.createElement("dd"); dd.textContent = v == null ? "" : String(v);
+    dl.append(dt, dd);
+  }
+  $("notice").textContent = model.notice;
+}
+
+function renderTable(findings) {
+  const body = $("findings").querySelector("tbody");
+  body.replaceChildren();
+  for (const f of findings) {
+    const tr = document.createElement("tr");
+    if (f.above_threshold) tr.className = "above";
+    tr.dataset.finding = f.name;
+    const name = document.createElement("td"); name.textContent = f.name;
+    const p = document.createElement("td"); p.className = "num"; p.textContent = f.probability.toFixed(4);
+    const t = document.createElement("td"); t.className = "num"; t.textContent = f.threshold.toFixed(4);
+    const barCell = document.createElement("td");
+    const bar = document.createElement("span"); bar.className = "bar";
+    bar.style.width = `${Math.round(120 * f.probability)}px`;
+    barCell.append(bar);
+    tr.append(name, p, t, barCell);
+    body.append(tr);
+  }
+}
+
+// A value in [0, 1] -> an RGB colour (blue, cyan, yellow, red), as heatmaps are usually drawn.
+function colour(v) {
+  const stops = [[0, 0, 128], [0, 200, 255], [255, 230, 0], [220, 0, 0]];
+  const x = Math.min(0.999, Math.max(0, v)) * (stops.length - 1);
+  const i = Math.floor(x), f = x - i;
+  return stops[i].map((c, k) => Math.round(c + f * (stops[i + 1][k] - c)));
+}
+
+function drawHeatmap() {
+  const canvas = $("heatmap");
+  const ctx = canvas.getContext("2d");
+  const name = $("cam-class").value;
+  if (!last || !last.cam || !last.cam.maps[name] || !$("cam-show").checked) {
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    return;
+  }
+  const [w, h] = last.cam.grid;
+  const small = document.createElement("canvas");
+  small.width = w; small.height = h;
+  const sctx = small.getContext("2d");
+  const pixels = sctx.createImageData(w, h);
+  last.cam.maps[name].forEach((row, y) => row.forEach((v, x) => {
+    const [r, g, b] = colour(v);
+    pixels.data.set([r, g, b, 255], 4 * (y * w + x));
+  }));
+  sctx.putImageData(pixels, 0, 0);
+  const img = $("image");
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  ctx.imageSmoothingEnabled = true;
+  ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
+}
+
+function renderResult(data) {
+  last = data;
+  $("image").src = data.preview;
+  $("caption").textContent = `${data.image.name} (${(data.image.bytes / 1024).toFixed(0)} KB)`;
+  renderTable(data.findings);
+  const select = $("cam-class");
+  select.replaceChildren();
+  if (data.cam) {
+    for (const f of data.findings) {
+      const o = document.createElement("option"); o.value = f.name; o.textContent = f.name; select.append(o);
+    }
+    $("cam-note").textContent = "Class activation map: where the network's evidence for the chosen finding lies.";
+  } else {
+    $("cam-note").textContent = `No heatmap: ${data.cam_note || "this model has none"}.`;
+  }
+  show("cam-controls", Boolean(data.cam));
+  if (data.masked_input) {
+    $("masked").src = data.masked_input;
+    const qa = data.lung_qa ? `; lung mask flags: ${data.lung_qa}` : "";
+    $("lung-caption").textContent = `What the model saw: the lungs only (lung fraction ${Number(data.lung_fraction).toFixed(2)}${qa})`;
+  }
+  show("lung", Boolean(data.masked_input));
+  const t = data.timing_ms;
+  $("timing").textContent = `answered in ${t.total} ms (decode ${t.decode} ms, model ${t.model_and_wait} ms, batch of ${data.batch_size})`;
+  show("result", true);
+  $("image").onload = drawHeatmap;
+}
+
+async function upload(file) {
+  setError("");
+  $("status").textContent = `Reading ${file.name} ...`;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const cam = model && model.has_cam ? "&cam=all" : "";
+  try {
+    const response = await fetch(`/api/predict?preview=1${cam}`, { method: "POST", body: form });
+    const data = await response.json();
+    if (!response.ok) {
+      $("status").textContent = "";
+      setError(data.error || `the server answered ${response.status}`);
+      return;
+    }
+    $("status").textContent = "";
+    renderResult(data);
+    document.body.dataset.state = "done";
+  } catch (err) {
+    $("status").textContent = "";
+    setError(`upload failed: ${err}`);
+  }
+}
+
+function wire() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]); });
+  $("cam-class").addEventListener("change", drawHeatmap);
+  $("cam-show").addEventListener("change", drawHeatmap);
+}
+
+wire();
+loadModel().catch((err) => setError(`cannot reach the model: ${err}`));

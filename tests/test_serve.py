@@ -1,0 +1,228 @@
+"""The diagnosis API in-process (Flask's test client), over a head run and a fine-tune run.
+
+Probabilities must equal heads.predict --images for the same file; every bad upload is a 4xx with one
+line of reason, and the next request is still answered.
+"""
+
+import io
+import json
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from common.data_config import DataConfig
+from heads import predict
+from serve.app import Settings, create_app
+from serve.batcher import Batcher
+from serve.model import ModelError, load_served
+from tests.data_paths import NIH_IMAGES, needs_shared
+from tests.serve_fixtures import SIZE, finetune_run, head_run
+
+pytestmark = [needs_shared, pytest.mark.usefixtures("one_torch_thread")]
+pydicom = pytest.importorskip("pydicom")
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    out = []
+    for path in sorted(NIH_IMAGES.glob("*.png")):
+        with Image.open(path) as img:
+            if img.mode == "L":
+                out.append(path)
+        if len(out) == 4:
+            return out
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, one_torch_thread):
+    run = head_run(tmp_path_factory.mktemp("serve-head"))
+    served = load_served(run, precision="fp32", threads=1)
+    batcher = Batcher(served.predict, max_batch=8, wait_ms=30)
+    app = create_app(served, batcher, Settings(max_upload_mb=2, max_pixels=1100 * 1100))
+    yield run, served, app.test_client()
+    batcher.close()
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, one_torch_thread):
+    run = finetune_run(tmp_path_factory.mktemp("serve-ft"))
+    served = load_served(run, threads=1)
+    batcher = Batcher(served.predict, max_batch=4, wait_ms=5)
+    yield run, served, create_app(served, batcher).test_client()
+    batcher.close()
+
+
+def dicom_of(png) -> bytes:
+    """The PNG's pixels as an 8-bit MONOCHROME1 DICOM (inverted), in memory."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    with Image.open(png) as img:
+        gray = np.asarray(img)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID, ds.Modality = SecondaryCaptureImageStorage, "DX"
+    ds.set_pixel_data(255 - gray, "MONOCHROME1", 8)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def post(client, data: bytes, name="x.png", query="", **kwargs):
+    return client.post(f"/api/predict{query}", data={"file": (io.BytesIO(data), name)},
+                       content_type="multipart/form-data", **kwargs)
+
+
+def test_probabilities_equal_heads_predict_for_the_same_files(head, pngs, tmp_path):
+    run, served, client = head
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for png in pngs:
+        (folder / png.name).write_bytes(png.read_bytes())
+    (folder / "as.dcm").write_bytes(dicom_of(pngs[0]))
+    expected = pd.read_parquet(predict.main(["--run", str(run), "--images", str(folder), "--precision", "fp32",
+                                             "--threads", "1", "--out", str(tmp_path / "p.parquet")]))
+    expected = expected.set_index("image_id")[served.label_names]
+    for name in [*(p.name for p in pngs), "as.dcm"]:
+        response = post(client, (folder / name).read_bytes(), name)
+        assert response.status_code == 200, response.json
+        got = response.json
+        probs = np.array([got["probabilities"][n] for n in served.label_names])
+        np.testing.assert_allclose(probs, expected.loc[name].to_numpy(dtype=float), rtol=1e-4, atol=1e-6)
+        assert [f["probability"] for f in got["findings"]] == sorted(probs.tolist(), reverse=True)
+        for f in got["findings"]:
+            assert f["threshold"] == got["thresholds"][f["name"]]
+            assert f["above_threshold"] == (f["probability"] >= f["threshold"])
+    # Distinct images get distinct answers, so the equality above can fail.
+    assert not np.allclose(expected.iloc[0].to_numpy(dtype=float), expected.iloc[1].to_numpy(dtype=float))
+    # The raw-body form and the multipart form give one answer.
+    raw = client.post("/api/predict?name=a.png", data=pngs[0].read_bytes(), content_type="image/png").json
+    assert raw["probabilities"] == post(client, pngs[0].read_bytes()).json["probabilities"]
+
+
+def test_model_health_and_the_head_has_no_heatmap(head, pngs):
+    _, served, client = head
+    model = client.get("/api/model").json
+    assert model["kind"] == "head" and model["backbone"] == "resnet50" and model["has_cam"] is False
+    assert "not a medical device" in model["notice"] and set(model["thresholds"]) == set(served.label_names)
+    assert "test_mean_auroc" in model and model["training_data"].startswith("nih")
+    answer = post(client, pngs[0].read_bytes(), query="?preview=1&cam=all").json
+    assert "cam" not in answer and "no spatial map" in answer["cam_note"]
+    assert answer["preview"].startswith("data:image/png;base64,")
+    health = client.get("/api/health").json
+    assert health["status"] == "ok" and health["images"] >= 1
+
+
+def _bad_uploads(png: bytes) -> list[tuple[str, dict, int, str]]:
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    sr = Dataset()
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
+    sr.SOPInstanceUID = pydicom.uid.generate_uid()
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    big = io.BytesIO()
+    Image.fromarray(np.zeros((1200, 1200), np.uint8)).save(big, format="PNG")  # over max_pixels, tiny file
+    multipart = lambda data, name="x.png": {"data": {"file": (io.BytesIO(data), name)},  # noqa: E731
+                                            "content_type": "multipart/form-data"}
+    return [
+        ("empty body", {}, 400, "empty body"),
+        ("empty file", multipart(b""), 400, "empty upload"),
+        ("no file field", {"data": {"other": "1"}, "content_type": "multipart/form-data"}, 400, "field 'file'"),
+        ("text body", {"data": b"hello", "content_type": "text/plain"}, 415, "not an image upload"),
+        ("json body", {"data": b"{}", "content_type": "application/json"}, 415, "not an image upload"),
+        ("not an image", multipart(b"GIF? no: plain bytes " * 20, "notes.png"), 422, "cannot read the upload"),
+        ("truncated png", multipart(png[:4000]), 422, "cannot read the upload"),
+        ("dicom without pixels", multipart(buf.getvalue(), "sr.dcm"), 422, "no pixel data"),
+        ("decompression bomb", multipart(big.getvalue()), 422, "Mpixel"),
+        ("too large", multipart(b"\0" * (3 * 1024 * 1024)), 413, "--max-upload-mb"),
+        ("hostile name", multipart(b"junk", "../../etc/passwd\x07.png"), 422, "passwd"),
+    ]
+
+
+def test_bad_uploads_are_one_line_4xx_and_the_next_request_is_served(head, pngs):
+    _, _, client = head
+    good = pngs[1].read_bytes()
+    for name, kwargs, status, words in _bad_uploads(good):
+        response = client.post("/api/predict", **kwargs)
+        assert response.status_code == status, (name, response.status_code, response.data[:200])
+        error = response.json["error"]
+        assert words in error and "\n" not in error and len(error) <= 300, (name, error)
+        assert "/etc" not in error and "\x07" not in error  # a client's path is never echoed as a path
+        assert post(client, good).status_code == 200, name
+
+
+def test_concurrent_requests_share_forward_passes(head, pngs):
+    _, served, client = head
+    before = client.get("/api/health").json
+    data = [p.read_bytes() for p in pngs] * 3
+    answers = [None] * len(data)
+
+    def ask(i):
+        answers[i] = post(client, data[i]).json
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(data))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = client.get("/api/health").json
+    assert after["images"] - before["images"] == len(data)
+    assert after["batches"] - before["batches"] < len(data)  # some requests shared a batch
+    assert max(a["batch_size"] for a in answers) > 1
+    for i, a in enumerate(answers):  # a batch neighbour never changes an answer
+        alone = answers[i % len(pngs)]
+        np.testing.assert_allclose([a["probabilities"][n] for n in served.label_names],
+                                   [alone["probabilities"][n] for n in served.label_names], rtol=1e-4, atol=1e-6)
+
+
+def test_uploads_are_kept_only_when_asked_under_their_hash(head, pngs, tmp_path):
+    import hashlib
+
+    _, served, _ = head
+    batcher = Batcher(served.predict)
+    client = create_app(served, batcher, Settings(keep_uploads=str(tmp_path))).test_client()
+    data = pngs[0].read_bytes()
+    answer = post(client, data, "../../evil.png").json
+    assert answer["kept_as"] == hashlib.sha256(data).hexdigest() + ".bin"
+    assert [p.name for p in tmp_path.iterdir()] == [answer["kept_as"]]
+    assert (tmp_path / answer["kept_as"]).read_bytes() == data
+    batcher.close()
+
+
+def test_finetune_run_answers_with_class_activation_maps(finetuned, pngs):
+    run, served, client = finetuned
+    answer = post(client, pngs[0].read_bytes(), query="?cam=all&preview=1").json
+    names = served.label_names
+    assert answer["model"]["kind"] == "finetune" and set(answer["cam"]["maps"]) == set(names)
+    w, h = answer["cam"]["grid"]
+    assert (w, h) == (64, 64)  # square NIH film: the long side is the grid's
+    some = np.array(answer["cam"]["maps"][names[0]])
+    assert some.shape == (h, w) and some.min() == 0 and some.max() == 1
+    # The probabilities are the checkpoint's own on the data config's input.
+    from finetune.checkpoint import load_classifier
+
+    model, obj = load_classifier(run / "best.pt")
+    config = DataConfig.from_dict(obj["data_config"])
+    assert config.input_size == SIZE
+    import torch
+
+    with torch.no_grad():
+        direct = torch.sigmoid(model(config.to_tensor(config.load(str(pngs[0]))[None]))).numpy()[0]
+    np.testing.assert_allclose([answer["probabilities"][n] for n in names], direct, rtol=1e-4, atol=1e-6)
+    one = post(client, pngs[0].read_bytes(), query=f"?cam={names[2]}").json
+    assert list(one["cam"]["maps"]) == [names[2]]
+    bad = post(client, pngs[0].read_bytes(), query="?cam=Nonsense")
+    assert bad.status_code == 400 and "not a finding" in bad.json["error"]
+    thresholds = json.loads((run / "metrics.json").read_text())["thresholds"]
+    assert answer["thresholds"] == pytest.approx(thresholds)
+
+
+def test_a_folder_that_is_no_run_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="not a run directory"):
+        load_served(tmp_path)
