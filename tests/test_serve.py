@@ -226,3 +226,30 @@ def test_finetune_run_answers_with_class_activation_maps(finetuned, pngs):
 def test_a_folder_that_is_no_run_is_refused(tmp_path):
     with pytest.raises(ModelError, match="not a run directory"):
         load_served(tmp_path)
+
+
+def test_a_head_on_a_lung_masked_store_shows_what_the_model_saw(tmp_path, pngs, one_torch_thread):
+    """A masked store's head masks uploads with the store's own lung model (checked by sha256) and the
+    answer carries the masked input, the lung fraction and the QA flags, as the store has them."""
+    from common.weights import file_sha256
+    from heads import train
+    from lungs.model import DEFAULT
+    from tests.heads_fixtures import synthetic_rows, write_store
+    from tests.serve_fixtures import BACKBONE
+
+    rng = np.random.default_rng(0)
+    splits = {s: synthetic_rows(n, 2048, 14, rng, signal=1.0, prefix=s) for s, n in {"train": 40, "val": 20}.items()}
+    store = write_store(tmp_path / "masked", splits, backbone=BACKBONE, manifest_extra={
+        "data_config": DataConfig(224).to_dict(), "view": "masked",  # the lung model needs more than 64 px
+        "lungs": {"label": "default", "sha256": file_sha256(str(DEFAULT)), "size": 256}})
+    train.main(["--store", str(store), "--out", str(tmp_path / "run"), "--epochs", "1", "--threads", "1", "--quiet"])
+    served = load_served(tmp_path / "run", precision="fp32", threads=1)
+    batcher = Batcher(served.predict)
+    try:
+        answer = post(create_app(served, batcher).test_client(), pngs[0].read_bytes(), query="?preview=1").json
+    finally:
+        batcher.close()
+    assert answer["model"]["view"] == "masked" and answer["masked_input"].startswith("data:image/png;base64,")
+    assert 0.1 < answer["lung_fraction"] < 0.6 and "lung_qa" in answer
+    masked = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(answer["masked_input"].split(",")[1]))))
+    assert masked.shape == (224, 224) and (masked == 0).mean() > 0.3  # outside the lungs is black
