@@ -152,6 +152,13 @@ def create_app(served, batcher, settings: Settings | None = None) -> Flask:
             message = exc.description or exc.name
         return jsonify(error=_one_line(message)), exc.code
 
+    @app.errorhandler(Exception)
+    def model_error(exc: Exception):
+        # The model failed on a batch (out of memory, a broken file on disk): this request gets a JSON
+        # 500 naming the cause, the batcher goes on with the next batch.
+        app.logger.exception("predict failed")
+        return jsonify(error=_one_line(f"the model failed: {type(exc).__name__}: {exc}")), 500
+
     @app.get("/")
     def page():
         return send_from_directory(STATIC, "index.html")

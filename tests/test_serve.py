@@ -253,3 +253,24 @@ def test_a_head_on_a_lung_masked_store_shows_what_the_model_saw(tmp_path, pngs, 
     assert 0.1 < answer["lung_fraction"] < 0.6 and "lung_qa" in answer
     masked = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(answer["masked_input"].split(",")[1]))))
     assert masked.shape == (224, 224) and (masked == 0).mean() > 0.3  # outside the lungs is black
+
+
+def test_a_model_failure_is_a_json_500_and_the_service_goes_on(head, pngs):
+    _, served, _ = head
+    calls = []
+
+    def flaky(inputs, ids):
+        calls.append(len(inputs))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return served.predict(inputs, ids)
+
+    batcher = Batcher(flaky)
+    client = create_app(served, batcher).test_client()
+    try:
+        first = post(client, pngs[0].read_bytes())
+        second = post(client, pngs[0].read_bytes())
+    finally:
+        batcher.close()
+    assert first.status_code == 500 and "CUDA out of memory (simulated)" in first.json["error"]
+    assert second.status_code == 200 and len(second.json["findings"]) == len(served.label_names)
