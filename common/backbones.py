@@ -129,7 +129,14 @@ def build_backbone(backbone: str, state_file: str | None, seed: int = 0) -> nn.M
 
 
 def build_extractor(backbone: str, state_file: str | None, seed: int = 0) -> nn.Module:
-    """The frozen feature extractor: `build_backbone` in eval mode without gradients."""
+    """The frozen feature extractor: `build_backbone` in eval mode without gradients; for a fine-tune
+    checkpoint of a literature architecture (common/architectures.py), its pooled features."""
+    if state_file:
+        from common.architectures import build_pooled_extractor, checkpoint_architecture
+
+        arch = checkpoint_architecture(state_file)
+        if arch is not None:
+            return build_pooled_extractor(backbone, state_file, arch)
     model = build_backbone(backbone, state_file, seed)
     model.eval()
     model.requires_grad_(False)

@@ -176,7 +176,68 @@ def render_markdown(runs: list[Run], split: str, frame: pd.DataFrame) -> str:
         lines.append(f"| {'**mean**' if name == 'mean' else name} | {count} | " + " | ".join(cells) + " |")
     lines += ["", "Bold: the highest AUROC in the row. Intervals come from each run's own bootstrap (its report says "
               "how it was drawn); overlapping intervals are not a paired test of the difference."]
+    lines += _baseline_lines(runs)
+    lines += _localization_lines(runs)
     return "\n".join(lines) + "\n"
+
+
+def _dataset_and_policy(run: Run) -> tuple[str | None, str | None]:
+    config = run.config
+    dataset = config.get("dataset") or next((s.get("dataset") for s in config.get("stores", [])), None)
+    return dataset, config.get("settings", {}).get("policy")
+
+
+def _baseline_lines(runs: list[Run]) -> list[str]:
+    """The published AUROCs of the runs' dataset (and policy), as a reference table of their own."""
+    from common.baselines import for_dataset
+
+    kinds = {_dataset_and_policy(r) for r in runs}
+    if len(kinds) != 1:
+        return []
+    baselines = for_dataset(*kinds.pop())
+    names = [n for n in runs[0].label_names if any(n in b.auroc for b in baselines)]
+    if not baselines or not names:
+        return []
+    lines = ["", "## Published AUROC of the same labels (reference only: the papers' own splits)", "",
+             "| class | " + " | ".join(b.title for b in baselines) + " |", "|" + " --- |" * (len(baselines) + 1)]
+    lines += [f"| {n} | " + " | ".join(f"{b.auroc[n]:.3f}" if n in b.auroc else "—" for b in baselines) + " |"
+              for n in names]
+    means = [sum(b.auroc[n] for n in names if n in b.auroc) / max(1, sum(n in b.auroc for n in names))
+             for b in baselines]
+    lines.append("| **mean** | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    lines += ["", *[f"- {b.title}: {b.source}" for b in baselines]]
+    return lines
+
+
+def localization_frame(runs: list[Run]) -> pd.DataFrame:
+    """The overall CAM/heatmap localization accuracy of the runs that scored boxes: run, measure,
+    threshold, accuracy, boxes."""
+    rows = []
+    for run in runs:
+        loc = run.metrics.get("localization") or {}
+        for r in loc.get("table", []):
+            if r.get("label") == "all":
+                rows.append({"run": run.name, "measure": r["measure"], "threshold": r["threshold"],
+                             "accuracy": r["accuracy"], "boxes": r["n"], "split": loc.get("split")})
+    return pd.DataFrame(rows, columns=["run", "measure", "threshold", "accuracy", "boxes", "split"])
+
+
+def _localization_lines(runs: list[Run]) -> list[str]:
+    frame = localization_frame(runs)
+    if frame.empty:
+        return []
+    scored = [r for r in runs if r.name in set(frame["run"])]
+    lines = ["", "## Localization accuracy (share of radiologist boxes a heatmap box overlaps by more than T)", "",
+             "| measure | T | " + " | ".join(r.name for r in scored) + " |", "|" + " --- |" * (len(scored) + 2)]
+    cell = {(r["run"], r["measure"], r["threshold"]): r for r in frame.to_dict("records")}
+    for (measure, threshold), _ in frame.groupby(["measure", "threshold"], sort=False):
+        values = [cell.get((r.name, measure, threshold)) for r in scored]
+        lines.append(f"| {measure} | {threshold:g} | " + " | ".join(
+            f"{v['accuracy']:.3f} ({v['boxes']} boxes, {v['split']})" if v else "—" for v in values) + " |")
+    missing = [r.name for r in runs if r not in scored]
+    if missing:
+        lines += ["", f"Not scored for localization: {', '.join(missing)} (no --bbox-list, or a model without maps)."]
+    return lines
 
 
 def write_comparison(runs: list[Run], split: str, out: Path) -> tuple[Path, Path]:

@@ -89,7 +89,8 @@ class FeatureExtractor:
 
     @property
     def feature_dim(self) -> int:
-        return self._spec.feature_dim
+        # An architecture checkpoint's pooled features have their own width.
+        return getattr(self.model, "feature_dim", self._spec.feature_dim)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S) float32 in [0, 1] -> (N, feature_dim) float32."""

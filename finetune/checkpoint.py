@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common.backbones import build_classifier
+from common.architectures import build_model
 from common.torch_files import load_versioned
 from common.weights import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError
 from finetune.config import LAST, FinetuneConfig, FinetuneError
@@ -68,6 +68,10 @@ def checkpoint(model: torch.nn.Module, cfg: FinetuneConfig, state: TrainState, e
         "format": FINETUNE_FORMAT,
         "format_version": FINETUNE_FORMAT_VERSION,
         "backbone": cfg.backbone,
+        # The architecture (common/architectures.py) and its options; absent in older checkpoints: classifier.
+        "model": cfg.model,
+        "model_options": dict(cfg.model_options),
+        "feature_dim": int(getattr(model, "feature_dim", 0)) or None,
         "model_state": _cpu_state(model),
         "label_names": list(cfg.label_names),
         "data_config": cfg.data_config.to_dict(),
@@ -90,7 +94,8 @@ def read_checkpoint(path: str | Path) -> dict:
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """The fine-tuned model of a checkpoint, with its head, in eval mode on `device`."""
     obj = read_checkpoint(path)
-    model = build_classifier(obj["backbone"], None, 0, len(obj["label_names"]))
+    model = build_model(obj.get("model", "classifier"), obj["backbone"], None, 0, len(obj["label_names"]),
+                        obj.get("model_options"))
     model.load_state_dict(obj["model_state"])
     return model.to(device).eval(), obj
 

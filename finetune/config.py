@@ -48,6 +48,8 @@ class FinetuneConfig:
     state_file: str | None = None  # starting weights (ImageNet file or checkpoint); None: random
     init_seed: int = 0  # the new classifier, and the whole model without state_file
     data_config: DataConfig = field(default_factory=lambda: DataConfig(224))  # the model's one input
+    model: str = "classifier"  # common/architectures.py: classifier, wang2017, space-attention, ...
+    model_options: dict = field(default_factory=dict)  # the architecture's constructor options
     freeze_backbone: bool = False
     loss: str = "weighted_bce"
     focal_gamma: float = 2.0

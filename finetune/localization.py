@@ -116,6 +116,22 @@ def _linear_head(model: nn.Module, spec: BackboneSpec) -> nn.Linear:
     return head
 
 
+def heatmap_fn(model: nn.Module, spec: BackboneSpec):
+    """x -> (maps (N, K, h, w), logits (N, K)) of a fine-tuned model: the architecture's own heatmaps
+    (common/architectures.py), or the plain classifier's CAM; a ValueError where it has none."""
+    from common.architectures import is_architecture
+
+    if is_architecture(model):
+        return model.heatmaps
+    cam = CamModel(model, spec)
+
+    def maps(x):
+        features, logits = cam(x)
+        return class_activation_maps(features, cam.classifier.weight), logits
+
+    return maps
+
+
 def cam_model(model: nn.Module, spec: BackboneSpec) -> CamModel:
     """Wrap `model` (spec.build_model() with a K-way Linear at spec.classifier) for CAM."""
     return CamModel(model, spec)
@@ -326,10 +342,11 @@ def evaluate_localization(
     the first `n_overlays` (image, label) pairs are written there as <image stem>_<label>.png.
     The model runs in eval mode and is put back in the mode it was in.
     """
-    cam = CamModel(model, spec)
+    class_maps = heatmap_fn(model, spec)
     index = {name: i for i, name in enumerate(label_names)}
-    if len(index) != cam.classifier.out_features:
-        raise ValueError(f"{len(index)} label names for a {cam.classifier.out_features}-way classifier")
+    outputs = model.n_labels if hasattr(model, "n_labels") else model.get_submodule(spec.classifier).out_features
+    if len(index) != outputs:
+        raise ValueError(f"{len(index)} label names for a {outputs}-way classifier")
     truth = bbox_table[bbox_table["image_id"].isin(list(image_paths))].reset_index(drop=True)
     if truth.empty:
         raise ValueError("none of the box table's images is in image_paths")
@@ -352,13 +369,12 @@ def evaluate_localization(
             batch = images[begin : begin + batch_size]
             pixels = np.stack([data_config.load(image_paths[i]) for i in batch])
             with torch.inference_mode():
-                features, _ = cam(data_config.to_tensor(pixels).to(device))
-                weight = cam.classifier.weight
+                all_maps, _ = class_maps(data_config.to_tensor(pixels).to(device))
                 for j, image_id in enumerate(batch):
                     labels = list(labels_of[image_id])
                     grid = box_grid(image_paths[image_id], box_image_size)
-                    maps = class_activation_maps(features[j : j + 1], weight, [index[l] for l in labels])
-                    maps = map_to_grid(maps[0], data_config, grid).cpu().numpy()
+                    maps = all_maps[j, [index[l] for l in labels]]
+                    maps = map_to_grid(maps, data_config, grid).cpu().numpy()
                     for label, cam_map in zip(labels, maps):
                         boxes = cam_to_boxes(cam_map, threshold)
                         preds[(image_id, label)] = boxes

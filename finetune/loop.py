@@ -18,7 +18,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
-from common.backbones import build_classifier, get_spec
+from common.architectures import build_model, is_architecture, training_loss
+from common.backbones import get_spec
 from common.config import epoch_line
 from common.inference import autocast, resolve_precision
 from common.losses import make_loss
@@ -54,12 +55,21 @@ def predict(model: torch.nn.Module, dataset, batch_size: int, device: torch.devi
     return torch.cat(logits).numpy(), torch.cat(oks).numpy().astype(bool)
 
 
-def _set_train_mode(net: torch.nn.Module, model: torch.nn.Module, classifier: str, frozen: bool) -> None:
+def _backbone_parts(model: torch.nn.Module, spec) -> list[torch.nn.Module]:
+    """The pretrained modules --freeze-backbone freezes: an architecture's own list, or the plain
+    classifier's every child but its head."""
+    if is_architecture(model):
+        return list(model.backbone_parts)
+    head = model.get_submodule(spec.classifier)
+    return [m for m in model.children() if m is not head and head not in list(m.modules())]
+
+
+def _set_train_mode(net: torch.nn.Module, model: torch.nn.Module, spec, frozen: bool) -> None:
     net.train()
     if frozen:
         # A frozen backbone runs as the extractor does: eval-mode BatchNorm, statistics untouched.
-        model.eval()
-        model.get_submodule(classifier).train()
+        for part in _backbone_parts(model, spec):
+            part.eval()
 
 
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: FinetuneConfig):
@@ -123,10 +133,11 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
 
-    model = build_classifier(cfg.backbone, cfg.state_file, cfg.init_seed, len(cfg.label_names))
+    model = build_model(cfg.model, cfg.backbone, cfg.state_file, cfg.init_seed, len(cfg.label_names),
+                        cfg.model_options)
     if cfg.freeze_backbone:
-        model.requires_grad_(False)
-        model.get_submodule(spec.classifier).requires_grad_(True)
+        for part in _backbone_parts(model, spec):
+            part.requires_grad_(False)
     # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
     model = model.to(d.device, memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -171,7 +182,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
     say(f"{len(train_ds)} train / {len(val_ds)} val images; {d.world} process(es) on {d.device.type}, "
         f"batch {cfg.batch_size} per process, {steps} steps per epoch; {precision}; "
         f"{sum(p.numel() for p in trainable):,} trainable parameters"
-        + (" (classifier only)" if cfg.freeze_backbone else ""))
+        + (" (head only)" if cfg.freeze_backbone else "") + f"; model {cfg.model}")
 
     def save_last() -> None:
         # Collectives on every rank (all reach the same step); the write on rank 0 only.
@@ -190,7 +201,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
         t0 = last_line = time.perf_counter()
         train_ds.epoch = state.epoch
         sampler.set_epoch(state.epoch, state.step)
-        _set_train_mode(net, model, spec.classifier, cfg.freeze_backbone)
+        _set_train_mode(net, model, spec, cfg.freeze_backbone)
         # Its own generator: the loader's worker seeds then leave the global RNG (dropout) alone,
         # so a resumed epoch draws the same dropout masks as an uninterrupted one.
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
@@ -204,8 +215,8 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
             y = y.to(d.device, non_blocking=True)
             mask = (mask * ok[:, None]).to(d.device, non_blocking=True)  # unreadable images add no loss
             with autocast(d.device.type, precision):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y, mask)
+                outputs = net(x)
+            loss = training_loss(model, outputs, y, mask, loss_fn)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

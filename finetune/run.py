@@ -165,7 +165,8 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
     cfg = FinetuneConfig(
         out=args.out, backbone=args.backbone, label_names=label_names, train=splits["train"], val=splits["val"],
         state_file=weights.path, init_seed=weights.seed if weights.kind == "random" else args.train_seed,
-        data_config=data_config, freeze_backbone=args.freeze_backbone, loss=args.loss, focal_gamma=args.focal_gamma,
+        data_config=data_config, model=args.model, model_options=args.model_options,
+        freeze_backbone=args.freeze_backbone, loss=args.loss, focal_gamma=args.focal_gamma,
         focal_alpha=args.focal_alpha, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
         batch_size=args.batch_size, epochs=args.epochs, schedule=args.schedule, step_epochs=args.step_epochs,
         lr_factor=args.lr_factor, plateau_patience=args.plateau_patience,

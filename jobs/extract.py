@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the store records it")
     trained = checkpoint_data_config(weights.path) if weights.kind == "checkpoint" else None
+    # A fine-tuned literature architecture (common/architectures.py) gives its pooled pre-classifier features.
+    from common.architectures import checkpoint_architecture
+
+    arch = checkpoint_architecture(weights.path) if trained else None
+    args.model = arch["model"] if arch else "classifier"
+    args.feature_dim = arch["feature_dim"] if arch else spec.feature_dim
     data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
     if trained and data_config != trained:
         log(f"note: --input-size/--resize differ from the checkpoint's own input; these features are not the "
@@ -284,7 +290,8 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     table = images.table
     log(f"{len(table)} images to embed with {args.backbone} ({weights.label}); "
         + ", ".join(f"{s} {int((table['split'] == s).sum())}" for s in SPLITS))
-    settings = {"backbone": args.backbone, "weights": weights.label, "weights_sha256": weights.sha256,
+    settings = {"backbone": args.backbone, "model": args.model, "weights": weights.label,
+                "weights_sha256": weights.sha256,
                 "data_config": data_config.to_dict(), "precision": args.precision,
                 "chunk_size": args.chunk_size, "format_version": FORMAT_VERSION}
     args.lungs = None
@@ -322,7 +329,7 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
         args.lung_file = Path(args.lungs["path"]).name
     timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config)
     n_chunks = timing["chunks"]
-    written = compact(spark, work, n_chunks, spec.feature_dim, args.file_mb, masked=args.view == "masked")
+    written = compact(spark, work, n_chunks, args.feature_dim, args.file_mb, masked=args.view == "masked")
 
     import pyspark
     import torch
@@ -332,8 +339,9 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
         "format_version": FORMAT_VERSION,
         "dataset": images.dataset,
         "label_names": list(images.label_names),
-        "feature_dim": spec.feature_dim,
+        "feature_dim": args.feature_dim,
         "backbone": args.backbone,
+        "model": args.model,
         "weights": weights.label,
         "weights_sha256": weights.sha256,
         "data_config": data_config.to_dict(),
@@ -364,7 +372,8 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
     publish(args.out, work / STAGING, manifest)
     summary = {"store": str(Path(args.out).resolve()), **{k: v for k, v in written.items() if k != "ran"}, **timing}
     log(f"store complete: {summary['store']}")
-    log(f"  {spec.feature_dim}-d {args.backbone} features ({weights.label}); rows per split "
+    model = args.backbone if args.model == "classifier" else f"{args.backbone} {args.model}"
+    log(f"  {args.feature_dim}-d {model} features ({weights.label}); rows per split "
         + ", ".join(f"{s}={n}" for s, n in written["splits"].items()))
     log(f"  {written['errors']} unreadable images (see {ERRORS_DIR}/); "
         f"{images.counts.get('images_missing', 0)} metadata rows without an image; "

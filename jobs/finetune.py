@@ -31,7 +31,7 @@ from common.data_config import RESIZE_MODES
 from common.safe_output import check_dir_path, run_job
 from common.table_flags import add_table_flags, check_table_flags
 from common.targets import POLICIES
-from finetune.choices import BEST_METRICS, SCHEDULES
+from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
 
 # torch and Spark are imported by the functions that use them, so that --help (and a flag error)
 # answers at once.
@@ -57,7 +57,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--resize", choices=RESIZE_MODES, default=None,
                    help="how a non-square image becomes square: pad (aspect kept, nothing cut), crop, stretch "
                         "(default: pad, or a fine-tune checkpoint's own)")
-    g.add_argument("--freeze-backbone", action="store_true", help="train the new classifier only")
+    g.add_argument("--freeze-backbone", action="store_true", help="train the new head only (the backbone stays as loaded)")
+    g.add_argument("--model", choices=MODELS, default="classifier",
+                   help="classifier: backbone + Linear; wang2017: transition layer + pooling (Wang et al. 2017); "
+                        "space-attention; attention-gated (ResNet-50, Schlemper et al.); bilinear: two streams, "
+                        "bilinear pooling, CE + MSML (Ge et al. 2018)")
+    g.add_argument("--pooling", choices=POOLINGS, help="wang2017: global pooling of the transition maps (default lse)")
+    g.add_argument("--lse-r", type=float, help="wang2017: r of log-sum-exp pooling (default 10)")
+    g.add_argument("--transition-channels", type=int, help="wang2017: channels of the transition layer (default 1024)")
+    g.add_argument("--space-kernel", type=int, help="space-attention: kernel of the class-map convolution (default 3)")
+    g.add_argument("--gate-channels", type=int, help="attention-gated: inner channels of each gate (default 256)")
+    g.add_argument("--bilinear-dim", type=int, help="bilinear: channels each stream is reduced to before the outer "
+                                                    "product (default 256)")
+    g.add_argument("--bilinear-alpha", type=float, help="bilinear: weight of MSML + CE (default 0.2)")
+    g.add_argument("--bilinear-beta", type=float, help="bilinear: weight of the fine-grained CE (default 0.6)")
     g = p.add_argument_group("labels and loss (as heads.train)")
     g.add_argument("--labels", default="all", help="all | competition (CheXpert's five) | comma-separated names")
     g.add_argument("--keep-no-finding", action="store_true", help="also train on a 'No Finding' label")
@@ -114,6 +127,14 @@ def check_settings(args: argparse.Namespace) -> None:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        args.model_options = model_options(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.model != "classifier" and args.backbone not in ("resnet50", "densenet121"):
+        raise ConfigError(f"--model {args.model}: needs --backbone resnet50 or densenet121, not {args.backbone}")
+    if args.model == "attention-gated" and args.backbone != "resnet50":
+        raise ConfigError(f"--model attention-gated: gates a ResNet's stages; --backbone resnet50, not {args.backbone}")
     args.betas = parse_list(args.betas, float, "betas")
     if len(args.betas) != 2:
         raise ConfigError(f"--betas {args.betas!r}: give two values")
@@ -122,7 +143,7 @@ def check_settings(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
-    if args.bbox_list:
+    if args.bbox_list and args.model == "classifier":
         from finetune.localization import CAM_LAYERS
 
         if args.backbone not in CAM_LAYERS:

@@ -52,15 +52,16 @@ class FinetuneOnImages:
         from common.backbones import get_spec
         from common.data_config import DataConfig
         from finetune.checkpoint import load_classifier
-        from finetune.localization import cam_model
+        from finetune.localization import heatmap_fn
 
         self.model, obj = load_classifier(path, device)
         self.device = torch.device(device)
         self.data_config = DataConfig.from_dict(obj["data_config"], str(path))
         self.label_names = list(obj["label_names"])
         self.backbone = obj["backbone"]
+        self.architecture = obj.get("model", "classifier")
         try:
-            self.cam = cam_model(self.model, get_spec(self.backbone))
+            self.cam = heatmap_fn(self.model, get_spec(self.backbone))  # x -> (maps, logits)
         except ValueError:
             self.cam = None  # e.g. VGG-19: probabilities only, and the page says why there is no map
 
@@ -73,13 +74,12 @@ class FinetuneOnImages:
 
     @torch.inference_mode()
     def predict(self, inputs: list, ids: list[str]):
-        from finetune.localization import class_activation_maps
         from heads.predictions import ImagePredictions
 
         x = self.data_config.to_tensor(np.stack([i[self.data_config] for i in inputs])).to(self.device)
         if self.cam is not None:
-            features, logits = self.cam(x)
-            cams = class_activation_maps(features.float(), self.cam.classifier.weight.float()).cpu().numpy()
+            maps, logits = self.cam(x)
+            cams = maps.float().cpu().numpy()
         else:
             logits, cams = self.model(x), None
         probs = torch.sigmoid(logits.float()).cpu().numpy()
@@ -130,7 +130,8 @@ def load_served(run: str | Path, device: str = "cpu", precision: str = "auto", t
         thresholds = metrics.get("thresholds") or {}
         identity = {
             "kind": "finetune",
-            "backbone": predictor.backbone,
+            "backbone": predictor.backbone if predictor.architecture == "classifier" else
+                        f"{predictor.backbone} ({predictor.architecture})",
             "weights": f"fine-tuned: {path}",
             "view": "original",
             "training_data": str(config.get("settings", {}).get("dataset", config.get("dataset", "?"))),
