@@ -202,3 +202,29 @@ def test_two_processes_train_wang2017_to_identical_weights(tmp_path, spark):
     assert result["world_size"] == 2
     digests = result["rank_state_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+@needs_shared
+def test_the_extraction_job_stores_an_architectures_pooled_features(runs, tmp_path, spark):
+    from common.store import read_manifest, read_split
+    from finetune.checkpoint import load_classifier
+    from jobs.extract import main as extract
+
+    out, _ = runs["attention-gated"]
+    store = tmp_path / "store"
+    extract(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"), "--images",
+             str(SAMPLE / "images"), "--split", "ratios", "--backbone", "resnet50", "--weights", str(out / "best.pt"),
+             "--precision", "fp32", "--out", str(store), "--limit", "6", "--chunk-size", "6"], spark=spark)
+    manifest = read_manifest(store)
+    assert manifest["model"] == "attention-gated" and manifest["feature_dim"] == 512 + 1024 + 2048
+    model, obj = load_classifier(out / "best.pt")
+    from common.data_config import DataConfig
+
+    config = DataConfig.from_dict(manifest["data_config"])
+    assert config == DataConfig.from_dict(obj["data_config"])  # the checkpoint's own input
+    for split in (s for s, n in manifest["splits"].items() if n):
+        data = read_split(store, split)
+        paths = [next((SAMPLE / "images").glob(i)) for i in data.image_id]
+        with torch.no_grad():
+            direct = model.pooled(config.to_tensor(np.stack([config.load(str(p)) for p in paths]))).numpy()
+        np.testing.assert_allclose(data.features, direct, rtol=1e-4, atol=1e-5)
