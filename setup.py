@@ -34,6 +34,10 @@ setup(
         "pylibjpeg-libjpeg>=2.5,<3",
         "pylibjpeg-openjpeg>=2.6,<3",
         "pylibjpeg-rle>=2.2,<3",
+        # Backbones torchvision lacks: timm's Xception (create_model + pretrained_cfg), and torchxrayvision's
+        # chest-X-ray-trained DenseNet-121; each keeps its own weights file and cache place.
+        "timm>=1.0.31,<1.1",
+        "torchxrayvision>=1.5.7,<1.6",
         # The diagnosis service (serve/): Flask for the page and API, waitress to serve it with threads
         # (pure Python, production-grade, no compiler or system library).
         "flask>=3.1,<3.2",

@@ -60,10 +60,10 @@ class FeatureMaps(nn.Module):
 
     def __init__(self, backbone: str, state_file: str | None, seed: int):
         super().__init__()
-        if backbone not in ("resnet50", "densenet121"):
+        if backbone not in ("resnet50", "densenet121", "xrv-densenet121"):
             raise ValueError(f"--backbone {backbone}: the literature architectures need resnet50 or densenet121 "
-                             "(backbones whose last feature maps this project knows)")
-        self.name = backbone
+                             "(or xrv-densenet121: backbones whose last feature maps this project knows)")
+        self.name = "densenet121" if backbone == "xrv-densenet121" else backbone  # same layout
         self.net = build_backbone(backbone, state_file, seed)
         self.channels = get_spec(backbone).feature_dim
 
@@ -319,14 +319,14 @@ class PooledFeatures(nn.Module):
 
 def checkpoint_architecture(path: str) -> dict | None:
     """{model, model_options, feature_dim, label_names} of a fine-tune checkpoint of one of the
-    architectures above; None for any other file (a plain classifier's checkpoint included)."""
+    architectures above; None for any other file (a plain classifier's checkpoint, a library's)."""
     from common.torch_files import read_torch_file
-    from common.weights import FINETUNE_FORMAT, WeightsError, first_line
+    from common.weights import FINETUNE_FORMAT
 
     try:
         obj = read_torch_file(path)
-    except Exception as exc:  # unpickling errors are many-lined and of many classes
-        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
+    except Exception:  # noqa: BLE001 - not a checkpoint of ours (e.g. a library's pickled model): the
+        return None    # weights loader reads it, or says in one line why it cannot
     if not (isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT) or obj.get("model", "classifier") == "classifier":
         return None
     return {"model": obj["model"], "model_options": obj.get("model_options") or {},

@@ -1,9 +1,12 @@
 """Backbone registry and weight loading: registry name + weights -> frozen feature extractor
 (`build_extractor`), or the same model with an N-way head to fine-tune (`build_classifier`).
 
-A backbone is a torchvision ImageNet classifier whose final Linear layer is replaced by
-nn.Identity, so the extractor outputs the pooled penultimate features (the input of that
-layer), `feature_dim` wide.
+A backbone is a classifier whose final Linear layer is replaced by nn.Identity, so the extractor
+outputs the pooled penultimate features (the input of that layer), `feature_dim` wide. It comes
+from one of three libraries (`family`): torchvision's ImageNet models, timm's (Xception, which
+torchvision lacks; its `pretrained_cfg` gives the input), and torchxrayvision's chest-X-ray-trained
+DenseNet-121 (one gray channel in [-1024, 1024], its own 18 labels). Each keeps its library's
+weights file and cache place (common/weights.py).
 
 Weights (finding, hashing and reading checkpoint files) are common/weights.py's job.
 """
@@ -26,29 +29,41 @@ class BackboneSpec:
     name: str
     feature_dim: int
     input_size: int
-    constructor: Callable[..., nn.Module]
-    # Dotted attribute path of the final ImageNet Linear, replaced by nn.Identity.
+    constructor: Callable[..., nn.Module] | None
+    # Dotted attribute path of the final Linear, replaced by nn.Identity.
     classifier: str
-    default_weights: WeightsEnum
+    default_weights: WeightsEnum | None
     # Constructor arguments for random init and for loading a state dict (see build_model).
     random_kwargs: tuple[tuple[str, Any], ...] = ()
     load_kwargs: tuple[tuple[str, Any], ...] = ()
     # A training-only side head (inception's AuxLogits): removed from the extractor, its keys dropped.
     aux_classifier: str | None = None
+    family: str = "torchvision"  # torchvision | timm | torchxrayvision
+    library_name: str | None = None  # timm's model name, or torchxrayvision's weights name
+    # The default input (timm: its pretrained_cfg; torchxrayvision: its crop and [-1024, 1024] range).
+    input: tuple[tuple[str, Any], ...] = ()
 
     def build_model(self, random_init: bool = True) -> nn.Module:
-        """The full torchvision model (1000-way head) without weights, laid out like ImageNet's.
+        """The full library model (its own classifier head) without weights.
 
         random_init=False skips initialisation work where the constructor allows it, for a
         model whose state dict is about to be loaded.
         """
+        if self.family == "timm":
+            import timm
+
+            return timm.create_model(self.library_name, pretrained=False)
+        if self.family == "torchxrayvision":
+            import torchxrayvision as xrv
+
+            return xrv.models.DenseNet(weights=None)
         kwargs = dict(self.random_kwargs if random_init else self.load_kwargs)
         return self.constructor(weights=None, **kwargs)
 
     @property
     def data_config(self) -> DataConfig:
         """The default input of this backbone (a checkpoint records its own)."""
-        return DataConfig(self.input_size)
+        return DataConfig(self.input_size, **dict(self.input))
 
 
 # aux_logits=True so ImageNet state dicts (which have AuxLogits) load; transform_input=True as
@@ -80,6 +95,15 @@ REGISTRY: dict[str, BackboneSpec] = {
             tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2,
         ),
         BackboneSpec("vgg19", 4096, 224, tvm.vgg19, "classifier.6", tvm.VGG19_Weights.IMAGENET1K_V1),
+        # Chollet's Xception (Keras ImageNet weights ported by timm): timm's pretrained_cfg input (299 px,
+        # bicubic, mean/std 0.5), without its ImageNet center crop (0.8975): a radiograph keeps its edges.
+        BackboneSpec("xception", 2048, 299, None, "fc", None, family="timm", library_name="legacy_xception",
+                     input=(("interpolation", "bicubic"), ("mean", (0.5, 0.5, 0.5)), ("std", (0.5, 0.5, 0.5)))),
+        # torchxrayvision's DenseNet-121 trained on 8 chest X-ray datasets ("densenet121-res224-all"):
+        # one gray channel, values x * 2048 - 1024 = (x - 0.5) / (1 / 2048), its center-crop geometry.
+        BackboneSpec("xrv-densenet121", 1024, 224, None, "classifier", None, family="torchxrayvision",
+                     library_name="densenet121-res224-all",
+                     input=(("resize", "crop"), ("mean", (0.5,)), ("std", (1 / 2048,)), ("in_channels", 1))),
     )
 }
 

@@ -39,7 +39,7 @@ RESIZE_MODES = ("pad", "crop", "stretch")
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # Written beside the values so a later reader can tell what the fields meant.
 VALUE_SCALING = "8-bit /255, 16-bit /65535"
-CHANNELS = "gray replicated to 3 channels"
+CHANNELS = {3: "gray replicated to 3 channels", 1: "one gray channel"}
 
 
 class DataConfigError(ValueError):
@@ -65,10 +65,12 @@ class DataConfig:
     resize: str = "pad"
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     train_shift: float = 0.0625
     train_flip: bool = True
+    # 3: gray replicated to three channels (ImageNet models); 1: one gray channel (torchxrayvision's).
+    in_channels: int = 3
 
     def __post_init__(self):
         if not isinstance(self.input_size, int) or isinstance(self.input_size, bool) or self.input_size < 8:
@@ -81,10 +83,12 @@ class DataConfig:
             raise DataConfigError(f"interpolation {self.interpolation!r}: choose from {', '.join(INTERPOLATIONS)}")
         if not 0.0 <= self.train_shift < 0.5:
             raise DataConfigError(f"train_shift {self.train_shift!r}: give a fraction in [0, 0.5)")
+        if self.in_channels not in (1, 3):
+            raise DataConfigError(f"in_channels {self.in_channels!r}: 1 (gray) or 3 (gray replicated)")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if len(value) != 3 or (name == "std" and min(value) <= 0):
-                raise DataConfigError(f"{name} {value!r}: give three numbers (std > 0)")
+            if len(value) != self.in_channels or (name == "std" and min(value) <= 0):
+                raise DataConfigError(f"{name} {value!r}: give {self.in_channels} number(s) (std > 0)")
         # JSON gives lists; keep tuples so equal configs compare and hash equal.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -92,8 +96,11 @@ class DataConfig:
     # --- records -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std),
-                "value_scaling": VALUE_SCALING, "channels": CHANNELS}
+        record = {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std),
+                  "value_scaling": VALUE_SCALING, "channels": CHANNELS[self.in_channels]}
+        if self.in_channels == 3:  # as every record before one-channel models: equal configs, equal records
+            del record["in_channels"]
+        return record
 
     @classmethod
     def from_dict(cls, record: dict, source: str = "data config") -> DataConfig:
@@ -101,7 +108,8 @@ class DataConfig:
         if not isinstance(record, dict):
             raise DataConfigError(f"{source}: data_config is {type(record).__name__}, not a table")
         fields = {f.name for f in dataclasses.fields(cls)}
-        known = {"value_scaling": VALUE_SCALING, "channels": CHANNELS}
+        known = {"value_scaling": VALUE_SCALING, "channels": CHANNELS[record.get("in_channels", 3)]
+                 if record.get("in_channels", 3) in CHANNELS else None}
         for key, value in known.items():
             if record.get(key, value) != value:
                 raise DataConfigError(f"{source}: data_config {key} {record[key]!r} is not what this code does ({value!r})")
@@ -121,7 +129,9 @@ class DataConfig:
         how = {"pad": "long side scaled, padded to square (aspect kept, nothing cut)",
                "crop": "short side scaled, center-cropped to square",
                "stretch": "both sides scaled (aspect not kept)"}[self.resize]
-        return f"{self.input_size} px, {how}{crop}, {self.interpolation}, ImageNet mean/std, gray to 3 channels"
+        norm = "ImageNet mean/std" if self.mean == IMAGENET_MEAN and self.std == IMAGENET_STD else \
+            f"mean {', '.join(f'{v:g}' for v in self.mean)}, std {', '.join(f'{v:g}' for v in self.std)}"
+        return f"{self.input_size} px, {how}{crop}, {self.interpolation}, {norm}, {CHANNELS[self.in_channels]}"
 
     def describe_training(self) -> str:
         flip = " and a horizontal flip half the time" if self.train_flip else ""
@@ -185,7 +195,7 @@ class DataConfig:
     # --- network input -------------------------------------------------------------------------
 
     def to_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(N, S, S) float32 in [0, 1] -> (N, 3, S, S) float32, normalized per channel.
+        """(N, S, S) float32 in [0, 1] -> (N, in_channels, S, S) float32, normalized per channel.
 
         A torch tensor stays on its device, so a GPU caller can copy the one-channel batch
         (a third of the bytes) and normalize there.
@@ -198,8 +208,8 @@ class DataConfig:
                 f"expected a batch of shape (N, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
             )
         x = x.to(torch.float32)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, self.in_channels, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, self.in_channels, 1, 1)
         # (N, 1, S, S) broadcast against (1, 3, 1, 1) replicates the gray channel in the same op.
         return (x.unsqueeze(1) - mean) / std
 

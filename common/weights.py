@@ -79,6 +79,7 @@ def resolve_weights(backbone: str, weights: str, download: bool = False) -> Weig
     """Turn a --weights value into a local file (or a seed), checking it exists.
 
     Accepted: 'imagenet' (the backbone's default torchvision weights), 'imagenet:<ENUM_NAME>',
+    'pretrained' (a timm or torchxrayvision backbone's published weights; ImageNet's for torchvision),
     'random' or 'random:<seed>' (seed 0 by default), or the path of a checkpoint file.
     """
     spec = get_spec(backbone)
@@ -89,7 +90,14 @@ def resolve_weights(backbone: str, weights: str, download: bool = False) -> Weig
         seed = int(text)
         return WeightsSource("random", None, seed, f"random:{seed}", None)
 
+    kind, _, name = weights.partition(":")
+    if spec.family != "torchvision" and kind in ("imagenet", "pretrained") and name in ("", spec.library_name):
+        return _library_weights(spec, kind, download)  # also the label a manifest recorded
+    if weights == "pretrained":
+        weights = "imagenet"  # a torchvision backbone's published weights are ImageNet's
     if weights == "imagenet" or weights.startswith("imagenet:"):
+        if spec.default_weights is None:
+            raise WeightsError(f"--weights {weights!r}: {backbone} has no torchvision weights enum; use 'pretrained'")
         enum_cls = type(spec.default_weights)
         name = weights.partition(":")[2]
         if not name:
@@ -121,6 +129,39 @@ def resolve_weights(backbone: str, weights: str, download: bool = False) -> Weig
             f"(accepted: imagenet, imagenet:<ENUM>, random, random:<seed>, or a checkpoint path)"
         )
     return WeightsSource("checkpoint", path, 0, f"checkpoint:{path}", file_sha256(path))
+
+
+def library_weights_file(spec) -> tuple[str, str]:
+    """(local path, source URL) of a timm or torchxrayvision backbone's published weights, in the
+    library's own cache: torch.hub's checkpoints folder for timm (where its load_state_dict_from_url
+    looks), torchxrayvision's models_data folder ($TORCHXRAYVISION_HOME overrides it)."""
+    if spec.family == "timm":
+        import timm
+
+        url = timm.models.get_pretrained_cfg(spec.library_name).url
+        return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)), url
+    import torchxrayvision as xrv
+
+    url = xrv.models.model_urls[spec.library_name]["weights_url"]
+    folder = os.environ.get("TORCHXRAYVISION_HOME") or xrv.utils.get_cache_dir()
+    return os.path.join(os.path.expanduser(folder), os.path.basename(url)), url
+
+
+def _library_weights(spec, weights: str, download: bool) -> WeightsSource:
+    if weights == "imagenet" and spec.family == "torchxrayvision":
+        raise WeightsError(f"--weights imagenet: {spec.name}'s published weights are torchxrayvision's chest X-ray "
+                           "ones; pass --weights pretrained")
+    path, url = library_weights_file(spec)
+    if not os.path.isfile(path):
+        if not download:
+            raise WeightsError(
+                f"{spec.family} weights for {spec.name} ({spec.library_name}) are not in the cache: put "
+                f"{os.path.basename(path)} (from {url}) into {os.path.dirname(path)}/, pass --download-weights on "
+                "a machine with internet, or pass a checkpoint path")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path, progress=True)
+    kind = "imagenet" if spec.family == "timm" else "pretrained"
+    return WeightsSource(kind, path, 0, f"{kind}:{spec.library_name}", file_sha256(path))
 
 
 # torchvision's DenseNet checkpoints keep pre-0.4 key names ('norm.1' for 'norm1'); torchvision
@@ -165,11 +206,16 @@ def _unwrap_state_dict(obj: Any, path: str, backbone: str) -> dict[str, torch.Te
 def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict for the extractor: classifier (and aux head) keys dropped."""
     spec = get_spec(backbone)
-    try:
-        obj = read_torch_file(path)
-    except Exception as exc:  # unpickling errors are many-lined and of many classes
-        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
-    state = _unwrap_state_dict(obj, path, backbone)
+    if spec.family == "torchxrayvision" and os.path.abspath(path) == os.path.abspath(library_weights_file(spec)[0]):
+        # torchxrayvision's own file is a pickled model, which only its own loader (a full unpickle of a
+        # file in its cache) reads: build the model through it and take its state.
+        state = _torchxrayvision_state(spec, path)
+    else:
+        try:
+            obj = read_torch_file(path)
+        except Exception as exc:  # unpickling errors are many-lined and of many classes
+            raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
+        state = _unwrap_state_dict(obj, path, backbone)
     drop = tuple(f"{p}." for p in (spec.classifier, spec.aux_classifier) if p)
     out = {}
     for key, value in state.items():
@@ -179,6 +225,21 @@ def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
             key = m.group(1) + m.group(2)
         out[key] = value
     return out
+
+
+def _torchxrayvision_state(spec, path: str) -> dict[str, torch.Tensor]:
+    import warnings
+
+    import torchxrayvision as xrv
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = xrv.models.DenseNet(weights=spec.library_name, cache_dir=os.path.dirname(path) + os.sep)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: one line
+        raise WeightsError(f"{path}: torchxrayvision cannot load it ({first_line(exc)})") from None
+    # op_threshs calibrates its own 18 outputs, which the registry model does not have (its head is replaced).
+    return {k: v for k, v in model.state_dict().items() if k != "op_threshs"}
 
 
 def checkpoint_data_config(path: str) -> DataConfig | None:

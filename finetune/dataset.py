@@ -19,7 +19,7 @@ from common.data_config import DataConfig
 
 
 class ImageDataset(Dataset):
-    """Items (image (3, S, S) float32 normalized, targets (K,) float32, mask (K,) float32, ok bool, index).
+    """Items (image (in_channels, S, S) float32 normalized, targets (K,) float32, mask (K,) float32, ok bool, index).
 
     `targets` and `mask` are (n, K) arrays aligned with `paths` (common.targets.apply_policy gives
     them). Set `epoch` before an epoch's DataLoader is iterated; with worker processes it must
@@ -46,7 +46,7 @@ class ImageDataset(Dataset):
         try:
             image = cfg.load(self.paths[i])
         except Exception:  # any decoding failure: the loop counts it and names the file
-            return torch.zeros(3, cfg.input_size, cfg.input_size), self.targets[i], self.mask[i], False, i
+            return torch.zeros(cfg.in_channels, cfg.input_size, cfg.input_size), self.targets[i], self.mask[i], False, i
         if self.train:
             image = cfg.train_view(image, np.random.default_rng([self.seed, self.epoch, i]))
         return cfg.to_tensor(image[None])[0], self.targets[i], self.mask[i], True, i

@@ -52,6 +52,8 @@ CAM_LAYERS = {
     # again costs little and keeps the maps right should that ReLU stop being in place.
     "densenet121": CamLayer("features", relu=True),
     "inception_v3": CamLayer("Mixed_7c", relu=False),
+    "xception": CamLayer("act4", relu=False),  # timm's forward_features ends conv4 -> bn4 -> act4 (ReLU)
+    "xrv-densenet121": CamLayer("features", relu=True),  # features2: relu(features) -> pool
 }
 _NO_CAM = {
     "vgg19": "its classifier is three Linear layers on the flattened 7x7 map, not pooling and one Linear",

@@ -131,8 +131,9 @@ def check_settings(args: argparse.Namespace) -> None:
         args.model_options = model_options(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if args.model != "classifier" and args.backbone not in ("resnet50", "densenet121"):
-        raise ConfigError(f"--model {args.model}: needs --backbone resnet50 or densenet121, not {args.backbone}")
+    if args.model != "classifier" and args.backbone not in ("resnet50", "densenet121", "xrv-densenet121"):
+        raise ConfigError(f"--model {args.model}: needs --backbone resnet50, densenet121 or xrv-densenet121, "
+                          f"not {args.backbone}")
     if args.model == "attention-gated" and args.backbone != "resnet50":
         raise ConfigError(f"--model attention-gated: gates a ResNet's stages; --backbone resnet50, not {args.backbone}")
     args.betas = parse_list(args.betas, float, "betas")
