@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import build_backbone, build_classifier, get_spec
+from common.choices import ARCHITECTURE_LAYOUTS
 
 
 def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:
@@ -53,6 +54,9 @@ def pool(maps: torch.Tensor, how: str, r: float = 10.0) -> torch.Tensor:
     raise ValueError(f"pooling {how!r}: choose avg, max or lse")
 
 
+LAYOUTS = ARCHITECTURE_LAYOUTS
+
+
 class FeatureMaps(nn.Module):
     """A registry backbone up to its last feature maps (N, C, h, w), and for ResNet its stages."""
 
@@ -60,10 +64,11 @@ class FeatureMaps(nn.Module):
 
     def __init__(self, backbone: str, state_file: str | None, seed: int):
         super().__init__()
-        if backbone not in ("resnet50", "densenet121", "xrv-densenet121"):
+        if backbone not in LAYOUTS:
             raise ValueError(f"--backbone {backbone}: the literature architectures need resnet50 or densenet121 "
-                             "(or xrv-densenet121: backbones whose last feature maps this project knows)")
-        self.name = "densenet121" if backbone == "xrv-densenet121" else backbone  # same layout
+                             f"(or {', '.join(b for b in LAYOUTS if b.startswith('xrv'))}: backbones whose last "
+                             "feature maps this project knows)")
+        self.name = LAYOUTS[backbone]
         self.net = build_backbone(backbone, state_file, seed)
         self.channels = get_spec(backbone).feature_dim
 
@@ -174,7 +179,7 @@ class AttentionGated(nn.Module):
 
     def __init__(self, backbone: str, state_file, seed: int, n_labels: int, inner: int = 256):
         super().__init__()
-        if backbone != "resnet50":
+        if LAYOUTS.get(backbone) != "resnet50":
             raise ValueError(f"--model attention-gated: gates a ResNet's stages; --backbone resnet50, not {backbone}")
         self.maps = FeatureMaps(backbone, state_file, seed)
         with torch.random.fork_rng(devices=[]):

@@ -56,6 +56,12 @@ class BackboneSpec:
         if self.family == "torchxrayvision":
             import torchxrayvision as xrv
 
+            if self.library_name.startswith("resnet50"):
+                # torchxrayvision's ResNet-50 is torchvision's with one input channel and its 18 labels; its
+                # constructor insists on downloading, so the same layout is built here (its file is this state dict).
+                model = tvm.resnet50(weights=None, num_classes=len(xrv.models.model_urls[self.library_name]["labels"]))
+                model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+                return model
             return xrv.models.DenseNet(weights=None)
         kwargs = dict(self.random_kwargs if random_init else self.load_kwargs)
         return self.constructor(weights=None, **kwargs)
@@ -103,6 +109,10 @@ REGISTRY: dict[str, BackboneSpec] = {
         # one gray channel, values x * 2048 - 1024 = (x - 0.5) / (1 / 2048), its center-crop geometry.
         BackboneSpec("xrv-densenet121", 1024, 224, None, "classifier", None, family="torchxrayvision",
                      library_name="densenet121-res224-all",
+                     input=(("resize", "crop"), ("mean", (0.5,)), ("std", (1 / 2048,)), ("in_channels", 1))),
+        # torchxrayvision's ResNet-50 ("resnet50-res512-all"), at its 512 px, with the same input rule.
+        BackboneSpec("xrv-resnet50", 2048, 512, None, "fc", None, family="torchxrayvision",
+                     library_name="resnet50-res512-all",
                      input=(("resize", "crop"), ("mean", (0.5,)), ("std", (1 / 2048,)), ("in_channels", 1))),
     )
 }

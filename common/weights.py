@@ -206,9 +206,10 @@ def _unwrap_state_dict(obj: Any, path: str, backbone: str) -> dict[str, torch.Te
 def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict for the extractor: classifier (and aux head) keys dropped."""
     spec = get_spec(backbone)
-    if spec.family == "torchxrayvision" and os.path.abspath(path) == os.path.abspath(library_weights_file(spec)[0]):
-        # torchxrayvision's own file is a pickled model, which only its own loader (a full unpickle of a
-        # file in its cache) reads: build the model through it and take its state.
+    if spec.name == "xrv-densenet121" and os.path.abspath(path) == os.path.abspath(library_weights_file(spec)[0]):
+        # torchxrayvision's DenseNet file is a pickled model, which only its own loader (a full unpickle of a
+        # file in its cache) reads: build the model through it and take its state. (Its ResNet-50 file is
+        # a plain state dict.)
         state = _torchxrayvision_state(spec, path)
     else:
         try:

@@ -54,6 +54,7 @@ CAM_LAYERS = {
     "inception_v3": CamLayer("Mixed_7c", relu=False),
     "xception": CamLayer("act4", relu=False),  # timm's forward_features ends conv4 -> bn4 -> act4 (ReLU)
     "xrv-densenet121": CamLayer("features", relu=True),  # features2: relu(features) -> pool
+    "xrv-resnet50": CamLayer("layer4", relu=False),
 }
 _NO_CAM = {
     "vgg19": "its classifier is three Linear layers on the flattened 7x7 map, not pooling and one Linear",

@@ -25,7 +25,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
     # finetune package.
     del sys.path[0]
 
-from common.choices import PRECISIONS, SPLITS  # noqa: E402
+from common.choices import ARCHITECTURE_LAYOUTS, PRECISIONS, SPLITS  # noqa: E402
 from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list, parse_with_config, require
 from common.data_config import RESIZE_MODES
 from common.safe_output import check_dir_path, run_job
@@ -131,10 +131,10 @@ def check_settings(args: argparse.Namespace) -> None:
         args.model_options = model_options(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if args.model != "classifier" and args.backbone not in ("resnet50", "densenet121", "xrv-densenet121"):
-        raise ConfigError(f"--model {args.model}: needs --backbone resnet50, densenet121 or xrv-densenet121, "
-                          f"not {args.backbone}")
-    if args.model == "attention-gated" and args.backbone != "resnet50":
+    layouts = ARCHITECTURE_LAYOUTS
+    if args.model != "classifier" and args.backbone not in layouts:
+        raise ConfigError(f"--model {args.model}: needs --backbone {', '.join(layouts)}, not {args.backbone}")
+    if args.model == "attention-gated" and layouts.get(args.backbone) != "resnet50":
         raise ConfigError(f"--model attention-gated: gates a ResNet's stages; --backbone resnet50, not {args.backbone}")
     args.betas = parse_list(args.betas, float, "betas")
     if len(args.betas) != 2:

@@ -228,3 +228,11 @@ def test_the_extraction_job_stores_an_architectures_pooled_features(runs, tmp_pa
         with torch.no_grad():
             direct = model.pooled(config.to_tensor(np.stack([config.load(str(p)) for p in paths]))).numpy()
         np.testing.assert_allclose(data.features, direct, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, backbone", [("wang2017", "xrv-densenet121"), ("attention-gated", "xrv-resnet50")])
+def test_architectures_on_torchxrayvision_backbones_take_one_gray_channel(name, backbone):
+    model = build_model(name, backbone, None, 0, K).eval()
+    x = torch.rand(2, 1, 64, 64) * 2048 - 1024  # torchxrayvision's range, one channel
+    with torch.no_grad():
+        assert model(x).shape == (2, K) and model.heatmaps(x)[0].shape[:2] == (2, K)

@@ -36,9 +36,12 @@ def _save_library_weights(name: str):
     if spec.family == "timm":
         model = timm.create_model(spec.library_name, pretrained=False)
         torch.save(model.state_dict(), path)  # timm's release files are plain state dicts
-    else:
+    elif name == "xrv-densenet121":
         model = xrv.models.DenseNet(weights=None)
-        torch.save(model, path)  # torchxrayvision's are pickled models
+        torch.save(model, path)  # torchxrayvision's DenseNet file is a pickled model
+    else:
+        model = spec.build_model()
+        torch.save(model.state_dict(), path)  # its ResNet-50 file is the state dict of its torchvision model
     return model, path
 
 
@@ -51,14 +54,15 @@ def test_xception_input_is_timms_pretrained_cfg_without_its_imagenet_crop():
 
 
 @pytest.mark.parametrize("name, words", [("xception", "xception-43020ad28.pth"),
-                                         ("xrv-densenet121", "densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt")])
+                                         ("xrv-densenet121", "densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"),
+                                         ("xrv-resnet50", "pc-nih-rsna-siim-vin-resnet50-test512-e400-state.pt")])
 def test_absent_weights_name_the_file_and_the_folder(name, words, caches):
     with pytest.raises(WeightsError) as info:
         resolve_weights(name, "pretrained")
     message = str(info.value)
     folder = "torch/hub/checkpoints" if name == "xception" else "xrv"
     assert words in message and f"{caches / folder}/" in message and "\n" not in message
-    if name == "xrv-densenet121":
+    if name.startswith("xrv"):
         with pytest.raises(WeightsError, match="pass --weights pretrained"):
             resolve_weights(name, "imagenet")
 
@@ -105,8 +109,21 @@ def _has_cv2() -> bool:
     return True
 
 
+def test_torchxrayvision_resnet50_file_loads_in_its_own_class_and_ours_alike(caches):
+    import warnings
+
+    ours, path = _save_library_weights("xrv-resnet50")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = xrv.models.ResNet(weights="resnet50-res512-all", cache_dir=str(path.rsplit("/", 1)[0]) + "/")
+    extractor = build_extractor("xrv-resnet50", resolve_weights("xrv-resnet50", "pretrained").path)
+    x = torch.rand(1, 1, 512, 512) * 2048 - 1024
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x), theirs.features(x), rtol=1e-4, atol=1e-4)
+
+
 @needs_shared
-@pytest.mark.parametrize("name, size", [("xrv-densenet121", 64), ("xception", 96)])
+@pytest.mark.parametrize("name, size", [("xrv-densenet121", 64), ("xception", 96), ("xrv-resnet50", 64)])
 def test_a_library_backbone_fine_tunes_and_its_checkpoint_extracts(name, size, tmp_path):
     from common.data_config import DataConfig
     from common.inference import FeatureExtractor
