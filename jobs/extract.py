@@ -312,6 +312,25 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
         return _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work)
 
 
+def ship_file(spark, path: str, sha256: str, work: Path) -> str:
+    """Send `path` to the executors (SparkContext.addFile) under a name that holds its content hash, and
+    return that name (SparkFiles.get finds it): a session refuses a second, different file of one name,
+    so two checkpoints both called best.pt could not be used one after the other."""
+    import os
+    import shutil
+
+    name = f"{sha256[:16]}-{Path(path).name}"
+    staged = work / "shipped" / name
+    if not staged.exists():
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, staged)  # no copy where the file system allows
+        except OSError:
+            shutil.copyfile(path, staged)
+    spark.sparkContext.addFile(str(staged))
+    return name
+
+
 def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work: Path) -> dict:
     """Embed the uncommitted chunks, compact them, publish the store with its manifest last."""
     from common.store import ERRORS_DIR, FORMAT_VERSION
@@ -319,14 +338,9 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
 
     table = images.table
     spark = spark or get_spark()
-    weights_file = None
-    if weights.path:
-        spark.sparkContext.addFile(weights.path)  # executors fetch it; SparkFiles.get finds it by name
-        weights_file = Path(weights.path).name
-    args.lung_file = None
-    if args.lungs:
-        spark.sparkContext.addFile(args.lungs["path"])  # the lung model travels as the weights do
-        args.lung_file = Path(args.lungs["path"]).name
+    weights_file = ship_file(spark, weights.path, weights.sha256, work) if weights.path else None
+    # The lung model travels as the weights do.
+    args.lung_file = ship_file(spark, args.lungs["path"], args.lungs["sha256"], work) if args.lungs else None
     timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config)
     n_chunks = timing["chunks"]
     written = compact(spark, work, n_chunks, args.feature_dim, args.file_mb, masked=args.view == "masked")

@@ -49,8 +49,8 @@ def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-def _input(size: int, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(5))
+def _input(size: int, n: int = 2, channels: int = 3) -> torch.Tensor:
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(5))
 
 
 def _save(obj, path: Path) -> str:
@@ -62,7 +62,7 @@ def _save(obj, path: Path) -> str:
 def test_feature_dim_by_forward_pass(name):
     spec = get_spec(name)
     model = build_extractor(name, None, seed=0)
-    out = _features(model, _input(spec.input_size, n=1))
+    out = _features(model, _input(spec.input_size, n=1, channels=spec.data_config.in_channels))
     assert out.shape == (1, spec.feature_dim) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
     assert not model.training and not any(p.requires_grad for p in model.parameters())

@@ -323,3 +323,20 @@ def test_original_masked_and_fused_stores_train_heads_and_compare(dataset, spark
     with pytest.raises(SystemExit):
         predict.main(["--run", str(runs["masked"]), "--store", str(stores["original"]), "--out", str(tmp_path / "x.csv")])
     assert "view 'original' differs from the head's store" in capsys.readouterr().err
+
+
+def test_two_different_files_of_one_name_can_be_shipped_in_one_session(spark, tmp_path):
+    """Spark refuses a second, different file under a name it already has; checkpoints are all best.pt."""
+    from pyspark import SparkFiles
+
+    from common.weights import file_sha256
+    from jobs.extract import ship_file
+
+    names = []
+    for i in range(2):
+        path = tmp_path / f"run{i}" / "best.pt"
+        path.parent.mkdir()
+        path.write_bytes(f"checkpoint {i}".encode())
+        names.append(ship_file(spark, str(path), file_sha256(str(path)), tmp_path / f"work{i}"))
+    assert names[0] != names[1] and all(n.endswith("-best.pt") for n in names)
+    assert [open(SparkFiles.get(n), "rb").read() for n in names] == [b"checkpoint 0", b"checkpoint 1"]
