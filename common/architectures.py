@@ -139,16 +139,16 @@ class SpaceAttention(nn.Module):
     def _class_maps(self, x):
         f = self.maps(x)
         context = f.mean(dim=(2, 3), keepdim=True)
-        return self.conv(torch.cat([f, context.expand_as(f)], dim=1)), context.flatten(1)
+        return self.conv(torch.cat([f, context.expand_as(f)], dim=1))
 
     def pooled(self, x):
-        return self.maps(x).mean(dim=(2, 3))
+        return self.maps(x).mean(dim=(2, 3))  # the context vector
 
     def forward(self, x):
-        return self._class_maps(x)[0].mean(dim=(2, 3))
+        return self._class_maps(x).mean(dim=(2, 3))
 
     def heatmaps(self, x):
-        maps, _ = self._class_maps(x)
+        maps = self._class_maps(x)
         return maps, maps.mean(dim=(2, 3))
 
     def training_loss(self, outputs, y, mask, loss_fn):
