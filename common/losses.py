@@ -32,6 +32,13 @@ def bce(logits, targets, mask, pos_weight: torch.Tensor | None = None) -> torch.
     return _masked_mean(per, mask)
 
 
+def multiclass_ce(logits, classes, mask) -> torch.Tensor:
+    """U-MultiClass (Irvin et al. 2019): cross-entropy of each observation's 3-way logits (N, K, 3)
+    against its class (N, K) in {0 negative, 1 uncertain, 2 positive}, averaged over the valid entries."""
+    per = F.cross_entropy(logits.reshape(-1, 3), classes.reshape(-1).long(), reduction="none")
+    return _masked_mean(per.view_as(classes), mask)
+
+
 def pos_weight_from(targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """|negatives| / |positives| per label on train, for weighted BCE. A label with no positive
     (or no negative) gets weight 1; its index is returned so the caller can say so."""

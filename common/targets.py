@@ -17,6 +17,10 @@ from common.labels import CHEXPERT_COMPETITION, NIH_NO_FINDING, POSITIVE, UNCERT
 NOT_DISEASES = (NIH_NO_FINDING, "Support Devices")
 
 POLICIES = ("ignore", "zeros", "ones")  # U-Ignore, U-Zeros, U-Ones (Irvin et al. 2019)
+# The heads also have the paper's other two: U-MultiClass (a 3-way softmax per observation) and
+# U-SelfTrained (U-Ignore, then uncertain labels replaced by the model's own probabilities, retrained).
+HEAD_POLICIES = POLICIES + ("multiclass", "selftrained")
+MULTICLASS_NEGATIVE, MULTICLASS_UNCERTAIN, MULTICLASS_POSITIVE = 0, 1, 2
 
 
 class LabelError(ValueError):
@@ -47,12 +51,17 @@ def label_columns(label_names: tuple[str, ...], chosen: list[str]) -> np.ndarray
 
 
 def apply_policy(labels: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
-    """Uncertain (-1) labels -> (targets float32 0/1, mask bool): U-Ignore masks them out of loss
-    and metrics, U-Zeros reads them as negative, U-Ones as positive."""
-    if policy not in POLICIES:
-        raise ValueError(f"--policy {policy!r}: choose from {', '.join(POLICIES)}")
+    """Uncertain (-1) labels -> (targets float32, mask bool): U-Ignore masks them out of loss
+    and metrics, U-Zeros reads them as negative, U-Ones as positive; U-MultiClass gives each entry
+    its class (0 negative, 1 uncertain, 2 positive); U-SelfTrained starts as U-Ignore."""
+    if policy not in HEAD_POLICIES:
+        raise ValueError(f"--policy {policy!r}: choose from {', '.join(HEAD_POLICIES)}")
     uncertain = labels == UNCERTAIN
-    if policy == "ignore":
+    if policy == "multiclass":  # targets are class indices: 0 negative, 1 uncertain, 2 positive
+        classes = np.where(uncertain, MULTICLASS_UNCERTAIN, np.where(labels == POSITIVE, MULTICLASS_POSITIVE,
+                                                                      MULTICLASS_NEGATIVE))
+        return classes.astype(np.float32), np.ones(labels.shape, dtype=bool)
+    if policy in ("ignore", "selftrained"):  # self-training starts from U-Ignore (heads/selftrain.py)
         return (labels == POSITIVE).astype(np.float32), ~uncertain
     targets = (labels == POSITIVE) | (uncertain if policy == "ones" else False)
     return targets.astype(np.float32), np.ones(labels.shape, dtype=bool)

@@ -74,11 +74,18 @@ class FitResult:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, x: torch.Tensor, precision: str, chunk: int = 16384) -> torch.Tensor:
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, precision: str, chunk: int = 16384,
+                   forward=None) -> torch.Tensor:
     model.eval()
+    forward = forward or model
     with inference.autocast("cpu", precision):
-        out = [model(x[s:s + chunk]).float() for s in range(0, len(x), chunk)]
+        out = [forward(x[s:s + chunk]).float() for s in range(0, len(x), chunk)]
     return torch.cat(out) if out else torch.empty(0)
+
+
+def loss_outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the loss takes: the logits, or a U-MultiClass head's (N, K, 3) three-way logits."""
+    return model.three_way(x) if hasattr(model, "three_way") else model(x)
 
 
 def _val_auc(y: np.ndarray, mask: np.ndarray, logits: torch.Tensor) -> float:
@@ -116,7 +123,7 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
         for s in range(0, n, bs):
             idx = perm[s:s + bs]
             with inference.autocast("cpu", cfg.precision):  # weights, Adam, loss stay fp32
-                logits = model(train.x.index_select(0, idx))
+                logits = loss_outputs(model, train.x.index_select(0, idx))
             loss = loss_fn(logits.float(), train.y.index_select(0, idx), train.mask.index_select(0, idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,7 +131,9 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
             total += loss.detach() * len(idx)
         val_logits = predict_logits(model, val.x, cfg.precision)
         with torch.no_grad():
-            val_loss = float(loss_fn(val_logits, val.y, val.mask))
+            val_out = val_logits if not hasattr(model, "three_way") else \
+                predict_logits(model, val.x, cfg.precision, forward=model.three_way)
+            val_loss = float(loss_fn(val_out, val.y, val.mask))
         row = {"epoch": epoch, "train_loss": float(total) / n, "val_loss": val_loss,
                "val_auc": _val_auc(*truth, val_logits), "lr": opt.param_groups[0]["lr"]}
         plateau.step(val_loss)

@@ -24,9 +24,11 @@ class HeadSpec:
     n_out: int
     hidden: tuple[int, ...] = DEFAULT_HIDDEN
     dropout: float = 0.0
+    outputs_per_label: int = 1  # 3: U-MultiClass (MultiClassHead)
 
     @classmethod
-    def make(cls, name: str, in_dim: int, n_out: int, hidden=DEFAULT_HIDDEN, dropout: float | None = None):
+    def make(cls, name: str, in_dim: int, n_out: int, hidden=DEFAULT_HIDDEN, dropout: float | None = None,
+             outputs_per_label: int = 1):
         """`mlp3-dropout` is mlp3 with dropout 0.5 unless a dropout is given."""
         if name not in KINDS:
             raise ValueError(f"--head {name!r}: choose from {', '.join(KINDS)}")
@@ -38,7 +40,8 @@ class HeadSpec:
         if name != "linear" and (not hidden or min(hidden) < 1):
             raise ValueError(f"--hidden {hidden}: an mlp needs one or more positive layer sizes")
         kind = "linear" if name == "linear" else "mlp3"
-        return cls(kind, int(in_dim), int(n_out), () if kind == "linear" else hidden, float(dropout))
+        return cls(kind, int(in_dim), int(n_out), () if kind == "linear" else hidden, float(dropout),
+                   int(outputs_per_label))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,14 +50,36 @@ class HeadSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadSpec":
-        return cls(d["kind"], int(d["in_dim"]), int(d["n_out"]), tuple(d["hidden"]), float(d["dropout"]))
+        return cls(d["kind"], int(d["in_dim"]), int(d["n_out"]), tuple(d["hidden"]), float(d["dropout"]),
+                   int(d.get("outputs_per_label", 1)))
 
     def describe(self) -> str:
         sizes = "→".join(str(s) for s in (self.in_dim, *self.hidden, self.n_out))
-        return f"{self.kind} {sizes}" + (f", dropout {self.dropout:g}" if self.dropout else "")
+        three = f"x3 (U-MultiClass: a 3-way softmax per label)" if self.outputs_per_label == 3 else ""
+        return f"{self.kind} {sizes}{three}" + (f", dropout {self.dropout:g}" if self.dropout else "")
 
 
-def build_head(spec: HeadSpec) -> nn.Sequential:
+class MultiClassHead(nn.Module):
+    """U-MultiClass (Irvin et al. 2019): each observation a 3-way softmax over negative, uncertain and
+    positive. `three_way` gives the (N, K, 3) logits the loss trains; called, it gives one logit per
+    label whose sigmoid is the positive probability renormalized over {negative, positive}:
+    p+ / (p- + p+) = sigmoid(z+ - z-), so every consumer of logits (metrics, predict, the service)
+    reads it as any head."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def three_way(self, x):
+        out = self.net(x)
+        return out.view(out.shape[0], -1, 3)
+
+    def forward(self, x):
+        z = self.three_way(x)
+        return z[..., 2] - z[..., 0]
+
+
+def build_head(spec: HeadSpec) -> nn.Module:
     """Linear layers with ReLU between them (dropout after each ReLU when asked); no final sigmoid."""
     layers: list[nn.Module] = []
     width = spec.in_dim
@@ -63,5 +88,6 @@ def build_head(spec: HeadSpec) -> nn.Sequential:
         if spec.dropout:
             layers.append(nn.Dropout(spec.dropout))
         width = h
-    layers.append(nn.Linear(width, spec.n_out))
-    return nn.Sequential(*layers)
+    layers.append(nn.Linear(width, spec.n_out * spec.outputs_per_label))
+    net = nn.Sequential(*layers)
+    return MultiClassHead(net) if spec.outputs_per_label == 3 else net

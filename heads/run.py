@@ -71,6 +71,17 @@ def prepare_data(s: dict, precision: str) -> Prepared:
     return Prepared(chosen, tensors, ids, patients, flags, truth, inputs, [i.describe() for i in stores.infos], stores.dataset)
 
 
+def policy_loss(s: dict, y: torch.Tensor, mask: torch.Tensor, label_names: list[str]):
+    """The run's loss and its notes: --loss (class weights fitted on these targets), or for U-MultiClass
+    the 3-way cross-entropy of the paper (--loss does not apply to a softmax over three classes)."""
+    if s["policy"] == "multiclass":
+        from common.losses import multiclass_ce
+
+        return multiclass_ce, ["U-MultiClass: a 3-way softmax per observation trained with cross-entropy; --loss "
+                               "not used; the positive probability is renormalized over {negative, positive}"]
+    return make_loss(s["loss"], y, mask, s["focal_gamma"], s["focal_alpha"], label_names)
+
+
 def _score(cell: dict, metric: str) -> float:
     """Larger is better; a NaN cell never wins."""
     value = cell["val_auc"] if metric == "val_auc" else -cell["val_loss"]
@@ -130,15 +141,21 @@ def _run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> d
     precision = resolve_precision(s["precision"])
     try:
         data = prepare_data(s, precision)
-        spec = HeadSpec.make(s["head"], data.inputs.width, len(data.label_names), s["hidden"], s["dropout"])
+        spec = HeadSpec.make(s["head"], data.inputs.width, len(data.label_names), s["hidden"], s["dropout"],
+                             outputs_per_label=3 if s["policy"] == "multiclass" else 1)
         train = data.tensors["train"]
-        loss_fn, notes = make_loss(s["loss"], train.y, train.mask, s["focal_gamma"], s["focal_alpha"], data.label_names)
+        loss_fn, notes = policy_loss(s, train.y, train.mask, data.label_names)
     except (StoreError, ValueError) as exc:
         fail(parser, exc)
     log(f"{len(train)} train / {len(data.tensors['val'])} val images, {data.inputs.width} inputs, "
         f"{len(data.label_names)} labels; {spec.describe()}; loss {s['loss']}; {precision}")
 
     cells, (chosen, model, result) = train_grid(s, data, spec, loss_fn, precision)
+    rounds = []
+    if s["policy"] == "selftrained" and result.best_epoch:
+        from heads.selftrain import self_train
+
+        cells, (chosen, model, result), rounds = self_train(s, data, spec, model, precision, cells, (chosen, model, result))
     if result.best_epoch == 0:
         fail(parser, f"training diverged in its first epoch (non-finite loss); no weights worth saving in {out}; "
                      "lower --lr or check the store's features")
@@ -167,7 +184,8 @@ def _run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> d
         "stopped": result.stopped,
         "train_seconds": round(sum(c["seconds"] for c in cells), 2),
         "history": result.history,
-        "grid": cells if len(cells) > 1 else [],
+        "grid": cells if len(cells) > 1 and not rounds else [],
+        **({"self_training": rounds} if rounds else {}),
         "thresholds": dict(zip(data.label_names, thresholds)),
         "splits": splits,
         "notes": notes + threshold_notes + [n for m in splits.values() for n in m["notes"]],

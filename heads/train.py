@@ -16,7 +16,7 @@ import sys
 from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
 from common.config import ConfigError, HelpFormatter, add_loss_flags, fail, log, parse_list, parse_with_config, require
 from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
-from common.targets import POLICIES
+from common.targets import HEAD_POLICIES
 from heads.choices import KINDS, PRECISIONS, SEX_ENCODINGS
 
 # The run itself (heads/run.py: torch, sklearn, matplotlib) is imported once the flags are good, so
@@ -36,7 +36,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--labels", default="all", help="all | competition (CheXpert's five) | comma-separated names")
     g.add_argument("--keep-no-finding", action="store_true", help="also train on a 'No Finding' label (dropped by default)")
-    g.add_argument("--policy", default="ignore", help=f"uncertain (-1) labels: {' | '.join(POLICIES)} (U-Ignore/U-Zeros/U-Ones)")
+    g.add_argument("--policy", default="ignore",
+                   help=f"uncertain (-1) labels: {' | '.join(HEAD_POLICIES)} (U-Ignore, U-Zeros, U-Ones, U-MultiClass, "
+                        "U-SelfTrained)")
+    g.add_argument("--self-train-rounds", type=int, default=5,
+                   help="selftrained: at most this many relabel-and-retrain rounds after the U-Ignore fit")
+    g.add_argument("--self-train-tol", type=float, default=0.01,
+                   help="selftrained: stop when no relabelled target moved more than this between rounds")
     g.add_argument("--age-sex", action=argparse.BooleanOptionalAction, default=False,
                    help="append age/100 and sex to the features")
     g.add_argument("--sex-encoding", default="indicator", help=f"{' | '.join(SEX_ENCODINGS)}")
@@ -80,11 +86,13 @@ def settings_from(args: argparse.Namespace) -> dict:
     s["betas"] = parse_list(s["betas"], float, "betas")
     s["grid_lr"] = parse_list(s["grid_lr"], float, "grid-lr")
     s["grid_weight_decay"] = parse_list(s["grid_weight_decay"], float, "grid-weight-decay")
-    checks = [("policy", POLICIES), ("sex_encoding", SEX_ENCODINGS), ("head", KINDS), ("precision", PRECISIONS),
+    checks = [("policy", HEAD_POLICIES), ("sex_encoding", SEX_ENCODINGS), ("head", KINDS), ("precision", PRECISIONS),
               ("grid_metric", GRID_METRICS)]
     for key, allowed in checks:
         if s[key] not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} {s[key]!r}: choose from {', '.join(allowed)}")
+    if s["self_train_rounds"] < 1 or not s["self_train_tol"] >= 0:
+        raise ConfigError("--self-train-rounds must be at least 1 and --self-train-tol not negative")
     if len(s["betas"]) != 2:
         raise ConfigError(f"--betas {s['betas']}: give two values")
     if s["batch_size"] < 1 or s["epochs"] < 1:
