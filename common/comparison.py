@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from common import rundir
 
-COMPARED_KINDS = ("head", "finetune", "evaluation")
+COMPARED_KINDS = ("head", "finetune", "evaluation", "ensemble")
 TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
 # Settings that say where a run wrote or how loudly, not what it learned.
 NOT_SETTINGS = {"out", "overwrite", "quiet", "threads", "config", "log_seconds", "progress_interval"}

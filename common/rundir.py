@@ -33,7 +33,7 @@ from common.safe_output import LOCK
 MARKER = ".cxr-run.json"
 RUN_FORMAT = "cxr-features/run"
 RUN_FORMAT_VERSION = 1
-KINDS = ("head", "finetune", "lungs", "evaluation")  # evaluation: heads.evaluate, a head scored on a store
+KINDS = ("head", "finetune", "lungs", "evaluation", "ensemble")  # evaluation: heads.evaluate; ensemble: heads.ensemble
 CONFIG = "config.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions"
@@ -207,7 +207,11 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
 
 def read_predictions(path: Path, label_names: list[str]) -> dict[str, np.ndarray]:
     """Arrays back from a run's predictions file, for re-rendering ROC curves."""
-    df = pd.read_parquet(path)
+    return predictions_arrays(pd.read_parquet(path), label_names)
+
+
+def predictions_arrays(df: pd.DataFrame, label_names: list[str]) -> dict[str, np.ndarray]:
+    """A predictions frame's image ids, probabilities, targets (y 0/1, mask of the scored entries) and flags."""
     y = df[[TARGET_PREFIX + n for n in label_names]].to_numpy()
     return {
         "image_id": df["image_id"].to_numpy(),

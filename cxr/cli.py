@@ -25,6 +25,7 @@ COMMANDS = {
     "train": ("heads.train", "main", "train a head on one or several feature stores"),
     "predict": ("heads.predict", "main", "per-image probabilities from a trained head"),
     "evaluate": ("heads.evaluate", "main", "a head's AUROC on a store, also of another dataset"),
+    "ensemble": ("heads.ensemble", "main", "several runs' predictions combined into one run"),
     "report": ("heads.report", "main", "re-render a run's report.md and plots"),
     "compare": ("heads.compare", "main", "runs side by side: per-class AUROC, settings that differ"),
     "lungs": ("jobs.lungs", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),

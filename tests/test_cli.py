@@ -14,7 +14,7 @@ from cxr import cli
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "pyspark", "sklearn", "matplotlib")
 PARSERS = ("jobs.extract", "jobs.finetune", "jobs.lungs", "heads.train", "heads.predict", "heads.evaluate",
-           "heads.report", "serve.__main__", "cxr.cli")
+           "heads.ensemble", "heads.report", "serve.__main__", "cxr.cli")
 HELP_LINES = [  # (command line after `python`, the prog its usage line names)
     (["-m", "cxr", "--help"], "cxr"),
     *[(["-m", "cxr", name, "--help"], f"cxr {name}") for name in cli.COMMANDS],
@@ -85,13 +85,13 @@ def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
         cli.main(["trian", "--store", "s"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("cxr: error: unknown command 'trian' "
-                                       "(choose from extract, finetune, train, predict, evaluate, report, compare, lungs, "
-                                       "serve)\n")
+                                       "(choose from extract, finetune, train, predict, evaluate, ensemble, report, compare, "
+                                       "lungs, serve)\n")
 
 
 @pytest.mark.parametrize("argv, code, line", [
     (["train", "--store", "s", "--out", "o", "--policy", "nope"], 2,
-     "cxr train: --policy 'nope': choose from ignore, zeros, ones"),
+     "cxr train: --policy 'nope': choose from ignore, zeros, ones, multiclass, selftrained"),
     (["predict", "--run", "r", "--out", "p.txt"], 2,
      "cxr predict: --out p.txt: name a .parquet or .csv file, or - for CSV on stdout"),
     (["extract", "--weights", "random"], 2, "cxr extract: error: --metadata is required (or set it in --config)"),

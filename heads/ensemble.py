@@ -1,0 +1,214 @@
+"""An ensemble of finished runs (heads, fine-tunes, evaluations, other ensembles) over the same images.
+
+    python -m heads.ensemble runs/a runs/b runs/c --out runs/ensemble-abc [--combine logit]
+
+Each member's saved predictions (predictions/val.parquet and test.parquet) are combined per image and
+label: the mean probability (default) or the sigmoid of the mean logit. The members must share their
+label names, the images of each split and the ground truth of every image: otherwise the ensemble is
+refused with one line naming the member. The result is a run directory of kind "ensemble" with the
+metrics any run has (thresholds chosen on val, val and test AUROC with patient-level intervals where
+the members' stores give patients), its predictions, config.json and report.md, so `cxr compare`
+sets it beside its members.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
+from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config
+from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
+
+PROG = "python -m heads.ensemble"
+KIND = "ensemble"
+COMBINE = ("prob", "logit")
+SPLITS = ("val", "test")
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("runs", nargs="*", help="finished run directories (two or more)")
+    p.add_argument("--config", help="TOML file whose [ensemble] table sets defaults for these flags")
+    p.add_argument("--combine", default="prob", choices=COMBINE,
+                   help="prob: mean probability; logit: sigmoid of the mean logit")
+    p.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
+                   help=f"patient-level bootstrap draws for the AUROC 95%% intervals; 0: none, else at least "
+                        f"{MIN_VALID_DRAWS}")
+    p.add_argument("--out", help="run directory to write (kind ensemble)")
+    p.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
+    return p
+
+
+def load_members(paths: list[str]) -> tuple[list[str], dict, list[dict]]:
+    """(label names, split -> [member frames], member records), refused in one line unless every member
+    has the first one's labels, images and ground truth."""
+    import pandas as pd
+
+    from common import rundir
+
+    if len(paths) < 2:
+        raise ValueError(f"an ensemble needs two or more runs, {len(paths)} given")
+    frames: dict[str, list] = {s: [] for s in SPLITS}
+    members, names = [], None
+    for path in paths:
+        run = Path(path)
+        marker = rundir.read_marker(run) if run.is_dir() else None
+        if marker is None:
+            raise ValueError(f"{path}: not a run directory (no {rundir.MARKER})")
+        metrics = rundir.read_json(run / rundir.METRICS)
+        labels = list(metrics["label_names"])
+        if names is None:
+            names = labels
+        elif labels != names:
+            raise ValueError(f"{path}: labels {', '.join(labels)} are not the first run's ({', '.join(names)})")
+        for split in SPLITS:
+            file = run / rundir.PREDICTIONS / f"{split}.parquet"
+            if not file.is_file():
+                raise ValueError(f"{path}: no {split} predictions ({file})")
+            frame = pd.read_parquet(file).sort_values("image_id", kind="stable").reset_index(drop=True)
+            if frames[split]:
+                _check_same_images(frames[split][0], frame, names, split, path, paths[0])
+            frames[split].append(frame)
+        config = rundir.read_json(run / rundir.CONFIG) if (run / rundir.CONFIG).is_file() else {}
+        test = metrics.get("splits", {}).get("test", {}).get("summary", {})
+        members.append({"path": str(run.resolve()), "kind": marker.get("kind"), "test_mean_auc": test.get("mean_auc"),
+                        "stores": config.get("stores"), "dataset": config.get("dataset")})
+    return names, frames, members
+
+
+def _check_same_images(first, frame, names: list[str], split: str, path: str, first_path: str) -> None:
+    import numpy as np
+
+    from common.rundir import TARGET_PREFIX
+
+    if len(frame) != len(first) or not np.array_equal(frame["image_id"].to_numpy(), first["image_id"].to_numpy()):
+        raise ValueError(f"{path}: its {split} images are not those of {first_path} ({len(frame)} vs {len(first)} "
+                         "images); an ensemble combines predictions of the same images")
+    truth = [TARGET_PREFIX + n for n in names]
+    if not np.array_equal(frame[truth].to_numpy(), first[truth].to_numpy()):
+        raise ValueError(f"{path}: its {split} ground truth differs from {first_path}'s for the same images")
+
+
+def combine(probs: list, how: str):
+    """Members' (n, labels) probabilities -> the ensemble's: mean probability, or sigmoid of the mean logit."""
+    import numpy as np
+
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
+    if how == "prob":
+        return stack.mean(axis=0)
+    eps = 1e-7
+    clipped = np.clip(stack, eps, 1 - eps)
+    logit = np.log(clipped / (1 - clipped)).mean(axis=0)
+    return 1 / (1 + np.exp(-logit))
+
+
+def _patients(members: list[dict], split: str, image_ids):
+    """Patient per image from the first member's store (head runs record theirs); None otherwise."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from common.store import split_dir
+
+    for member in members:
+        for store in member.get("stores") or []:
+            folder = split_dir(Path(store["path"]), split)
+            if folder.is_dir():
+                table = pq.read_table(folder, columns=["image_id", "patient_id"]).to_pandas()
+                mapping = dict(zip(table["image_id"], table["patient_id"]))
+                found = [mapping.get(i) for i in image_ids]
+                if all(p is not None for p in found):
+                    return np.asarray(found, dtype=object)
+    return None
+
+
+def build(names, frames, members, how: str, out: Path, bootstrap_draws: int) -> dict:
+    """metrics.json's content; predictions written into `out`."""
+    from common.evaluation import SplitScores, evaluate_splits
+    from common.metadata import study_ids
+    from common.rundir import predictions_arrays
+
+    scores, notes = {}, []
+    dataset = members[0].get("dataset") or next((s.get("dataset") for s in members[0].get("stores") or []), None)
+    for split in SPLITS:
+        arrays = [predictions_arrays(f, names) for f in frames[split]]
+        first = arrays[0]
+        patients = _patients(members, split, first["image_id"])
+        if patients is None and bootstrap_draws:
+            notes.append(f"{split}: AUROC intervals resample images (no member store gives patients)")
+        scores[split] = SplitScores(first["image_id"], combine([a["probs"] for a in arrays], how), first["y"],
+                                    first["mask"], first["has_disease"], first["no_finding"], patients,
+                                    study_ids(dataset, first["image_id"]) if dataset else None)
+    splits, thresholds, threshold_notes = evaluate_splits(scores, names, out, bootstrap_draws)
+    return {"label_names": names, "combine": how, "members": members,
+            "thresholds": dict(zip(names, thresholds.tolist())), "splits": splits,
+            "notes": notes + threshold_notes + [n for m in splits.values() for n in m["notes"]]}
+
+
+def render_report(metrics: dict) -> str:
+    names = metrics["label_names"]
+    lines = [f"# Ensemble of {len(metrics['members'])} runs ({metrics['combine']} mean)", "",
+             "| member | kind | test mean AUROC |", "| --- | --- | --- |"]
+    lines += [f"| `{m['path']}` | {m['kind']} | {m['test_mean_auc']:.3f} |" if m["test_mean_auc"] is not None
+              else f"| `{m['path']}` | {m['kind']} | — |" for m in metrics["members"]]
+    for split, m in metrics["splits"].items():
+        s = m["summary"]
+        ci = f" ({s['mean_auc_ci_low']:.2f}-{s['mean_auc_ci_high']:.2f})" if s.get("mean_auc_ci_low") is not None else ""
+        lines += ["", f"## {split}: mean AUROC {s['mean_auc']:.3f}{ci}", "", "| class | AUROC | threshold |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {n} | {m['per_class'][n]['auroc']:.3f} | {metrics['thresholds'][n]:.3f} |"
+                  if m["per_class"][n]["auroc"] is not None else f"| {n} | — | — |" for n in names]
+    if metrics["notes"]:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in metrics["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
+    parser = build_parser(prog)
+    try:
+        args = parse_with_config(parser, argv, "ensemble")
+        if not args.out:
+            raise ConfigError("--out is required (or set it in --config)")
+        if args.bootstrap_draws != 0 and args.bootstrap_draws < MIN_VALID_DRAWS:
+            raise ConfigError(f"--bootstrap-draws {args.bootstrap_draws}: 0 or at least {MIN_VALID_DRAWS}")
+    except ConfigError as exc:
+        fail(parser, exc)
+
+    from common import rundir
+
+    command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+    fresh = not os.path.exists(args.out)
+    started = dt.datetime.now(dt.timezone.utc)
+    try:
+        names, frames, members = load_members(args.runs)
+        with OutputLock(check_dir_path(args.out), log=log):
+            out = rundir.prepare(args.out, args.overwrite, kind=KIND, log=log)
+            metrics = build(names, frames, members, args.combine, out, args.bootstrap_draws)
+            config = {"kind": KIND, "settings": {"combine": args.combine, "members": [m["path"] for m in members],
+                                                 "bootstrap_draws": args.bootstrap_draws},
+                      "dataset": members[0].get("dataset"), "stores": members[0].get("stores") or [],
+                      "label_names": names, "command": command, "started": started.isoformat(timespec="seconds"),
+                      "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            rundir.write_json(out / rundir.CONFIG, config)
+            rundir.write_json(out / rundir.METRICS, metrics)
+            (out / rundir.REPORT).write_text(render_report(metrics))
+    except (ValueError, RuntimeError, NotADirectoryError, OutputLockedError) as exc:
+        fail(parser, exc)
+    except OSError as exc:
+        if not is_disk_error(exc):
+            raise
+        fail(parser, os_error_line(exc, args.out))
+    finally:
+        if fresh:
+            rundir.discard_if_empty(args.out)
+    summary = {"out": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in metrics["splits"].items()}}
+    log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
