@@ -177,6 +177,7 @@ def render_markdown(runs: list[Run], split: str, frame: pd.DataFrame) -> str:
     lines += ["", "Bold: the highest AUROC in the row. Intervals come from each run's own bootstrap (its report says "
               "how it was drawn); overlapping intervals are not a paired test of the difference."]
     lines += _baseline_lines(runs)
+    lines += _policy_lines(runs, split, frame)
     lines += _localization_lines(runs)
     return "\n".join(lines) + "\n"
 
@@ -206,6 +207,30 @@ def _baseline_lines(runs: list[Run]) -> list[str]:
              for b in baselines]
     lines.append("| **mean** | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     lines += ["", *[f"- {b.title}: {b.source}" for b in baselines]]
+    return lines
+
+
+def _policy_lines(runs: list[Run], split: str, frame: pd.DataFrame) -> list[str]:
+    """Where the runs differ in their uncertain-label policy only: per class, the policy that won here
+    beside the one that won in the CheXpert paper's table among the same policies."""
+    from common.baselines import CHEXPERT_2019
+
+    policies = [_dataset_and_policy(r)[1] for r in runs]
+    if len(set(policies)) < 2 or None in policies:
+        return []
+    by = {(r["run"], r["class"]): r["auroc"] for r in frame.to_dict("records")}
+    known = [p for p in dict.fromkeys(policies) if p in CHEXPERT_2019]
+    lines = ["", f"## Which uncertainty policy wins, per class ({split})", "",
+             "| class | winner here (AUROC) | CheXpert paper's winner among these policies (AUROC) |",
+             "| --- | --- | --- |"]
+    for name in runs[0].label_names:
+        scored = [(by.get((r.name, name)), p) for r, p in zip(runs, policies)]
+        scored = [(a, p) for a, p in scored if a is not None and math.isfinite(a)]
+        here = max(scored) if scored else None
+        paper = [(CHEXPERT_2019[p].auroc[name], p) for p in known if name in CHEXPERT_2019[p].auroc]
+        best = max(paper) if paper else None
+        lines.append(f"| {name} | {f'{here[1]} ({here[0]:.3f})' if here else '—'} | "
+                     f"{f'{best[1]} ({best[0]:.3f})' if best else '—'} |")
     return lines
 
 

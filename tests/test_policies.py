@@ -116,3 +116,18 @@ def test_policy_flags_are_checked():
     with pytest.raises(SystemExit):
         train.main(["--store", "s", "--out", "o", "--policy", "selftrained", "--self-train-rounds", "0"])
     assert eval_targets(np.array([[-1, 1]]))[1].tolist() == [[False, True]]
+
+
+def test_compare_says_which_policy_wins_per_class_beside_the_papers_table(tmp_path):
+    from heads import compare
+
+    store, _ = _chexpert_like(tmp_path)
+    runs = []
+    for policy in ("ignore", "ones", "multiclass"):
+        runs.append(tmp_path / policy)
+        train.main(["--store", str(store), "--out", str(runs[-1]), "--policy", policy, "--epochs", "5", *FAST])
+    compare.main([*map(str, runs), "--out", str(tmp_path / "cmp")])
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## Which uncertainty policy wins, per class (test)" in md
+    # The paper's table: U-Ones best for Atelectasis and Edema, U-MultiClass for Cardiomegaly.
+    assert "| Atelectasis |" in md and "ones (0.858)" in md and "multiclass (0.854)" in md
