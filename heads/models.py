@@ -25,6 +25,7 @@ class HeadSpec:
     hidden: tuple[int, ...] = DEFAULT_HIDDEN
     dropout: float = 0.0
     outputs_per_label: int = 1  # 3: U-MultiClass (MultiClassHead)
+    members: int = 1  # > 1: the mean of that many heads of this shape (HeadEnsemble: a grid's top cells)
 
     @classmethod
     def make(cls, name: str, in_dim: int, n_out: int, hidden=DEFAULT_HIDDEN, dropout: float | None = None,
@@ -51,12 +52,13 @@ class HeadSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "HeadSpec":
         return cls(d["kind"], int(d["in_dim"]), int(d["n_out"]), tuple(d["hidden"]), float(d["dropout"]),
-                   int(d.get("outputs_per_label", 1)))
+                   int(d.get("outputs_per_label", 1)), int(d.get("members", 1)))
 
     def describe(self) -> str:
         sizes = "→".join(str(s) for s in (self.in_dim, *self.hidden, self.n_out))
-        three = f"x3 (U-MultiClass: a 3-way softmax per label)" if self.outputs_per_label == 3 else ""
-        return f"{self.kind} {sizes}{three}" + (f", dropout {self.dropout:g}" if self.dropout else "")
+        three = "x3 (U-MultiClass: a 3-way softmax per label)" if self.outputs_per_label == 3 else ""
+        many = f"; the mean probability of {self.members} such heads" if self.members > 1 else ""
+        return f"{self.kind} {sizes}{three}" + (f", dropout {self.dropout:g}" if self.dropout else "") + many
 
 
 class MultiClassHead(nn.Module):
@@ -79,8 +81,27 @@ class MultiClassHead(nn.Module):
         return z[..., 2] - z[..., 0]
 
 
+class HeadEnsemble(nn.Module):
+    """Several trained heads answering as one: its logit is that of their mean probability, so every
+    consumer of a head's logits (metrics, predict, the service) reads the ensemble as a head."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        import torch
+
+        p = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0).clamp(1e-7, 1 - 1e-7)
+        return torch.log(p) - torch.log1p(-p)
+
+
 def build_head(spec: HeadSpec) -> nn.Module:
     """Linear layers with ReLU between them (dropout after each ReLU when asked); no final sigmoid."""
+    if spec.members > 1:
+        from dataclasses import replace
+
+        return HeadEnsemble([build_head(replace(spec, members=1)) for _ in range(spec.members)])
     layers: list[nn.Module] = []
     width = spec.in_dim
     for h in spec.hidden:

@@ -92,7 +92,7 @@ def train_grid(s: dict, data: Prepared, spec: HeadSpec, loss_fn, precision: str)
     """Fit every lr x weight-decay cell (one cell without a grid); keep the best by the grid metric."""
     lrs = s["grid_lr"] or [s["lr"]]
     wds = s["grid_weight_decay"] or [s["weight_decay"]]
-    cells, best = [], None
+    cells, fits = [], []
     quiet = (lambda line: None) if s["quiet"] else log
     for i, (lr, wd) in enumerate(itertools.product(lrs, wds), 1):
         if len(lrs) * len(wds) > 1:
@@ -106,9 +106,18 @@ def train_grid(s: dict, data: Prepared, spec: HeadSpec, loss_fn, precision: str)
                 "val_auc": result.best_val_auc, "epochs_run": len(result.history), "stopped": result.stopped,
                 "seconds": round(result.seconds, 2)}
         cells.append(cell)
-        if best is None or _score(cell, s["grid_metric"]) > _score(best[0], s["grid_metric"]):
-            best = (cell, model, result)
-    return cells, best
+        fits.append((cell, model, result))
+    # Best first; a stable sort keeps the grid's order among equal cells.
+    fits.sort(key=lambda f: -_score(f[0], s["grid_metric"]))
+    keep = s.get("grid_ensemble", 1)
+    if keep > 1:  # the top cells answer as one head: the mean of their probabilities
+        from heads.models import HeadEnsemble
+
+        cell, _, result = fits[0]
+        for rank, (c, _, _) in enumerate(fits[:keep], 1):
+            c["ensemble_rank"] = rank
+        return cells, (cell, HeadEnsemble([m for _, m, _ in fits[:keep]]), result)
+    return cells, fits[0]
 
 
 def run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> dict:
@@ -161,6 +170,10 @@ def _run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> d
                      "lower --lr or check the store's features")
     splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out, s["bootstrap_draws"])
 
+    if s.get("grid_ensemble", 1) > 1:
+        from dataclasses import replace
+
+        spec = replace(spec, members=s["grid_ensemble"])
     save_head(out / CHECKPOINT, model, spec, data.inputs, data.label_names, data.stores, thresholds,
                      precision, s["policy"], data.dataset, s)
     rundir.write_json(out / rundir.CONFIG, {

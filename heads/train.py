@@ -63,6 +63,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--grid-lr", default=None, help="comma-separated learning rates: grid search lr x weight decay")
     g.add_argument("--grid-weight-decay", default=None, help="comma-separated weight decays for the grid")
     g.add_argument("--grid-metric", default="val_auc", help="pick the grid cell by val_auc (max) or val_loss (min)")
+    g.add_argument("--grid-ensemble", type=int, default=1,
+                   help="keep the best N grid cells as one head: the mean of their probabilities (1: the best cell)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
                    help=f"patient-level bootstrap draws for the val/test AUROC 95%% intervals (seed 0); "
@@ -91,6 +93,9 @@ def settings_from(args: argparse.Namespace) -> dict:
     for key, allowed in checks:
         if s[key] not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} {s[key]!r}: choose from {', '.join(allowed)}")
+    cells = len(s["grid_lr"] or [0]) * len(s["grid_weight_decay"] or [0])
+    if not 1 <= s["grid_ensemble"] <= cells:
+        raise ConfigError(f"--grid-ensemble {s['grid_ensemble']}: between 1 and the grid's {cells} cell(s)")
     if s["self_train_rounds"] < 1 or not s["self_train_tol"] >= 0:
         raise ConfigError("--self-train-rounds must be at least 1 and --self-train-tol not negative")
     if len(s["betas"]) != 2:

@@ -98,3 +98,28 @@ def test_real_head_runs_ensemble_with_patient_level_intervals(tmp_path):
     assert not any("resample images" in n for n in metrics["notes"])  # patients came from the stores
     members = [m["test_mean_auc"] for m in metrics["members"]]
     assert test["summary"]["mean_auc"] >= min(members)
+
+
+def test_a_grids_top_cells_kept_as_one_head(tmp_path, capsys):
+    import pandas as pd
+
+    from heads.checkpoint import load_head
+    from heads.models import HeadEnsemble
+    from heads.predictions import predict_stores
+
+    store = synthetic_store(tmp_path / "store", dim=32, signal=1.0, seed=0)
+    out = tmp_path / "grid"
+    args = ["--store", str(store), "--epochs", "5", "--threads", "1", "--quiet", "--bootstrap-draws", "0",
+            "--precision", "fp32", "--grid-lr", "1e-3,3e-3", "--grid-weight-decay", "0,1e-4"]
+    train.main([*args, "--out", str(out), "--grid-ensemble", "3"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(c["ensemble_rank"] for c in metrics["grid"] if "ensemble_rank" in c) == [1, 2, 3]
+    head = load_head(out)
+    assert isinstance(head.model, HeadEnsemble) and len(head.model.members) == 3
+    saved = pd.read_parquet(out / "predictions" / "test.parquet")
+    again = predict_stores(head, None, ["test"], "fp32").set_index("image_id").loc[saved["image_id"]]
+    np.testing.assert_allclose(again[head.label_names].to_numpy(), saved[head.label_names].to_numpy(), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(SystemExit):
+        train.main([*args, "--out", str(tmp_path / "bad"), "--grid-ensemble", "5"])
+    assert "--grid-ensemble 5: between 1 and the grid's 4 cell(s)" in capsys.readouterr().err
