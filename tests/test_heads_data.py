@@ -114,8 +114,12 @@ def test_policies_for_uncertain_labels():
     assert y.tolist() == [[1, 0, 0], [0, 0, 0]] and m.all()
     y, m = apply_policy(labels, "ones")
     assert y.tolist() == [[1, 0, 1], [1, 1, 0]] and m.all()
+    y, m = apply_policy(labels, "multiclass")  # class indices: 0 negative, 1 uncertain, 2 positive
+    assert y.tolist() == [[2, 0, 1], [1, 1, 0]] and m.all()
+    y, m = apply_policy(labels, "selftrained")  # starts as U-Ignore
+    assert y.tolist() == [[1, 0, 0], [0, 0, 0]] and m.tolist() == [[True, True, False], [False, False, True]]
     with pytest.raises(ValueError, match="--policy"):
-        apply_policy(labels, "multiclass")
+        apply_policy(labels, "twice")
 
 
 def test_label_subsets():
