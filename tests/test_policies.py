@@ -131,3 +131,12 @@ def test_compare_says_which_policy_wins_per_class_beside_the_papers_table(tmp_pa
     assert "## Which uncertainty policy wins, per class (test)" in md
     # The paper's table: U-Ones best for Atelectasis and Edema, U-MultiClass for Cardiomegaly.
     assert "| Atelectasis |" in md and "ones (0.858)" in md and "multiclass (0.854)" in md
+
+
+def test_fine_tuning_refuses_the_head_only_policies(tmp_path, capsys):
+    from jobs import finetune
+
+    with pytest.raises(SystemExit) as exit_:
+        finetune.cli(["--dataset", "nih", "--metadata", "m.csv", "--images", str(tmp_path), "--out", str(tmp_path / "o"),
+                      "--policy", "multiclass"])
+    assert exit_.value.code == 2 and "--policy 'multiclass': choose from ignore, zeros, ones" in capsys.readouterr().err
