@@ -43,8 +43,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--out", help="store directory to write")
     p.add_argument("--backbone", default="densenet121", help="registry name, e.g. resnet50, densenet121, inception_v3")
     p.add_argument("--weights", default="imagenet",
-                   help="imagenet[:ENUM], a checkpoint path, or random[:SEED] (random only when asked for)")
-    p.add_argument("--download-weights", action="store_true", help="fetch ImageNet weights if not cached")
+                   help="imagenet[:ENUM], pretrained (a timm or torchxrayvision backbone's published weights), a checkpoint "
+                        "path, or random[:SEED] (random only when asked for)")
+    p.add_argument("--download-weights", action="store_true", help="fetch the published weights if not cached")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto",
                    help="auto: the task's GPU when Spark assigned one, else CPU")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

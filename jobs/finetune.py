@@ -50,8 +50,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="densenet121", help="registry name, e.g. densenet121, resnet50, inception_v3")
     g.add_argument("--weights", default="imagenet",
-                   help="starting weights: imagenet[:ENUM], a checkpoint path (a fine-tune checkpoint too), or random[:SEED]")
-    g.add_argument("--download-weights", action="store_true", help="fetch ImageNet weights if not cached")
+                   help="starting weights: imagenet[:ENUM], pretrained (timm, torchxrayvision backbones), a checkpoint path "
+                        "(a fine-tune checkpoint too), or random[:SEED]")
+    g.add_argument("--download-weights", action="store_true", help="fetch the published weights if not cached")
     g.add_argument("--input-size", type=int, default=None,
                    help="network input size (default: the backbone's, e.g. 224; a fine-tune checkpoint's own)")
     g.add_argument("--resize", choices=RESIZE_MODES, default=None,
