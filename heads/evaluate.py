@@ -59,11 +59,11 @@ def load_checked(args: argparse.Namespace):
     features not the head's (heads.predict's check), no shared label."""
     from heads.checkpoint import load_head
     from heads.data import store_info
-    from heads.predictions import _check_stores
+    from heads.predictions import check_stores
 
     head = load_head(args.run)
     paths = args.store or [s["path"] for s in head.stores]
-    _check_stores(head, paths)  # same backbone, weights, feature width, data config, view
+    check_stores(head, paths)  # same backbone, weights, feature width, data config, view
     manifest = store_info(paths[0]).manifest
     return head, paths, pair_labels(head, manifest["label_names"], str(manifest["dataset"]), paths[0])
 

@@ -24,7 +24,7 @@ from heads.data import make_inputs, open_stores, store_info
 from heads.fit import input_tensor, predict_logits, resolve_precision
 
 
-def _check_stores(head: Head, paths: list[str]) -> None:
+def check_stores(head: Head, paths: list[str]) -> None:
     """The features must come from what the head was trained on: same backbones, weights, data config."""
     if len(paths) != len(head.stores):
         raise StoreError(f"--store: the head was trained on {len(head.stores)} fused store(s), {len(paths)} given")
@@ -54,7 +54,7 @@ def predict_stores(head: Head, paths: list[str] | None, splits: list[str] | None
                    precision: str) -> pd.DataFrame:
     """Probabilities for every image of the chosen splits (default: all) of the store(s)."""
     paths = paths or [s["path"] for s in head.stores]
-    _check_stores(head, paths)
+    check_stores(head, paths)
     stores = open_stores(paths, splits)
     frames = []
     for name, split in stores.splits.items():
