@@ -41,10 +41,21 @@ def study_metrics(s: SplitScores, label_names: list[str]) -> dict:
             "per_class": per_class}
 
 
+def combine_probabilities(probs: list, how: str = "prob") -> np.ndarray:
+    """Ensemble members' (n, labels) probabilities -> mean probability ('prob') or sigmoid of the mean logit."""
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
+    if how == "prob":
+        return stack.mean(axis=0)
+    if how != "logit":
+        raise ValueError(f"combine {how!r}: prob or logit")
+    clipped = np.clip(stack, 1e-7, 1 - 1e-7)
+    return 1 / (1 + np.exp(-np.log(clipped / (1 - clipped)).mean(axis=0)))
+
+
 def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out: Path,
-                    bootstrap_draws: int = BOOTSTRAP_DRAWS) -> tuple[dict, np.ndarray, list[str]]:
+                    bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "") -> tuple[dict, np.ndarray, list[str]]:
     """Thresholds chosen on val, every metric on val and test (AUROC intervals by patient unless
-    bootstrap_draws is 0), and their predictions files."""
+    bootstrap_draws is 0), and their predictions files (predictions/<prefix><split>.parquet)."""
     val = scores["val"]
     thresholds, notes = choose_thresholds(val.y, val.probs, val.mask, label_names)
     splits = {}
@@ -58,5 +69,5 @@ def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out:
         if s.study_id is not None:
             splits[name]["study_level"] = study_metrics(s, label_names)
         frame = rundir.predictions_frame(s.image_id, s.probs, label_names, s.y, s.mask, s.has_disease, s.no_finding)
-        rundir.write_table(frame, out / rundir.PREDICTIONS / f"{name}.parquet")
+        rundir.write_table(frame, out / rundir.PREDICTIONS / f"{prefix}{name}.parquet")
     return splits, thresholds, [f"thresholds: {n}" for n in notes]

@@ -51,7 +51,8 @@ TARGET_PREFIX = "label:"
 # and inside the folders only the files the run puts there.
 OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST})
 OWN_PATTERNS = ("roc_*.png", f"{LOCK}.stale-*")  # roc_<split>.png; a lock taker killed mid-takeover
-OWN_DIRS = {PREDICTIONS: "*.parquet", LOCALIZATION: "*.png", OVERLAYS: "*.png"}
+EPOCH_CHECKPOINTS = "checkpoints"  # fine-tune: epoch-NNN.pt, kept for a checkpoint ensemble
+OWN_DIRS = {PREDICTIONS: "*.parquet", LOCALIZATION: "*.png", OVERLAYS: "*.png", EPOCH_CHECKPOINTS: "epoch-*.pt"}
 
 
 class RunError(ValueError):

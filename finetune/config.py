@@ -71,6 +71,7 @@ class FinetuneConfig:
     num_workers: int = 2  # DataLoader worker processes per training process
     threads: int | None = None  # torch threads per process; default cores / processes on the node
     checkpoint_every: int = 500  # steps; last.pt is also written at every epoch end
+    keep_epoch_checkpoints: bool = False  # also checkpoints/epoch-NNN.pt at every epoch end (checkpoint ensembles)
     log_every: int = 50  # steps between progress lines within an epoch; 0: none
     log_seconds: float = 30.0  # also a progress line when this long has passed since the last; 0: none
     stop_after_steps: int | None = None  # stop (after writing last.pt) once this call has run this many
@@ -81,7 +82,8 @@ class FinetuneConfig:
 # The FinetuneConfig fields a resumed run may change: a new field shapes training (and so joins
 # the identity) unless it is listed here. `epochs` lets a run be continued for more epochs.
 NOT_IDENTITY = frozenset({
-    "out", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "log_seconds",
+    "out", "epochs", "device", "num_workers", "threads", "checkpoint_every", "keep_epoch_checkpoints", "log_every",
+    "log_seconds",
     "stop_after_steps",
     "identity", "record",
     "state_file",  # a path; the caller gives the weights' label and sha256 instead

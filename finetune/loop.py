@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from common.architectures import build_model, is_architecture, training_loss
 from common.backbones import get_spec
+from common.rundir import EPOCH_CHECKPOINTS
 from common.config import epoch_line
 from common.inference import autocast, resolve_precision
 from common.losses import make_loss
@@ -278,6 +279,10 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
                     save_atomic(checkpoint(model, cfg, state, state.epoch), out / BEST)
             else:
                 state.bad_epochs += 1
+            if cfg.keep_epoch_checkpoints and d.main:
+                (out / EPOCH_CHECKPOINTS).mkdir(exist_ok=True)
+                save_atomic(checkpoint(model, cfg, state, state.epoch),
+                            out / EPOCH_CHECKPOINTS / f"epoch-{state.epoch:03d}.pt")
         say(epoch_line(row, cfg.epochs, mark))
         if state.stopped is None and 0 < cfg.early_stop_patience <= state.bad_epochs:
             state.stopped = "early_stop"

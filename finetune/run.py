@@ -57,7 +57,18 @@ def evaluate_best(out: Path, splits: dict[str, SplitImages], flag_rows: dict, la
     """best.pt on val and test: metrics and predictions (unreadable images left out), the model and
     the unreadable images' paths. `patient_ids` (the table's, row for row) make the AUROC intervals
     patient-level; without them they resample images."""
-    model, _ = load_classifier(out / BEST, device)
+    model, scores, notes, unreadable = score_checkpoint(out / BEST, splits, flag_rows, labels, label_names, all_names,
+                                                        cfg, device, patient_ids, dataset)
+    splits_metrics, thresholds, threshold_notes = evaluate_splits(scores, label_names, out)
+    return model, splits_metrics, thresholds, notes + threshold_notes, unreadable
+
+
+def score_checkpoint(path: Path, splits: dict[str, SplitImages], flag_rows: dict, labels: np.ndarray, label_names,
+                     all_names, cfg: FinetuneConfig, device: torch.device, patient_ids: np.ndarray | None = None,
+                     dataset: str | None = None):
+    """A checkpoint's probabilities on val and test against the raw labels: (model, SplitScores per split,
+    notes, unreadable paths)."""
+    model, _ = load_classifier(path, device)
     scores, notes, unreadable = {}, [], []
     for name in ("val", "test"):
         if name not in splits:
@@ -76,8 +87,36 @@ def evaluate_best(out: Path, splits: dict[str, SplitImages], flag_rows: dict, la
         ids = np.asarray(s.ids, dtype=object)[ok]
         scores[name] = SplitScores(ids, probs[ok], y[ok], mask[ok], has_disease[ok], no_finding[ok], patients,
                                    study_ids(dataset, ids))
-    splits_metrics, thresholds, threshold_notes = evaluate_splits(scores, label_names, out)
-    return model, splits_metrics, thresholds, notes + threshold_notes, unreadable
+    return model, scores, notes, unreadable
+
+
+def checkpoint_ensemble(out: Path, history: list[dict], k: int, best_metric: str, label_names: list[str],
+                        score) -> dict | None:
+    """The CheXpert paper's ensemble of one run's checkpoints: the k epochs best by `best_metric` (of
+    those kept in checkpoints/), their val/test probabilities averaged and scored as any run
+    (predictions/checkpoint-ensemble-<split>.parquet). `score(path)` -> (model, scores, notes, unreadable).
+    None when fewer than two checkpoints were kept."""
+    import dataclasses
+
+    from common.evaluation import combine_probabilities
+
+    key = (lambda h: h["val_loss"]) if best_metric == "val_loss" else (lambda h: -h["val_auc"])
+    ranked = sorted((h for h in history if np.isfinite(key(h))), key=key)
+    files = {h["epoch"]: out / rundir.EPOCH_CHECKPOINTS / f"epoch-{h['epoch']:03d}.pt" for h in ranked}
+    epochs = [e for e, f in files.items() if f.is_file()][:k]
+    if len(epochs) < 2:
+        return None
+    members = [score(files[e])[1] for e in epochs]
+    scores = {}
+    for split in members[0]:
+        ids = members[0][split].image_id
+        if any(len(m[split].image_id) != len(ids) or (m[split].image_id != ids).any() for m in members):
+            return {"epochs": epochs, "notes": [f"{split}: the checkpoints read different images; no ensemble"]}
+        scores[split] = dataclasses.replace(members[0][split],
+                                            probs=combine_probabilities([m[split].probs for m in members]))
+    splits, thresholds, notes = evaluate_splits(scores, label_names, out, prefix="checkpoint-ensemble-")
+    return {"epochs": epochs, "combine": "prob", "rule": f"the {k} epochs best by {best_metric}",
+            "thresholds": dict(zip(label_names, thresholds.tolist())), "splits": splits, "notes": notes}
 
 
 def localize(model, spec, box_file: str, table, label_names: list[str], data_config, device, out: Path,
@@ -172,7 +211,8 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
         lr_factor=args.lr_factor, plateau_patience=args.plateau_patience,
         early_stop_patience=args.early_stop_patience, best_metric=args.best_metric, seed=args.train_seed,
         precision=args.precision, num_workers=args.num_workers, threads=args.threads,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, log_seconds=args.log_seconds, stop_after_steps=args.stop_after_steps,
+        checkpoint_every=args.checkpoint_every, keep_epoch_checkpoints=args.checkpoint_ensemble > 1,
+        log_every=args.log_every, log_seconds=args.log_seconds, stop_after_steps=args.stop_after_steps,
         record=rundir.jsonable(settings),
     )
     # The weights by content, not path; the policy and the process count shape training from outside cfg.
@@ -218,6 +258,18 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
             out, splits, flag_rows, labels, label_names, images.label_names, cfg, eval_device,
             table["patient_id"].to_numpy(dtype=object), images.dataset)
         unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
+        ensemble = None
+        if args.checkpoint_ensemble > 1:
+            from functools import partial
+
+            ensemble = checkpoint_ensemble(out, result["history"], args.checkpoint_ensemble, cfg.best_metric, label_names,
+                                           partial(score_checkpoint, splits=splits, flag_rows=flag_rows, labels=labels,
+                                                   label_names=label_names, all_names=images.label_names, cfg=cfg,
+                                                   device=eval_device, patient_ids=table["patient_id"].to_numpy(dtype=object),
+                                                   dataset=images.dataset))
+            if ensemble and "splits" in ensemble:
+                log("checkpoint ensemble of epochs " + ", ".join(map(str, ensemble["epochs"])) + ": "
+                    + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in ensemble["splits"].items()))
         localization, loc_notes = None, []
         if args.bbox_list:
             localization, loc_notes = localize(model, spec, args.bbox_list, table, label_names, data_config, eval_device,
@@ -236,6 +288,7 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
             "thresholds": dict(zip(label_names, thresholds)),
             "splits": split_metrics,
             "localization": localization,
+            **({"checkpoint_ensemble": ensemble} if ensemble else {}),
             "unreadable": unreadable,
             "training": {k: result[k] for k in ("global_step", "steps_per_epoch", "resumed_from", "world_size", "device",
                                                 "precision", "rank_state_sha256", "seconds_this_run")},

@@ -95,16 +95,10 @@ def _check_same_images(first, frame, names: list[str], split: str, path: str, fi
 
 
 def combine(probs: list, how: str):
-    """Members' (n, labels) probabilities -> the ensemble's: mean probability, or sigmoid of the mean logit."""
-    import numpy as np
+    """Members' (n, labels) probabilities -> the ensemble's (common.evaluation.combine_probabilities)."""
+    from common.evaluation import combine_probabilities
 
-    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
-    if how == "prob":
-        return stack.mean(axis=0)
-    eps = 1e-7
-    clipped = np.clip(stack, eps, 1 - eps)
-    logit = np.log(clipped / (1 - clipped)).mean(axis=0)
-    return 1 / (1 + np.exp(-logit))
+    return combine_probabilities(probs, how)
 
 
 def _patients(members: list[dict], split: str, image_ids):

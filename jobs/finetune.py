@@ -103,6 +103,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding images, per process")
     g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / processes)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between last.pt saves (and every epoch end)")
+    g.add_argument("--checkpoint-ensemble", type=int, default=0,
+                   help="keep every epoch's checkpoint (checkpoints/epoch-NNN.pt) and also score the mean of the N best "
+                        "by --best-metric (the CheXpert paper's checkpoint ensemble); 0: none")
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines within an epoch; 0: none")
     g.add_argument("--log-seconds", type=float, default=30.0,
                    help="also a progress line when this many seconds passed since the last (slow epochs); 0: none")
@@ -124,6 +127,8 @@ def check_settings(args: argparse.Namespace) -> None:
                          ("precision", PRECISIONS)):
         if getattr(args, key) not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)!r}: choose from {', '.join(allowed)}")
+    if args.checkpoint_ensemble == 1 or args.checkpoint_ensemble < 0:
+        raise ConfigError(f"--checkpoint-ensemble {args.checkpoint_ensemble}: 0 (none) or at least 2 checkpoints")
     for key in ("batch_size", "epochs", "num_processes", "input_size", "step_epochs"):
         value = getattr(args, key)
         if value is not None and value < 1:

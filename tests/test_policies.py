@@ -1,6 +1,7 @@
 """The rest of CheXpert's uncertainty approaches on heads: U-MultiClass and U-SelfTrained."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,40 @@ def test_fine_tuning_refuses_the_head_only_policies(tmp_path, capsys):
         finetune.cli(["--dataset", "nih", "--metadata", "m.csv", "--images", str(tmp_path), "--out", str(tmp_path / "o"),
                       "--policy", "multiclass"])
     assert exit_.value.code == 2 and "--policy 'multiclass': choose from ignore, zeros, ones" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_fine_tune_runs_checkpoint_ensemble(tmp_path):
+    """The CheXpert paper's ensemble of one run's checkpoints: epochs kept, the best three averaged and scored."""
+    import pandas as pd
+
+    from jobs import finetune
+    from tests.data_paths import SAMPLE
+
+    out = tmp_path / "ft"
+    finetune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
+                   "--images", str(SAMPLE / "images"), "--out", str(out), "--backbone", "densenet121",
+                   "--weights", "random:0", "--input-size", "64", "--batch-size", "8", "--epochs", "4", "--lr", "1e-3",
+                   "--threads", "1", "--num-workers", "0", "--split", "ratios", "--early-stop-patience", "0",
+                   "--checkpoint-ensemble", "3", "--precision", "fp32"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"epoch-00{i}.pt" for i in range(1, 5)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    ens = metrics["checkpoint_ensemble"]
+    history = {h["epoch"]: h["val_loss"] for h in metrics["history"]}
+    assert ens["epochs"] == sorted(history, key=history.get)[:3]  # the three best by val loss
+    test = pd.read_parquet(out / "predictions" / "checkpoint-ensemble-test.parquet")
+    assert len(test) == metrics["splits"]["test"]["n"] and "mean_auc" in ens["splits"]["test"]["summary"]
+    # The mean of the three checkpoints' own probabilities.
+    from finetune.checkpoint import load_classifier
+    from common.data_config import DataConfig
+
+    paths = {Path(p).name: p for p in sorted((SAMPLE / "images").glob("*.png"))}
+    first = test["image_id"].iloc[0]
+    probs = []
+    for epoch in ens["epochs"]:
+        model, obj = load_classifier(out / "checkpoints" / f"epoch-{epoch:03d}.pt")
+        config = DataConfig.from_dict(obj["data_config"])
+        with torch.no_grad():
+            probs.append(torch.sigmoid(model(config.to_tensor(config.load(str(paths[first]))[None]))).numpy()[0])
+    np.testing.assert_allclose(test.iloc[0][metrics["label_names"]].to_numpy(float), np.mean(probs, axis=0),
+                               rtol=1e-4, atol=1e-5)
