@@ -275,6 +275,55 @@ class Bilinear(nn.Module):
         return self.alpha * (msml(s2, y, mask) + loss_fn(s1, y, mask)) + self.beta * loss_fn(fine, y, mask)
 
 
+def plain_backbone_parts(model: nn.Module, backbone: str) -> list[nn.Module]:
+    """The plain classifier's pretrained modules: every child but its head."""
+    head = model.get_submodule(get_spec(backbone).classifier)
+    return [m for m in model.children() if m is not head and head not in list(m.modules())]
+
+
+class ThreeWay(nn.Module):
+    """U-MultiClass on images (Irvin et al. 2019): a model with 3 outputs per label (negative, uncertain,
+    positive) trained with a 3-way cross-entropy. In training mode it returns those (N, K, 3) logits;
+    in eval mode one logit per label, z+ - z-, whose sigmoid is the positive probability renormalized
+    over {negative, positive}, so evaluation, extraction, CAM and the service read it as any model."""
+
+    def __init__(self, inner: nn.Module, backbone: str, n_labels: int):
+        super().__init__()
+        self.inner, self.backbone = inner, backbone
+        self.n_labels = n_labels
+        self.feature_dim = getattr(inner, "feature_dim", get_spec(backbone).feature_dim)
+
+    @property
+    def backbone_parts(self) -> list[nn.Module]:
+        return list(self.inner.backbone_parts) if is_architecture(self.inner) else \
+            plain_backbone_parts(self.inner, self.backbone)
+
+    def three_way(self, x):
+        out = self.inner(x)
+        return out.view(out.shape[0], -1, 3)
+
+    def forward(self, x):
+        z = self.three_way(x)
+        return z if self.training else z[..., 2] - z[..., 0]
+
+    def pooled(self, x):
+        if is_architecture(self.inner):
+            return self.inner.pooled(x)
+        head = self.inner.get_submodule(get_spec(self.backbone).classifier)
+        captured = []
+        handle = head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+        try:
+            self.inner(x)
+        finally:
+            handle.remove()
+        return captured[-1]
+
+    def training_loss(self, outputs, y, mask, loss_fn):
+        from common.losses import multiclass_ce
+
+        return multiclass_ce(outputs.float(), y, mask)
+
+
 ARCHITECTURES = {
     "classifier": None,  # common.backbones.build_classifier
     "wang2017": Wang2017,
@@ -285,10 +334,15 @@ ARCHITECTURES = {
 
 
 def build_model(name: str, backbone: str, state_file: str | None, seed: int, n_labels: int,
-                options: dict | None = None) -> nn.Module:
-    """The architecture `name` on `backbone` (weights from `state_file`, else random from `seed`)."""
+                options: dict | None = None, outputs_per_label: int = 1) -> nn.Module:
+    """The architecture `name` on `backbone` (weights from `state_file`, else random from `seed`);
+    with outputs_per_label 3, inside ThreeWay (U-MultiClass)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"--model {name!r}: choose from {', '.join(ARCHITECTURES)}")
+    if outputs_per_label == 3:
+        if name == "bilinear":
+            raise ValueError("--policy multiclass: not with --model bilinear, whose MSML and CE terms are per label")
+        return ThreeWay(build_model(name, backbone, state_file, seed, 3 * n_labels, options), backbone, n_labels)
     if name == "classifier":
         return build_classifier(backbone, state_file, seed, n_labels)
     if n_labels < 1:
@@ -332,10 +386,13 @@ def checkpoint_architecture(path: str) -> dict | None:
         obj = read_torch_file(path)
     except Exception:  # noqa: BLE001 - not a checkpoint of ours (e.g. a library's pickled model): the
         return None    # weights loader reads it, or says in one line why it cannot
-    if not (isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT) or obj.get("model", "classifier") == "classifier":
+    if not (isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT):
         return None
-    return {"model": obj["model"], "model_options": obj.get("model_options") or {},
-            "feature_dim": obj.get("feature_dim"), "label_names": list(obj["label_names"]), "obj": obj}
+    if obj.get("model", "classifier") == "classifier" and obj.get("outputs_per_label", 1) == 1:
+        return None
+    return {"model": obj.get("model", "classifier"), "model_options": obj.get("model_options") or {},
+            "outputs_per_label": obj.get("outputs_per_label", 1), "feature_dim": obj.get("feature_dim"),
+            "label_names": list(obj["label_names"]), "obj": obj}
 
 
 def build_pooled_extractor(backbone: str, path: str, arch: dict) -> PooledFeatures:
@@ -345,7 +402,8 @@ def build_pooled_extractor(backbone: str, path: str, arch: dict) -> PooledFeatur
     obj = arch["obj"]
     if obj.get("backbone") != backbone:
         raise WeightsError(f"{path}: fine-tuned checkpoint is for backbone {obj.get('backbone')!r}, not {backbone!r}")
-    model = build_model(arch["model"], backbone, None, 0, len(arch["label_names"]), arch["model_options"])
+    model = build_model(arch["model"], backbone, None, 0, len(arch["label_names"]), arch["model_options"],
+                        arch["outputs_per_label"])
     check_fits(model, obj["model_state"], path)
     try:
         model.load_state_dict(obj["model_state"])

@@ -20,6 +20,8 @@ POLICIES = ("ignore", "zeros", "ones")  # U-Ignore, U-Zeros, U-Ones (Irvin et al
 # The heads also have the paper's other two: U-MultiClass (a 3-way softmax per observation) and
 # U-SelfTrained (U-Ignore, then uncertain labels replaced by the model's own probabilities, retrained).
 HEAD_POLICIES = POLICIES + ("multiclass", "selftrained")
+# U-MultiClass trains on images too; U-SelfTrained (several whole fits) stays a head policy.
+FINETUNE_POLICIES = POLICIES + ("multiclass",)
 MULTICLASS_NEGATIVE, MULTICLASS_UNCERTAIN, MULTICLASS_POSITIVE = 0, 1, 2
 
 

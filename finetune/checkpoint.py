@@ -71,6 +71,7 @@ def checkpoint(model: torch.nn.Module, cfg: FinetuneConfig, state: TrainState, e
         # The architecture (common/architectures.py) and its options; absent in older checkpoints: classifier.
         "model": cfg.model,
         "model_options": dict(cfg.model_options),
+        "outputs_per_label": cfg.outputs_per_label,
         "feature_dim": int(getattr(model, "feature_dim", 0)) or None,
         "model_state": _cpu_state(model),
         "label_names": list(cfg.label_names),
@@ -95,7 +96,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     """The fine-tuned model of a checkpoint, with its head, in eval mode on `device`."""
     obj = read_checkpoint(path)
     model = build_model(obj.get("model", "classifier"), obj["backbone"], None, 0, len(obj["label_names"]),
-                        obj.get("model_options"))
+                        obj.get("model_options"), obj.get("outputs_per_label", 1))
     model.load_state_dict(obj["model_state"])
     return model.to(device).eval(), obj
 

@@ -50,6 +50,7 @@ class FinetuneConfig:
     data_config: DataConfig = field(default_factory=lambda: DataConfig(224))  # the model's one input
     model: str = "classifier"  # common/architectures.py: classifier, wang2017, space-attention, ...
     model_options: dict = field(default_factory=dict)  # the architecture's constructor options
+    outputs_per_label: int = 1  # 3: U-MultiClass (common.architectures.ThreeWay)
     freeze_backbone: bool = False
     loss: str = "weighted_bce"
     focal_gamma: float = 2.0

@@ -122,8 +122,18 @@ def _linear_head(model: nn.Module, spec: BackboneSpec) -> nn.Linear:
 def heatmap_fn(model: nn.Module, spec: BackboneSpec):
     """x -> (maps (N, K, h, w), logits (N, K)) of a fine-tuned model: the architecture's own heatmaps
     (common/architectures.py), or the plain classifier's CAM; a ValueError where it has none."""
-    from common.architectures import is_architecture
+    from common.architectures import ThreeWay, is_architecture
 
+    if isinstance(model, ThreeWay):  # U-MultiClass: the map of z+ - z-, as CAM is linear in the logits
+        inner = heatmap_fn(model.inner, spec)
+
+        def differences(x):
+            maps, logits = inner(x)
+            maps = maps.view(maps.shape[0], -1, 3, *maps.shape[2:])
+            logits = logits.view(logits.shape[0], -1, 3)
+            return maps[:, :, 2] - maps[:, :, 0], logits[..., 2] - logits[..., 0]
+
+        return differences
     if is_architecture(model):
         return model.heatmaps
     cam = CamModel(model, spec)

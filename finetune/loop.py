@@ -18,12 +18,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
-from common.architectures import build_model, is_architecture, training_loss
+from common.architectures import build_model, is_architecture, plain_backbone_parts, training_loss
 from common.backbones import get_spec
 from common.rundir import EPOCH_CHECKPOINTS
 from common.config import epoch_line
 from common.inference import autocast, resolve_precision
-from common.losses import make_loss
+from common.losses import make_loss, multiclass_ce
 from common.metrics import fast_auroc, nanmean
 from common.torch_files import save_atomic
 from finetune.checkpoint import TrainState, checkpoint, load_scheduler, read_checkpoint, scheduler_state, state_sha256
@@ -34,8 +34,10 @@ from finetune.sampler import EpochSampler
 
 
 def predict(model: torch.nn.Module, dataset, batch_size: int, device: torch.device, precision: str,
-            num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (n, K) float32 and ok flags (n,) of `dataset` in its order, the model in eval mode."""
+            num_workers: int = 0, forward=None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (n, K) float32 (or what `forward` gives) and ok flags (n,) of `dataset` in its order,
+    the model in eval mode."""
+    forward = forward or model
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -46,7 +48,7 @@ def predict(model: torch.nn.Module, dataset, batch_size: int, device: torch.devi
             for x, _y, _m, ok, _i in loader:
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with autocast(device.type, precision):
-                    logits.append(model(x).float().cpu())
+                    logits.append(forward(x).float().cpu())
                 oks.append(ok)
     finally:
         model.train(was_training)
@@ -59,10 +61,7 @@ def predict(model: torch.nn.Module, dataset, batch_size: int, device: torch.devi
 def _backbone_parts(model: torch.nn.Module, spec) -> list[torch.nn.Module]:
     """The pretrained modules --freeze-backbone freezes: an architecture's own list, or the plain
     classifier's every child but its head."""
-    if is_architecture(model):
-        return list(model.backbone_parts)
-    head = model.get_submodule(spec.classifier)
-    return [m for m in model.children() if m is not head and head not in list(m.modules())]
+    return list(model.backbone_parts) if is_architecture(model) else plain_backbone_parts(model, spec.name)
 
 
 def _set_train_mode(net: torch.nn.Module, model: torch.nn.Module, spec, frozen: bool) -> None:
@@ -87,7 +86,9 @@ def _validate(model, val: ImageDataset, loss_fn, cfg: FinetuneConfig, d: Dist, p
     metrics) of the whole split: each rank predicts every W-th image, rank 0 scores them all and
     broadcasts, so every rank takes the same decisions from the same numbers."""
     idx = np.arange(d.rank, len(val), d.world)
-    logits, ok = predict(model, Subset(val, idx.tolist()), cfg.batch_size, d.device, precision, cfg.num_workers)
+    three = getattr(model, "three_way", None)  # U-MultiClass: the loss takes the 3-way logits
+    logits, ok = predict(model, Subset(val, idx.tolist()), cfg.batch_size, d.device, precision, cfg.num_workers,
+                         forward=three)
     parts = d.all_gather((idx, logits, ok))
     values = None
     if d.main:
@@ -99,6 +100,8 @@ def _validate(model, val: ImageDataset, loss_fn, cfg: FinetuneConfig, d: Dist, p
         with torch.no_grad():
             loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y), torch.from_numpy(mask.astype(np.float32))))
         truth_y, truth_mask = cfg.val.truth if cfg.val.truth is not None else (y, mask)
+        if three is not None:
+            logits = logits[..., 2] - logits[..., 0]  # the renormalized positive logit, as evaluation reads it
         auc = nanmean(fast_auroc(truth_y, logits, np.asarray(truth_mask, bool) & ok[:, None]))
         values = (loss, auc, [val.paths[i] for i in np.flatnonzero(~ok)])
     return d.broadcast(values)
@@ -135,7 +138,7 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
 
     model = build_model(cfg.model, cfg.backbone, cfg.state_file, cfg.init_seed, len(cfg.label_names),
-                        cfg.model_options)
+                        cfg.model_options, cfg.outputs_per_label)
     if cfg.freeze_backbone:
         for part in _backbone_parts(model, spec):
             part.requires_grad_(False)
@@ -145,9 +148,13 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
     opt = torch.optim.Adam(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
     scheduler = _make_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
-    loss_fn, loss_notes = make_loss(cfg.loss, torch.from_numpy(cfg.train.targets),
-                                    torch.from_numpy(cfg.train.mask.astype(np.float32)), cfg.focal_gamma,
-                                    cfg.focal_alpha, cfg.label_names)
+    if cfg.outputs_per_label == 3:  # U-MultiClass: the paper's 3-way cross-entropy, in training and validation
+        loss_fn, loss_notes = multiclass_ce, ["U-MultiClass: a 3-way softmax per observation trained with "
+                                              "cross-entropy; --loss not used"]
+    else:
+        loss_fn, loss_notes = make_loss(cfg.loss, torch.from_numpy(cfg.train.targets),
+                                        torch.from_numpy(cfg.train.mask.astype(np.float32)), cfg.focal_gamma,
+                                        cfg.focal_alpha, cfg.label_names)
 
     state, resumed = TrainState(), None
     if (out / LAST).is_file():

@@ -205,6 +205,7 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
         out=args.out, backbone=args.backbone, label_names=label_names, train=splits["train"], val=splits["val"],
         state_file=weights.path, init_seed=weights.seed if weights.kind == "random" else args.train_seed,
         data_config=data_config, model=args.model, model_options=args.model_options,
+        outputs_per_label=3 if args.policy == "multiclass" else 1,
         freeze_backbone=args.freeze_backbone, loss=args.loss, focal_gamma=args.focal_gamma,
         focal_alpha=args.focal_alpha, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
         batch_size=args.batch_size, epochs=args.epochs, schedule=args.schedule, step_epochs=args.step_epochs,

@@ -30,7 +30,7 @@ from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list
 from common.data_config import RESIZE_MODES
 from common.safe_output import check_dir_path, run_job
 from common.table_flags import add_table_flags, check_table_flags
-from common.targets import POLICIES
+from common.targets import FINETUNE_POLICIES
 from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
 
 # torch and Spark are imported by the functions that use them, so that --help (and a flag error)
@@ -75,7 +75,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g = p.add_argument_group("labels and loss (as heads.train)")
     g.add_argument("--labels", default="all", help="all | competition (CheXpert's five) | comma-separated names")
     g.add_argument("--keep-no-finding", action="store_true", help="also train on a 'No Finding' label")
-    g.add_argument("--policy", default="ignore", help=f"uncertain (-1) labels: {' | '.join(POLICIES)}")
+    g.add_argument("--policy", default="ignore", help=f"uncertain (-1) labels: {' | '.join(FINETUNE_POLICIES)}")
     add_loss_flags(g)
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
@@ -123,7 +123,7 @@ def check_settings(args: argparse.Namespace) -> None:
     """Refuse bad flags before any work; --betas becomes its list of floats."""
     check_table_flags(args)
     require(args, "out")
-    for key, allowed in (("policy", POLICIES), ("schedule", SCHEDULES), ("best_metric", BEST_METRICS),
+    for key, allowed in (("policy", FINETUNE_POLICIES), ("schedule", SCHEDULES), ("best_metric", BEST_METRICS),
                          ("precision", PRECISIONS)):
         if getattr(args, key) not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)!r}: choose from {', '.join(allowed)}")
@@ -140,6 +140,8 @@ def check_settings(args: argparse.Namespace) -> None:
     layouts = ARCHITECTURE_LAYOUTS
     if args.model != "classifier" and args.backbone not in layouts:
         raise ConfigError(f"--model {args.model}: needs --backbone {', '.join(layouts)}, not {args.backbone}")
+    if args.policy == "multiclass" and args.model == "bilinear":
+        raise ConfigError("--policy multiclass: not with --model bilinear, whose MSML and CE terms are per label")
     if args.model == "attention-gated" and layouts.get(args.backbone) != "resnet50":
         raise ConfigError(f"--model attention-gated: gates a ResNet's stages; --backbone resnet50, not {args.backbone}")
     args.betas = parse_list(args.betas, float, "betas")

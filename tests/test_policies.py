@@ -139,8 +139,57 @@ def test_fine_tuning_refuses_the_head_only_policies(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as exit_:
         finetune.cli(["--dataset", "nih", "--metadata", "m.csv", "--images", str(tmp_path), "--out", str(tmp_path / "o"),
-                      "--policy", "multiclass"])
-    assert exit_.value.code == 2 and "--policy 'multiclass': choose from ignore, zeros, ones" in capsys.readouterr().err
+                      "--policy", "selftrained"])
+    assert exit_.value.code == 2 and "--policy 'selftrained': choose from ignore, zeros, ones, multiclass" in \
+        capsys.readouterr().err
+
+
+def test_u_multiclass_fine_tunes_on_images(tmp_path):
+    """A 3-way softmax per observation on images: training and validation on the 3-way loss, evaluation,
+    CAM, extraction and the service on z+ - z-, the positive logit renormalized over {negative, positive}."""
+    import pandas as pd
+
+    from common.architectures import ThreeWay
+    from common.data_config import DataConfig
+    from common.inference import FeatureExtractor
+    from finetune.checkpoint import load_classifier
+    from finetune.localization import heatmap_fn
+    from common.backbones import get_spec
+    from jobs import finetune
+    from tests.data_paths import SAMPLE
+
+    out = tmp_path / "ft"
+    result = finetune.main(["--dataset", "nih", "--metadata",
+                            str(SAMPLE / "Data_Entry_2017_v2020.csv"), "--images", str(SAMPLE / "images"),
+                            "--out", str(out), "--backbone", "resnet50", "--weights", "random:0", "--input-size", "64",
+                            "--batch-size", "8", "--epochs", "3", "--lr", "1e-3", "--threads", "1", "--num-workers",
+                            "0", "--split", "ratios", "--early-stop-patience", "0", "--policy", "multiclass",
+                            "--precision", "fp32"])
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0] and all(np.isfinite(h["val_auc"]) for h in result["history"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any("U-MultiClass" in n for n in metrics["notes"])
+    model, obj = load_classifier(out / "best.pt")
+    assert isinstance(model, ThreeWay) and obj["outputs_per_label"] == 3
+    config = DataConfig.from_dict(obj["data_config"])
+    image = sorted((SAMPLE / "images").glob("*.png"))[0]
+    x = config.to_tensor(config.load(str(image))[None])
+    with torch.no_grad():
+        z = model.three_way(x)
+        p = torch.softmax(z, dim=2)
+        renormalized = (p[..., 2] / (p[..., 0] + p[..., 2]))[0].numpy()
+        maps, logits = heatmap_fn(model, get_spec("resnet50"))(x)
+    saved = pd.read_parquet(out / "predictions" / "test.parquet").set_index("image_id")
+    if image.name in saved.index:
+        np.testing.assert_allclose(saved.loc[image.name, metrics["label_names"]].to_numpy(float), renormalized,
+                                   rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(torch.sigmoid(logits)[0].numpy(), renormalized, rtol=1e-4, atol=1e-5)
+    assert maps.shape[:2] == (1, len(metrics["label_names"]))
+    torch.testing.assert_close(maps.mean(dim=(2, 3)) + (model.inner.fc.bias.view(-1, 3)[:, 2]
+                                                        - model.inner.fc.bias.view(-1, 3)[:, 0]), logits,
+                               rtol=1e-4, atol=1e-4)  # CAM of z+ - z- averages to it
+    extractor = FeatureExtractor("resnet50", str(out / "best.pt"), 0, precision="fp32", threads=1, data_config=config)
+    assert extractor(config.load(str(image))[None]).shape == (1, 2048)
 
 
 @pytest.mark.usefixtures("one_torch_thread")
