@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.safe_output import LOCK
+from common.safe_output import LOCK, OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
 
 
 MARKER = ".cxr-run.json"
@@ -222,3 +222,25 @@ def predictions_arrays(df: pd.DataFrame, label_names: list[str]) -> dict[str, np
         "has_disease": df["has_disease"].to_numpy(),
         "no_finding": df["no_finding"].to_numpy(),
     }
+
+
+def write_run(parser, out: str, overwrite: bool, kind: str, work, log=print):
+    """`work(run_dir)` inside a prepared run directory of `kind`, the one way every run-writing command
+    writes: one writer per directory (the lock, held from the overwrite decision to the last file), bad
+    input and a full or read-only disk as one line through `parser` (exit 2), and a run refused before
+    its first file leaves no folder behind."""
+    from common.config import fail
+
+    fresh = not os.path.exists(out)
+    try:
+        with OutputLock(check_dir_path(out), log=log):
+            return work(prepare(out, overwrite, kind=kind, log=log))
+    except (ValueError, RuntimeError, NotADirectoryError, OutputLockedError) as exc:  # RunError, StoreError, ...
+        fail(parser, exc)
+    except OSError as exc:
+        if not is_disk_error(exc):
+            raise
+        fail(parser, os_error_line(exc, out))
+    finally:
+        if fresh:
+            discard_if_empty(out)

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
 from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config
-from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
 
 PROG = "python -m heads.ensemble"
 KIND = "ensemble"
@@ -175,34 +173,27 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     from common import rundir
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
-    fresh = not os.path.exists(args.out)
     started = dt.datetime.now(dt.timezone.utc)
     try:
-        names, frames, members = load_members(args.runs)
-        with OutputLock(check_dir_path(args.out), log=log):
-            out = rundir.prepare(args.out, args.overwrite, kind=KIND, log=log)
-            metrics = build(names, frames, members, args.combine, out, args.bootstrap_draws)
-            config = {"kind": KIND, "settings": {"combine": args.combine, "members": [m["path"] for m in members],
-                                                 "bootstrap_draws": args.bootstrap_draws},
-                      "dataset": members[0].get("dataset"), "stores": members[0].get("stores") or [],
-                      "label_names": names, "command": command, "started": started.isoformat(timespec="seconds"),
-                      "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-            rundir.write_json(out / rundir.CONFIG, config)
-            rundir.write_json(out / rundir.METRICS, metrics)
-            (out / rundir.REPORT).write_text(render_report(metrics))
-    except (ValueError, RuntimeError, NotADirectoryError, OutputLockedError) as exc:
+        names, frames, members = load_members(args.runs)  # every refusal before --out is touched
+    except ValueError as exc:
         fail(parser, exc)
-    except OSError as exc:
-        if not is_disk_error(exc):
-            raise
-        fail(parser, os_error_line(exc, args.out))
-    finally:
-        if fresh:
-            rundir.discard_if_empty(args.out)
-    summary = {"out": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in metrics["splits"].items()}}
-    log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    return summary
 
+    def write(out: Path) -> dict:
+        metrics = build(names, frames, members, args.combine, out, args.bootstrap_draws)
+        config = {"kind": KIND, "settings": {"combine": args.combine, "members": [m["path"] for m in members],
+                                             "bootstrap_draws": args.bootstrap_draws},
+                  "dataset": members[0].get("dataset"), "stores": members[0].get("stores") or [],
+                  "label_names": names, "command": command, "started": started.isoformat(timespec="seconds"),
+                  "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        rundir.write_json(out / rundir.CONFIG, config)
+        rundir.write_json(out / rundir.METRICS, metrics)
+        (out / rundir.REPORT).write_text(render_report(metrics))
+        summary = {"out": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in metrics["splits"].items()}}
+        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        return summary
+
+    return rundir.write_run(parser, args.out, args.overwrite, KIND, write, log)
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
 from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
-from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
 from common.store import SPLITS
 from heads.choices import PRECISIONS
 
@@ -222,22 +220,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     from common import rundir
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
-    fresh = not os.path.exists(args.out)
     try:
-        checked = load_checked(args)
-        with OutputLock(check_dir_path(args.out), log=log):
-            out = rundir.prepare(args.out, args.overwrite, kind=KIND, log=log)
-            return run(args, checked, out, command)
-    except (ValueError, RuntimeError, NotADirectoryError, OutputLockedError) as exc:  # StoreError, RunError
+        checked = load_checked(args)  # every refusal before --out is touched
+    except (ValueError, RuntimeError) as exc:  # StoreError, RunError
         fail(parser, exc)
-    except OSError as exc:
-        if not is_disk_error(exc):
-            raise
-        fail(parser, os_error_line(exc, args.out))
-    finally:
-        if fresh:
-            rundir.discard_if_empty(args.out)  # a refused evaluation leaves no folder behind
-
+    return rundir.write_run(parser, args.out, args.overwrite, KIND, lambda out: run(args, checked, out, command), log)
 
 if __name__ == "__main__":
     main()

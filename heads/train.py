@@ -9,13 +9,11 @@ Settings: built-in defaults < the [train] table of --config < flags. See the REA
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
 from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
 from common.config import ConfigError, HelpFormatter, add_loss_flags, fail, log, parse_list, parse_with_config, require
-from common.safe_output import OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
 from common.targets import HEAD_POLICIES
 from heads.choices import KINDS, PRECISIONS, SEX_ENCODINGS
 
@@ -118,22 +116,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     from heads.run import run
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
-    fresh = not os.path.exists(s["out"])
-    try:
-        # One job per run directory, from the overwrite decision to the last file.
-        with OutputLock(check_dir_path(s["out"]), log=log):
-            out = rundir.prepare(s["out"], s["overwrite"], kind="head", log=log)
-            return run(parser, s, out, command)
-    except (rundir.RunError, NotADirectoryError, OutputLockedError) as exc:
-        fail(parser, exc)
-    except OSError as exc:
-        if not is_disk_error(exc):
-            raise
-        fail(parser, os_error_line(exc, s["out"]))  # a full or read-only disk: where and what, no traceback
-    finally:
-        if fresh:
-            rundir.discard_if_empty(s["out"])  # a run refused before its first file leaves no folder behind
-
+    return rundir.write_run(parser, s["out"], s["overwrite"], "head", lambda out: run(parser, s, out, command), log)
 
 if __name__ == "__main__":
     main()

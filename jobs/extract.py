@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     args.feature_dim = arch["feature_dim"] if arch else spec.feature_dim
     data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
     if trained and data_config != trained:
-        log(f"note: --input-size/--resize differ from the checkpoint's own input; these features are not the "
-            f"ones the fine-tuned model computed")
+        log("note: --input-size/--resize differ from the checkpoint's own input; these features are not the "
+            "ones the fine-tuned model computed")
     images = table_from_flags(args, log=log)
     table = images.table
     log(f"{len(table)} images to embed with {args.backbone} ({weights.label}); "
