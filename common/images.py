@@ -18,6 +18,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Radiographs are at most ~4300 x 4300 (17" detectors at 100 um); 50 Mpixel leaves room and refuses
 # files that pass Pillow's own bomb limit (~179 Mpixel) yet decode to near a gigabyte each.
 MAX_PIXELS = 50_000_000
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def decode_gray(path, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, float]:
@@ -34,12 +35,15 @@ def decode_gray(path, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[Imag
     (a bare dataset without the preamble, or a .dcm that is not DICOM, which then raises); its first
     frame is decoded at full size (`min_side` does not apply) with the scale common/dicom.py gives.
     """
-    if named_dicom(path) or is_dicom(path):
-        values, scale = decode_dicom(path, max_pixels)
-        return Image.fromarray(values), scale  # float32 2-D: mode 'F'
+    # A file named as a Pillow image goes to Pillow without a look at its bytes (no second open on the
+    # extraction's hot path); any other name is checked for the DICOM marker first.
+    if named_dicom(path) or (not source_name(path).lower().endswith(PILLOW_SUFFIXES) and is_dicom(path)):
+        return _dicom(path, max_pixels)
     try:
         img = Image.open(path)
     except UnidentifiedImageError:
+        if is_dicom(path):  # a DICOM file under an image name
+            return _dicom(path, max_pixels)
         raise ValueError(f"{source_name(path)}: not an image file Pillow or pydicom reads "
                          "(PNG, JPEG, TIFF, BMP, DICOM)") from None
     with img:
@@ -63,6 +67,11 @@ def decode_gray(path, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[Imag
         # convert('L') first: for 'P' a direct convert('F') would give palette indices.
         gray = img if img.mode == "L" else img.convert("L")
         return gray.convert("F"), 1.0 / 255.0
+
+
+def _dicom(path, max_pixels: int) -> tuple[Image.Image, float]:
+    values, scale = decode_dicom(path, max_pixels)
+    return Image.fromarray(values), scale  # float32 2-D: mode 'F'
 
 
 def to_unit_array(gray: Image.Image, scale: float) -> np.ndarray:

@@ -270,3 +270,14 @@ def test_png_and_dicom_give_the_same_features(tmp_path, gray, png_input):
     dicom_input = load(write_dicom(tmp_path / "m2.dcm", gray))
     png_features, dicom_features = extractor(np.stack([png_input, dicom_input]))
     np.testing.assert_allclose(dicom_features, png_features, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dicom_under_an_image_name_or_none_is_told_by_its_marker(tmp_path, gray, png_input):
+    import io
+
+    path = write_dicom(tmp_path / "m2.dcm", gray)
+    (tmp_path / "scan.png").write_bytes(path.read_bytes())  # a PACS export renamed by a careless script
+    np.testing.assert_allclose(load(tmp_path / "scan.png"), png_input, atol=1e-6, rtol=0)
+    upload = io.BytesIO(path.read_bytes())
+    upload.name = "upload"  # an upload without a suffix: its marker tells
+    np.testing.assert_allclose(DataConfig(SIZE).load(upload), png_input, atol=1e-6, rtol=0)
