@@ -6,6 +6,7 @@ ones are batched through the frozen backbone, and every input row comes out exac
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Iterable, Iterator
@@ -13,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from common import fs
 from common.data_config import DataConfig
 from common.images import MAX_PIXELS
 from common.inference import FeatureExtractor
@@ -39,25 +41,21 @@ def cached_extractor(backbone: str, state_file: str | None, seed: int, device: s
     return _EXTRACTORS[key]
 
 
-def decode(load: Callable[[str], np.ndarray], path: str) -> tuple[np.ndarray | None, str | None]:
-    """(image, None), or (None, a one-line error) for a file `load` cannot read."""
+def decode(load: Callable, path: str) -> tuple[np.ndarray | None, str | None]:
+    """(image, None), or (None, a one-line error) for a file `load` cannot read (or an object not there)."""
     try:
-        return load(path), None
+        return load(fs.readable(path)), None
     except Exception as exc:  # any decoder failure is data, recorded per image
         message = " ".join(str(exc).split())
         return None, f"{type(exc).__name__}: {message}"[:500]
 
 
-def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadPoolExecutor | None = None,
-                  max_pixels: int = MAX_PIXELS, transform=None) -> pd.DataFrame:
-    """Decode and embed one batch of rows; failed images get `error` and null features.
+def embed_decoded(rows: pd.DataFrame, decoded: list, extractor: FeatureExtractor, transform=None) -> pd.DataFrame:
+    """Embed one batch of decoded rows ((image, error) per row); failed images get `error` and null features.
 
     `transform` (e.g. lungs.masking.LungMasker) changes the decoded inputs before the backbone:
     called on the (n, S, S) batch and its image ids it returns the new batch and a list per name in its `columns`,
     which become extra output columns (null for rows that failed)."""
-    paths = rows["path"].tolist()
-    loads = [partial(extractor.data_config.load, max_pixels=max_pixels)] * len(paths)
-    decoded = list(pool.map(decode, loads, paths) if pool else map(decode, loads, paths))
     ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
     features: list = [None] * len(rows)
     errors = [error for _, error in decoded]
@@ -83,19 +81,42 @@ def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadP
     return out[[*OUTPUT_COLUMNS, *extra]]
 
 
+def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadPoolExecutor | None = None,
+                  max_pixels: int = MAX_PIXELS, transform=None) -> pd.DataFrame:
+    """Decode and embed one batch of rows, one after the other (see `embed_decoded`)."""
+    load = partial(extractor.data_config.load, max_pixels=max_pixels)
+    paths = rows["path"].tolist()
+    decoded = list(pool.map(decode, [load] * len(paths), paths) if pool else (decode(load, p) for p in paths))
+    return embed_decoded(rows, decoded, extractor, transform)
+
+
 def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, batch_size: int, max_pixels: int = MAX_PIXELS,
-                 transform=None, decode_threads: int = 1,
-                 on_batch: Callable[[int, int], None] | None = None) -> Iterator[pd.DataFrame]:
-    """Re-batch Arrow batches of any size into model batches of `batch_size` rows."""
-    pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
+                 transform=None, decode_threads: int = 1, on_batch: Callable[[int, int], None] | None = None,
+                 prefetch: int = 1) -> Iterator[pd.DataFrame]:
+    """Re-batch Arrow batches of any size into model batches of `batch_size` rows, decoding ahead.
+
+    While the model embeds batch k, `decode_threads` threads already decode batches k+1 .. k+prefetch, so a
+    GPU never waits on decoding: the rate approaches min(decode rate, model rate) instead of
+    1 / (1/decode + 1/model) (bench/overlap.py). prefetch=0 decodes each batch only when its turn comes."""
+    load = partial(extractor.data_config.load, max_pixels=max_pixels)
+    pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+    queue: deque = deque()
+
+    def finish(rows, futures):
+        out = embed_decoded(rows, [f.result() for f in futures], extractor, transform)
+        if on_batch:
+            n_errors = int(out["error"].notna().sum())
+            on_batch(len(out) - n_errors, n_errors)
+        return out
+
     try:
         for frame in frames:
             for start in range(0, len(frame), batch_size):
-                out = extract_frame(frame.iloc[start:start + batch_size], extractor, pool, max_pixels, transform)
-                if on_batch:
-                    n_errors = int(out["error"].notna().sum())
-                    on_batch(len(out) - n_errors, n_errors)
-                yield out
+                rows = frame.iloc[start:start + batch_size]
+                queue.append((rows, [pool.submit(decode, load, p) for p in rows["path"]]))
+                while len(queue) > prefetch:
+                    yield finish(*queue.popleft())
+        while queue:
+            yield finish(*queue.popleft())
     finally:
-        if pool:
-            pool.shutdown()
+        pool.shutdown(wait=True, cancel_futures=True)

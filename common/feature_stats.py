@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from common import fs
+
 # Real pooled CNN features spread by ~0.01-1 per dimension; below this every dimension is flat.
 FLAT_STD = 1e-6
 
@@ -53,13 +55,18 @@ def summarize(features: np.ndarray) -> dict:
     return running.summary()
 
 
-def summarize_parquet(folder: str | Path, width: int, column: str = "features", batch_rows: int = 4096) -> dict:
-    """`summarize` of a Parquet folder's list column, streamed in batches (a store split can be GBs)."""
+def summarize_parquet(files: str | Path | list[str], width: int, column: str = "features", batch_rows: int = 4096) -> dict:
+    """`summarize` of a list column of Parquet files (paths or URIs; or a local folder's files), streamed in
+    batches (a store split can be GBs)."""
     running = _Running(width)
-    for file in sorted(Path(folder).rglob("*.parquet")):
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows, columns=[column]):
-            flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
-            running.add(flat.reshape(-1, width))
+    if isinstance(files, (str, Path)):
+        files = sorted(str(p) for p in Path(files).rglob("*.parquet"))
+    for file in files:
+        filesystem, where = fs.resolve(file)
+        with filesystem.open_input_file(where) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=[column]):
+                flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+                running.add(flat.reshape(-1, width))
     return running.summary()
 
 

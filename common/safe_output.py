@@ -146,6 +146,82 @@ class OutputLock:
         self.release()
 
 
+class RemoteLock:
+    """`OutputLock` for a folder on an object store (s3://, gs://, ...), which has no exclusive create: the lock
+    object is checked, then written, then read back; its record's `beat` time is refreshed by a heartbeat.
+    Two jobs started within the same moment may both pass the check (the last writer keeps the lock and the other
+    stops at its next heartbeat); everything else behaves as the local lock does."""
+
+    def __init__(self, folder: str, log=lambda m: print(m, file=sys.stderr), stale_seconds: float = STALE_SECONDS,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS):
+        from common import fs
+
+        self.fs, self.folder, self.path = fs, folder, fs.join(folder, LOCK)
+        self.log, self.stale_seconds, self.heartbeat_seconds = log, stale_seconds, heartbeat_seconds
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex(),
+                       "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       "command": " ".join(sys.argv)[:500]}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.fs.read_bytes(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            holder = {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _write(self) -> None:
+        self.fs.write_bytes(self.path, json.dumps({**self.record, "beat": time.time()}).encode())
+
+    def acquire(self) -> None:
+        holder = self._holder()
+        if holder and holder.get("token") != self.record["token"]:
+            age = time.time() - float(holder.get("beat", 0))
+            if age <= self.stale_seconds:
+                raise OutputLockedError(
+                    f"{self.folder}: another job is writing here (host {holder.get('host')}, pid {holder.get('pid')}, "
+                    f"since {holder.get('started')}: {holder.get('command', '?')[:120]}); wait for it, or delete "
+                    f"{self.path} if that job is gone")
+            self.log(f"{self.folder}: took over the stale lock of host {holder.get('host')}, pid {holder.get('pid')}")
+        self._write()
+        if (self._holder() or {}).get("token") != self.record["token"]:
+            raise OutputLockedError(f"{self.folder}: another job took {self.path} at the same moment; wait for it")
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            try:
+                if (self._holder() or {}).get("token") != self.record["token"]:
+                    self.lost = True
+                    self.log(f"{self.folder}: another job took {self.path}; this one should stop")
+                    return
+                self._write()
+            except OSError:
+                pass  # the store is unreachable now; the job itself will say so
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        try:
+            if (self._holder() or {}).get("token") == self.record["token"]:
+                self.fs.delete(self.path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> RemoteLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def is_disk_error(exc: OSError) -> bool:
     """Errors of the file system rather than of the input: full, read-only, permission, quota."""
     return exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)

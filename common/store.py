@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common import fs
 from common.choices import SPLITS  # noqa: F401 (a store's splits; its readers import them from here)
 
 FORMAT_VERSION = 1
@@ -29,32 +29,39 @@ ROW_DDL = (
     "labels array<tinyint>, features array<float>"
 )
 ERROR_COLUMNS = ("image_id", "path", "error")
+# The same columns as Arrow types: the executors write their Parquet files with these schemas.
+ROW_SCHEMA = pa.schema([("image_id", pa.string()), ("patient_id", pa.string()), ("view", pa.string()),
+                        ("age", pa.float32()), ("sex", pa.int8()), ("labels", pa.list_(pa.int8())),
+                        ("features", pa.list_(pa.float32()))])
+MASKED_FIELDS = (pa.field("lung_fraction", pa.float32()), pa.field("lung_qa", pa.string()))  # --view masked
+ERROR_SCHEMA = pa.schema([(c, pa.string()) for c in ERROR_COLUMNS])
 
 
 class StoreError(ValueError):
     """A store that cannot be read as the contract says; the message is one line."""
 
 
-def split_dir(store: str | os.PathLike, split: str) -> Path:
-    return Path(store) / f"split={split}"
+def split_dir(store: str | os.PathLike, split: str) -> str:
+    return fs.join(store, f"split={split}")
 
 
 def write_manifest(store: str | os.PathLike, manifest: dict) -> None:
     """Write manifest.json atomically: a reader sees the old state or the whole new file."""
-    path = Path(store) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    fs.write_bytes(fs.join(store, MANIFEST), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_manifest(store: str | os.PathLike) -> dict:
-    path = Path(store) / MANIFEST
-    if not path.is_file():
-        raise StoreError(f"{store}: no {MANIFEST}, so the store is incomplete or not a feature store")
+    path = fs.join(store, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        text = fs.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise StoreError(f"{store}: no {MANIFEST}, so the store is incomplete or not a feature store") from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path}: not a JSON object")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(f"{path}: format_version {version!r} is not one this reader knows ({FORMAT_VERSION})")
@@ -104,13 +111,39 @@ def _finite(features: np.ndarray, table: pa.Table, where: str) -> np.ndarray:
     return features
 
 
+def data_files(store: str | os.PathLike, part: str, manifest: dict) -> list[str] | None:
+    """The files of `part` (a split, or "errors") the manifest lists; None when the part is not in the store.
+
+    Only listed files are the store's: an object store may hold files of a killed attempt beside them.
+    A manifest without `files` (written before the list existed) means every Parquet file in the folder."""
+    listed = manifest.get("files")
+    if listed is not None:
+        names = listed.get(part)
+        return [fs.join(store, name) for name in names] if names else None
+    folder = split_dir(store, part) if part in SPLITS else fs.join(store, ERRORS_DIR)
+    found = [path for path, _ in fs.list_files(folder) if path.endswith(".parquet")]
+    return found or None
+
+
+def store_splits(store: str | os.PathLike, manifest: dict) -> list[str]:
+    """The splits that have rows, in SPLITS order."""
+    return [s for s in SPLITS if data_files(store, s, manifest)]
+
+
+def read_parquet(files: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Listed Parquet files (local paths or URIs of one file system) as one table."""
+    filesystem, _ = fs.resolve(files[0])
+    return pq.read_table([fs.resolve(f)[1] for f in files], filesystem=filesystem, columns=columns)
+
+
 def read_split(store: str | os.PathLike, split: str, manifest: dict | None = None) -> SplitData:
     """Read one split into arrays; refuses rows whose widths disagree with the manifest."""
     manifest = manifest or read_manifest(store)
     where = str(split_dir(store, split))
-    if not Path(where).is_dir():
+    files = data_files(store, split, manifest)
+    if not files:
         raise StoreError(f"{where}: split {split!r} is not in this store")
-    table = pq.read_table(where).sort_by("image_id")
+    table = read_parquet(files).sort_by("image_id")
     n_labels = len(manifest["label_names"])
     age = table.column("age").to_numpy(zero_copy_only=False).astype(np.float32)
     sex = pc.cast(table.column("sex"), pa.float32()).to_numpy(zero_copy_only=False)
@@ -125,9 +158,7 @@ def read_split(store: str | os.PathLike, split: str, manifest: dict | None = Non
     )
 
 
-def read_errors(store: str | os.PathLike) -> pa.Table:
+def read_errors(store: str | os.PathLike, manifest: dict | None = None) -> pa.Table:
     """The images the job could not read: image_id, path, error."""
-    where = Path(store) / ERRORS_DIR
-    if not where.is_dir() or not any(where.glob("*.parquet")):
-        return pa.table({c: pa.array([], pa.string()) for c in ERROR_COLUMNS})
-    return pq.read_table(where)
+    files = data_files(store, ERRORS_DIR, manifest or read_manifest(store))
+    return read_parquet(files, list(ERROR_COLUMNS)) if files else ERROR_SCHEMA.empty_table()

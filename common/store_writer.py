@@ -1,12 +1,19 @@
-"""The life of a store directory while a job writes it.
+"""The life of a store while a job writes it, on any file system (common/fs.py): no step relies on rename.
 
-    <store>/_work/plan.json          what this run will produce (fingerprint of inputs + settings)
-    <store>/_work/chunk-00000/       committed chunks, each renamed into place only when complete
-    <store>/split=*/ errors/         published from the chunks at the end
-    <store>/manifest.json            written last: its presence means the store is complete
+    <store>/_work/plan.json                  what this run will produce (fingerprint of inputs + settings)
+    <store>/_work/chunk-00000/<kind>-...parquet  files the executors wrote, one per task attempt and kind
+    <store>/_work/chunk-00000.json           the chunk's commit marker: the files of its successful attempts
+    <store>/split=*/ errors/                 compacted from the committed files at the end
+    <store>/manifest.json                    written last: lists the store's data files; its presence
+                                             means the store is complete
 
-A run killed at any point leaves no manifest, so nothing looks complete; restarted with the same
-inputs it keeps every committed chunk. Only an explicit --overwrite discards an existing store.
+Executors write their own Parquet files under names unique to the task attempt, and return the names
+to the driver; Spark hands the driver one result per partition (a retried or speculative attempt's
+files are never among them), and the driver commits the chunk by writing its marker, one atomic PUT
+(an os.replace on a local disk). A file no marker lists is a killed or superseded attempt's: readers
+and restarts ignore it and the end of the run deletes it. A run killed at any point leaves no
+manifest, so nothing looks complete; restarted with the same inputs it keeps every committed chunk.
+Only an explicit --overwrite discards an existing store.
 
 A folder is a store only by this project's own marks: a readable manifest.json, or the
 _work/plan.json of an unfinished run (with its format). Folder names such as split=* prove
@@ -17,20 +24,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-from pathlib import Path
+import math
+import uuid
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from common import fs
 from common.safe_output import LOCK
-from common.store import ERRORS_DIR, MANIFEST, SPLITS, write_manifest
+from common.store import ERROR_SCHEMA, ERRORS_DIR, MANIFEST, MASKED_FIELDS, ROW_SCHEMA, SPLITS, write_manifest
 
 WORK_DIR = "_work"
 PLAN = "plan.json"
 PLAN_FORMAT = "cxr-features/store-plan"
-STAGING = "_staging"
 # Everything a store run writes at the top of its folder: all that --overwrite may delete.
 OWN = frozenset({MANIFEST, ERRORS_DIR, WORK_DIR, *(f"split={s}" for s in SPLITS)})
+# What a task's result rows say of each file it wrote (the mapInPandas output schema).
+FILES_DDL = "kind string, file string, rows long, ran string"
 
 
 class OutputError(RuntimeError):
@@ -45,17 +57,17 @@ def plan_fingerprint(table: pd.DataFrame, settings: dict) -> str:
     return digest.hexdigest()
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: str) -> dict | None:
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(fs.read_bytes(path))
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
 
 
-def _is_store_dir(out: Path) -> bool:
-    manifest = _read_json(out / MANIFEST)
-    plan = _read_json(out / WORK_DIR / PLAN)
+def _is_store_dir(out: str) -> bool:
+    manifest = _read_json(fs.join(out, MANIFEST))
+    plan = _read_json(fs.join(out, WORK_DIR, PLAN))
     return (manifest is not None and "format_version" in manifest) or (plan is not None and plan.get("format") == PLAN_FORMAT)
 
 
@@ -63,33 +75,38 @@ def _own(name: str) -> bool:
     return name in OWN or name.startswith(f".{MANIFEST}.tmp")
 
 
-def _clear(out: Path, log) -> None:
+def _top_level(out: str) -> list[str]:
+    """Names directly in `out` (files and folders); [] when absent."""
+    filesystem, where = fs.resolve(out)
+    selector = fs.pafs.FileSelector(where, recursive=False, allow_not_found=True)
+    return sorted(info.base_name for info in filesystem.get_file_info(selector))
+
+
+def _clear(out: str, log) -> None:
     """Delete what a store run wrote (manifest first, so a half-cleared store never looks complete)."""
-    (out / MANIFEST).unlink(missing_ok=True)
+    fs.delete(fs.join(out, MANIFEST))
     kept = []
-    for child in sorted(out.iterdir()):
-        if child.name == LOCK:
+    for name in _top_level(out):
+        if name == LOCK:
             continue  # this run's own lock
-        if not _own(child.name):
-            kept.append(child.name)
-        elif child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
+        if _own(name):
+            fs.delete(fs.join(out, name))
         else:
-            child.unlink()
+            kept.append(name)
     if kept:
         log(f"--overwrite: kept {len(kept)} file(s) this project did not write: {', '.join(kept[:5])}")
 
 
-def prepare_output(out: str | Path, overwrite: bool, fingerprint: str, plan: dict, log=print) -> Path:
+def prepare_output(out: str, overwrite: bool, fingerprint: str, plan: dict, log=print) -> str:
     """Make `out` ready for this run and return its work directory (resuming when it can)."""
-    out = Path(out)
-    work = out / WORK_DIR
-    if out.exists() and any(c.name != LOCK for c in out.iterdir()):
+    out = str(out)
+    work = fs.join(out, WORK_DIR)
+    if any(name != LOCK for name in _top_level(out)):
         if not _is_store_dir(out):
             raise OutputError(f"--out {out}: exists and is not a feature store of this project (no {MANIFEST}, "
                               f"no {WORK_DIR}/{PLAN}); refusing to write into it, even with --overwrite")
-        previous = (_read_json(work / PLAN) or {}).get("fingerprint")
-        if (out / MANIFEST).exists() and not overwrite:
+        previous = (_read_json(fs.join(work, PLAN)) or {}).get("fingerprint")
+        if fs.exists(fs.join(out, MANIFEST)) and not overwrite:
             raise OutputError(f"--out {out}: a complete feature store is already here; pass --overwrite to replace it")
         if overwrite:
             log(f"--overwrite: discarding the store in {out}")
@@ -99,33 +116,118 @@ def prepare_output(out: str | Path, overwrite: bool, fingerprint: str, plan: dic
                               "pass --overwrite to discard it")
         else:
             log(f"resuming the unfinished run in {out}")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / PLAN).write_text(json.dumps({**plan, "format": PLAN_FORMAT, "fingerprint": fingerprint}, indent=2,
-                                        sort_keys=True))
+    fs.make_dirs(work)
+    fs.write_bytes(fs.join(work, PLAN), json.dumps({**plan, "format": PLAN_FORMAT, "fingerprint": fingerprint},
+                                                   indent=2, sort_keys=True).encode())
     return work
 
 
-def chunk_dir(work: Path, index: int) -> Path:
-    return work / f"chunk-{index:05d}"
+def chunk_dir(work: str, index: int) -> str:
+    return fs.join(work, f"chunk-{index:05d}")
 
 
-def is_committed(work: Path, index: int) -> bool:
-    return chunk_dir(work, index).is_dir()
+def chunk_marker(work: str, index: int) -> str:
+    return fs.join(work, f"chunk-{index:05d}.json")
 
 
-def commit_chunk(tmp: Path, work: Path, index: int) -> None:
-    # A directory rename is atomic on POSIX file systems (local disks, NFS, Lustre, GPFS).
-    tmp.rename(chunk_dir(work, index))
+def read_marker(work: str, index: int) -> dict | None:
+    """A committed chunk's marker ({"files": [{kind, file, rows, ran}, ...]}), or None: not committed."""
+    marker = _read_json(chunk_marker(work, index))
+    return marker if marker is not None and isinstance(marker.get("files"), list) else None
 
 
-def publish(out: str | Path, staging: Path, manifest: dict) -> None:
-    """Move the staged split folders and errors into the store, then write the manifest last."""
-    out = Path(out)
-    for stale in [*out.glob("split=*"), out / ERRORS_DIR]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while publishing
-    for part in [*staging.glob("split=*"), staging / ERRORS_DIR]:
-        if part.exists():
-            part.rename(out / part.name)
+def is_committed(work: str, index: int) -> bool:
+    return read_marker(work, index) is not None
+
+
+def discard_uncommitted(work: str, index: int) -> None:
+    """Before a chunk is (re)done: what a killed attempt of it left is of no use (and never read)."""
+    fs.delete(chunk_dir(work, index))
+
+
+def commit_chunk(work: str, index: int, files: list[dict]) -> None:
+    """Commit a chunk: its marker lists the files of the attempts Spark kept (one per partition)."""
+    fs.write_bytes(chunk_marker(work, index), json.dumps({"files": files}, indent=1).encode())
+
+
+def _list_array(values: list, value_type: pa.DataType) -> pa.Array:
+    """A list column from per-row sequences, built from one flat numpy array rather than value by value."""
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
+    dtype = value_type.to_pandas_dtype()
+    flat = np.concatenate([np.asarray(v, dtype=dtype) for v in values]) if values else np.array([], dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def rows_table(frame: pd.DataFrame, masked: bool = False) -> pa.Table:
+    """Good rows of a task's output as the store's Arrow schema (lists built from numpy, not row by row)."""
+    schema = pa.schema([*ROW_SCHEMA, *(MASKED_FIELDS if masked else ())])
+    columns = []
+    for field in schema:
+        values = frame[field.name]
+        if pa.types.is_list(field.type):
+            columns.append(_list_array(values.tolist(), field.type.value_type))
+        else:
+            columns.append(pa.Array.from_pandas(values, type=field.type))  # NaN, None and pd.NA are null
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def write_task_files(work: str, index: int, frame: pd.DataFrame, partition: int, masked: bool = False) -> list[dict]:
+    """In the executor: write one task attempt's rows, a file per split plus one for its errors, under names no
+    other attempt uses; return what the marker will list (paths relative to the store)."""
+    attempt = uuid.uuid4().hex[:12]
+    failed = frame["error"].notna().to_numpy()
+    written = []
+    parts = [(split, frame[~failed & (frame["split"] == split).to_numpy()]) for split in SPLITS]
+    for kind, rows in [*parts, (ERRORS_DIR, frame[failed])]:
+        if rows.empty:
+            continue
+        name = f"{kind}-{partition:05d}-{attempt}.parquet"
+        table = (pa.Table.from_pandas(rows[list(ERROR_SCHEMA.names)], schema=ERROR_SCHEMA, preserve_index=False)
+                 if kind == ERRORS_DIR else rows_table(rows, masked))
+        filesystem, where = fs.for_writing(fs.join(chunk_dir(work, index), name))
+        pq.write_table(table, where, filesystem=filesystem)
+        written.append({"kind": kind, "file": f"{WORK_DIR}/chunk-{index:05d}/{name}", "rows": len(rows)})
+    return written
+
+
+def plan_compaction(markers: list[dict], rows_per_file: int) -> list[dict]:
+    """Group the committed files into output files: per split, consecutive files of about `rows_per_file` rows
+    in all (a few files per split, not one per task); every error into one file."""
+    groups: list[dict] = []
+    for kind in (*SPLITS, ERRORS_DIR):
+        files = [f for marker in markers for f in marker["files"] if f["kind"] == kind]
+        total = sum(f["rows"] for f in files)
+        if not total:
+            continue
+        n_out = 1 if kind == ERRORS_DIR else math.ceil(total / rows_per_file)
+        parts: dict[int, list[str]] = {}
+        before = 0
+        for f in files:
+            parts.setdefault(min(n_out - 1, before * n_out // total), []).append(f["file"])
+            before += f["rows"]
+        groups += [{"kind": kind, "files": names, "part": k} for k, names in sorted(parts.items())]
+    return groups
+
+
+def compact_group(store: str, group: dict) -> dict:
+    """In the executor: one output file from a group's committed files, rows sorted by image_id."""
+    from common.store import read_parquet
+
+    kind = group["kind"]
+    table = read_parquet([fs.join(store, f) for f in group["files"]]).sort_by("image_id")
+    folder = ERRORS_DIR if kind == ERRORS_DIR else f"split={kind}"
+    name = f"{folder}/part-{group['part']:05d}-{uuid.uuid4().hex[:12]}.parquet"
+    filesystem, where = fs.for_writing(fs.join(store, name))
+    pq.write_table(table, where, filesystem=filesystem)
+    return {"kind": kind, "file": name, "rows": table.num_rows}
+
+
+def publish(out: str, manifest: dict) -> None:
+    """Delete what no output of this run is (a killed compaction's files), write the manifest last, drop _work."""
+    listed = {fs.join(out, f) for files in manifest["files"].values() for f in files}
+    for folder in [*(f"split={s}" for s in SPLITS), ERRORS_DIR]:
+        for path, _ in fs.list_files(fs.join(out, folder)):
+            if path not in listed:
+                fs.delete(path)
     write_manifest(out, manifest)
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    fs.delete(fs.join(out, WORK_DIR))

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from common.store import MANIFEST, SPLITS, SplitData, StoreError, read_manifest, read_split, split_dir
+from common import fs
+from common.store import MANIFEST, SplitData, StoreError, read_manifest, read_split
+from common.store import store_splits as splits_with_rows
 from heads.choices import SEX_ENCODINGS
 
 
@@ -74,13 +75,13 @@ class Stores:
 
 def store_info(path: str | os.PathLike) -> StoreInfo:
     manifest = read_manifest(path)  # refuses missing manifest / unknown format_version
-    digest = hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
-    # Absolute: a run directory is read from other working directories too.
-    return StoreInfo(str(Path(path).resolve()), manifest, digest)
+    digest = hashlib.sha256(fs.read_bytes(fs.join(path, MANIFEST))).hexdigest()
+    # Absolute: a run directory is read from other working directories too (a URI already is).
+    return StoreInfo(fs.local_path(path) if fs.is_local(path) else path, manifest, digest)
 
 
 def store_splits(path: str | os.PathLike) -> list[str]:
-    return [s for s in SPLITS if split_dir(path, s).is_dir()]
+    return splits_with_rows(path, read_manifest(path))
 
 
 def _first_difference(a: np.ndarray, b: np.ndarray) -> str:

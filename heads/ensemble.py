@@ -102,15 +102,17 @@ def combine(probs: list, how: str):
 def _patients(members: list[dict], split: str, image_ids):
     """Patient per image from the first member's store (head runs record theirs); None otherwise."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    from common.store import split_dir
+    from common.store import StoreError, data_files, read_manifest, read_parquet
 
     for member in members:
         for store in member.get("stores") or []:
-            folder = split_dir(Path(store["path"]), split)
-            if folder.is_dir():
-                table = pq.read_table(folder, columns=["image_id", "patient_id"]).to_pandas()
+            try:
+                files = data_files(store["path"], split, read_manifest(store["path"]))
+            except StoreError:
+                files = None  # the store is gone or changed since: no patients from it
+            if files:
+                table = read_parquet(files, ["image_id", "patient_id"]).to_pandas()
                 mapping = dict(zip(table["image_id"], table["patient_id"]))
                 found = [mapping.get(i) for i in image_ids]
                 if all(p is not None for p in found):

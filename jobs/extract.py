@@ -27,7 +27,7 @@ from common.choices import PRECISIONS, SPLITS
 from common.config import HelpFormatter, parse_with_config, require
 from common.data_config import RESIZE_MODES, DataConfig
 from common.images import MAX_PIXELS
-from common.safe_output import OutputLock, check_dir_path, run_job
+from common.safe_output import OutputLock, RemoteLock, check_dir_path, run_job
 from common.table_flags import add_table_flags, check_table_flags
 
 # torch, pyarrow and pandas are imported by the functions that use them, so that --help (and a
@@ -40,7 +40,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="TOML file whose [extract] table sets defaults for these flags")
     add_table_flags(p)
-    p.add_argument("--out", help="store directory to write")
+    p.add_argument("--out", help="store to write: a folder, or a URI (s3://bucket/prefix, gs://..., hdfs://..., file://)")
     p.add_argument("--backbone", default="densenet121", help="registry name, e.g. resnet50, densenet121, inception_v3")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet[:ENUM], pretrained (a timm or torchxrayvision backbone's published weights), a checkpoint "
@@ -57,6 +57,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--chunk-size", type=int, default=4096, help="images per committed chunk (restart granularity)")
     p.add_argument("--images-per-task", type=int, default=64, help="images per Spark task")
+    p.add_argument("--prefetch-batches", type=int, default=1,
+                   help="batches a task decodes ahead while the model embeds the current one (0: none)")
     p.add_argument("--file-mb", type=int, default=128, help="target size of the store's Parquet files")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
@@ -80,14 +82,20 @@ def log(message: str) -> None:
 
 
 def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
-                 data_config: DataConfig, batch_size: int, done, errors, max_pixels: int = MAX_PIXELS,
-                 lung_file: str | None = None, masks_dir: str | None = None):
-    """The mapInPandas function; it captures only small values, the model is built in the worker."""
+                 data_config: DataConfig, batch_size: int, done, errors, work: str, chunk: int,
+                 max_pixels: int = MAX_PIXELS, lung_file: str | None = None, masks_dir: str | None = None,
+                 prefetch: int = 1):
+    """The mapInPandas function of one chunk; it captures only small values, the model is built in the worker.
+
+    The task embeds its rows, writes them itself (common.store_writer.write_task_files: files named for this
+    attempt, on any file system) and returns only what it wrote, for the driver's commit marker."""
 
     def run(frames):
+        import pandas as pd
         from pyspark import SparkFiles, TaskContext
 
         from common.extraction import cached_extractor, iter_extract
+        from common.store_writer import write_task_files
 
         task = TaskContext.get()
         gpus = task.resources().get("gpu")
@@ -100,15 +108,18 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
             done.add(n_ok + n_err)
             errors.add(n_err)
 
-        ran = f"{extractor.device.type}/{extractor.precision}"
         masker = None
         if lung_file:
             from lungs.masking import cached_masker
 
             masker = cached_masker(SparkFiles.get(lung_file), on, masks_dir)  # same worker and device as the backbone
-        for out in iter_extract(frames, extractor, batch_size, max_pixels, masker, decode_threads=threads,
-                                on_batch=count):
-            yield out.assign(ran=ran)
+        outputs = list(iter_extract(frames, extractor, batch_size, max_pixels, masker, decode_threads=threads,
+                                    on_batch=count, prefetch=prefetch))
+        if outputs:
+            files = write_task_files(work, chunk, pd.concat(outputs, ignore_index=True), task.partitionId(),
+                                     masked=masker is not None)
+            ran = f"{extractor.device.type}/{extractor.precision}"
+            yield pd.DataFrame([{**f, "ran": ran} for f in files], columns=["kind", "file", "rows", "ran"])
 
     return run
 
@@ -173,18 +184,11 @@ def get_spark():
             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
 
 
-def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: int, data_config: DataConfig) -> dict:
+def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: int, data_config: DataConfig) -> dict:
     """Process every uncommitted chunk; returns timing figures for the summary."""
     from common.extraction import INPUT_COLUMNS, INPUT_DDL
-    from common.store import ROW_DDL
-    from common.store_writer import OutputError, commit_chunk, is_committed
+    from common.store_writer import FILES_DDL, OutputError, commit_chunk, discard_uncommitted, is_committed
 
-    lung_ddl = ""
-    if args.view == "masked":
-        from lungs.masking import COLUMNS_DDL
-
-        lung_ddl = ", " + COLUMNS_DDL
-    output_ddl = ROW_DDL + ", split string, path string, error string" + lung_ddl + ", ran string"
     sc = spark.sparkContext
     chunks = [table.iloc[i:i + args.chunk_size] for i in range(0, len(table), args.chunk_size)]
     pending = [i for i in range(len(chunks)) if not is_committed(work, i)]
@@ -192,80 +196,86 @@ def run_chunks(spark, table, work: Path, args, weights_file: str | None, seed: i
     if already:
         log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
     done, errors = sc.accumulator(0), sc.accumulator(0)
-    task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config, args.batch_size,
-                           done, errors, args.max_pixels, args.lung_file, args.masks_dir)
     start = time.monotonic()
     with Progress(len(table), already, done, errors, args.progress_interval, args.stall_timeout,
                   sc.cancelAllJobs) as progress:
         for i in pending:
+            task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config,
+                                   args.batch_size, done, errors, work, i, args.max_pixels, args.lung_file,
+                                   args.masks_dir, args.prefetch_batches)
             chunk = chunks[i][list(INPUT_COLUMNS)]
             # At least four waves of tasks per core keeps the last wave's idle cores a small share.
             parts = max(4 * sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task))
-            tmp = work / f"chunk-{i:05d}.tmp"
+            discard_uncommitted(work, i)
             try:
-                (spark.createDataFrame(chunk, schema=INPUT_DDL).repartition(parts)
-                 .mapInPandas(task_fn, output_ddl)
-                 .write.mode("overwrite").parquet(str(tmp)))
+                # collect() keeps one result per partition: a retried or speculative attempt's files are not in it.
+                files = (spark.createDataFrame(chunk, schema=INPUT_DDL).repartition(parts)
+                         .mapInPandas(task_fn, FILES_DDL).collect())
             except Exception:
                 if progress.stalled:
-                    raise OutputError(f"--out {work.parent}: no image finished for {args.stall_timeout:g} s "
+                    raise OutputError(f"--out {args.out}: no image finished for {args.stall_timeout:g} s "
                                       "(--stall-timeout), so the job was stopped as stuck; the committed chunks "
                                       "are kept and a rerun resumes after them") from None
                 raise
-            commit_chunk(tmp, work, i)
+            commit_chunk(work, i, [row.asDict() for row in files])
             log(f"chunk {i + 1}/{len(chunks)} committed; {progress.line()}")
     seconds = time.monotonic() - start
     return {"images_processed": done.value, "seconds": round(seconds, 2),
             "images_per_second": round(done.value / seconds, 2) if done.value else None, "chunks": len(chunks)}
 
 
-def compact(spark, work: Path, n_chunks: int, feature_dim: int, file_mb: int, masked: bool = False) -> dict:
-    """Rewrite the committed chunks as a few files per split plus the errors table, in staging."""
-    from pyspark.sql import functions as F
+def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb: int, masked: bool = False) -> dict:
+    """Rewrite the committed chunks' files as a few files per split plus the errors file, in Spark tasks that
+    read and write through common/fs.py; returns the files and the figures for the manifest."""
+    from functools import partial
 
-    from common.extraction import OUTPUT_COLUMNS
     from common.feature_stats import constant_note, summarize_parquet
-    from common.store import ERRORS_DIR, split_dir
-    from common.store_writer import STAGING, OutputError, chunk_dir
+    from common.store import ERRORS_DIR, read_parquet
+    from common.store_writer import OutputError, compact_group, plan_compaction, read_marker
 
-    staging = work / STAGING
-    rows = spark.read.parquet(*[str(chunk_dir(work, i)) for i in range(n_chunks)])
-    counts = {(r["split"], r["failed"]): r["count"]
-              for r in rows.groupBy("split", F.col("error").isNotNull().alias("failed")).count().collect()}
-    per_split = {s: counts.get((s, False), 0) for s in SPLITS}
-    n_errors = sum(v for (_, failed), v in counts.items() if failed)
-    ran = {r["ran"]: r["count"] for r in rows.groupBy("ran").count().collect()}
+    markers = [read_marker(work, i) for i in range(n_chunks)]
+    ran: dict[str, int] = {}
+    for marker in markers:
+        for f in marker["files"]:
+            ran[f["ran"]] = ran.get(f["ran"], 0) + f["rows"]
     if len(ran) > 1:
         # Features from fp16 on GPU and bf16 on CPU differ; one store holds one precision.
-        raise OutputError(f"{work.parent}: the chunks were embedded on different devices/precisions "
+        raise OutputError(f"{out}: the chunks were embedded on different devices/precisions "
                           f"({', '.join(f'{k}: {v} images' for k, v in sorted(ran.items()))}); rerun with "
                           "--precision fp32 (and --overwrite), or on executors of one kind")
-
     rows_per_file = max(1, file_mb * 2**20 // (4 * feature_dim + 256))
-    buckets = max(1, math.ceil(max(per_split.values()) / rows_per_file))
-    good = rows.where(F.col("error").isNull()).drop("error", "path")
-    (good.repartition(buckets * len(SPLITS), "split", F.pmod(F.hash("image_id"), F.lit(buckets)))
-     .sortWithinPartitions("image_id")
-     .select(*[c for c in OUTPUT_COLUMNS if c not in ("path", "error")], *(("lung_fraction", "lung_qa") if masked else ()))
-     .write.mode("overwrite").partitionBy("split").option("maxRecordsPerFile", rows_per_file)
-     .parquet(str(staging)))
-    (rows.where(F.col("error").isNotNull()).select("image_id", "path", "error").coalesce(1)
-     .write.mode("overwrite").parquet(str(staging / ERRORS_DIR)))
-    stats = {s: summarize_parquet(split_dir(staging, s), feature_dim) for s in SPLITS if per_split[s]}
+    groups = plan_compaction(markers, rows_per_file)
+    written = (spark.sparkContext.parallelize(groups, max(1, len(groups))).map(partial(compact_group, out)).collect()
+               if groups else [])
+    files = {kind: sorted(w["file"] for w in written if w["kind"] == kind) for kind in (*SPLITS, ERRORS_DIR)}
+    per_split = {s: sum(w["rows"] for w in written if w["kind"] == s) for s in SPLITS}
+    n_errors = sum(w["rows"] for w in written if w["kind"] == ERRORS_DIR)
+    from common import fs
+
+    stats = {s: summarize_parquet([fs.join(out, f) for f in files[s]], feature_dim) for s in SPLITS if per_split[s]}
     for split, figures in stats.items():
         if note := constant_note(split, figures):
             log(f"warning: {note}")
-    lung_qa = ({str(r["lung_qa"] or "ok"): r["count"]
-                for r in rows.where(F.col("error").isNull()).groupBy("lung_qa").count().collect()} if masked else None)
-    return {"splits": per_split, "errors": n_errors, "ran": next(iter(ran), None), "feature_stats": stats,
-            "lung_qa": lung_qa}
+    lung_qa = None
+    if masked:
+        good = [fs.join(out, f) for s in SPLITS for f in files[s]]
+        flags = read_parquet(good, ["lung_qa"]).column("lung_qa").to_pylist() if good else []
+        lung_qa = {}
+        for flag in flags:
+            lung_qa[flag or "ok"] = lung_qa.get(flag or "ok", 0) + 1
+    return {"files": files, "splits": per_split, "errors": n_errors, "ran": next(iter(ran), None),
+            "feature_stats": stats, "lung_qa": lung_qa}
 
 
 def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     args = parse_with_config(build_parser(prog), argv, "extract")
     check_table_flags(args)
     require(args, "out")
-    check_dir_path(args.out)
+    from common import fs
+
+    if fs.is_local(args.out):
+        args.out = fs.local_path(args.out)
+        check_dir_path(args.out)
     from common.backbones import get_spec
     from common.image_table import table_from_flags
     from common.store import FORMAT_VERSION
@@ -305,46 +315,51 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     if args.save_masks:
         if args.view != "masked":
             raise ValueError("--save-masks: needs --view masked (an original-view store predicts no masks)")
+        if not fs.is_local(args.save_masks):
+            raise ValueError(f"--save-masks {args.save_masks}: must be a local (or mounted) folder")
         args.masks_dir = str(check_dir_path(args.save_masks, "--save-masks").resolve())
         Path(args.masks_dir).mkdir(parents=True, exist_ok=True)
     # One writer per store for the whole run: two jobs on one --out would write the same chunks.
-    with OutputLock(args.out, log=log):
+    with (OutputLock if fs.is_local(args.out) else RemoteLock)(args.out, log=log):
         work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
         return _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work)
 
 
-def ship_file(spark, path: str, sha256: str, work: Path) -> str:
+def ship_file(spark, path: str, sha256: str) -> str:
     """Send `path` to the executors (SparkContext.addFile) under a name that holds its content hash, and
     return that name (SparkFiles.get finds it): a session refuses a second, different file of one name,
     so two checkpoints both called best.pt could not be used one after the other."""
     import os
     import shutil
+    import tempfile
 
     name = f"{sha256[:16]}-{Path(path).name}"
-    staged = work / "shipped" / name
+    staged = Path(tempfile.gettempdir()) / "cxr-features-shipped" / name  # local: the store may be on S3
     if not staged.exists():
         staged.parent.mkdir(parents=True, exist_ok=True)
+        partial = staged.with_name(f".{name}.{os.getpid()}")
         try:
-            os.link(path, staged)  # no copy where the file system allows
+            os.link(path, partial)  # no copy where the file system allows
         except OSError:
-            shutil.copyfile(path, staged)
+            shutil.copyfile(path, partial)
+        os.replace(partial, staged)
     spark.sparkContext.addFile(str(staged))
     return name
 
 
-def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work: Path) -> dict:
+def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work: str) -> dict:
     """Embed the uncommitted chunks, compact them, publish the store with its manifest last."""
     from common.store import ERRORS_DIR, FORMAT_VERSION
-    from common.store_writer import STAGING, publish
+    from common.store_writer import publish
 
     table = images.table
     spark = spark or get_spark()
-    weights_file = ship_file(spark, weights.path, weights.sha256, work) if weights.path else None
+    weights_file = ship_file(spark, weights.path, weights.sha256) if weights.path else None
     # The lung model travels as the weights do.
-    args.lung_file = ship_file(spark, args.lungs["path"], args.lungs["sha256"], work) if args.lungs else None
+    args.lung_file = ship_file(spark, args.lungs["path"], args.lungs["sha256"]) if args.lungs else None
     timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config)
     n_chunks = timing["chunks"]
-    written = compact(spark, work, n_chunks, args.feature_dim, args.file_mb, masked=args.view == "masked")
+    written = compact(spark, args.out, work, n_chunks, args.feature_dim, args.file_mb, masked=args.view == "masked")
 
     import pyspark
     import torch
@@ -366,6 +381,7 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
         "precision_rule": "auto: bf16 autocast on CPUs with native bf16 (else fp32), fp16 autocast on CUDA; "
                           "features stored as float32",
         "feature_stats": written["feature_stats"],
+        "files": written["files"],
         "view": args.view,
         "splits": written["splits"],
         "split_method": images.split_method,
@@ -384,8 +400,8 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
                              "qa_rule": QA_RULE, "masks_dir": args.masks_dir}
     if weights.kind == "random":
         manifest["weights_note"] = "random initialisation (asked for explicitly): features carry no learned knowledge"
-    publish(args.out, work / STAGING, manifest)
-    summary = {"store": str(Path(args.out).resolve()), **{k: v for k, v in written.items() if k != "ran"}, **timing}
+    publish(args.out, manifest)
+    summary = {"store": args.out, **{k: v for k, v in written.items() if k not in ("ran", "files")}, **timing}
     log(f"store complete: {summary['store']}")
     model = args.backbone if args.model == "classifier" else f"{args.backbone} {args.model}"
     log(f"  {args.feature_dim}-d {model} features ({weights.label}); rows per split "

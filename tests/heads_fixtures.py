@@ -42,7 +42,7 @@ def write_store(root: Path, splits: dict[str, dict], label_names=NIH_LABELS, dat
     for name, rows in splits.items():
         table = split_table(rows)
         feature_dim = np.asarray(rows["features"]).shape[1]
-        folder = split_dir(root, name)
+        folder = Path(split_dir(root, name))
         folder.mkdir(parents=True, exist_ok=True)
         step = -(-len(table) // files_per_split)
         for i in range(files_per_split):

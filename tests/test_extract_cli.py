@@ -123,7 +123,7 @@ def test_full_disk_is_one_line_keeps_chunks_and_overwrite_keeps_foreign_files(mo
     monkeypatch.setattr(common.store_writer, "write_manifest", full)
     code, line = run_cli(monkeypatch, capsys, *flags, "--overwrite")
     assert code == 2 and line == f"jobs/extract.py: error: {store / 'manifest.json'}: no space left on device"
-    assert sorted(p.name for p in (store / "_work").glob("chunk-?????")) == ["chunk-00000", "chunk-00001"]
+    assert sorted(p.name for p in (store / "_work").glob("chunk-?????.json")) == ["chunk-00000.json", "chunk-00001.json"]
     assert not (store / "manifest.json").exists() and (store / "notes.txt").read_text() == "mine"
     monkeypatch.undo()
     run_cli_ok()  # the same command resumes from the kept chunks

@@ -171,7 +171,7 @@ def test_killed_run_restarts_without_redoing_committed_chunks(dataset, store, sp
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "extract.py"), *job_args(dataset, out)],
                             env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while not (out / "_work" / "chunk-00001").exists():
+    while not (out / "_work" / "chunk-00001.json").exists():
         assert proc.poll() is None, (tmp_path / "first-run.log").read_text()[-2000:]
         assert time.monotonic() < deadline, "no chunk committed in time"
         time.sleep(0.1)
@@ -179,7 +179,7 @@ def test_killed_run_restarts_without_redoing_committed_chunks(dataset, store, sp
     proc.wait()
     printed = (tmp_path / "first-run.log").read_text()
     assert "[extract] chunk 1/4 committed; " in printed and " images/s, 0 errors" in printed
-    committed = sorted(p.name for p in (out / "_work").glob("chunk-?????"))
+    committed = sorted(p.name for p in (out / "_work").glob("chunk-?????.json"))
     assert 2 <= len(committed) < 4, committed
     with pytest.raises(StoreError, match="no manifest.json"):
         read_manifest(out)  # a killed run never looks complete
@@ -187,10 +187,9 @@ def test_killed_run_restarts_without_redoing_committed_chunks(dataset, store, sp
     # Had a committed chunk been embedded elsewhere (a GPU executor, fp16), the store is refused.
     mixed = tmp_path / "mixed"
     shutil.copytree(out, mixed)
-    for part in (mixed / "_work" / "chunk-00000").glob("*.parquet"):
-        t = pq.read_table(part)
-        pq.write_table(t.set_column(t.schema.get_field_index("ran"), "ran", pa.array(["cuda/fp16"] * len(t))), part)
-        (part.parent / f".{part.name}.crc").unlink(missing_ok=True)  # Hadoop's checksum of the old bytes
+    marker = mixed / "_work" / "chunk-00000.json"
+    files = json.loads(marker.read_text())["files"]
+    marker.write_text(json.dumps({"files": [{**f, "ran": "cuda/fp16"} for f in files]}))
     with pytest.raises(OutputError, match=r"different devices/precisions \(cpu/\w+: \d+ images, cuda/fp16: 8 images\)"):
         main(job_args(dataset, mixed), spark=spark)
     with pytest.raises(StoreError, match="no manifest.json"):
@@ -248,11 +247,11 @@ def test_masked_run_resumes_keeps_bad_images_and_refuses_other_settings(dataset,
     out = tmp_path / "masked"
     real_commit, commits = store_writer.commit_chunk, []
 
-    def crash_after_two(tmp, work, index):
+    def crash_after_two(work, index, files):
         if len(commits) == 2:
             raise KeyboardInterrupt("stopped")  # what a ^C between chunks does
         commits.append(index)
-        real_commit(tmp, work, index)
+        real_commit(work, index, files)
 
     monkeypatch.setattr(store_writer, "commit_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
@@ -337,6 +336,6 @@ def test_two_different_files_of_one_name_can_be_shipped_in_one_session(spark, tm
         path = tmp_path / f"run{i}" / "best.pt"
         path.parent.mkdir()
         path.write_bytes(f"checkpoint {i}".encode())
-        names.append(ship_file(spark, str(path), file_sha256(str(path)), tmp_path / f"work{i}"))
+        names.append(ship_file(spark, str(path), file_sha256(str(path))))
     assert names[0] != names[1] and all(n.endswith("-best.pt") for n in names)
     assert [open(SparkFiles.get(n), "rb").read() for n in names] == [b"checkpoint 0", b"checkpoint 1"]

@@ -1,0 +1,182 @@
+"""Files addressed by local path or URI, through pyarrow.fs (and fsspec for the schemes it alone knows).
+
+    /data/nih, data/nih, file:///data/nih   the local file system (paths kept as given, made absolute)
+    s3://bucket/prefix, gs://..., hdfs://...  pyarrow's own file systems (credentials, region and
+                                            endpoint from the usual environment: AWS_ACCESS_KEY_ID,
+                                            AWS_ENDPOINT_URL, ...; or URI query options)
+    memory://..., any other fsspec scheme   fsspec's, wrapped as a pyarrow file system
+
+A job names images and stores by URI; the driver lists and writes through these functions and the
+executors read image bytes and write their Parquet files through them, so nothing assumes one POSIX
+file system shared by all. An object store has no atomic rename: writers here never rely on one
+(common/store_writer.py commits by writing a marker instead).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def is_uri(path) -> bool:
+    return isinstance(path, str) and bool(_SCHEME.match(path))
+
+
+def is_local(path) -> bool:
+    """A plain path or a file:// URI."""
+    return not is_uri(path) or path.lower().startswith("file://")
+
+
+def local_path(path) -> str:
+    """The absolute local path of a plain path or file:// URI."""
+    text = os.fspath(path)
+    if is_uri(text):
+        text = urlsplit(text).path
+    return os.path.abspath(text)
+
+
+# Schemes whose URI host is a bucket that pyarrow keeps in the path ("bucket/key"); others (hdfs) keep "/path".
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+@lru_cache(maxsize=16)
+def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
+    # One instance per bucket/host and options, cached per process: building an S3 client resolves the region.
+    uri = f"{scheme}://{netloc}/" + (f"?{query}" if query else "")
+    try:
+        return pafs.FileSystem.from_uri(uri)[0]
+    except ValueError as exc:  # pyarrow's ArrowInvalid: a scheme it has no file system for
+        if "nrecognized filesystem" not in str(exc):
+            raise
+    try:
+        import fsspec
+
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"{scheme}://: no file system for this scheme in pyarrow or fsspec ({exc}); install "
+                         "the package that provides it") from None
+
+
+def resolve(path) -> tuple[pafs.FileSystem, str]:
+    """(file system, its path) for a local path or URI; query options (e.g. ?endpoint_override=) stay with the
+    file system, not the path."""
+    if is_local(path):
+        return pafs.LocalFileSystem(), local_path(path)
+    parts = urlsplit(path)
+    scheme = parts.scheme.lower()
+    fs = _filesystem(scheme, parts.netloc, parts.query)
+    if isinstance(fs, pafs.PyFileSystem):
+        return fs, fs.handler.fs._strip_protocol(path.partition("?")[0])  # fsspec's own form
+    if scheme in _BUCKET_SCHEMES:
+        return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+    return fs, parts.path.rstrip("/") or "/"
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """`base`/part/...; a URI keeps its scheme and query (a plain path stays a plain path)."""
+    base = os.fspath(base)
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    head, _, query = base.partition("?")
+    joined = "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)])
+    return f"{joined}?{query}" if query else joined
+
+
+def uri_of(base: str, fs_path: str) -> str:
+    """The URI (or local path) of `fs_path`, a path on `base`'s file system as a listing returns it."""
+    if is_local(base):
+        return fs_path
+    parts = urlsplit(base)
+    scheme = parts.scheme.lower()
+    query = f"?{parts.query}" if parts.query else ""
+    if scheme in _BUCKET_SCHEMES or isinstance(resolve(base)[0], pafs.PyFileSystem):  # the host is in the path
+        return f"{parts.scheme}://{fs_path.lstrip('/')}{query}"
+    return f"{parts.scheme}://{parts.netloc}{fs_path}{query}"
+
+
+def info(path) -> pafs.FileInfo:
+    fs, where = resolve(path)
+    return fs.get_file_info(where)
+
+
+def exists(path) -> bool:
+    return info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(path) -> bool:
+    return info(path).type == pafs.FileType.Directory
+
+
+def is_file(path) -> bool:
+    return info(path).type == pafs.FileType.File
+
+
+def list_files(root, recursive: bool = True) -> list[tuple[str, int]]:
+    """(URI or local path, size) of every file below `root`, sorted; [] when `root` is absent."""
+    fs, where = resolve(root)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(where, recursive=recursive, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted((uri_of(os.fspath(root), f.path), f.size) for f in found if f.type == pafs.FileType.File)
+
+
+def read_bytes(path) -> bytes:
+    fs, where = resolve(path)
+    with fs.open_input_stream(where) as f:
+        return f.read()
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Write a whole file so that a reader sees the old state or the complete new one: a local file via a
+    temporary name and os.replace; an object store's PUT is atomic by itself."""
+    if is_local(path):
+        target = local_path(path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+        return
+    fs, where = resolve(path)
+    with fs.open_output_stream(where) as f:
+        f.write(data)
+
+
+def make_dirs(path) -> None:
+    fs, where = resolve(path)
+    fs.create_dir(where, recursive=True)
+
+
+def for_writing(path) -> tuple[pafs.FileSystem, str]:
+    """`resolve(path)`, with the local parent folder made (an object store has no folders to make)."""
+    if is_local(path):
+        os.makedirs(os.path.dirname(local_path(path)), exist_ok=True)
+    return resolve(path)
+
+
+def delete(path) -> None:
+    """Delete a file or a folder with everything in it; nothing when absent."""
+    fs, where = resolve(path)
+    kind = fs.get_file_info(where).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(where)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(where)
+
+
+def readable(path):
+    """What a decoder opens: a local path as it is (the decoder reads it lazily), else the object's bytes in a
+    seekable io.BytesIO named by its URI (error messages name the image as the user gave it)."""
+    if is_local(path):
+        return local_path(path) if is_uri(path) else path
+    data = io.BytesIO(read_bytes(path))
+    data.name = path
+    return data
