@@ -34,8 +34,8 @@ class SplitImages:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def dataset(self, data_config: DataConfig, train: bool, seed: int = 0) -> ImageDataset:
-        return ImageDataset(self.paths, self.targets, self.mask, data_config, train, seed)
+    def dataset(self, data_config: DataConfig, train: bool, seed: int = 0, cache=None) -> ImageDataset:
+        return ImageDataset(self.paths, self.targets, self.mask, data_config, train, seed, cache)
 
 
 @dataclass
@@ -70,6 +70,8 @@ class FinetuneConfig:
     precision: str = "auto"
     device: str = "cpu"  # 'cpu' | 'cuda'
     num_workers: int = 2  # DataLoader worker processes per training process
+    # Folder of the train and val images' decode cache (finetune/decode_cache.py); None: decode every epoch.
+    decode_cache: str | None = None
     threads: int | None = None  # torch threads per process; default cores / processes on the node
     checkpoint_every: int = 500  # steps; last.pt is also written at every epoch end
     keep_epoch_checkpoints: bool = False  # also checkpoints/epoch-NNN.pt at every epoch end (checkpoint ensembles)
@@ -85,6 +87,7 @@ class FinetuneConfig:
 NOT_IDENTITY = frozenset({
     "out", "epochs", "device", "num_workers", "threads", "checkpoint_every", "keep_epoch_checkpoints", "log_every",
     "log_seconds",
+    "decode_cache",  # where the decoded inputs are kept: the same values, bit for bit, as decoding them
     "stop_after_steps",
     "identity", "record",
     "state_file",  # a path; the caller gives the weights' label and sha256 instead

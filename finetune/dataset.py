@@ -7,6 +7,9 @@ which image, and a resumed epoch gives the same views as the run it continues.
 
 An unreadable file does not stop training: its item is a zero image with ok=False, which the
 training loop masks out of loss and metrics and records.
+
+With a `cache` (finetune/decode_cache.py) the deterministic part, `DataConfig.load`, is read from it
+(the same float32 values, bit for bit) and only the training view and the normalization run per item.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths, targets: np.ndarray, mask: np.ndarray, data_config: DataConfig, train: bool,
-                 seed: int = 0):
+                 seed: int = 0, cache=None):
         if not (len(paths) == len(targets) == len(mask)):
             raise ValueError(f"{len(paths)} paths, {len(targets)} target rows and {len(mask)} mask rows differ")
         self.paths = list(paths)
@@ -37,15 +40,24 @@ class ImageDataset(Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.cache = cache  # a finetune.decode_cache.DecodeCache of these paths in this order, or None
+
+    def _input(self, i: int) -> np.ndarray | None:
+        """`DataConfig.load` of image i, from the cache when there is one; None when unreadable."""
+        if self.cache is not None:
+            return self.cache.get(i)
+        try:
+            return self.data_config.load(self.paths[i])
+        except Exception:  # any decoding failure: the loop counts it and names the file
+            return None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         cfg = self.data_config
-        try:
-            image = cfg.load(self.paths[i])
-        except Exception:  # any decoding failure: the loop counts it and names the file
+        image = self._input(i)
+        if image is None:
             return torch.zeros(cfg.in_channels, cfg.input_size, cfg.input_size), self.targets[i], self.mask[i], False, i
         if self.train:
             image = cfg.train_view(image, np.random.default_rng([self.seed, self.epoch, i]))

@@ -29,6 +29,7 @@ from common.torch_files import save_atomic
 from finetune.checkpoint import TrainState, checkpoint, load_scheduler, read_checkpoint, scheduler_state, state_sha256
 from finetune.config import BEST, LAST, SCHEDULES, FinetuneConfig, FinetuneError, log
 from finetune.dataset import ImageDataset
+from finetune.decode_cache import open_cache
 from finetune.distributed import Dist, setup
 from finetune.sampler import EpochSampler
 
@@ -184,6 +185,14 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
         net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     train_ds = cfg.train.dataset(cfg.data_config, train=True, seed=cfg.seed)
     val_ds = cfg.val.dataset(cfg.data_config, train=False)
+    if cfg.decode_cache:
+        # Decoded once (per data config and image list) instead of every epoch. One process builds a
+        # cache while the others wait on its lock, so the builder takes their decoding processes too.
+        note = log if d.main else (lambda m: log(f"rank {d.rank}: {m}"))
+        workers = min(cfg.num_workers * d.local_world, os.cpu_count() or 1) if cfg.num_workers else 0
+        for ds in (train_ds, val_ds):
+            ds.cache = open_cache(ds.paths, cfg.data_config, cfg.decode_cache, workers, log=note, announce=d.main,
+                                  progress_seconds=cfg.log_seconds)
     sampler = EpochSampler(len(train_ds), cfg.batch_size, d.world, d.rank, cfg.seed)
     steps = sampler.steps_per_epoch
     unreadable = set(state.unreadable)

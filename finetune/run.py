@@ -30,6 +30,7 @@ from common.targets import apply_policy, eval_targets, finding_flags, label_colu
 from common.weights import checkpoint_data_config, resolve_weights
 from finetune.checkpoint import load_classifier, resume_point
 from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, identity_of, log
+from finetune.decode_cache import DEFAULT_DIR
 from finetune.localization import evaluate_localization
 from finetune.loop import predict, train
 
@@ -144,6 +145,14 @@ def localize(model, spec, box_file: str, table, label_names: list[str], data_con
     return result, notes
 
 
+def decode_cache_dir(args: argparse.Namespace) -> str | None:
+    """The decode cache's folder (absolute: the training processes may start elsewhere); None: no cache."""
+    if getattr(args, "no_decode_cache", False):
+        return None
+    return str(Path(args.decode_cache).resolve() if getattr(args, "decode_cache", None)
+               else Path(args.out).resolve().parent / DEFAULT_DIR)
+
+
 def prepare_out(out: str, overwrite: bool, identity: dict, epochs: int) -> tuple[Path, dict | None]:
     """The run directory: resumed when it holds an interrupted run of these settings, continued
     when it holds a finished one that ran out of epochs and more are asked for, else fresh. The
@@ -212,6 +221,7 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
         lr_factor=args.lr_factor, plateau_patience=args.plateau_patience,
         early_stop_patience=args.early_stop_patience, best_metric=args.best_metric, seed=args.train_seed,
         precision=args.precision, num_workers=args.num_workers, threads=args.threads,
+        decode_cache=decode_cache_dir(args),
         checkpoint_every=args.checkpoint_every, keep_epoch_checkpoints=args.checkpoint_ensemble > 1,
         log_every=args.log_every, log_seconds=args.log_seconds, stop_after_steps=args.stop_after_steps,
         record=rundir.jsonable(settings),

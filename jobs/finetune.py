@@ -102,6 +102,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                                        "with native bf16, else fp32 (autocast; weights stay fp32)")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding images, per process")
     g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / processes)")
+    g.add_argument("--decode-cache", metavar="DIR", default=None,
+                   help="where train and val images are kept decoded at the input size (float32, memory-mapped; "
+                        "built once, shared by ranks, resumes and runs of the same data config); "
+                        "default: decode-cache/ beside --out (in its parent folder): point it at a fast disk with room")
+    g.add_argument("--no-decode-cache", action="store_true", help="decode every image every epoch instead")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between last.pt saves (and every epoch end)")
     g.add_argument("--checkpoint-ensemble", type=int, default=0,
                    help="keep every epoch's checkpoint (checkpoints/epoch-NNN.pt) and also score the mean of the N best "
@@ -144,6 +149,8 @@ def check_settings(args: argparse.Namespace) -> None:
         raise ConfigError("--policy multiclass: not with --model bilinear, whose MSML and CE terms are per label")
     if args.model == "attention-gated" and layouts.get(args.backbone) != "resnet50":
         raise ConfigError(f"--model attention-gated: gates a ResNet's stages; --backbone resnet50, not {args.backbone}")
+    if args.decode_cache and args.no_decode_cache:
+        raise ConfigError("--decode-cache and --no-decode-cache: give one")
     args.betas = parse_list(args.betas, float, "betas")
     if len(args.betas) != 2:
         raise ConfigError(f"--betas {args.betas!r}: give two values")

@@ -25,6 +25,7 @@ from finetune.config import BEST, LAST, NOT_IDENTITY, FinetuneConfig, FinetuneEr
 from finetune.loop import train
 from finetune.sampler import EpochSampler
 from finetune.dataset import ImageDataset
+from finetune.decode_cache import DEFAULT_DIR as DECODE_CACHE
 from common.data_config import DataConfig
 from common.store import read_manifest, read_split
 from common import rundir
@@ -264,7 +265,10 @@ def test_bbox_list_gives_the_accuracy_table_and_overlays(run, nih40):
 def test_interrupted_run_resumes_at_its_step_and_ends_where_an_uninterrupted_one_does(run, nih40, tmp_path):
     out = tmp_path / "ft"
     # Asked for 3 epochs, resumed with 2: --epochs is the one training setting a resume may change.
-    first = job.main(job_args(nih40, out, "--stop-after-steps", "4", "--epochs", "3"))
+    # This part decodes every image every epoch, the resumed part and `run` read the decode cache
+    # (finetune/decode_cache.py): the same inputs, so the same weights.
+    first = job.main(job_args(nih40, out, "--stop-after-steps", "4", "--epochs", "3", "--no-decode-cache"))
+    assert not (tmp_path / DECODE_CACHE).exists()
     assert first["stopped"] == "interrupted" and (first["epoch"], first["step"]) == (2, 1)
     assert (out / LAST).is_file() and not (out / "metrics.json").exists()
 
@@ -280,6 +284,7 @@ def test_interrupted_run_resumes_at_its_step_and_ends_where_an_uninterrupted_one
             job.main(job_args(nih40, out, flag, value))
 
     second = job.main(job_args(nih40, out))
+    assert len([c for c in (tmp_path / DECODE_CACHE).iterdir() if c.is_dir()]) == 2  # train, val
     assert second["resumed_from"] == {"epoch": 2, "step": 1, "global_step": 4}
     assert second["steps_this_run"] == 2 and second["global_step"] == 6
     assert [h["epoch"] for h in second["history"]] == [1, 2]
