@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common import fs
 from common.config import ConfigError, load_section, parse_list
 from common.datasets import DATASETS, get_dataset
 from common.locate import locate_images
@@ -54,6 +55,9 @@ def _read(dataset: str, metadata: Path | None, images, options: dict, flag: str,
         raise ValueError(f"{flag}: required for --dataset {dataset} ({entry.metadata_help})")
     if entry.reads != "metadata" and metadata is not None:
         raise ValueError(f"{flag} {metadata}: not used by --dataset {dataset} ({entry.metadata_help}); leave it out")
+    if entry.reads == "images" and not fs.is_local(images):
+        raise ValueError(f"--images {images}: --dataset {dataset} reads every file's header from a local or mounted "
+                         "folder; mount or copy the export (images on object storage work with the other datasets)")
     meta = entry.read(metadata if entry.reads == "metadata" else images, **options)
     if meta.table.empty:  # the readers refuse a file without rows; this is every row filtered out
         laterals = meta.counts.get("laterals_dropped", 0)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common import fs
 from common.dicom import DICOM_SUFFIXES
 
 # Every job's list (extraction, fine-tuning, heads.predict --images); DICOM decodes via common/dicom.py.
@@ -78,38 +79,61 @@ def _walk(root: Path):
             yield entry.path
 
 
-def locate_images(table: pd.DataFrame, root: str | os.PathLike, by: str, key: str = "image_id") -> Located:
-    """Attach `path` to each row whose image exists below `root`, matching the row's `key` column.
+def _listed(root: str) -> list[tuple[str, str]]:
+    """(path, path relative to `root` with / separators) of every image file below a local folder or a URI
+    prefix (one listing call per 1,000 objects on S3; no per-file request)."""
+    if fs.is_local(root):
+        return [(path, os.path.relpath(path, root).replace(os.sep, "/")) for path in _walk(Path(root))]
+    prefix = len(root.partition("?")[0].rstrip("/")) + 1
+    return [(uri, uri.partition("?")[0][prefix:]) for uri, _ in fs.list_files(root)
+            if uri.partition("?")[0].lower().endswith(IMAGE_SUFFIXES)]
 
-    `by`: 'name' (file name anywhere below), 'relpath' (path relative to `root`; an absolute path is taken as
-    it is, so a table may name files outside the root), or 'found' (the reader walked the files and set `path`).
+
+def _absolute(key: str) -> str | None:
+    """A table's absolute path or URI when it names an image file, else None."""
+    if fs.is_uri(key) and not fs.is_local(key):
+        try:
+            return key if key.partition("?")[0].lower().endswith(IMAGE_SUFFIXES) and fs.is_file(key) else None
+        except (OSError, ValueError):
+            return None
+    key = fs.local_path(key)
+    return key if is_image_file(key) else None
+
+
+def locate_images(table: pd.DataFrame, root: str | os.PathLike, by: str, key: str = "image_id") -> Located:
+    """Attach `path` to each row whose image exists below `root` (a folder or a URI prefix such as
+    s3://bucket/images), matching the row's `key` column.
+
+    `by`: 'name' (file name anywhere below), 'relpath' (path relative to `root`; an absolute path or a URI is
+    taken as it is, so a table may name files outside the root), or 'found' (the reader walked the files and
+    set `path`).
     """
-    root = Path(root).resolve()
-    if not root.is_dir():
+    root = fs.local_path(root) if fs.is_local(root) else str(root)
+    if not fs.is_dir(root):
         raise FileNotFoundError(f"--images {root}: not a directory")
     if by == "found":
         return Located(table.reset_index(drop=True), 0, [])
-    files = list(_walk(root))
+    files = _listed(root)
+    name = os.path.basename(root.partition("?")[0].rstrip("/"))
     if by == "name":
         index: dict[str, str] = {}
-        for path in files:  # the first copy wins when a name repeats
-            index.setdefault(os.path.basename(path), path)
+        for path, rel in files:  # the first copy wins when a name repeats
+            index.setdefault(rel.rsplit("/", 1)[-1], path)
     elif by == "relpath":
         index = {}
-        for path in files:
-            rel = os.path.relpath(path, root).replace(os.sep, "/")
+        for path, rel in files:
             index.setdefault(rel, path)
             # CSV paths start with the release folder, which may be the root itself or above it.
-            index.setdefault(f"{root.name}/{rel}", path)
+            index.setdefault(f"{name}/{rel}", path)
     else:
         raise ValueError(f"locate_images: by must be 'name', 'relpath' or 'found', not {by!r}")
-    keys = table[key] if by == "relpath" else table[key].map(os.path.basename)
+    keys = table[key] if by == "relpath" else table[key].map(lambda k: k.partition("?")[0].rsplit("/", 1)[-1])
     paths = keys.map(index)
     if by == "relpath":
-        absolute = paths.isna() & keys.map(os.path.isabs)
+        absolute = paths.isna() & keys.map(lambda k: os.path.isabs(k) or fs.is_uri(k))
         # One stat per absolute path not already found by the walk (those under the root are not in the index
         # by this spelling); a directory or a FIFO is no image here either.
-        paths[absolute] = keys[absolute].map(lambda k: os.path.abspath(k) if is_image_file(k) else None)
+        paths[absolute] = keys[absolute].map(_absolute)
     found = paths.notna()
     located = table[found.to_numpy()].assign(path=paths[found]).reset_index(drop=True)
     missing = table.loc[~found, key]

@@ -58,6 +58,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _is_stale(holder: dict, host: str, stale_seconds: float) -> bool:
+    """A lock record (with its `age` in seconds) whose job is gone: its process, on this host; else its heartbeat."""
+    if holder.get("host") == host and isinstance(holder.get("pid"), int):
+        return not _alive(holder["pid"])
+    return holder["age"] > stale_seconds
+
+
 class OutputLock:
     """`with OutputLock(folder): ...` holds `folder`/.cxr.lock for the block (see the module doc)."""
 
@@ -94,9 +101,7 @@ class OutputLock:
         return {**holder, "age": time.time() - mtime}
 
     def _stale(self, holder: dict) -> bool:
-        if holder.get("host") == self.record["host"] and isinstance(holder.get("pid"), int):
-            return not _alive(holder["pid"])
-        return holder["age"] > self.stale_seconds
+        return _is_stale(holder, self.record["host"], self.stale_seconds)
 
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -149,8 +154,8 @@ class OutputLock:
 class RemoteLock:
     """`OutputLock` for a folder on an object store (s3://, gs://, ...), which has no exclusive create: the lock
     object is checked, then written, then read back; its record's `beat` time is refreshed by a heartbeat.
-    Two jobs started within the same moment may both pass the check (the last writer keeps the lock and the other
-    stops at its next heartbeat); everything else behaves as the local lock does."""
+    Two jobs started within the same moment may both pass the check (the last writer keeps the lock, the other
+    logs at its next heartbeat that it lost it); stale locks are told as the local lock tells them."""
 
     def __init__(self, folder: str, log=lambda m: print(m, file=sys.stderr), stale_seconds: float = STALE_SECONDS,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS):
@@ -180,8 +185,8 @@ class RemoteLock:
     def acquire(self) -> None:
         holder = self._holder()
         if holder and holder.get("token") != self.record["token"]:
-            age = time.time() - float(holder.get("beat", 0))
-            if age <= self.stale_seconds:
+            holder["age"] = time.time() - float(holder.get("beat", 0))
+            if not _is_stale(holder, self.record["host"], self.stale_seconds):
                 raise OutputLockedError(
                     f"{self.folder}: another job is writing here (host {holder.get('host')}, pid {holder.get('pid')}, "
                     f"since {holder.get('started')}: {holder.get('command', '?')[:120]}); wait for it, or delete "

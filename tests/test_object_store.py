@@ -1,0 +1,199 @@
+"""Images in a bucket -> store in a bucket, on a real S3 server on loopback (moto's standalone server).
+
+The job runs as users run it (a driver process with the AWS_* environment, local[2]); it is killed after
+two chunks are committed, a killed attempt's stray file is planted among the committed ones, and the
+rerun must finish with every image exactly once and features equal to a local run's.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from common import fs
+from common.store import StoreError, read_errors, read_manifest, read_split
+from jobs.extract import main
+from tests.data_paths import REPO, SAMPLE
+
+CORRUPT = "00099999_000.png"
+MODEL = ["--backbone", "resnet50", "--weights", "random:0", "--input-size", "64", "--precision", "fp32",
+         "--val-fraction", "0.2", "--chunk-size", "8", "--images-per-task", "3", "--progress-interval", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 and the environment that points pyarrow (and the job) at it."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.2)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs._filesystem.cache_clear()
+    admin = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
+                              access_key="testing", secret_key="testing", region="us-east-1")
+    for bucket in ("archive", "stores"):
+        admin.create_dir(bucket)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    fs._filesystem.cache_clear()
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture(scope="module")
+def archive(s3):
+    """The bundled 40-image sample uploaded under a nested prefix, plus one truncated PNG."""
+    names = sorted(p.name for p in (SAMPLE / "images").glob("*.png"))
+    for i, name in enumerate(names):
+        fs.write_bytes(f"s3://archive/nih/images_{i % 2 + 1:03d}/{name}", (SAMPLE / "images" / name).read_bytes())
+    fs.write_bytes(f"s3://archive/nih/images_001/{CORRUPT}", (SAMPLE / "images" / names[0]).read_bytes()[:4000])
+    return names
+
+
+def broken_in_sample() -> list[str]:
+    """The sample's own unreadable images (it carries one on purpose), as the decoder tells them locally."""
+    from common.data_config import DataConfig
+
+    broken = []
+    for path in sorted((SAMPLE / "images").glob("*.png")):
+        try:
+            DataConfig(64).load(str(path))
+        except OSError:
+            broken.append(path.name)
+    return broken
+
+
+def job_flags(metadata, images: str, out: str) -> list[str]:
+    return ["--dataset", "nih", "--metadata", str(metadata), "--images", images, "--out", out, *MODEL]
+
+
+@pytest.fixture(scope="module")
+def metadata(tmp_path_factory, archive):
+    """The sample's metadata with a row for the truncated file; the sample's official split lists beside it."""
+    root = tmp_path_factory.mktemp("meta")
+    lines = (SAMPLE / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+    lines.append(f"{CORRUPT},No Finding,0,99999,50,M,PA,2048,2048,0.143,0.143")  # a patient of its own
+    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
+    for name in ("train_val_list.txt", "test_list.txt"):
+        extra = [CORRUPT] if name == "train_val_list.txt" else []
+        (root / name).write_text("\n".join([*(SAMPLE / name).read_text().split(), *extra]) + "\n")
+    return root / "Data_Entry_2017_v2020.csv"
+
+
+def _run_driver(flags, env, log_path, until=None):
+    """The job as a driver process; with `until`, killed (driver, JVM, workers) once until() holds."""
+    full_env = {**os.environ, **env, "PYSPARK_SUBMIT_ARGS": "--master local[2] pyspark-shell",
+                "PYTHONPATH": str(REPO), "PYSPARK_PYTHON": sys.executable}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "extract.py"), *flags], env=full_env,
+                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None:
+            if until is not None and until():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return None
+            assert time.monotonic() < deadline, open(log_path).read()[-3000:]
+            time.sleep(0.1)
+    assert until is None and proc.returncode == 0, open(log_path).read()[-3000:]
+    return proc.returncode
+
+
+def test_bucket_to_bucket_killed_and_restarted_gives_every_row_once(s3, archive, metadata, spark, tmp_path):
+    out = "s3://stores/nih-resnet50"
+    flags = job_flags(metadata, "s3://archive/nih", out)
+    marker = f"{out}/_work/chunk-00001.json"
+    _run_driver(flags, s3, tmp_path / "first.log", until=lambda: fs.exists(marker))
+    first = (tmp_path / "first.log").read_text()
+    assert "chunk 2/6 committed" in first or fs.exists(marker), first[-2000:]
+    with pytest.raises(StoreError, match="no manifest.json"):
+        read_manifest(out)  # a killed run never looks complete
+    committed = [json.loads(fs.read_bytes(f"{out}/_work/chunk-{i:05d}.json")) for i in range(2)]
+
+    # A killed attempt's file beside the committed ones (same rows: a reader of unlisted files doubles them).
+    listed = committed[0]["files"][0]
+    stray = f"{out}/{listed['file'].rsplit('/', 1)[0]}/{listed['kind']}-00000-killedattempt.parquet"
+    fs.write_bytes(stray, fs.read_bytes(f"{out}/{listed['file']}"))
+
+    _run_driver(flags, s3, tmp_path / "second.log")
+    second = (tmp_path / "second.log").read_text()
+    assert "2 of 6 chunks (16 images) already committed; skipping them" in second, second[-2000:]
+    manifest = read_manifest(out)
+    unreadable = sorted([CORRUPT, *broken_in_sample()])
+    assert sorted(read_errors(out).column("image_id").to_pylist()) == unreadable
+    assert manifest["errors"] == len(unreadable)
+    ids = [i for s in manifest["splits"] if manifest["splits"][s] for i in read_split(out, s, manifest).image_id]
+    # Every image once: no duplicate from the stray file or a retried task, none lost.
+    assert sorted(ids) == sorted(set(archive) - set(unreadable)) and len(ids) == sum(manifest["splits"].values())
+    # The store holds exactly its listed files: _work and the stray are gone.
+    objects = {uri.removeprefix(out + "/") for uri, _ in fs.list_files(out)}
+    assert objects == {"manifest.json", *(f for files in manifest["files"].values() for f in files)}
+    assert all(f["file"].startswith("_work/") for c in committed for f in c["files"])
+
+    # The same features as a local run of the same images (copied from the bucket by the test).
+    local_images = tmp_path / "images"
+    for uri, _ in fs.list_files("s3://archive/nih"):
+        target = local_images / uri.removeprefix("s3://archive/nih/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(fs.read_bytes(uri))
+    main(job_flags(metadata, str(local_images), str(tmp_path / "local")), spark=spark)
+    for split in ("train", "val", "test"):
+        if manifest["splits"][split]:
+            remote, local = read_split(out, split, manifest), read_split(tmp_path / "local", split)
+            assert list(remote.image_id) == list(local.image_id)
+            # fp32, but batches differ between runs (oneDNN picks kernels per batch size): not bit-equal.
+            np.testing.assert_allclose(remote.features, local.features, rtol=2e-3, atol=1e-5)
+
+
+def test_second_writer_on_a_bucket_store_is_refused(s3, archive, metadata, spark, tmp_path):
+    from common.safe_output import RemoteLock
+
+    out = "s3://stores/locked"
+    with RemoteLock(out):
+        with pytest.raises(Exception, match="another job is writing here"):
+            main(job_flags(metadata, "s3://archive/nih", out), spark=spark)
+    assert not fs.exists(f"{out}/manifest.json") and not fs.exists(f"{out}/.cxr.lock")
+
+
+def test_reading_a_store_ignores_files_the_manifest_does_not_list(tmp_path):
+    """A store on any file system is its listed files: an extra file in a split folder is not read."""
+    from tests.heads_fixtures import split_table, write_store
+
+    rows = {"image_id": ["a", "b"], "patient_id": ["1", "2"], "view": ["PA", "AP"], "age": [50.0, 60.0],
+            "sex": [1, 0], "labels": [[0] * 14, [1] * 14], "features": np.eye(2, 4, dtype=np.float32)}
+    store = write_store(tmp_path / "s", {"train": rows}, files_per_split=1)
+    manifest = read_manifest(store)
+    assert len(read_split(store, "train", manifest)) == 2  # no list: every file of the folder (older stores)
+    pq.write_table(split_table(rows), store / "split=train" / "stray.parquet")
+    assert len(read_split(store, "train", manifest)) == 4
+    listed = {**manifest, "files": {"train": [f"split=train/{p.name}" for p in (store / "split=train").glob("part-*")]}}
+    assert len(read_split(store, "train", listed)) == 2
