@@ -45,6 +45,7 @@ setup(
         "flask>=3.1,<3.2",
         "waitress>=3.0.2,<4",
     ],
-    # playwright drives Debian's chromium in the browser test (no browser download: executable_path).
-    extras_require={"test": ["pytest>=8,<10", "playwright>=1.58,<2"]},
+    # playwright drives Debian's chromium in the browser test (no browser download: executable_path); moto's
+    # standalone server is the S3 endpoint of the object-storage test (tests/test_object_store.py).
+    extras_require={"test": ["pytest>=8,<10", "playwright>=1.58,<2", "moto[server]>=5.1,<6"]},
 )
