@@ -3,12 +3,15 @@
     ./spark-submit.sh jobs/extract.py --dataset nih --metadata Data_Entry_2017.csv \
         --images images/ --backbone densenet121 --weights imagenet --out stores/nih-densenet121
 
-The driver reads the metadata, finds the images and assigns patient-level splits. The images are
-processed in committed chunks: each chunk is a Spark DataFrame of paths whose partitions run
-`mapInPandas`, where every Python worker builds the frozen backbone once, decodes its images and
-embeds them in batches (on its task's GPU when it has one). Finished chunks are renamed into
-place, so a killed run restarts where it stopped. At the end the chunks are compacted into a few
-files per split, errors go to their own table, and manifest.json is written last.
+Images and the store are local paths or URIs (s3://, gs://, hdfs://, file://: common/fs.py). The driver
+reads the metadata, finds the images and assigns patient-level splits. The images are processed in
+committed chunks: each chunk is a Spark DataFrame of paths whose partitions run `mapInPandas`, where
+every Python worker builds the frozen backbone once, decodes its images ahead of the model in threads
+and embeds them in batches (on its task's GPU when it has one), then writes its rows itself. A chunk
+is committed by a marker that lists the files of the attempts Spark kept (no rename, which object
+stores lack), so a killed run restarts where it stopped and a retried task never doubles a row. At
+the end Spark tasks compact the listed files into a few files per split, errors go to their own
+file, and manifest.json, listing the store's files, is written last (docs/feature-store.md).
 """
 
 from __future__ import annotations
