@@ -15,7 +15,6 @@ forced Pillow, and where Pillow's own time goes (decode, to float, resize).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys

@@ -23,7 +23,7 @@ from common.metadata import read_nih
 from common.store import StoreError, read_errors, read_manifest, read_split
 from common.store_writer import OutputError
 from jobs.extract import main
-from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, REPO, needs_shared
+from tests.data_paths import NIH_CSV, NIH_IMAGES, REPO, needs_shared, write_nih_subset
 
 pytestmark = needs_shared
 BACKBONE = "mobilenet_v3_large"  # the fastest registry backbone on CPU
@@ -44,16 +44,7 @@ def dataset(tmp_path_factory):
     (root / "images" / CORRUPT).write_bytes((NIH_IMAGES / picked[0]).read_bytes()[:5000])
     absent = [n for n in names if n not in picked][:2]
 
-    lines = NIH_CSV.read_text().splitlines()
-    keep = set(picked) | set(absent)
-    rows = [line for line in lines[1:] if line.split(",")[0] in keep]
-    # The corrupt file gets a metadata row of its own (a copy of the first row, renamed).
-    rows.append(CORRUPT + "," + rows[0].split(",", 1)[1].replace(",1,", ",99999,", 1))
-    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([lines[0], *rows]) + "\n")
-    for name in ("train_val_list.txt", "test_list.txt"):
-        ids = (NIH / name).read_text().split()
-        listed = [i for i in ids if i in keep] + ([CORRUPT] if name == "train_val_list.txt" else [])
-        (root / name).write_text("\n".join(listed))
+    write_nih_subset(root, [*picked, *absent], CORRUPT, lists=True)
     return {"root": root, "picked": picked, "absent": absent}
 
 

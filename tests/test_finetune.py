@@ -33,7 +33,7 @@ from finetune.localization import IOBB_THRESHOLDS, IOU_THRESHOLDS
 from heads import predict as heads_predict, train as heads_train
 from jobs import extract
 from jobs import finetune as job
-from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, needs_shared
+from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, needs_shared, write_nih_subset
 
 BBOX_CSV = NIH / "BBox_List_2017.csv"
 CORRUPT = "00099999_000.png"
@@ -60,10 +60,7 @@ def nih40(tmp_path_factory):
     for name in picked:
         shutil.copy(NIH_IMAGES / name, root / "images" / name)
     (root / "images" / CORRUPT).write_bytes((NIH_IMAGES / picked[0]).read_bytes()[:4000])
-    lines = NIH_CSV.read_text().splitlines()
-    rows = [line for line in lines[1:] if line.split(",")[0] in set(picked)]
-    rows.append(CORRUPT + "," + rows[0].split(",", 1)[1].replace(",1,", ",99999,", 1))
-    (root / "meta.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    write_nih_subset(root, picked, CORRUPT, csv_name="meta.csv")
     return root
 
 

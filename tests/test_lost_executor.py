@@ -17,7 +17,7 @@ import pytest
 from common.data_config import DataConfig
 from common.inference import FeatureExtractor
 from common.store import read_errors, read_manifest, read_split
-from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, REPO, needs_shared
+from tests.data_paths import NIH_IMAGES, REPO, needs_shared, write_nih_subset
 from tests.spark_cluster import StandaloneCluster, kill_session, tail
 from tests.spark_profile import arrow_settings, read_profile
 
@@ -54,13 +54,7 @@ def dataset(tmp_path):
     for name in picked:
         shutil.copy(NIH_IMAGES / name, root / "images" / name)
     (root / "images" / CORRUPT).write_bytes((NIH_IMAGES / picked[0]).read_bytes()[:5000])
-    lines = NIH_CSV.read_text().splitlines()
-    rows = [line for line in lines[1:] if line.split(",")[0] in set(picked)]
-    rows.append(CORRUPT + "," + rows[0].split(",", 1)[1].replace(",1,", ",99999,", 1))
-    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([lines[0], *rows]) + "\n")
-    for name in ("train_val_list.txt", "test_list.txt"):
-        listed = [i for i in (NIH / name).read_text().split() if i in set(picked)]
-        (root / name).write_text("\n".join(listed + ([CORRUPT] if name == "train_val_list.txt" else [])))
+    write_nih_subset(root, picked, CORRUPT, lists=True)
     return root, picked
 
 
