@@ -89,6 +89,23 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return f"{joined}?{query}" if query else joined
 
 
+def check_location(path, flag: str) -> None:
+    """Refuse in one line naming `flag`, before any work, a URI whose scheme has no file system, whose bucket does
+    not exist, or whose store cannot be reached (a wrong endpoint, refused credentials). Local paths pass."""
+    if is_local(path):
+        return
+    try:
+        filesystem, where = resolve(path)
+        if urlsplit(path).scheme.lower() in _BUCKET_SCHEMES:
+            bucket = where.split("/", 1)[0]
+            if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise ValueError(f"bucket {bucket!r} does not exist (or these credentials do not see it)")
+        filesystem.get_file_info(where)
+    except (ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split()).removeprefix(f"{urlsplit(path).scheme}://: ")
+        raise ValueError(f"{flag} {path}: {reason[:300]}") from None
+
+
 def uri_of(base: str, fs_path: str) -> str:
     """The URI (or local path) of `fs_path`, a path on `base`'s file system as a listing returns it."""
     if is_local(base):

@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     if fs.is_local(args.out):
         args.out = fs.local_path(args.out)
         check_dir_path(args.out)
+    for flag in ("out", "images", "test_images"):
+        if getattr(args, flag, None):
+            fs.check_location(getattr(args, flag), "--" + flag.replace("_", "-"))
     from common.backbones import get_spec
     from common.image_table import table_from_flags
     from common.store import FORMAT_VERSION
