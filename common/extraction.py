@@ -19,12 +19,8 @@ from common.data_config import DataConfig
 from common.images import MAX_PIXELS
 from common.inference import FeatureExtractor
 
-# Columns the task receives, and what it returns: the store's row columns + split + path + error.
-INPUT_DDL = (
-    "image_id string, patient_id string, view string, age float, sex tinyint, "
-    "labels array<tinyint>, split string, path string"
-)
-INPUT_COLUMNS = tuple(part.split()[0] for part in INPUT_DDL.split(", "))
+# Columns the task receives (from the image table), and what it returns: the store's row columns + split + path + error.
+INPUT_COLUMNS = ("image_id", "patient_id", "view", "age", "sex", "labels", "split", "path")
 OUTPUT_COLUMNS = ("image_id", "patient_id", "view", "age", "sex", "labels", "features", "split", "path", "error")
 
 _EXTRACTORS: dict[tuple, FeatureExtractor] = {}

@@ -85,15 +85,15 @@ def log(message: str) -> None:
 
 
 def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
-                 data_config: DataConfig, batch_size: int, done, errors, work: str, chunk: int,
+                 data_config: DataConfig, batch_size: int, done, errors, work: str, chunk: int, rows, tasks: int,
                  max_pixels: int = MAX_PIXELS, lung_file: str | None = None, masks_dir: str | None = None,
                  prefetch: int = 1):
-    """The mapInPandas function of one chunk; it captures only small values, the model is built in the worker.
-
-    The task embeds its rows, writes them itself (common.store_writer.write_task_files: files named for this
+    """The mapInPandas function of one chunk, run over `spark.range(tasks)`: task t embeds every tasks-th row of
+    the chunk (`rows`, a broadcast DataFrame) from row t. It captures only small values; the model is built in
+    the worker. The task writes its rows itself (common.store_writer.write_task_files: files named for this
     attempt, on any file system) and returns only what it wrote, for the driver's commit marker."""
 
-    def run(frames):
+    def run(task_ids):
         import pandas as pd
         from pyspark import SparkFiles, TaskContext
 
@@ -116,6 +116,8 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
             from lungs.masking import cached_masker
 
             masker = cached_masker(SparkFiles.get(lung_file), on, masks_dir)  # same worker and device as the backbone
+        table = rows.value
+        frames = [table.iloc[int(t)::tasks] for ids in task_ids for t in ids["id"]]
         outputs = list(iter_extract(frames, extractor, batch_size, max_pixels, masker, decode_threads=threads,
                                     on_batch=count, prefetch=prefetch))
         if outputs:
@@ -189,7 +191,7 @@ def get_spark():
 
 def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: int, data_config: DataConfig) -> dict:
     """Process every uncommitted chunk; returns timing figures for the summary."""
-    from common.extraction import INPUT_COLUMNS, INPUT_DDL
+    from common.extraction import INPUT_COLUMNS
     from common.store_writer import FILES_DDL, OutputError, commit_chunk, discard_uncommitted, is_committed
 
     sc = spark.sparkContext
@@ -203,23 +205,27 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
     with Progress(len(table), already, done, errors, args.progress_interval, args.stall_timeout,
                   sc.cancelAllJobs) as progress:
         for i in pending:
-            task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config,
-                                   args.batch_size, done, errors, work, i, args.max_pixels, args.lung_file,
-                                   args.masks_dir, args.prefetch_batches)
-            chunk = chunks[i][list(INPUT_COLUMNS)]
+            chunk = chunks[i][list(INPUT_COLUMNS)].reset_index(drop=True)
             # At least four waves of tasks per core keeps the last wave's idle cores a small share.
-            parts = max(4 * sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task))
+            parts = min(len(chunk), max(4 * sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task)))
+            # The rows travel once per executor as a broadcast and each task takes its share by index: no
+            # shuffle, so no stage waits on another and a lost executor takes no shuffle output with it.
+            rows = sc.broadcast(chunk)
+            task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config,
+                                   args.batch_size, done, errors, work, i, rows, parts, args.max_pixels,
+                                   args.lung_file, args.masks_dir, args.prefetch_batches)
             discard_uncommitted(work, i)
             try:
                 # collect() keeps one result per partition: a retried or speculative attempt's files are not in it.
-                files = (spark.createDataFrame(chunk, schema=INPUT_DDL).repartition(parts)
-                         .mapInPandas(task_fn, FILES_DDL).collect())
+                files = spark.range(parts, numPartitions=parts).mapInPandas(task_fn, FILES_DDL).collect()
             except Exception:
                 if progress.stalled:
                     raise OutputError(f"--out {args.out}: no image finished for {args.stall_timeout:g} s "
                                       "(--stall-timeout), so the job was stopped as stuck; the committed chunks "
                                       "are kept and a rerun resumes after them") from None
                 raise
+            finally:
+                rows.destroy()
             commit_chunk(work, i, [row.asDict() for row in files])
             log(f"chunk {i + 1}/{len(chunks)} committed; {progress.line()}")
     seconds = time.monotonic() - start
