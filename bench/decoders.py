@@ -15,6 +15,7 @@ forced Pillow, and where Pillow's own time goes (decode, to float, resize).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -50,6 +51,14 @@ def _gray_from_rgb_order(pixels: np.ndarray) -> tuple[Image.Image, float]:
 
 def _resized(gray: Image.Image, scale: float, size: int) -> np.ndarray:
     return to_unit_array(gray.resize((size, size), BILINEAR), scale)
+
+
+def _optional(name: str):
+    """The module, or None where it is not installed (it is then reported, not measured)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def candidates(size: int) -> dict[str, object]:
@@ -90,32 +99,19 @@ def candidates(size: int) -> dict[str, object]:
 
         out["OpenCV imdecode + Pillow resize"] = cv2_pillow
         out["OpenCV imdecode + INTER_AREA"] = cv2_area
-    try:
-        import pyspng
-    except ImportError:
-        out["pyspng + Pillow resize"] = "not installed"
-    else:
-        out["pyspng + Pillow resize"] = lambda path: _resized(
-            *_gray_from_rgb_order(pyspng.load(Path(path).read_bytes())), size)
-    try:
-        import torchvision.io as tvio
-    except ImportError:
-        out["torchvision.io.decode_png + Pillow resize"] = "not installed"
-    else:
-        def torchvision(path):
-            # UNCHANGED keeps palette indices (no palette): fine for NIH's gray and RGBA files only.
-            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-            pixels = tvio.decode_png(data, tvio.ImageReadMode.UNCHANGED).permute(1, 2, 0).numpy()
-            return _resized(*_gray_from_rgb_order(pixels), size)
+    pyspng, tvio, imagecodecs = (_optional(name) for name in ("pyspng", "torchvision.io", "imagecodecs"))
 
-        out["torchvision.io.decode_png + Pillow resize"] = torchvision
-    try:
-        import imagecodecs
-    except ImportError:
-        out["imagecodecs.png_decode + Pillow resize"] = "not installed"
-    else:
-        out["imagecodecs.png_decode + Pillow resize"] = lambda path: _resized(
-            *_gray_from_rgb_order(imagecodecs.png_decode(Path(path).read_bytes())), size)
+    def torchvision(path):
+        # UNCHANGED keeps palette indices (no palette): fine for NIH's gray and RGBA files only.
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        pixels = tvio.decode_png(data, tvio.ImageReadMode.UNCHANGED).permute(1, 2, 0).numpy()
+        return _resized(*_gray_from_rgb_order(pixels), size)
+
+    out["pyspng + Pillow resize"] = (lambda path: _resized(
+        *_gray_from_rgb_order(pyspng.load(Path(path).read_bytes())), size)) if pyspng else "not installed"
+    out["torchvision.io.decode_png + Pillow resize"] = torchvision if tvio else "not installed"
+    out["imagecodecs.png_decode + Pillow resize"] = (lambda path: _resized(
+        *_gray_from_rgb_order(imagecodecs.png_decode(Path(path).read_bytes())), size)) if imagecodecs else "not installed"
 
     config = DataConfig(size)
 
