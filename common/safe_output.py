@@ -154,8 +154,9 @@ class OutputLock:
 class RemoteLock:
     """`OutputLock` for a folder on an object store (s3://, gs://, ...), which has no exclusive create: the lock
     object is checked, then written, then read back; its record's `beat` time is refreshed by a heartbeat.
-    Two jobs started within the same moment may both pass the check (the last writer keeps the lock, the other
-    logs at its next heartbeat that it lost it); stale locks are told as the local lock tells them."""
+    Two jobs started within the same moment may both pass the check: the last writer keeps the lock, and the other
+    finds at its next heartbeat that it lost it (`lost`; the extraction then stops before its next commit). Stale
+    locks are told as the local lock tells them."""
 
     def __init__(self, folder: str, log=lambda m: print(m, file=sys.stderr), stale_seconds: float = STALE_SECONDS,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS):
@@ -203,7 +204,7 @@ class RemoteLock:
             try:
                 if (self._holder() or {}).get("token") != self.record["token"]:
                     self.lost = True
-                    self.log(f"{self.folder}: another job took {self.path}; this one should stop")
+                    self.log(f"{self.folder}: another job took {self.path}; this one stops")
                     return
                 self._write()
             except OSError:

@@ -189,8 +189,10 @@ def get_spark():
             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
 
 
-def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: int, data_config: DataConfig) -> dict:
-    """Process every uncommitted chunk; returns timing figures for the summary."""
+def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: int, data_config: DataConfig,
+               lock=None) -> dict:
+    """Process every uncommitted chunk; returns timing figures for the summary. A chunk is committed only while
+    `lock` is this job's (an object store's lock can be taken by a job started in the same instant)."""
     from common.extraction import INPUT_COLUMNS
     from common.store_writer import FILES_DDL, OutputError, commit_chunk, discard_uncommitted, is_committed
 
@@ -226,6 +228,9 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
                 raise
             finally:
                 rows.destroy()
+            if getattr(lock, "lost", False):
+                raise OutputError(f"--out {args.out}: another job took this store's lock, so this one stops before "
+                                  "committing more; the chunks committed so far are kept")
             commit_chunk(work, i, [row.asDict() for row in files])
             log(f"chunk {i + 1}/{len(chunks)} committed; {progress.line()}")
     seconds = time.monotonic() - start
@@ -332,9 +337,9 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
         args.masks_dir = str(check_dir_path(args.save_masks, "--save-masks").resolve())
         Path(args.masks_dir).mkdir(parents=True, exist_ok=True)
     # One writer per store for the whole run: two jobs on one --out would write the same chunks.
-    with (OutputLock if fs.is_local(args.out) else RemoteLock)(args.out, log=log):
+    with (OutputLock if fs.is_local(args.out) else RemoteLock)(args.out, log=log) as lock:
         work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
-        return _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work)
+        return _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work, lock)
 
 
 def ship_file(spark, path: str, sha256: str) -> str:
@@ -359,7 +364,7 @@ def ship_file(spark, path: str, sha256: str) -> str:
     return name
 
 
-def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work: str) -> dict:
+def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work: str, lock=None) -> dict:
     """Embed the uncommitted chunks, compact them, publish the store with its manifest last."""
     from common.store import ERRORS_DIR, FORMAT_VERSION
     from common.store_writer import publish
@@ -369,7 +374,7 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
     weights_file = ship_file(spark, weights.path, weights.sha256) if weights.path else None
     # The lung model travels as the weights do.
     args.lung_file = ship_file(spark, args.lungs["path"], args.lungs["sha256"]) if args.lungs else None
-    timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config)
+    timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config, lock)
     n_chunks = timing["chunks"]
     written = compact(spark, args.out, work, n_chunks, args.feature_dim, args.file_mb, masked=args.view == "masked")
 

@@ -330,3 +330,18 @@ def test_two_different_files_of_one_name_can_be_shipped_in_one_session(spark, tm
         names.append(ship_file(spark, str(path), file_sha256(str(path))))
     assert names[0] != names[1] and all(n.endswith("-best.pt") for n in names)
     assert [open(SparkFiles.get(n), "rb").read() for n in names] == [b"checkpoint 0", b"checkpoint 1"]
+
+
+def test_a_job_whose_lock_was_taken_commits_nothing_more(dataset, spark, tmp_path, monkeypatch):
+    """An object store's lock can be lost to a job started in the same instant: the first job stops before committing."""
+    import jobs.extract
+    from common.safe_output import OutputLock
+
+    class Lost(OutputLock):
+        lost = True
+
+    monkeypatch.setattr(jobs.extract, "OutputLock", Lost)
+    out = tmp_path / "lost"
+    with pytest.raises(OutputError, match="another job took this store's lock, so this one stops"):
+        main(job_args(dataset, out, "--limit", "4"), spark=spark)
+    assert not list((out / "_work").glob("chunk-*.json")) and not (out / "manifest.json").exists()

@@ -222,3 +222,26 @@ def test_heads_train_on_a_store_behind_a_uri(tmp_path):
     local_run = train.main(["--store", str(local), "--out", str(tmp_path / "local"), *head])
     assert remote_run["val_mean_auc"] == local_run["val_mean_auc"]
     assert json.loads((tmp_path / "remote" / "config.json").read_text())["stores"][0]["path"] == uri
+
+
+def test_a_remote_lock_taken_by_another_job_is_noticed_and_stale_ones_are_taken_over():
+    from common.safe_output import OutputLockedError, RemoteLock
+
+    folder = "memory://locks/store"
+    first = RemoteLock(folder, heartbeat_seconds=0.05, log=lambda m: None)
+    with first:
+        with pytest.raises(OutputLockedError, match="another job is writing here"):
+            RemoteLock(folder).acquire()
+        # A job that passed the check in the same instant wrote the lock after this one: this one finds out.
+        fs.write_bytes(f"{folder}/.cxr.lock", json.dumps({"host": "other", "pid": 1, "token": "x",
+                                                          "beat": time.time()}).encode())
+        deadline = time.monotonic() + 10
+        while not first.lost:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert fs.exists(f"{folder}/.cxr.lock")  # the other job's lock is not this one's to delete
+    # That job's heartbeat stopped long ago (its machine died): the lock is stale and taken over.
+    fs.write_bytes(f"{folder}/.cxr.lock", json.dumps({"host": "other", "pid": 1, "token": "x", "beat": 0}).encode())
+    with RemoteLock(folder, log=lambda m: None) as taker:
+        assert json.loads(fs.read_bytes(f"{folder}/.cxr.lock"))["token"] == taker.record["token"]
+    assert not fs.exists(f"{folder}/.cxr.lock")
