@@ -108,14 +108,18 @@ def check_location(path, flag: str) -> None:
 
 def uri_of(base: str, fs_path: str) -> str:
     """The URI (or local path) of `fs_path`, a path on `base`'s file system as a listing returns it."""
+    return _uri_maker(base)(fs_path)
+
+
+def _uri_maker(base: str):
+    """fs path -> URI for every path of one listing below `base`: the scheme is worked out once, not per file."""
     if is_local(base):
-        return fs_path
+        return lambda fs_path: fs_path
     parts = urlsplit(base)
-    scheme = parts.scheme.lower()
     query = f"?{parts.query}" if parts.query else ""
-    if scheme in _BUCKET_SCHEMES or isinstance(resolve(base)[0], pafs.PyFileSystem):  # the host is in the path
-        return f"{parts.scheme}://{fs_path.lstrip('/')}{query}"
-    return f"{parts.scheme}://{parts.netloc}{fs_path}{query}"
+    if parts.scheme.lower() in _BUCKET_SCHEMES or isinstance(resolve(base)[0], pafs.PyFileSystem):
+        return lambda fs_path: f"{parts.scheme}://{fs_path.lstrip('/')}{query}"  # the host is in the path
+    return lambda fs_path: f"{parts.scheme}://{parts.netloc}{fs_path}{query}"
 
 
 def info(path) -> pafs.FileInfo:
@@ -135,14 +139,23 @@ def is_file(path) -> bool:
     return info(path).type == pafs.FileType.File
 
 
-def list_files(root, recursive: bool = True) -> list[tuple[str, int]]:
-    """(URI or local path, size) of every file below `root`, sorted; [] when `root` is absent."""
+def _listing(root, recursive: bool) -> list[pafs.FileInfo]:
     fs, where = resolve(root)
     try:
-        found = fs.get_file_info(pafs.FileSelector(where, recursive=recursive, allow_not_found=True))
+        return fs.get_file_info(pafs.FileSelector(where, recursive=recursive, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted((uri_of(os.fspath(root), f.path), f.size) for f in found if f.type == pafs.FileType.File)
+
+
+def list_files(root, recursive: bool = True) -> list[tuple[str, int]]:
+    """(URI or local path, size) of every file below `root`, sorted; [] when `root` is absent."""
+    to_uri = _uri_maker(os.fspath(root))
+    return sorted((to_uri(f.path), f.size) for f in _listing(root, recursive) if f.type == pafs.FileType.File)
+
+
+def names(folder) -> list[str]:
+    """The names of the files and folders directly in `folder`, sorted; [] when it is absent."""
+    return sorted(f.base_name for f in _listing(folder, recursive=False))
 
 
 def read_bytes(path) -> bytes:

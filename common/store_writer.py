@@ -75,18 +75,11 @@ def _own(name: str) -> bool:
     return name in OWN or name.startswith(f".{MANIFEST}.tmp")
 
 
-def _top_level(out: str) -> list[str]:
-    """Names directly in `out` (files and folders); [] when absent."""
-    filesystem, where = fs.resolve(out)
-    selector = fs.pafs.FileSelector(where, recursive=False, allow_not_found=True)
-    return sorted(info.base_name for info in filesystem.get_file_info(selector))
-
-
 def _clear(out: str, log) -> None:
     """Delete what a store run wrote (manifest first, so a half-cleared store never looks complete)."""
     fs.delete(fs.join(out, MANIFEST))
     kept = []
-    for name in _top_level(out):
+    for name in fs.names(out):
         if name == LOCK:
             continue  # this run's own lock
         if _own(name):
@@ -101,7 +94,7 @@ def prepare_output(out: str, overwrite: bool, fingerprint: str, plan: dict, log=
     """Make `out` ready for this run and return its work directory (resuming when it can)."""
     out = str(out)
     work = fs.join(out, WORK_DIR)
-    if any(name != LOCK for name in _top_level(out)):
+    if any(name != LOCK for name in fs.names(out)):
         if not _is_store_dir(out):
             raise OutputError(f"--out {out}: exists and is not a feature store of this project (no {MANIFEST}, "
                               f"no {WORK_DIR}/{PLAN}); refusing to write into it, even with --overwrite")

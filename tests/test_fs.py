@@ -91,3 +91,17 @@ def test_images_behind_a_uri_are_located_and_decoded_like_local_ones(mem, tmp_pa
     assert f"{mem}/nih/images_002/b.png" in error  # the error row names the image by its URI
     _, error = decode(load, f"{mem}/nih/gone.png")
     assert error.startswith("FileNotFoundError")
+
+
+def test_names_and_deleting_a_link_leave_what_it_points_at(tmp_path):
+    """--overwrite deletes a store's own names through fs.delete: a link among them goes, its target stays."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "precious.txt").write_text("mine")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "split=train").symlink_to(tmp_path / "target")
+    (tmp_path / "store" / "manifest.json").write_text("{}")
+    assert fs.names(str(tmp_path / "store")) == ["manifest.json", "split=train"]
+    assert fs.names(str(tmp_path / "absent")) == []
+    fs.delete(str(tmp_path / "store" / "split=train"))
+    assert fs.names(str(tmp_path / "store")) == ["manifest.json"]
+    assert (tmp_path / "target" / "precious.txt").read_text() == "mine"
