@@ -9,7 +9,6 @@ heads.train refuses a constant training split.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -55,12 +54,9 @@ def summarize(features: np.ndarray) -> dict:
     return running.summary()
 
 
-def summarize_parquet(files: str | Path | list[str], width: int, column: str = "features", batch_rows: int = 4096) -> dict:
-    """`summarize` of a list column of Parquet files (paths or URIs; or a local folder's files), streamed in
-    batches (a store split can be GBs)."""
+def summarize_parquet(files: list[str], width: int, column: str = "features", batch_rows: int = 4096) -> dict:
+    """`summarize` of a list column of Parquet files (paths or URIs), streamed in batches (a store split can be GBs)."""
     running = _Running(width)
-    if isinstance(files, (str, Path)):
-        files = sorted(str(p) for p in Path(files).rglob("*.parquet"))
     for file in files:
         filesystem, where = fs.resolve(file)
         with filesystem.open_input_file(where) as f:

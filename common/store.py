@@ -23,13 +23,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ERRORS_DIR = "errors"
 
-# Column order of every split's Parquet files, as Spark DDL (for the job's output schema).
-ROW_DDL = (
-    "image_id string, patient_id string, view string, age float, sex tinyint, "
-    "labels array<tinyint>, features array<float>"
-)
 ERROR_COLUMNS = ("image_id", "path", "error")
-# The same columns as Arrow types: the executors write their Parquet files with these schemas.
+# Every split's columns in order, as Arrow types: the executors write their Parquet files with these schemas.
 ROW_SCHEMA = pa.schema([("image_id", pa.string()), ("patient_id", pa.string()), ("view", pa.string()),
                         ("age", pa.float32()), ("sex", pa.int8()), ("labels", pa.list_(pa.int8())),
                         ("features", pa.list_(pa.float32()))])

@@ -241,8 +241,10 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
 def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb: int, masked: bool = False) -> dict:
     """Rewrite the committed chunks' files as a few files per split plus the errors file, in Spark tasks that
     read and write through common/fs.py; returns the files and the figures for the manifest."""
+    from collections import Counter
     from functools import partial
 
+    from common import fs
     from common.feature_stats import constant_note, summarize_parquet
     from common.store import ERRORS_DIR, read_parquet
     from common.store_writer import OutputError, compact_group, plan_compaction, read_marker
@@ -264,8 +266,6 @@ def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb
     files = {kind: sorted(w["file"] for w in written if w["kind"] == kind) for kind in (*SPLITS, ERRORS_DIR)}
     per_split = {s: sum(w["rows"] for w in written if w["kind"] == s) for s in SPLITS}
     n_errors = sum(w["rows"] for w in written if w["kind"] == ERRORS_DIR)
-    from common import fs
-
     stats = {s: summarize_parquet([fs.join(out, f) for f in files[s]], feature_dim) for s in SPLITS if per_split[s]}
     for split, figures in stats.items():
         if note := constant_note(split, figures):
@@ -274,9 +274,7 @@ def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb
     if masked:
         good = [fs.join(out, f) for s in SPLITS for f in files[s]]
         flags = read_parquet(good, ["lung_qa"]).column("lung_qa").to_pylist() if good else []
-        lung_qa = {}
-        for flag in flags:
-            lung_qa[flag or "ok"] = lung_qa.get(flag or "ok", 0) + 1
+        lung_qa = dict(Counter(flag or "ok" for flag in flags))
     return {"files": files, "splits": per_split, "errors": n_errors, "ran": next(iter(ran), None),
             "feature_stats": stats, "lung_qa": lung_qa}
 

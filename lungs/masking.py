@@ -78,9 +78,8 @@ def mask_inputs(model, size: int, images: np.ndarray, **steps) -> Masked:
                   [qa_flags(m) for m in masks], fired)
 
 
-# The columns a masked store adds to the contract's, and their Spark types.
+# The columns a masked store adds to the contract's (their Arrow types: common.store.MASKED_FIELDS).
 COLUMNS = ("lung_fraction", "lung_qa")
-COLUMNS_DDL = "lung_fraction float, lung_qa string"
 QA_RULE = (f"empty: no lung pixel; one_region: a single connected region; too_small / too_large: lung "
            f"fraction under {MIN_FRACTION:g} / over {MAX_FRACTION:g}; flagged images are kept")
 POSTPROCESS = ("keep", "fill", "mirror")

@@ -28,7 +28,7 @@ def test_streamed_parquet_equals_in_memory(tmp_path):
     for i in range(3):
         part = x[i * 400:(i + 1) * 400]
         pq.write_table(pa.table({"features": pa.array(list(part), type=pa.list_(pa.float32()))}), tmp_path / f"{i}.parquet")
-    streamed, direct = summarize_parquet(tmp_path, 8, batch_rows=97), summarize(x)
+    streamed, direct = summarize_parquet(sorted(str(p) for p in tmp_path.glob("*.parquet")), 8, batch_rows=97), summarize(x)
     assert streamed["rows"] == 1000 and streamed["distinct_rows"] == direct["distinct_rows"]
     np.testing.assert_allclose(streamed["max_std"], x.astype(np.float64).std(axis=0).max(), rtol=1e-9)
     np.testing.assert_allclose(streamed["mean_std"], direct["mean_std"], rtol=1e-9)
