@@ -65,19 +65,62 @@ def _is_stale(holder: dict, host: str, stale_seconds: float) -> bool:
     return holder["age"] > stale_seconds
 
 
-class OutputLock:
-    """`with OutputLock(folder): ...` holds `folder`/.cxr.lock for the block (see the module doc)."""
+class _HeldLock:
+    """What the local and the object-store lock share: the holder's record, the refusal naming the other job, a
+    heartbeat thread that calls `_refresh` while the lock is held (it returns False to stop), and `with`."""
 
-    def __init__(self, folder: str | os.PathLike, log=lambda m: print(m, file=sys.stderr),
-                 stale_seconds: float = STALE_SECONDS, heartbeat_seconds: float = HEARTBEAT_SECONDS):
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK
+    def __init__(self, folder, path, log, stale_seconds: float, heartbeat_seconds: float):
+        self.folder, self.path = folder, path
         self.log, self.stale_seconds, self.heartbeat_seconds = log, stale_seconds, heartbeat_seconds
         self.record = {"host": socket.gethostname(), "pid": os.getpid(),
                        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        "command": " ".join(sys.argv)[:500]}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _busy(self, holder: dict, remedy: str) -> OutputLockedError:
+        return OutputLockedError(
+            f"{self.folder}: another job is writing here (host {holder.get('host')}, pid {holder.get('pid')}, "
+            f"since {holder.get('started')}: {holder.get('command', '?')[:120]}); wait for it, or {remedy} "
+            f"{self.path} if that job is gone")
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            if not self._refresh():
+                return
+
+    def _refresh(self) -> bool:
+        raise NotImplementedError
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class OutputLock(_HeldLock):
+    """`with OutputLock(folder): ...` holds `folder`/.cxr.lock for the block (see the module doc)."""
+
+    def __init__(self, folder: str | os.PathLike, log=lambda m: print(m, file=sys.stderr),
+                 stale_seconds: float = STALE_SECONDS, heartbeat_seconds: float = HEARTBEAT_SECONDS):
+        super().__init__(Path(folder), Path(folder) / LOCK, log, stale_seconds, heartbeat_seconds)
 
     def _create(self) -> bool:
         try:
@@ -112,10 +155,7 @@ class OutputLock:
             if holder is None:
                 continue  # released just now: try again
             if not self._stale(holder):
-                raise OutputLockedError(
-                    f"{self.folder}: another job is writing here (host {holder.get('host')}, pid {holder.get('pid')}, "
-                    f"since {holder.get('started')}: {holder.get('command', '?')[:120]}); wait for it, or remove "
-                    f"{self.path} if that job is gone")
+                raise self._busy(holder, "remove")
             stale = self.path.with_name(f"{LOCK}.stale-{self.record['host']}-{os.getpid()}")
             try:
                 os.rename(self.path, stale)  # only one taker wins this rename
@@ -125,33 +165,23 @@ class OutputLock:
             self.log(f"{self.folder}: took over the stale lock of host {holder.get('host')}, pid {holder.get('pid')}")
         else:
             raise OutputLockedError(f"{self.folder}: could not take {self.path} (other jobs keep taking it)")
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
+        self._start_heartbeat()
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_seconds):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # the folder is gone or read-only now; the job itself will say so
+    def _refresh(self) -> bool:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass  # the folder is gone or read-only now; the job itself will say so
+        return True
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+        self._stop_heartbeat()
         holder = self._holder()
         if holder and holder.get("pid") == self.record["pid"] and holder.get("host") == self.record["host"]:
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> OutputLock:
-        self.acquire()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class RemoteLock:
+class RemoteLock(_HeldLock):
     """`OutputLock` for a folder on an object store (s3://, gs://, ...), which has no exclusive create: the lock
     object is checked, then written, then read back; its record's `beat` time is refreshed by a heartbeat.
     Two jobs started within the same moment may both pass the check: the last writer keeps the lock, and the other
@@ -162,14 +192,9 @@ class RemoteLock:
                  heartbeat_seconds: float = HEARTBEAT_SECONDS):
         from common import fs
 
-        self.fs, self.folder, self.path = fs, folder, fs.join(folder, LOCK)
-        self.log, self.stale_seconds, self.heartbeat_seconds = log, stale_seconds, heartbeat_seconds
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex(),
-                       "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       "command": " ".join(sys.argv)[:500]}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.lost = False
+        super().__init__(folder, fs.join(folder, LOCK), log, stale_seconds, heartbeat_seconds)
+        self.fs, self.lost = fs, False
+        self.record["token"] = os.urandom(8).hex()
 
     def _holder(self) -> dict | None:
         try:
@@ -188,44 +213,31 @@ class RemoteLock:
         if holder and holder.get("token") != self.record["token"]:
             holder["age"] = time.time() - float(holder.get("beat", 0))
             if not _is_stale(holder, self.record["host"], self.stale_seconds):
-                raise OutputLockedError(
-                    f"{self.folder}: another job is writing here (host {holder.get('host')}, pid {holder.get('pid')}, "
-                    f"since {holder.get('started')}: {holder.get('command', '?')[:120]}); wait for it, or delete "
-                    f"{self.path} if that job is gone")
+                raise self._busy(holder, "delete")
             self.log(f"{self.folder}: took over the stale lock of host {holder.get('host')}, pid {holder.get('pid')}")
         self._write()
         if (self._holder() or {}).get("token") != self.record["token"]:
             raise OutputLockedError(f"{self.folder}: another job took {self.path} at the same moment; wait for it")
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
+        self._start_heartbeat()
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_seconds):
-            try:
-                if (self._holder() or {}).get("token") != self.record["token"]:
-                    self.lost = True
-                    self.log(f"{self.folder}: another job took {self.path}; this one stops")
-                    return
-                self._write()
-            except OSError:
-                pass  # the store is unreachable now; the job itself will say so
+    def _refresh(self) -> bool:
+        try:
+            if (self._holder() or {}).get("token") != self.record["token"]:
+                self.lost = True
+                self.log(f"{self.folder}: another job took {self.path}; this one stops")
+                return False
+            self._write()
+        except OSError:
+            pass  # the store is unreachable now; the job itself will say so
+        return True
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+        self._stop_heartbeat()
         try:
             if (self._holder() or {}).get("token") == self.record["token"]:
                 self.fs.delete(self.path)
         except OSError:
             pass
-
-    def __enter__(self) -> RemoteLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def is_disk_error(exc: OSError) -> bool:
