@@ -11,33 +11,40 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pyarrow.parquet as pq
-
-from common import fs
 
 # Real pooled CNN features spread by ~0.01-1 per dimension; below this every dimension is flat.
 FLAT_STD = 1e-6
 
 
-class _Running:
-    """Mean and M2 per dimension merged batch by batch (Chan et al.), plus row digests."""
+class RunningStats:
+    """Mean and M2 per dimension merged batch by batch and part by part (Chan et al.), plus row digests: each
+    compaction task summarizes the rows it writes, and the driver merges the parts without reading them again."""
 
     def __init__(self, width: int):
         self.n, self.mean, self.m2 = 0, np.zeros(width), np.zeros(width)
         self.digests: set[bytes] = set()
 
-    def add(self, x: np.ndarray) -> None:
-        if not len(x):
+    def _merge(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        if not n:
             return
-        x = np.asarray(x, dtype=np.float64)
-        n, mean = len(x), x.mean(axis=0)
-        m2 = ((x - mean) ** 2).sum(axis=0)
         delta, total = mean - self.mean, self.n + n
         self.mean = self.mean + delta * n / total
         self.m2 = self.m2 + m2 + delta**2 * self.n * n / total
         self.n = total
-        rows = np.ascontiguousarray(x.astype(np.float32))
-        self.digests.update(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows)
+
+    def add(self, x: np.ndarray, batch_rows: int = 4096) -> RunningStats:
+        for start in range(0, len(x), batch_rows):  # float64 copies of a batch, not of a whole file
+            batch = np.asarray(x[start:start + batch_rows], dtype=np.float64)
+            mean = batch.mean(axis=0)
+            self._merge(len(batch), mean, ((batch - mean) ** 2).sum(axis=0))
+            rows = np.ascontiguousarray(batch.astype(np.float32))
+            self.digests.update(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows)
+        return self
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        self._merge(other.n, other.mean, other.m2)
+        self.digests |= other.digests
+        return self
 
     def summary(self) -> dict:
         if self.n == 0:
@@ -49,21 +56,7 @@ class _Running:
 
 def summarize(features: np.ndarray) -> dict:
     """rows, distinct_rows, mean_std and max_std (population std per dimension) of an (n, d) array."""
-    running = _Running(features.shape[1])
-    running.add(features)
-    return running.summary()
-
-
-def summarize_parquet(files: list[str], width: int, column: str = "features", batch_rows: int = 4096) -> dict:
-    """`summarize` of a list column of Parquet files (paths or URIs), streamed in batches (a store split can be GBs)."""
-    running = _Running(width)
-    for file in files:
-        filesystem, where = fs.resolve(file)
-        with filesystem.open_input_file(where) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=[column]):
-                flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
-                running.add(flat.reshape(-1, width))
-    return running.summary()
+    return RunningStats(features.shape[1]).add(features).summary()
 
 
 def is_constant(stats: dict) -> bool:

@@ -202,8 +202,10 @@ def plan_compaction(markers: list[dict], rows_per_file: int) -> list[dict]:
     return groups
 
 
-def compact_group(store: str, group: dict) -> dict:
-    """In the executor: one output file from a group's committed files, rows sorted by image_id."""
+def compact_group(store: str, feature_dim: int, group: dict) -> dict:
+    """In the executor: one output file from a group's committed files, rows sorted by image_id; a split's file
+    comes back with the RunningStats of its features (the manifest's feature_stats, merged by the driver)."""
+    from common.feature_stats import RunningStats
     from common.store import read_parquet
 
     kind = group["kind"]
@@ -212,7 +214,11 @@ def compact_group(store: str, group: dict) -> dict:
     name = f"{folder}/part-{group['part']:05d}-{uuid.uuid4().hex[:12]}.parquet"
     filesystem, where = fs.for_writing(fs.join(store, name))
     pq.write_table(table, where, filesystem=filesystem)
-    return {"kind": kind, "file": name, "rows": table.num_rows}
+    stats = None
+    if kind != ERRORS_DIR:
+        features = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        stats = RunningStats(feature_dim).add(features.reshape(table.num_rows, feature_dim))
+    return {"kind": kind, "file": name, "rows": table.num_rows, "stats": stats}
 
 
 def publish(out: str, manifest: dict) -> None:

@@ -245,7 +245,7 @@ def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb
     from functools import partial
 
     from common import fs
-    from common.feature_stats import constant_note, summarize_parquet
+    from common.feature_stats import RunningStats, constant_note
     from common.store import ERRORS_DIR, read_parquet
     from common.store_writer import OutputError, compact_group, plan_compaction, read_marker
 
@@ -261,12 +261,18 @@ def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb
                           "--precision fp32 (and --overwrite), or on executors of one kind")
     rows_per_file = max(1, file_mb * 2**20 // (4 * feature_dim + 256))
     groups = plan_compaction(markers, rows_per_file)
-    written = (spark.sparkContext.parallelize(groups, max(1, len(groups))).map(partial(compact_group, out)).collect()
+    written = (spark.sparkContext.parallelize(groups, max(1, len(groups))).map(partial(compact_group, out, feature_dim)).collect()
                if groups else [])
     files = {kind: sorted(w["file"] for w in written if w["kind"] == kind) for kind in (*SPLITS, ERRORS_DIR)}
     per_split = {s: sum(w["rows"] for w in written if w["kind"] == s) for s in SPLITS}
     n_errors = sum(w["rows"] for w in written if w["kind"] == ERRORS_DIR)
-    stats = {s: summarize_parquet([fs.join(out, f) for f in files[s]], feature_dim) for s in SPLITS if per_split[s]}
+    stats = {}
+    for split in (s for s in SPLITS if per_split[s]):
+        merged = RunningStats(feature_dim)
+        for w in written:
+            if w["kind"] == split:
+                merged.merge(w["stats"])
+        stats[split] = merged.summary()
     for split, figures in stats.items():
         if note := constant_note(split, figures):
             log(f"warning: {note}")

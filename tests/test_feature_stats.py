@@ -1,10 +1,8 @@
 """The constant-feature check: figures per split, and the verdict."""
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from common.feature_stats import constant_note, is_constant, summarize, summarize_parquet
+from common.feature_stats import RunningStats, constant_note, is_constant, summarize
 
 
 def test_spread_features_pass_and_constant_ones_are_flagged():
@@ -22,13 +20,16 @@ def test_spread_features_pass_and_constant_ones_are_flagged():
     assert not is_constant(summarize(real[:1]))  # one row says nothing either way
 
 
-def test_streamed_parquet_equals_in_memory(tmp_path):
+def test_parts_merged_in_batches_equal_in_memory():
+    """As compaction computes them: each part (a file) in batches, the parts merged on the driver."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(1000, 8)).astype(np.float32) * 1000 + 5e4  # large offset: a naive sum of squares drifts
-    for i in range(3):
-        part = x[i * 400:(i + 1) * 400]
-        pq.write_table(pa.table({"features": pa.array(list(part), type=pa.list_(pa.float32()))}), tmp_path / f"{i}.parquet")
-    streamed, direct = summarize_parquet(sorted(str(p) for p in tmp_path.glob("*.parquet")), 8, batch_rows=97), summarize(x)
+    x[700] = x[3]  # a repeated row across parts counts once
+    parts = [RunningStats(8).add(x[i * 400:(i + 1) * 400], batch_rows=97) for i in range(3)]
+    merged = RunningStats(8)
+    for part in parts:
+        merged.merge(part)
+    streamed, direct = merged.summary(), summarize(x)
     assert streamed["rows"] == 1000 and streamed["distinct_rows"] == direct["distinct_rows"]
     np.testing.assert_allclose(streamed["max_std"], x.astype(np.float64).std(axis=0).max(), rtol=1e-9)
     np.testing.assert_allclose(streamed["mean_std"], direct["mean_std"], rtol=1e-9)
