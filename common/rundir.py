@@ -33,7 +33,8 @@ from common.safe_output import LOCK, OutputLock, OutputLockedError, check_dir_pa
 MARKER = ".cxr-run.json"
 RUN_FORMAT = "cxr-features/run"
 RUN_FORMAT_VERSION = 1
-KINDS = ("head", "finetune", "lungs", "evaluation", "ensemble")  # evaluation: heads.evaluate; ensemble: heads.ensemble
+# evaluation: heads.evaluate; ensemble: heads.ensemble; lungs: a lung model's training; lungs-evaluation: its scoring
+KINDS = ("head", "finetune", "lungs", "lungs-evaluation", "evaluation", "ensemble")
 CONFIG = "config.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions"
@@ -130,13 +131,29 @@ def discard_if_empty(out: str | Path) -> None:
         out.rmdir()
 
 
-def prepare(out: str | Path, overwrite: bool, kind: str = "head", log=print) -> Path:
+def check_not_input(out: str | Path, inputs=()) -> None:
+    """Refuse an --out that is one of the command's own inputs, or holds one: --overwrite would delete
+    what the command is about to read (an ensemble member, the head being evaluated, a checkpoint)."""
+    target = Path(out).resolve()
+    for given in inputs:
+        inp = Path(given).resolve()
+        if inp == target or target in inp.parents:
+            raise RunError(f"--out {out}: is an input of this command ({given}); write the result to another folder")
+
+
+def prepare(out: str | Path, overwrite: bool, kind: str = "head", log=print, inputs=()) -> Path:
     """A run directory ready for a new run of `kind`: made and marked when absent or empty, an old
-    run replaced only with overwrite (its files only), a folder without the marker never."""
+    run of the same kind replaced only with overwrite (its files only); never a folder without the
+    marker, a run of another kind, or a folder that is (or holds) one of `inputs`."""
     if kind not in KINDS:
         raise ValueError(f"run kind {kind!r}: choose from {', '.join(KINDS)}")
     out = Path(out)
-    if check_run_dir(out) is not None:
+    check_not_input(out, inputs)
+    marker = check_run_dir(out)
+    if marker is not None:
+        if marker.get("kind") != kind:
+            raise RunError(f"--out {out}: holds a {marker.get('kind')} run, and this command writes a {kind} run; "
+                           "--overwrite replaces only a run of the same kind: choose another folder")
         if not overwrite:
             raise RunError(f"--out {out}: a run is already here; pass --overwrite to replace it")
         log(f"--overwrite: replacing the run in {out}")
@@ -224,9 +241,10 @@ def predictions_arrays(df: pd.DataFrame, label_names: list[str]) -> dict[str, np
     }
 
 
-def write_run(parser, out: str, overwrite: bool, kind: str, work, log=print):
+def write_run(parser, out: str, overwrite: bool, kind: str, work, log=print, inputs=()):
     """`work(run_dir)` inside a prepared run directory of `kind`, the one way every run-writing command
-    writes: one writer per directory (the lock, held from the overwrite decision to the last file), bad
+    writes (`inputs`: the paths it reads, never replaced, see prepare): one writer per directory (the
+    lock, held from the overwrite decision to the last file), bad
     input and a full or read-only disk as one line through `parser` (exit 2), and a run refused before
     its first file leaves no folder behind."""
     from common.config import fail
@@ -234,7 +252,7 @@ def write_run(parser, out: str, overwrite: bool, kind: str, work, log=print):
     fresh = not os.path.exists(out)
     try:
         with OutputLock(check_dir_path(out), log=log):
-            return work(prepare(out, overwrite, kind=kind, log=log))
+            return work(prepare(out, overwrite, kind=kind, log=log, inputs=inputs))
     except (ValueError, RuntimeError, NotADirectoryError, OutputLockedError) as exc:  # RunError, StoreError, ...
         fail(parser, exc)
     except OSError as exc:

@@ -153,11 +153,13 @@ def decode_cache_dir(args: argparse.Namespace) -> str | None:
                else Path(args.out).resolve().parent / DEFAULT_DIR)
 
 
-def prepare_out(out: str, overwrite: bool, identity: dict, epochs: int) -> tuple[Path, dict | None]:
+def prepare_out(out: str, overwrite: bool, identity: dict, epochs: int, inputs=()) -> tuple[Path, dict | None]:
     """The run directory: resumed when it holds an interrupted run of these settings, continued
-    when it holds a finished one that ran out of epochs and more are asked for, else fresh. The
-    caller holds its lock: nothing here may race another job's writes."""
+    when it holds a finished one that ran out of epochs and more are asked for, else fresh; never
+    a folder that holds one of `inputs` (the starting checkpoint). The caller holds its lock:
+    nothing here may race another job's writes."""
     path = Path(out)
+    rundir.check_not_input(path, inputs)
     marker = rundir.check_run_dir(path)  # a folder without the marker is refused before anything is read
     if overwrite or marker is None:
         return rundir.prepare(path, overwrite, kind="finetune", log=log), None
@@ -231,7 +233,8 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
                                num_processes=args.num_processes)
     # One job per run directory, taken before deciding to resume or overwrite, held to the last file.
     with OutputLock(args.out, log=log):
-        out, resume = prepare_out(args.out, args.overwrite, cfg.identity, args.epochs)
+        out, resume = prepare_out(args.out, args.overwrite, cfg.identity, args.epochs,
+                                  inputs=[weights.path] if weights.path else [])
         device = resolve_device()
         cfg.out, cfg.device = str(out), device
         config = {

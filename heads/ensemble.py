@@ -52,9 +52,12 @@ def load_members(paths: list[str]) -> tuple[list[str], dict, list[dict]]:
     if len(paths) < 2:
         raise ValueError(f"an ensemble needs two or more runs, {len(paths)} given")
     frames: dict[str, list] = {s: [] for s in SPLITS}
-    members, names = [], None
-    for path in paths:
+    members, names, seen = [], None, {}
+    for i, path in enumerate(paths):
         run = Path(path)
+        first = seen.setdefault(run.resolve(), i)
+        if first != i:
+            raise ValueError(f"{path}: the same run as {paths[first]}; an ensemble needs two or more different runs")
         marker = rundir.read_marker(run) if run.is_dir() else None
         if marker is None:
             raise ValueError(f"{path}: not a run directory (no {rundir.MARKER})")
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
         return summary
 
-    return rundir.write_run(parser, args.out, args.overwrite, KIND, write, log)
+    return rundir.write_run(parser, args.out, args.overwrite, KIND, write, log, inputs=args.runs)
 
 if __name__ == "__main__":
     main()

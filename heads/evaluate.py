@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         checked = load_checked(args)  # every refusal before --out is touched
     except (ValueError, RuntimeError) as exc:  # StoreError, RunError
         fail(parser, exc)
-    return rundir.write_run(parser, args.out, args.overwrite, KIND, lambda out: run(args, checked, out, command), log)
+    return rundir.write_run(parser, args.out, args.overwrite, KIND, lambda out: run(args, checked, out, command), log,
+                           inputs=[args.run, *(args.store or [])])
 
 if __name__ == "__main__":
     main()

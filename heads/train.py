@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     from heads.run import run
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
-    return rundir.write_run(parser, s["out"], s["overwrite"], "head", lambda out: run(parser, s, out, command), log)
+    return rundir.write_run(parser, s["out"], s["overwrite"], "head", lambda out: run(parser, s, out, command), log,
+                           inputs=s["store"])
 
 if __name__ == "__main__":
     main()

@@ -91,7 +91,8 @@ def run_train(args, command: str) -> dict:
         log(f"[lungs] {line}")
     split = split_stems(pairs.stems, args.split, args.split_seed)
     with OutputLock(args.out):
-        out = prepare(args.out, args.overwrite, kind="lungs", log=lambda m: log(f"[lungs] {m}"))
+        out = prepare(args.out, args.overwrite, kind="lungs", log=lambda m: log(f"[lungs] {m}"),
+                      inputs=[args.images, args.masks])
         loaded = {s: load_pairs(pairs, split[s], args.size, log=lambda m: log(f"[lungs] {m}")) for s in SPLITS}
         log(f"[lungs] {len(pairs.stems)} pairs: " + ", ".join(f"{s}={len(loaded[s].stems)}" for s in SPLITS)
             + f"; {device}, {precision}, {torch.get_num_threads()} threads")
@@ -175,7 +176,8 @@ def run_evaluate(args, command: str) -> dict:
         if not stems:
             raise ValueError(f"--split {args.split}: none of the model's {args.split} images pair up in --images/--masks")
     with OutputLock(args.out):
-        out = prepare(args.out, args.overwrite, kind="lungs", log=lambda m: log(f"[lungs] {m}"))
+        out = prepare(args.out, args.overwrite, kind="lungs-evaluation", log=lambda m: log(f"[lungs] {m}"),
+                      inputs=[args.images, args.masks, *([] if args.model == "default" else [args.model])])
         write_json(out / CONFIG, {"kind": "lungs-evaluate", "command": command, "settings": vars(args),
                                   "model": config, "device": device, "torch": torch.__version__})
         loaded = load_pairs(pairs, stems, config["size"], log=lambda m: log(f"[lungs] {m}"))

@@ -123,3 +123,21 @@ def test_a_grids_top_cells_kept_as_one_head(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main([*args, "--out", str(tmp_path / "bad"), "--grid-ensemble", "5"])
     assert "--grid-ensemble 5: between 1 and the grid's 4 cell(s)" in capsys.readouterr().err
+
+
+def test_an_ensemble_never_overwrites_or_repeats_a_member(tmp_path, truth, capsys):
+    a, b = _member(tmp_path, "a", truth, 1), _member(tmp_path, "b", truth, 2)
+    (b / "head.pt").write_text("weights")
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    for argv, line in (
+            ([str(a), str(b), "--out", str(b), "--overwrite"],
+             f"--out {b}: is an input of this command ({b}); write the result to another folder"),
+            ([str(a), f"{tmp_path}/./a", "--out", str(tmp_path / "e")],
+             f"{tmp_path}/./a: the same run as {a}; an ensemble needs two or more different runs")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            ensemble.main([*argv, "--bootstrap-draws", "0"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(line), err
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "e").exists()

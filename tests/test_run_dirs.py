@@ -101,6 +101,60 @@ def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
                          "config.json.orig, data, extra, notes.txt, predictions/mine.csv, ...")
 
 
+def test_overwrite_replaces_only_a_run_of_the_same_kind(tmp_path):
+    out = rundir.prepare(tmp_path / "ft", overwrite=False, kind="finetune")
+    for name in ("best.pt", "last.pt"):
+        (out / name).write_text(name)
+    for overwrite in (False, True):
+        with pytest.raises(rundir.RunError) as info:
+            rundir.prepare(out, overwrite, kind="head")
+        assert str(info.value) == (f"--out {out}: holds a finetune run, and this command writes a head run; "
+                                   "--overwrite replaces only a run of the same kind: choose another folder")
+    assert (out / "best.pt").read_text() == "best.pt" and rundir.read_marker(out)["kind"] == "finetune"
+    rundir.prepare(out, overwrite=True, kind="finetune", log=lambda m: None)
+    assert not (out / "best.pt").exists()
+
+
+@pytest.mark.parametrize("given", ["run", "run/head.pt", "run/predictions/test.parquet"])
+def test_an_input_of_the_command_is_never_its_output(tmp_path, given):
+    out = rundir.prepare(tmp_path / "run", overwrite=False, kind="evaluation")
+    (out / "head.pt").write_text("weights")
+    for overwrite in (False, True):
+        with pytest.raises(rundir.RunError) as info:
+            rundir.prepare(out, overwrite, kind="evaluation", inputs=["elsewhere", str(tmp_path / given)])
+        assert str(info.value) == (f"--out {out}: is an input of this command ({tmp_path / given}); write the result "
+                                   "to another folder")
+    assert (out / "head.pt").read_text() == "weights"
+    # A new folder inside an input's run is its own output, not the input.
+    assert rundir.prepare(out / "sub", overwrite=False, kind="evaluation", inputs=[str(out)]).is_dir()
+
+
+def test_heads_train_over_a_finetune_run_keeps_its_checkpoints(store, tmp_path, capsys):
+    out = rundir.prepare(tmp_path / "ft", overwrite=False, kind="finetune")
+    for name in ("best.pt", "last.pt", "metrics.json"):
+        (out / name).write_text(name)
+    code, err = train_cli(capsys, "--store", str(store), "--out", str(out), *FAST, "--overwrite")
+    assert code == 2 and err == (f"heads.train: --out {out}: holds a finetune run, and this command writes a head run; "
+                                 "--overwrite replaces only a run of the same kind: choose another folder\n")
+    assert sorted(p.name for p in out.iterdir()) == [rundir.MARKER, "best.pt", "last.pt", "metrics.json"]
+
+
+def test_evaluating_a_head_into_its_own_run_keeps_the_head(store, tmp_path, capsys):
+    from heads import evaluate
+
+    run = tmp_path / "run"
+    train.main(["--store", str(store), "--out", str(run), *FAST])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for given in (run, run / "head.pt"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            evaluate.main(["--run", str(given), "--out", str(run), "--overwrite", "--bootstrap-draws", "0"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1
+        assert err.endswith(f"--out {run}: is an input of this command ({given}); write the result to another folder\n")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 # --- heads.train ----------------------------------------------------------------------------------
 
 
@@ -198,3 +252,13 @@ def test_a_run_refused_for_its_store_leaves_no_folder(tmp_path, capsys):
     code, err = train_cli(capsys, "--store", str(bad), "--out", str(tmp_path / "run"), *FAST)
     assert code == 2 and "1 rows have NaN or Inf features, first 'train_00003.png'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_finetune_never_overwrites_the_run_holding_its_starting_checkpoint(tmp_path):
+    from finetune.run import prepare_out
+
+    out = rundir.prepare(tmp_path / "ft", overwrite=False, kind="finetune")
+    (out / "best.pt").write_text("weights")
+    with pytest.raises(rundir.RunError, match="is an input of this command"):
+        prepare_out(str(out), True, {}, 2, inputs=[str(out / "best.pt")])
+    assert (out / "best.pt").read_text() == "weights"
