@@ -1,4 +1,4 @@
-"""Re-render a run's report.md and plots (a head run or a fine-tune run).
+"""Re-render a run's report.md (and plots): a head, fine-tune, evaluation or ensemble run.
 
     python -m heads.report --run runs/x
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from common.config import HelpFormatter, fail, log
 
@@ -15,16 +16,43 @@ PROG = "python -m heads.report"
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Re-render a run's report and plots.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--run", required=True, help="run directory written by heads.train or jobs/finetune.py")
+    p.add_argument("--run", required=True,
+                   help="run directory written by heads.train, jobs/fine_tune.py, heads.evaluate or heads.ensemble")
     return p
+
+
+def render(run: str | Path) -> Path:
+    """report.md of run directory `run`, re-rendered by the command that wrote it (by the marker's kind)."""
+    from common import rundir
+
+    run = Path(run)
+    marker = rundir.read_marker(run)
+    kind = marker.get("kind") if marker else None  # None: a run from before the marker, rendered by its config
+    if kind not in (None, "head", "finetune", "evaluation", "ensemble"):
+        raise rundir.RunError(f"--run {run}: a {kind} run, whose report its own command writes; cxr report "
+                              "re-renders head, finetune, evaluation and ensemble runs")
+    if kind in (None, "head", "finetune"):
+        from common.report import render as render_training  # matplotlib and sklearn: only for a run to render
+
+        return render_training(run)
+    config, metrics = rundir.read_json(run / rundir.CONFIG), rundir.read_json(run / rundir.METRICS)
+    if kind == "evaluation":
+        from heads.evaluate import render_report
+
+        text = render_report(config, metrics)
+    else:
+        from heads.ensemble import render_report
+
+        text = render_report(metrics)
+    path = run / rundir.REPORT
+    path.write_text(text)
+    return path
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    # matplotlib and sklearn come with common.report: imported only once there is a run to render.
     from common import rundir
-    from common.report import render
 
     try:
         report = render(args.run)

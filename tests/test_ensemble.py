@@ -141,3 +141,14 @@ def test_an_ensemble_never_overwrites_or_repeats_a_member(tmp_path, truth, capsy
         assert info.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(line), err
     assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
     assert not (tmp_path / "e").exists()
+
+
+def test_report_re_renders_an_ensemble(tmp_path, truth):
+    from heads import report
+
+    members = [_member(tmp_path, f"m{i}", truth, seed) for i, seed in enumerate((1, 2))]
+    ensemble.main([*map(str, members), "--out", str(tmp_path / "ens"), "--bootstrap-draws", "0"])
+    written = (tmp_path / "ens" / rundir.REPORT).read_text()
+    (tmp_path / "ens" / rundir.REPORT).unlink()
+    report.main(["--run", str(tmp_path / "ens")])
+    assert (tmp_path / "ens" / rundir.REPORT).read_text() == written

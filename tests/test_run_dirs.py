@@ -262,3 +262,24 @@ def test_a_finetune_never_overwrites_the_run_holding_its_starting_checkpoint(tmp
     with pytest.raises(rundir.RunError, match="is an input of this command"):
         prepare_out(str(out), True, {}, 2, inputs=[str(out / "best.pt")])
     assert (out / "best.pt").read_text() == "weights"
+
+
+def test_report_re_renders_every_kind_of_run_it_knows(store, tmp_path, capsys):
+    from heads import evaluate, report
+
+    head = tmp_path / "head"
+    train.main(["--store", str(store), "--out", str(head), *FAST])
+    evaluate.main(["--run", str(head), "--out", str(tmp_path / "eval"), "--bootstrap-draws", "0"])
+    for run in (head, tmp_path / "eval"):
+        written = (run / rundir.REPORT).read_text()
+        (run / rundir.REPORT).unlink()
+        report.main(["--run", str(run)])
+        assert (run / rundir.REPORT).read_text() == written
+    lungs = rundir.prepare(tmp_path / "lungs", overwrite=False, kind="lungs")
+    for run, line in ((lungs, "a lungs run, whose report its own command writes; cxr report re-renders head, finetune, "
+                              "evaluation and ensemble runs"),
+                      (store, "not found; is {store} a run directory?")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            report.main(["--run", str(run)])
+        assert info.value.code == 2 and capsys.readouterr().err.endswith(f": {line}\n".format(store=store))
