@@ -12,6 +12,8 @@ from PIL import Image, UnidentifiedImageError
 
 from common.dicom import decode_dicom, is_dicom, named_dicom, source_name
 
+DECODE_VERSION = 1  # bump when decoded values change (here, common/dicom.py, DataConfig.load): keys decode caches
+
 try:  # PNGs through OpenCV's libpng: the same pixels as Pillow, ~10% less time per image (bench/decoders.py)
     import cv2
 except ImportError:  # optional: without it every PNG goes to Pillow, with the same result
