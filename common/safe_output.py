@@ -4,8 +4,9 @@ Every job that writes a store or a run directory holds an `OutputLock` on it for
 a lock file created with O_CREAT | O_EXCL (atomic on local disks and on NFS v3+, Lustre, GPFS),
 holding host, pid, start time and command, its mtime refreshed by a heartbeat thread. A second
 job on the same folder stops at once with a line naming the first. A lock is stale, and taken
-over, when its process is gone (same host) or its heartbeat stopped (another host's job was
-killed with its machine); taking over renames the stale file first, so two jobs that both see it
+over, when its heartbeat stopped (a job killed with its machine, or a pid reused by another
+process) or, on the same host, its process is gone or its pid now names a process started at
+another time; taking over renames the stale file first, so two jobs that both see it
 stale cannot both win.
 """
 
@@ -58,11 +59,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc); None where unknown. A pid is
+    reused once its process is gone: with its start time a record names one process, not one number."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, counted after the "(command)"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _is_stale(holder: dict, host: str, stale_seconds: float) -> bool:
-    """A lock record (with its `age` in seconds) whose job is gone: its process, on this host; else its heartbeat."""
-    if holder.get("host") == host and isinstance(holder.get("pid"), int):
-        return not _alive(holder["pid"])
-    return holder["age"] > stale_seconds
+    """A lock record (with its `age` in seconds) whose job is gone: its heartbeat stopped (any host), or, on this
+    host, its process is gone or its pid now belongs to a process that started at another time."""
+    if holder["age"] > stale_seconds:
+        return True  # a live holder refreshes every HEARTBEAT_SECONDS, whatever has its pid now
+    pid = holder.get("pid")
+    if holder.get("host") != host or not isinstance(pid, int):
+        return False
+    if not _alive(pid):
+        return True
+    started = holder.get("pid_start")
+    return isinstance(started, int) and process_start(pid) not in (None, started)
 
 
 class _HeldLock:
@@ -72,7 +90,7 @@ class _HeldLock:
     def __init__(self, folder, path, log, stale_seconds: float, heartbeat_seconds: float):
         self.folder, self.path = folder, path
         self.log, self.stale_seconds, self.heartbeat_seconds = log, stale_seconds, heartbeat_seconds
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(),
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
                        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        "command": " ".join(sys.argv)[:500]}
         self._stop = threading.Event()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.safe_output import (LOCK, OutputLock, OutputLockedError, check_dir_path, is_disk_error,
-                                os_error_line)
+                                os_error_line, process_start)
 from tests.data_paths import REPO
 
 HOST = socket.gethostname()
@@ -26,11 +26,11 @@ def dead_pid() -> int:
         return 2 ** 22 + 1  # Linux's largest pid_max
 
 
-def write_lock(folder: Path, host: str, pid: int, age_seconds: float = 0.0) -> Path:
+def write_lock(folder: Path, host: str, pid: int, age_seconds: float = 0.0, **record) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     path.write_text(json.dumps({"host": host, "pid": pid, "started": "2026-01-01T00:00:00+00:00",
-                                "command": "jobs/extract.py --out x"}))
+                                "command": "jobs/extract.py --out x", **record}))
     then = time.time() - age_seconds
     os.utime(path, (then, then))
     return path
@@ -72,6 +72,28 @@ def test_a_dead_pid_on_this_host_is_stale_and_taken_over_with_a_line(tmp_path):
     finally:
         lock.release()
     assert not (tmp_path / LOCK).exists()
+
+
+@pytest.mark.skipif(process_start(os.getpid()) is None, reason="no /proc: process start times unknown")
+def test_a_dead_jobs_pid_reused_by_another_process_is_stale(tmp_path):
+    # The pid is alive (it is this test's), but the job that wrote the lock started at another time.
+    write_lock(tmp_path, HOST, os.getpid(), pid_start=process_start(os.getpid()) - 1)
+    logged = []
+    with OutputLock(tmp_path, log=logged.append):
+        assert json.loads((tmp_path / LOCK).read_text())["pid_start"] == process_start(os.getpid())
+    assert logged == [f"{tmp_path}: took over the stale lock of host {HOST}, pid {os.getpid()}"]
+    # The same process, alive and beating: refused.
+    write_lock(tmp_path, HOST, os.getpid(), pid_start=process_start(os.getpid()))
+    with pytest.raises(OutputLockedError, match=f"host {HOST}, pid {os.getpid()}"):
+        OutputLock(tmp_path).acquire()
+
+
+def test_a_same_host_lock_whose_heartbeat_stopped_is_stale_though_its_pid_lives(tmp_path):
+    write_lock(tmp_path, HOST, os.getpid(), age_seconds=3600)  # an old record without pid_start, its pid reused
+    logged = []
+    with OutputLock(tmp_path, log=logged.append):
+        pass
+    assert logged == [f"{tmp_path}: took over the stale lock of host {HOST}, pid {os.getpid()}"]
 
 
 def test_another_hosts_lock_is_stale_only_when_its_heartbeat_stopped(tmp_path):
