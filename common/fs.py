@@ -64,12 +64,24 @@ def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
                          "the package that provides it") from None
 
 
+def _check_uri(path: str, parts) -> None:
+    """Refuse a URI that would name another place than it reads as: a '..', '.' or empty segment (object stores
+    normalize them away, so s3://a/../b is bucket b), or a bucket scheme without a bucket."""
+    segments = parts.path.rstrip("/").split("/")[1:]  # a trailing slash is a folder's, not an empty name
+    if any(s in ("", ".", "..") for s in segments) or parts.netloc in (".", ".."):
+        raise ValueError(f"{path}: a URI with a '..', '.' or empty path segment is refused (it would name another "
+                         "place than the one it reads as)")
+    if parts.scheme.lower() in _BUCKET_SCHEMES and not parts.netloc:
+        raise ValueError(f"{path}: names no bucket ({parts.scheme}://BUCKET/...)")
+
+
 def resolve(path) -> tuple[pafs.FileSystem, str]:
-    """(file system, its path) for a local path or URI; query options (e.g. ?endpoint_override=) stay with the
-    file system, not the path."""
+    """(file system, its path) for a local path or URI, a URI checked first (_check_uri); query options (e.g.
+    ?endpoint_override=) stay with the file system, not the path."""
     if is_local(path):
         return pafs.LocalFileSystem(), local_path(path)
     parts = urlsplit(path)
+    _check_uri(path, parts)
     scheme = parts.scheme.lower()
     fs = _filesystem(scheme, parts.netloc, parts.query)
     if isinstance(fs, pafs.PyFileSystem):
@@ -102,7 +114,7 @@ def check_location(path, flag: str) -> None:
                 raise ValueError(f"bucket {bucket!r} does not exist (or these credentials do not see it)")
         filesystem.get_file_info(where)
     except (ValueError, OSError) as exc:
-        reason = " ".join(str(exc).split()).removeprefix(f"{urlsplit(path).scheme}://: ")
+        reason = " ".join(str(exc).split()).removeprefix(f"{urlsplit(path).scheme}://: ").removeprefix(f"{path}: ")
         raise ValueError(f"{flag} {path}: {reason[:300]}") from None
 
 

@@ -105,3 +105,24 @@ def test_names_and_deleting_a_link_leave_what_it_points_at(tmp_path):
     fs.delete(str(tmp_path / "store" / "split=train"))
     assert fs.names(str(tmp_path / "store")) == ["manifest.json"]
     assert (tmp_path / "target" / "precious.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("uri", ["s3://feat/../etc", "s3://feat/a/../../etc/x", "s3://feat//x", "s3://feat/./x",
+                                 "gs://feat/x/..", "s3:///x", "memory://m/a/../b"])
+def test_a_uri_naming_another_place_than_it_reads_as_is_refused_before_any_request(uri):
+    with pytest.raises(ValueError) as info:
+        fs.check_location(uri, "--out")
+    assert str(info.value).startswith(f"--out {uri}: ") and "\n" not in str(info.value)
+    for touch in (fs.write_bytes, fs.read_bytes, fs.delete):
+        with pytest.raises(ValueError, match="refused|names no bucket"):
+            touch(uri, b"x") if touch is fs.write_bytes else touch(uri)
+
+
+def test_an_extraction_to_a_uri_with_dot_dot_is_one_line(capsys):
+    from jobs import extract
+
+    with pytest.raises(SystemExit) as info:
+        extract.cli(["--config", "conf/sample.toml", "--out", "s3://feat/../etc"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert "--out s3://feat/../etc: a URI with a '..', '.' or empty path segment is refused" in err
