@@ -118,8 +118,7 @@ def resolve_weights(backbone: str, weights: str, download: bool = False) -> Weig
                     f"into {os.path.dirname(path)}/ (set $TORCH_HOME to use another cache), "
                     f"pass --download-weights on a machine with internet, or pass a checkpoint path"
                 )
-            # Downloads into exactly `path` (torch.hub's cache) and checks the hash in the file name.
-            enum.get_state_dict(progress=True, check_hash=True)
+            download_file(enum.url, path, check_hash=True)
         return WeightsSource("imagenet", path, 0, f"imagenet:{enum.name}", file_sha256(path))
 
     path = os.path.abspath(os.path.expanduser(weights))
@@ -129,6 +128,20 @@ def resolve_weights(backbone: str, weights: str, download: bool = False) -> Weig
             f"(accepted: imagenet, imagenet:<ENUM>, random, random:<seed>, or a checkpoint path)"
         )
     return WeightsSource("checkpoint", path, 0, f"checkpoint:{path}", file_sha256(path))
+
+
+def download_file(url: str, path: str, check_hash: bool = False) -> None:
+    """--download-weights: `url` into exactly `path` (the library's cache), as torch.hub downloads it (a
+    temporary file renamed when complete; with check_hash, the hash prefix in the file name is checked, as
+    torchvision does). No network, a refused URL or a bad hash is one WeightsError line."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path)) if check_hash else None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None, progress=True)
+    except Exception as exc:  # URLError, HTTPError, socket timeouts, the hash check's RuntimeError, a full disk
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split())[:200]
+        raise WeightsError(f"--download-weights: could not download {url} ({reason}); on a machine without "
+                           f"internet, put {os.path.basename(path)} into {os.path.dirname(path)}/ yourself") from None
 
 
 def library_weights_file(spec) -> tuple[str, str]:
@@ -158,8 +171,7 @@ def _library_weights(spec, weights: str, download: bool) -> WeightsSource:
                 f"{spec.family} weights for {spec.name} ({spec.library_name}) are not in the cache: put "
                 f"{os.path.basename(path)} (from {url}) into {os.path.dirname(path)}/, pass --download-weights on "
                 "a machine with internet, or pass a checkpoint path")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.hub.download_url_to_file(url, path, progress=True)
+        download_file(url, path)
     kind = "imagenet" if spec.family == "timm" else "pretrained"
     return WeightsSource(kind, path, 0, f"{kind}:{spec.library_name}", file_sha256(path))
 

@@ -90,6 +90,34 @@ def test_resolve_missing_checkpoint(tmp_path):
         resolve_weights("resnet50", str(missing))
 
 
+def test_download_weights_without_a_network_is_one_line_naming_the_file(monkeypatch, tmp_path, capsys):
+    import urllib.error
+
+    from jobs import extract
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHXRAYVISION_HOME", str(tmp_path / "xrv"))
+    for backbone, weights, file in (("resnet50", "imagenet", "resnet50-11ad3fa6.pth"),
+                                    ("xception", "pretrained", None), ("xrv-densenet121", "pretrained", None)):
+        with pytest.raises(WeightsError) as err:
+            resolve_weights(backbone, weights, download=True)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("--download-weights: could not download https://")
+        assert "Name or service not known" in msg and "on a machine without internet, put " in msg
+        if file:
+            assert f"put {file} into {tmp_path / 'hub' / 'checkpoints'}/ yourself" in msg
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # no partial file left in the caches
+    with pytest.raises(SystemExit) as info:
+        extract.cli(["--config", "conf/sample.toml", "--backbone", "resnet50", "--weights", "imagenet",
+                     "--download-weights", "--out", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "--download-weights: could not download" in err
+
+
 def test_resolve_imagenet_offline_says_what_to_put_where(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError) as err:
