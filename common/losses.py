@@ -20,6 +20,17 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _NEG_BIG = -1e30
 
 
+def loss_text(s: dict) -> str:
+    """The loss a run's settings `s` trained with, as reports and logs name it: U-MultiClass's 3-way
+    cross-entropy whatever --loss says, the focal loss with its parameters."""
+    if s.get("policy") == "multiclass":
+        return "multiclass_ce (U-MultiClass: 3-way cross-entropy; --loss not used)"
+    if "focal" not in s["loss"].split("+"):
+        return s["loss"]
+    alpha = s.get("focal_alpha")
+    return f"{s['loss']} (focal γ {s['focal_gamma']:g}, α {'none' if alpha is None else f'{alpha:g}'})"
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 

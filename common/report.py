@@ -1,5 +1,5 @@
 """Render a run's report.md, ROC curves and loss curves from the files heads.train (or the
-fine-tuning job, jobs/finetune.py) wrote.
+fine-tuning job, jobs/fine_tune.py) wrote.
 
 Nothing is recomputed except the ROC curves' points (from predictions/<split>.parquet), so a
 re-render shows exactly the run's metrics.
@@ -19,6 +19,7 @@ from sklearn.metrics import roc_curve
 from common import rundir
 from common.baselines import for_dataset
 from common.data_config import DataConfig
+from common.losses import loss_text
 
 
 def _f(value, digits: int = 3) -> str:
@@ -133,14 +134,6 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
     return header, rows + [["**mean**"] + means]
 
 
-def _loss_text(s: dict) -> str:
-    """The loss as run, with the focal loss's parameters when it is part of it."""
-    if "focal" not in s["loss"].split("+"):
-        return s["loss"]
-    alpha = s.get("focal_alpha")
-    return f"{s['loss']} (focal γ {s['focal_gamma']:g}, α {'none' if alpha is None else f'{alpha:g}'})"
-
-
 _NAN_NOTE = re.compile(r"^(?P<split>\w+): (?P<label>.+?): no (?P<what>[\w ]+?), (?P<metric>[\w-]+) is NaN$")
 _PER_LABEL = re.compile(r"^(?P<prefix>\w+): (?P<label>[^:]+): (?P<rest>.+)$")
 
@@ -193,7 +186,7 @@ def _head_run_lines(config: dict, metrics: dict) -> list[str]:
         f"- inputs: {config['input_width']} wide" + (f", with age/100 and sex ({s['sex_encoding']})" if s["age_sex"] else "")
         + ", standardized with train statistics",
         f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
-        f"- loss {_loss_text(s)}; Adam lr {metrics['selected']['lr']:g}, weight decay {metrics['selected']['weight_decay']:g}, "
+        f"- loss {loss_text(s)}; Adam lr {metrics['selected']['lr']:g}, weight decay {metrics['selected']['weight_decay']:g}, "
         f"batch {s['batch_size']}; {config['precision_resolved']}; init seed {s['init_seed']}",
         f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} ({metrics['stopped']}); "
         f"training {metrics['train_seconds']:.1f} s",
@@ -201,7 +194,7 @@ def _head_run_lines(config: dict, metrics: dict) -> list[str]:
 
 
 def _finetune_run_lines(config: dict, metrics: dict) -> list[str]:
-    """The "Run" section of a model fine-tuned on images (jobs/finetune.py)."""
+    """The "Run" section of a model fine-tuned on images (jobs/fine_tune.py)."""
     names, s, t = metrics["label_names"], config["settings"], metrics["training"]
     images = ", ".join(f"{n} {k}" for k, n in config["images"].items())
     schedule = (f"x{s['lr_factor']:g} every {s['step_epochs']} epochs" if s["schedule"] == "step"
@@ -215,7 +208,7 @@ def _finetune_run_lines(config: dict, metrics: dict) -> list[str]:
         f"- input: {DataConfig.from_dict(config['data_config']).describe()}; training views: "
         f"{DataConfig.from_dict(config['data_config']).describe_training()}",
         f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
-        f"- loss {_loss_text(s)}; Adam lr {s['lr']:g}, weight decay {s['weight_decay']:g}, lr {schedule}; "
+        f"- loss {loss_text(s)}; Adam lr {s['lr']:g}, weight decay {s['weight_decay']:g}, lr {schedule}; "
         f"batch {s['batch_size']} x {t['world_size']} process(es) on {t['device']}; {t['precision']}; "
         f"seed {s['train_seed']}",
         f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} by {s['best_metric']} ({metrics['stopped']}); "

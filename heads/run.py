@@ -22,7 +22,7 @@ from common.bootstrap import BOOTSTRAP_DRAWS
 from common.config import fail, log
 from common.evaluation import SplitScores, evaluate_splits
 from common.feature_stats import constant_note, summarize
-from common.losses import make_loss
+from common.losses import loss_text, make_loss
 from common.metadata import study_ids
 from common.report import render
 from common.store import StoreError
@@ -157,7 +157,7 @@ def _run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> d
     except (StoreError, ValueError) as exc:
         fail(parser, exc)
     log(f"{len(train)} train / {len(data.tensors['val'])} val images, {data.inputs.width} inputs, "
-        f"{len(data.label_names)} labels; {spec.describe()}; loss {s['loss']}; {precision}")
+        f"{len(data.label_names)} labels; {spec.describe()}; loss {loss_text(s)}; {precision}")
 
     cells, (chosen, model, result) = train_grid(s, data, spec, loss_fn, precision)
     rounds = []

@@ -45,7 +45,7 @@ def _chexpert_like(tmp_path, seed=0):
     return write_store(tmp_path / "store", splits, label_names=names, dataset="chexpert"), splits
 
 
-def test_multiclass_runs_scores_the_raw_labels_and_reloads(tmp_path):
+def test_multiclass_runs_scores_the_raw_labels_and_reloads(tmp_path, capsys):
     from heads.checkpoint import load_head
     from heads.predictions import probabilities
 
@@ -69,6 +69,9 @@ def test_multiclass_runs_scores_the_raw_labels_and_reloads(tmp_path):
     saved = pd.read_parquet(runs["multiclass"] / "predictions" / "test.parquet")
     np.testing.assert_allclose(saved[head.label_names].to_numpy(), probs, rtol=1e-4, atol=1e-5)
     assert "CheXpert paper U-MultiClass" in (runs["multiclass"] / "report.md").read_text()
+    # The loss it trained with is named, in the log and the report, not the --loss it did not use.
+    assert "loss multiclass_ce (U-MultiClass" in capsys.readouterr().err
+    assert "- loss multiclass_ce (U-MultiClass" in (runs["multiclass"] / "report.md").read_text()
 
 
 def _self_training_store(tmp_path):
@@ -135,10 +138,10 @@ def test_compare_says_which_policy_wins_per_class_beside_the_papers_table(tmp_pa
 
 
 def test_fine_tuning_refuses_the_head_only_policies(tmp_path, capsys):
-    from jobs import finetune
+    from jobs import fine_tune
 
     with pytest.raises(SystemExit) as exit_:
-        finetune.cli(["--dataset", "nih", "--metadata", "m.csv", "--images", str(tmp_path), "--out", str(tmp_path / "o"),
+        fine_tune.cli(["--dataset", "nih", "--metadata", "m.csv", "--images", str(tmp_path), "--out", str(tmp_path / "o"),
                       "--policy", "selftrained"])
     assert exit_.value.code == 2 and "--policy 'selftrained': choose from ignore, zeros, ones, multiclass" in \
         capsys.readouterr().err
@@ -155,11 +158,11 @@ def test_u_multiclass_fine_tunes_on_images(tmp_path):
     from finetune.checkpoint import load_classifier
     from finetune.localization import heatmap_fn
     from common.backbones import get_spec
-    from jobs import finetune
+    from jobs import fine_tune
     from tests.data_paths import SAMPLE
 
     out = tmp_path / "ft"
-    result = finetune.main(["--dataset", "nih", "--metadata",
+    result = fine_tune.main(["--dataset", "nih", "--metadata",
                             str(SAMPLE / "Data_Entry_2017_v2020.csv"), "--images", str(SAMPLE / "images"),
                             "--out", str(out), "--backbone", "resnet50", "--weights", "random:0", "--input-size", "64",
                             "--batch-size", "8", "--epochs", "3", "--lr", "1e-3", "--threads", "1", "--num-workers",
@@ -197,11 +200,11 @@ def test_a_fine_tune_runs_checkpoint_ensemble(tmp_path):
     """The CheXpert paper's ensemble of one run's checkpoints: epochs kept, the best three averaged and scored."""
     import pandas as pd
 
-    from jobs import finetune
+    from jobs import fine_tune
     from tests.data_paths import SAMPLE
 
     out = tmp_path / "ft"
-    finetune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
+    fine_tune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
                    "--images", str(SAMPLE / "images"), "--out", str(out), "--backbone", "densenet121",
                    "--weights", "random:0", "--input-size", "64", "--batch-size", "8", "--epochs", "4", "--lr", "1e-3",
                    "--threads", "1", "--num-workers", "0", "--split", "ratios", "--early-stop-patience", "0",

@@ -1,6 +1,7 @@
 """Report text that a reader sees: grouped notes and the loss as run."""
 
-from common.report import _loss_text, group_notes
+from common.losses import loss_text as _loss_text
+from common.report import group_notes
 
 LABELS = ["Edema", "Hernia", "Mass"]
 
