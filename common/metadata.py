@@ -49,7 +49,7 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
         header = pd.read_csv(path, nrows=0, index_col=False).columns
         missing = [c for c in columns if c not in header]
         if missing:
-            raise MetadataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}")
+            raise MetadataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}{_separator_hint(header)}")
         table = pd.read_csv(path, usecols=columns, dtype=str, index_col=False, keep_default_na=False)
     except UnicodeDecodeError:
         raise MetadataError(not_utf8(path)) from None
@@ -62,6 +62,24 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     if table.empty:
         raise MetadataError(f"{path}: no rows below the header")
     return table
+
+
+def _separator_hint(header) -> str:
+    """A header read as one column that holds another separator: a spreadsheet's ';' or tab export."""
+    if len(header) != 1:
+        return ""
+    found = [name for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "'|'")) if sep in str(header[0])]
+    return (f"; the header reads as one column, separated by {found[0]} rather than commas: save the table as "
+            "comma-separated CSV (or as Parquet)") if found else ""
+
+
+def plain_relpath(path: str) -> str:
+    """A table's relative image path without './' and empty segments ('./a//b.png' is 'a/b.png'), so one file has
+    one spelling (and one image id); '..' stays, so a path never silently lands elsewhere. Absolute paths and
+    URIs are kept as given."""
+    if not path or path.startswith("/") or "://" in path:
+        return path
+    return "/".join(part for part in path.split("/") if part not in ("", "."))
 
 
 def not_utf8(path: Path) -> str:
@@ -338,7 +356,7 @@ def read_table(path: str | Path, mapping: TableMapping) -> Metadata:
     optional = [mapping.image_id, mapping.view, mapping.age, mapping.sex]
     raw = read_any_table(path, [mapping.path, mapping.patient, *filter(None, optional), *mapping.label_source_columns()])
     first = _first_row(path)
-    file = _required_text(raw, mapping.path, path, first, "every row needs its image")
+    file = _required_text(raw, mapping.path, path, first, "every row needs its image").map(plain_relpath)
     if mapping.age:
         age, age_dropped = _parse_ages(raw[mapping.age], path, first)
     else:

@@ -149,3 +149,28 @@ def test_findings_no_finding_blank_cells_and_sex_spellings(tmp_path):
         meta = read_table(path, mapping)
         assert np.stack(meta.table["labels"]).tolist() == [[0, 0], [1, 1], [blank, blank], [0, 1]]
         assert meta.table["sex"].tolist() == [1, 0, pd.NA, 0] and meta.label_names == ("A", "B")
+
+
+def test_a_semicolon_or_tab_separated_table_gets_a_separator_hint(tmp_path):
+    mapping = TableMapping(path="file", patient="patient", label_columns=("A",))
+    for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+        path = _csv(tmp_path, f"file{sep}patient{sep}A\na.png{sep}1{sep}1\n")
+        with pytest.raises(MetadataError) as info:
+            read_table(path, mapping)
+        assert str(info.value) == (f"{path}: missing column(s) 'file', 'patient', 'A'; the header reads as one column, "
+                                   f"separated by {name} rather than commas: save the table as comma-separated CSV "
+                                   "(or as Parquet)")
+
+
+def test_dot_slash_in_table_paths_is_the_same_file_and_id(tmp_path):
+    (tmp_path / "images" / "site").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "images" / "site" / name).write_bytes(b"x")
+    mapping = TableMapping(path="file", patient="patient", label_columns=("A",))
+    path = _csv(tmp_path, "file,patient,A\n./site/a.png,1,1\nsite//b.png,2,0\nsite/./c.png,3,0\n")
+    images = build_image_table("table", path, tmp_path / "images", mapping=mapping, **QUIET)
+    assert sorted(images.table["image_id"]) == ["site/a.png", "site/b.png", "site/c.png"]
+    assert images.counts["images_missing"] == 0
+    path = _csv(tmp_path, "file,patient,A\n./site/a.png,1,1\nsite/a.png,2,0\n")
+    with pytest.raises(MetadataError, match="site/a.png"):  # one file named twice is one id twice
+        read_table(path, mapping)
