@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/finetune_cache.py [--size 64] [--backbone mobilenet_v3_large] [--epochs 2]
                                              [--workers 2] [--threads N] [--images DIR] [--cache-dir DIR]
+    .venv/bin/python bench/finetune_cache.py --digest-cost 224 512 [--workers 2]
 
 From one run, side by side, on the same images, split 80/20 into train and val:
   (a) the data loading of one training epoch alone (the DataLoader over the train images: decode or
@@ -10,6 +11,12 @@ From one run, side by side, on the same images, split 80/20 into train and val:
       weights, without the cache and then with it (reading the cache built in between)
   (c) the cache build (finetune.decode_cache.open_cache, train and val)
 and the ratios. The cache folder is a temporary one unless --cache-dir names one (then it is kept).
+
+--digest-cost S...: only the integrity check that opening a cache runs (the SHA-256 of every row,
+against the digests written at build time), on synthetic rows of S x S float32 in a temporary .npy
+read memory-mapped from the page cache (a cold disk adds the file's size over its read speed), in 1
+and in --workers threads, per image and for 100,000 images; beside it, what one cached training item
+costs (row copy, random shift and flip, normalization), what a check per row read would add to it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from common.data_config import DataConfig  # noqa: E402
 from finetune.config import FinetuneConfig, SplitImages  # noqa: E402
-from finetune.decode_cache import open_cache  # noqa: E402
+from finetune.decode_cache import _digests, open_cache  # noqa: E402
 from finetune.loop import train  # noqa: E402
 from finetune.sampler import EpochSampler  # noqa: E402
 
@@ -58,6 +65,34 @@ def epoch_seconds(cfg: FinetuneConfig) -> list[float]:
     return [h["seconds"] for h in train(cfg)["history"]]
 
 
+def digest_cost(sizes: list[int], threads: int, n: int = 400) -> None:
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {n} rows a size")
+    print("| input size | row | check, 1 thread | check, 100k images | check, %d threads | 100k images "
+          "| cached training item |" % threads)
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            path = Path(tmp) / f"values-{size}.npy"
+            values = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, size, size))
+            values[:] = np.random.default_rng(0).random((n, size, size), dtype=np.float32)
+            values.flush()
+            del values
+            values = np.load(path, mmap_mode="r")
+            _digests(values, 1)  # into the page cache
+            per = {}
+            for t in (1, threads):
+                start = time.perf_counter()
+                _digests(values, t)
+                per[t] = (time.perf_counter() - start) / n
+            cfg, rng = DataConfig(size), np.random.default_rng(0)
+            start = time.perf_counter()
+            for i in range(n):
+                cfg.to_tensor(cfg.train_view(np.array(values[i]), rng)[None])
+            item = (time.perf_counter() - start) / n
+            print(f"| {size} px | {size * size * 4 / 1e6:.2f} MB | {per[1] * 1e3:.3f} ms | {per[1] * 1e5:.0f} s "
+                  f"| {per[threads] * 1e3:.3f} ms | {per[threads] * 1e5:.0f} s | {item * 1e3:.3f} ms |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", default=str(NIH / "images"))
@@ -69,7 +104,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads of training (the job's --threads; "
                                                              "default: cores)")
     p.add_argument("--cache-dir", help="where to build the cache (default: a temporary folder, deleted)")
+    p.add_argument("--digest-cost", type=int, nargs="+", metavar="SIZE",
+                   help="time only the integrity check of a cache's rows at these input sizes")
     args = p.parse_args()
+    if args.digest_cost:
+        return digest_cost(args.digest_cost, args.workers)
 
     paths = sorted(str(f) for f in Path(args.images).glob("*.png"))
     if not paths:

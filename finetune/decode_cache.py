@@ -21,15 +21,29 @@ One cache is one folder under the cache directory, named `<S>px-<resize>-<config
 
     values.npy       (n, S, S) float32 in NumPy's .npy format; row i is image i of the list
     ok.npy           (n,) bool; False where the image could not be read (its row is zeros)
+    digests.npy      (n, 32) uint8: the SHA-256 of each row of values.npy, as built
     entries.parquet  each row's path, size and mtime, so a later cache of the same config reuses rows
     cache.json       the key's parts, written last
 
 Key. <config> digests the whole data config (to_dict, not only its geometry: the safe side), the
-pixel limit, this format's version and the code that decodes: the source of common/images.py,
-common/dicom.py and common/data_config.py and the versions of Pillow, NumPy and pydicom. <images>
+pixel limit, this format's version, the version of what decoding gives (common.images.DECODE_VERSION;
+tests/test_finetune_cache.py holds the digest of fixed files' inputs under it, so a change to decoding
+that does not bump it fails there) and the versions of Pillow, NumPy, pydicom and its pixel plugins.
+Not the decoding source: a comment edit would rebuild every cache, and under spark-submit the modules
+are inside a zip, without files of their own. <images>
 digests every row's absolute path, byte size and mtime (ns), in order. Another input size, resize
 rule or decoder never reuses a cache; a changed, added or removed file makes a new cache, into which
 the rows of earlier caches of the same config whose files are unchanged are copied, not decoded.
+
+Integrity. A cache is a file anyone can overwrite and a disk can damage, and a changed row keeps its
+size and mtime: every process that opens a cache checks all its rows against their digests first,
+before a step trains on them. A cache whose rows changed is logged and built again, under the lock,
+from its rows that still match (and earlier caches' rows, also checked), as a missing one is: it is
+derived data, and what it should hold is known. Checking once per open, not per row read, costs one
+pass over the file per run and process instead of one per epoch, and leaves the loader workers' time
+to the epochs; the cost: SHA-256 at 1.7 GB/s a core, 0.11 ms an image at 224 px, 0.6 ms at 512 px,
+in `workers` threads (bench/finetune_cache.py --digest-cost). Rows that change after the check, in the
+run, are not seen until the next open.
 
 Concurrency. A cache is built in a private folder `.building-<name>-<host>-<pid>`, flushed to disk,
 then renamed to its name: a folder of that name is complete. One process builds a given cache at a
@@ -49,6 +63,7 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -57,18 +72,17 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
-import common.data_config
-import common.dicom
-import common.images
 from common.data_config import DataConfig
-from common.images import MAX_PIXELS
+from common.images import DECODE_VERSION, MAX_PIXELS
 from common.safe_output import os_error_line
 
 FORMAT = "cxr-features/decode-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: digests.npy
 DEFAULT_DIR = "decode-cache"  # beside the run directory (in its parent folder) unless --decode-cache names one
 BUILDING = ".building-"
-VALUES, OK, ENTRIES, META = "values.npy", "ok.npy", "entries.parquet", "cache.json"
+VALUES, OK, DIGESTS, ENTRIES, META = "values.npy", "ok.npy", "digests.npy", "entries.parquet", "cache.json"
+# The decoders whose versions key a cache (with common.images.DECODE_VERSION for this code).
+DECODERS = ("pillow", "numpy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle")
 
 
 def _quiet(_message: str) -> None:
@@ -84,11 +98,19 @@ class DecodeCache:
 
     def __init__(self, folder: Path, n: int, size: int):
         self.folder, self.n, self.size = Path(folder), n, size
+        if not (self.folder / META).is_file():
+            raise ValueError(f"no {META}")
         self.ok = np.load(self.folder / OK)
+        self.digests = np.load(self.folder / DIGESTS)
         self._values = None
         values = self.values  # checks the shape now, in the opening process
-        if values.shape != (n, size, size) or values.dtype != np.float32 or self.ok.shape != (n,):
-            raise ValueError(f"{self.folder}: holds {values.shape} {values.dtype}, expected ({n}, {size}, {size}) float32")
+        if (values.shape != (n, size, size) or values.dtype != np.float32 or self.ok.shape != (n,)
+                or self.digests.shape != (n, 32)):
+            raise ValueError(f"holds {values.shape} {values.dtype}, expected ({n}, {size}, {size}) float32")
+
+    def changed_rows(self, threads: int = 1) -> np.ndarray:
+        """The rows whose bytes no longer have the digest written when the cache was built."""
+        return np.flatnonzero((_digests(self.values, threads) != self.digests).any(axis=1))
 
     @property
     def values(self) -> np.ndarray:
@@ -108,22 +130,31 @@ class DecodeCache:
         return {**self.__dict__, "_values": None}
 
 
+def _digest(row: np.ndarray) -> bytes:
+    return hashlib.sha256(row).digest()
+
+
+def _digests(values: np.ndarray, threads: int) -> np.ndarray:
+    """(n, 32) uint8: each row's SHA-256; hashlib lets go of the GIL, so `threads` rows are hashed at once."""
+    with ThreadPoolExecutor(max(threads, 1)) as pool:
+        return np.frombuffer(b"".join(pool.map(_digest, values)), np.uint8).reshape(len(values), 32)
+
+
 # --- the key ------------------------------------------------------------------------------------
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def config_digest(data_config: DataConfig, max_pixels: int = MAX_PIXELS) -> str:
-    """What decides the values of any one image: the data config, the pixel limit and the decoding code."""
-    code = hashlib.sha256()
-    for module in (common.images, common.dicom, common.data_config):
-        code.update(Path(module.__file__).read_bytes())
-    versions = {}
-    for package in ("pillow", "numpy", "pydicom"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
+    """What decides the values of any one image: the data config, the pixel limit and the decoding's versions."""
     key = {"format": FORMAT, "format_version": FORMAT_VERSION, "data_config": data_config.to_dict(),
-           "max_pixels": max_pixels, "code_sha256": code.hexdigest(), "versions": versions}
+           "max_pixels": max_pixels, "decode_version": DECODE_VERSION,
+           "versions": {package: _version(package) for package in DECODERS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -155,14 +186,24 @@ def cache_name(data_config: DataConfig, entries: pd.DataFrame, max_pixels: int =
 # --- opening and building ---------------------------------------------------------------------------
 
 
-def _read(folder: Path, n: int, size: int) -> DecodeCache | None:
-    """The finished cache in `folder`; None when there is none there, or none this code can read."""
-    if not (folder / META).is_file():
+class _Damaged(Exception):
+    """A cache folder that is there but must not be read: why, in one line."""
+
+
+def _read(folder: Path, n: int, size: int, threads: int = 1, check: bool = True) -> DecodeCache | None:
+    """The finished cache in `folder`, its rows checked against their digests; None when there is none.
+    Raises _Damaged for a folder this code cannot read or whose rows changed."""
+    if not folder.exists():
         return None
     try:
-        return DecodeCache(folder, n, size)
-    except (OSError, ValueError):
-        return None
+        cache = DecodeCache(folder, n, size)
+        bad = cache.changed_rows(threads) if check else []
+    except (OSError, ValueError) as exc:
+        why = os_error_line(exc, folder) if isinstance(exc, OSError) else " ".join(str(exc).split())
+        raise _Damaged(f"cannot be read ({why})") from None
+    if len(bad):
+        raise _Damaged(f"{len(bad)} of {n} rows (the first: row {bad[0]}) are not what was built: they changed on disk")
+    return cache
 
 
 @contextmanager
@@ -197,16 +238,29 @@ def open_cache(paths, data_config: DataConfig, directory: str | os.PathLike, wor
     entries = image_entries(paths)
     name = cache_name(data_config, entries, max_pixels)
     final = directory / name
+    threads = max(workers, 1)
     try:
-        cache = _read(final, len(paths), size)
+        try:
+            cache = _read(final, len(paths), size, threads)
+        except _Damaged:
+            cache = None  # checked again, and built again, under the lock
         if cache is None:
             directory.mkdir(parents=True, exist_ok=True)
             with _locked(directory / f".{name}.lock", name, say):
-                cache = _read(final, len(paths), size)  # built while this process waited?
+                damaged = None
+                try:
+                    cache = _read(final, len(paths), size, threads)  # built (again) while this process waited?
+                except _Damaged as exc:
+                    damaged = str(exc)
                 if cache is None:
-                    _clear_leftovers(directory, name, log)
-                    _build(directory, name, entries, data_config, workers, log, progress_seconds, max_pixels)
-                    return _read(final, len(paths), size)
+                    salvage = _clear_leftovers(directory, name, damaged, log)
+                    try:
+                        _build(directory, name, entries, data_config, workers, log, progress_seconds, max_pixels,
+                               salvage)
+                    finally:
+                        if salvage:
+                            shutil.rmtree(salvage, ignore_errors=True)
+                    return _read(final, len(paths), size, check=False)  # just hashed by its builder
         say(f"decode cache: reading {final} ({len(paths)} images, {_bytes((final / VALUES).stat().st_size)}, "
             f"{int((~cache.ok).sum())} unreadable)")
         return cache
@@ -219,18 +273,19 @@ def _bytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def _clear_leftovers(directory: Path, name: str, log: Callable[[str], None]) -> None:
-    """With the lock held: a killed builder's temporary folder, and a final folder this code cannot
-    read (none is ever written so; a hand-made or damaged one), go."""
+def _clear_leftovers(directory: Path, name: str, damaged: str | None, log: Callable[[str], None]) -> Path | None:
+    """With the lock held: a killed builder's temporary folder goes, and a final folder that must not be
+    read (`damaged` says why) is renamed aside, out of readers' way; returned, for its intact rows."""
     for stale in directory.glob(f"{BUILDING}{name}-*"):
         log(f"decode cache: removing {stale.name}, left by a build that did not finish")
         shutil.rmtree(stale, ignore_errors=True)
     final = directory / name
-    if final.exists():
-        log(f"decode cache: {final} is damaged or incomplete; building it again")
-        aside = directory / f"{BUILDING}{name}-damaged-{os.getpid()}"
-        os.replace(final, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+    if not final.exists():
+        return None
+    log(f"decode cache: {final} {damaged}; building it again")
+    aside = directory / f"{BUILDING}{name}-damaged-{os.getpid()}"  # a killed build's leftover too
+    os.replace(final, aside)
+    return aside
 
 
 class _Decode(Dataset):
@@ -254,25 +309,29 @@ def _as_is(item):
     return item
 
 
-def _earlier_rows(directory: Path, name: str, entries: pd.DataFrame, values: np.ndarray, ok: np.ndarray) -> int:
-    """Copy into `values` the readable rows of finished caches of the same config whose files are unchanged."""
+def _earlier_rows(directory: Path, name: str, entries: pd.DataFrame, values: np.ndarray, ok: np.ndarray,
+                  salvage: Path | None) -> int:
+    """Copy into `values` the readable rows whose files are unchanged and whose bytes still have their
+    digest, from `salvage` (this cache, damaged) and the finished caches of the same config."""
     prefix = name.rsplit("-", 1)[0] + "-"
     want = {key: row for row, key in enumerate(entries.itertuples(index=False, name=None))}
     copied = 0
-    for other in sorted(directory.glob(prefix + "*")):
-        if other.name == name or not (other / META).is_file() or not want:
+    earlier = [other for other in sorted(directory.glob(prefix + "*")) if other.name != name]
+    for other in ([salvage] if salvage else []) + earlier:
+        if not (other / META).is_file() or not want:
             continue
         try:
             theirs = pd.read_parquet(other / ENTRIES)
-            their_ok = np.load(other / OK)
+            their_ok, their_digests = np.load(other / OK), np.load(other / DIGESTS)
             their_values = np.load(other / VALUES, mmap_mode="r")
         except (OSError, ValueError):
             continue
-        if their_values.shape[1:] != values.shape[1:] or len(their_values) != len(theirs):
+        if their_values.shape[1:] != values.shape[1:] or not len(their_values) == len(theirs) == len(their_digests):
             continue
         for k, key in enumerate(theirs.itertuples(index=False, name=None)):
             row = want.get(key)
-            if row is not None and key[1] >= 0 and their_ok[k]:
+            if (row is not None and key[1] >= 0 and their_ok[k]
+                    and _digest(their_values[k]) == their_digests[k].tobytes()):  # as built: unchanged on disk
                 values[row] = their_values[k]
                 ok[row] = True
                 del want[key]
@@ -289,7 +348,7 @@ def _fsync(path: Path) -> None:
 
 
 def _build(directory: Path, name: str, entries: pd.DataFrame, data_config: DataConfig, workers: int,
-           log: Callable[[str], None], progress_seconds: float, max_pixels: int) -> None:
+           log: Callable[[str], None], progress_seconds: float, max_pixels: int, salvage: Path | None) -> None:
     n, size = len(entries), data_config.input_size
     tmp = directory / f"{BUILDING}{name}-{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir()
@@ -297,10 +356,11 @@ def _build(directory: Path, name: str, entries: pd.DataFrame, data_config: DataC
     try:
         values = np.lib.format.open_memmap(tmp / VALUES, mode="w+", dtype=np.float32, shape=(n, size, size))
         ok = np.zeros(n, bool)
-        reused = _earlier_rows(directory, name, entries, values, ok)
+        reused = _earlier_rows(directory, name, entries, values, ok, salvage)
         todo = np.flatnonzero(~ok)
         log(f"decode cache: building {directory / name}: {len(todo)} of {n} images to decode"
-            + (f" ({reused} unchanged, copied from an earlier cache)" if reused else "")
+            + (f" ({reused} unchanged, copied from {'its intact rows or ' if salvage else ''}an earlier cache)"
+               if reused else "")
             + f", {_bytes(n * size * size * 4)}, {max(workers, 1)} decoding process(es)")
         paths = entries["path"].tolist()
         loader = DataLoader(_Decode(paths, todo, data_config, max_pixels), batch_size=None, num_workers=workers,
@@ -318,6 +378,7 @@ def _build(directory: Path, name: str, entries: pd.DataFrame, data_config: DataC
                 log(f"decode cache: {done}/{len(todo)} images, {rate:.1f} images/s, ETA {eta}")
                 last = now
         values.flush()
+        np.save(tmp / DIGESTS, _digests(values, workers))
         del values
         np.save(tmp / OK, ok)
         entries.to_parquet(tmp / ENTRIES, index=False)
@@ -328,7 +389,7 @@ def _build(directory: Path, name: str, entries: pd.DataFrame, data_config: DataC
             "config_sha256": config_digest(data_config, max_pixels), "max_pixels": max_pixels,
             "unreadable": int((~ok).sum()), "decoded": int(len(todo)), "reused": reused,
             "seconds": round(seconds, 2)}, indent=2) + "\n")
-        for f in (VALUES, OK, ENTRIES, META):
+        for f in (VALUES, OK, DIGESTS, ENTRIES, META):
             _fsync(tmp / f)
         _fsync(tmp)
         os.rename(tmp, directory / name)  # complete, or not there at all

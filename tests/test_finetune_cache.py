@@ -213,3 +213,103 @@ def test_the_job_flags_name_the_cache_folder(tmp_path):
     assert decode_cache_dir(parse(["--out", "runs/x"])) == str(Path("runs").resolve() / decode_cache.DEFAULT_DIR)
     assert decode_cache_dir(parse(["--out", "runs/x", "--decode-cache", "fast"])) == str(Path("fast").resolve())
     assert decode_cache_dir(parse(["--out", "runs/x", "--no-decode-cache"])) is None
+
+
+def _overwrite_rows(values_path: Path, rows: dict) -> None:
+    """Write over rows of values.npy in place: the same size, the same mtime, other bytes."""
+    st = values_path.stat()
+    values = np.load(values_path, mmap_mode="r+")
+    for row, new in rows.items():
+        values[row] = new
+    values.flush()
+    del values
+    os.utime(values_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert values_path.stat().st_size == st.st_size
+
+
+def test_a_cache_changed_on_disk_is_detected_and_rebuilt_from_its_intact_rows(images, tmp_path, loads):
+    cfg, lines = DataConfig(24), []
+    cache = open_cache(images, cfg, tmp_path, log=lambda m: None)
+    noise = np.random.default_rng(1).random((12, 24), dtype=np.float32)  # finite values in [0, 1]: plausible ones
+    _overwrite_rows(cache.folder / "values.npy", {1: 0.0, 4: np.vstack([noise, cache.get(4)[12:]])})
+    loads["n"] = 0
+    again = open_cache(images, cfg, tmp_path, log=lines.append)
+    damaged = [m for m in lines if "2 of 10 rows" in m and str(cache.folder) in m]
+    assert len(damaged) == 1 and "building it again" in damaged[0], lines
+    assert loads["n"] == 4  # the two changed rows and the two unreadable files; the other six copied
+    assert again.folder == cache.folder and all(np.array_equal(again.get(i), cfg.load(p))
+                                                for i, p in enumerate(images[:8]))
+
+
+def test_a_changed_row_of_an_earlier_cache_is_not_copied_into_a_new_one(images, tmp_path, loads):
+    cfg = DataConfig(24)
+    first = open_cache(images, cfg, tmp_path, log=lambda m: None)
+    _overwrite_rows(first.folder / "values.npy", {3: 0.5})
+    Image.fromarray(np.full((50, 50), 200, np.uint8)).save(images[2])  # a new image list: a new cache
+    loads["n"] = 0
+    cache = open_cache(images, cfg, tmp_path, log=lambda m: None)
+    assert cache.folder != first.folder and loads["n"] == 4  # images 2 and 3, and the two unreadable ones
+    assert all(np.array_equal(cache.get(i), cfg.load(p)) for i, p in enumerate(images[:8]))
+
+
+def test_the_cache_key_is_computed_when_the_packages_are_imported_from_a_zip(tmp_path):
+    # As under spark-submit --py-files build/cxr_features.zip: no module has a file of its own.
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = tmp_path / "cxr_features.zip"
+    with zipfile.ZipFile(shipped, "w") as z:
+        for package in ("common", "finetune"):
+            for f in sorted((repo / package).rglob("*.py")):
+                z.write(f, f.relative_to(repo))
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "import common.images, finetune.decode_cache as c\n"
+            "from common.data_config import DataConfig\n"
+            "assert c.__file__.startswith(sys.argv[1]) and common.images.__file__.startswith(sys.argv[1])\n"
+            "print(c.config_digest(DataConfig(24)))")
+    run = subprocess.run([sys.executable, "-c", code, str(shipped)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == decode_cache.config_digest(DataConfig(24))  # the same key as from the checkout
+
+
+# Digests of the decoded inputs of the files below, by common.images.DECODE_VERSION. A change to what
+# decoding gives (common/images.py, common/dicom.py, DataConfig.load) that keeps the version would let
+# caches built before it be read as current: bump DECODE_VERSION and record the new digest here. (A
+# Pillow, NumPy or pydicom upgrade that changes them re-keys the caches by itself: only re-record.)
+DECODED_DIGESTS = {1: "1fd1eb2923cd094676a0e18d4735326b3d42b7cb73e799eb49e523885ba0f988"}
+
+
+def _fixed_images(folder: Path) -> list[Path]:
+    """8-bit and 16-bit PNG, an RGB JPEG big enough for a reduced-scale decode, a 12-bit rescaled
+    MONOCHROME1 DICOM: pixels from formulas, not from a random generator whose stream may change."""
+    from tests.test_dicom import write_dicom
+
+    y, x = np.mgrid[0:90, 0:120]
+    files = {"gray8.png": ((x * 37 + y * 11 + (x * y) % 7) % 256).astype(np.uint8),
+             "gray16.png": ((x * 1009 + y * 577 + x * y * 3) % 65536).astype(np.uint16)}
+    for name, pixels in files.items():
+        Image.fromarray(pixels).save(folder / name)
+    y, x = np.mgrid[0:200, 0:160]
+    rgb = np.stack([(x + y) % 256, (2 * x + 40) % 256, (x * y // 64) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "color.jpg", quality=90)
+    y, x = np.mgrid[0:64, 0:80]
+    write_dicom(folder / "mono1.dcm", ((x * 53 + y * 29) % 4096).astype(np.uint16), "MONOCHROME1", 12,
+                RescaleSlope=2, RescaleIntercept=-100)
+    return [folder / name for name in ("gray8.png", "gray16.png", "color.jpg", "mono1.dcm")]
+
+
+def test_decoding_gives_the_values_recorded_for_its_decode_version(tmp_path):
+    import hashlib
+
+    from common.images import DECODE_VERSION
+
+    digest = hashlib.sha256()
+    for cfg in (DataConfig(32), DataConfig(40, resize="crop", crop_pct=0.875, interpolation="bicubic")):
+        for path in _fixed_images(tmp_path):
+            values = cfg.load(str(path))  # what a cache row holds
+            digest.update(np.rint(values.astype(np.float64) * 1e6).astype(np.int64).tobytes())  # robust to 1e-7
+    assert digest.hexdigest() == DECODED_DIGESTS.get(DECODE_VERSION), (
+        f"decoding changed: bump DECODE_VERSION in common/images.py and record {digest.hexdigest()} for it here")
