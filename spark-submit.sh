@@ -4,9 +4,10 @@
 #   ./spark-submit.sh [--profile local|gpu-cluster] jobs/extract.py [job flags...]
 #
 # The profile is a Spark properties file in conf/spark/ (default: local, or $CXR_SPARK_PROFILE).
-# common/, jobs/, heads/, finetune/, cxr/ and lungs/ are zipped into build/cxr_features.zip and passed as --py-files, so
-# the same job file also runs under a cluster's own spark-submit. Extra spark-submit options go
-# in $SPARK_SUBMIT_OPTS_EXTRA (e.g. "--master yarn --num-executors 8").
+# common/, jobs/, heads/, finetune/, cxr/ and lungs/ (with the shipped lung model) are zipped into
+# build/cxr_features.zip and passed as --py-files, so the same job file also runs under a cluster's
+# own spark-submit. Extra spark-submit options go in $SPARK_SUBMIT_OPTS_EXTRA (e.g. "--master yarn
+# --num-executors 8").
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -43,8 +44,9 @@ import pathlib, sys, zipfile
 root = pathlib.Path(sys.argv[1])
 with zipfile.ZipFile(root / "build/cxr_features.zip", "w", zipfile.ZIP_DEFLATED) as z:
     for package in ("common", "jobs", "heads", "finetune", "cxr", "lungs"):
-        for f in sorted((root / package).rglob("*.py")):
-            z.write(f, f.relative_to(root))
+        for f in sorted((root / package).rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:  # modules and their data (lungs/models/)
+                z.write(f, f.relative_to(root))
 PY
 sed "s#@CXR_HOME@#$here#g" "$props" > "$here/build/spark-$profile.conf"
 

@@ -7,7 +7,8 @@
 command imports before parsing. Prints a Markdown table: this run's median beside the figures
 measured before and after the parsers stopped importing torch, torchvision, pyspark, sklearn and
 matplotlib at module level (`cxr` is new; `python jobs/finetune.py` failed on an import before:
-jobs/finetune.py shadowed the finetune package, so `python -m jobs.finetune` was timed instead).
+jobs/finetune.py shadowed the finetune package, so `python -m jobs.finetune` was timed instead; the
+file is jobs/fine_tune.py since).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MEASURED = {
     "-m cxr predict --help": (None, 0.03),
     "-m cxr report --help": (None, 0.03),
     "jobs/extract.py --help": (3.24, 0.11),
-    "jobs/finetune.py --help": (4.22, 0.11),  # before: python -m jobs.finetune --help
+    "jobs/fine_tune.py --help": (4.22, 0.11),  # before: python -m jobs.finetune --help
     "-m heads.train --help": (4.32, 0.09),
     "-m heads.predict --help": (3.86, 0.03),
     "-m heads.report --help": (1.38, 0.03),
@@ -43,6 +44,8 @@ def seconds(line: str, tree: Path, runs: int) -> float | None:
     """Median wall time of `python LINE` run in `tree` with its packages first on the path; None: it failed."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     args = line.split()
+    if args[0] == "jobs/fine_tune.py" and not (tree / args[0]).is_file():
+        args[0] = "jobs/finetune.py"  # its name in a tree from before the rename
     if not (tree / "cxr").is_dir():  # a tree from before the cxr command
         if args[:2] == ["-m", "cxr"]:
             return None

@@ -1,6 +1,6 @@
 """A trained model's probabilities on val and test -> metrics and prediction files of a run.
 
-Shared by heads.train (heads on stored features) and jobs/finetune.py (whole models on images),
+Shared by heads.train (heads on stored features) and jobs/fine_tune.py (whole models on images),
 so both runs have the same metrics.json splits and predictions/ files.
 """
 

@@ -21,14 +21,14 @@ from common.config import HelpFormatter
 # name -> (module, entry point taking (argv, prog=...), one line for the listing)
 COMMANDS = {
     "extract": ("jobs.extract", "cli", "chest X-ray archive -> Parquet feature store (local Spark)"),
-    "finetune": ("jobs.finetune", "cli", "fine-tune a backbone end to end; its best.pt feeds extract"),
+    "finetune": ("jobs.fine_tune", "cli", "fine-tune a backbone end to end; its best.pt feeds extract"),
     "train": ("heads.train", "main", "train a head on one or several feature stores"),
     "predict": ("heads.predict", "main", "per-image probabilities from a trained head"),
     "evaluate": ("heads.evaluate", "main", "a head's AUROC on a store, also of another dataset"),
     "ensemble": ("heads.ensemble", "main", "several runs' predictions combined into one run"),
     "report": ("heads.report", "main", "re-render a run's report.md and plots"),
     "compare": ("heads.compare", "main", "runs side by side: per-class AUROC, settings that differ"),
-    "lungs": ("jobs.lungs", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),
+    "lungs": ("jobs.lung_model", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),
     "serve": ("serve.__main__", "main", "a diagnosis web page and API for one radiograph at a time"),
 }
 SPARK_COMMANDS = ("extract", "finetune")

@@ -1,4 +1,4 @@
-"""The names jobs/finetune.py's flags choose from, importable without torch (see common/choices.py);
+"""The names jobs/fine_tune.py's flags choose from, importable without torch (see common/choices.py);
 finetune.config takes them from here."""
 
 SCHEDULES = ("plateau", "step")

@@ -1,7 +1,7 @@
 """A whole fine-tuning run: image table -> training (in-process or data-parallel) -> evaluation of
 best.pt on val and test -> CAM localization -> the run directory's metrics and report.
 
-`run` is what jobs/finetune.py calls once its flags are parsed and checked; the job supplies how
+`run` is what jobs/fine_tune.py calls once its flags are parsed and checked; the job supplies how
 training processes are started (`launch`) and on which device, since that is where Spark lives.
 """
 

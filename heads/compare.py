@@ -15,7 +15,7 @@ PROG = "python -m heads.compare"
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories of heads.train or jobs/finetune.py")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories of heads.train or jobs/fine_tune.py")
     p.add_argument("--out", required=True, help="folder for comparison.md and comparison.csv")
     p.add_argument("--split", choices=["test", "val"], default="test", help="the split whose scores are compared")
     p.add_argument("--names", help="comma-separated column names, one per run (default: the folders' names)")

@@ -68,14 +68,14 @@ def _lung_masker(st: dict, device: str):
     """The lung model a masked store was extracted with, checked by sha256, as an input transform."""
     from common.weights import file_sha256
     from lungs.masking import LungMasker
-    from lungs.model import DEFAULT
+    from lungs.model import lung_model_file
 
     lungs = st.get("lungs")
     if not lungs or not lungs.get("sha256"):
         raise StoreError(f"{st['path']}: a {st['view']} store whose lung model the head does not record (trained "
                          "before masked prediction existed); retrain the head to predict from images")
     label = lungs.get("label") or ""
-    path = DEFAULT if label == "default" else Path(label.removeprefix("checkpoint:"))
+    path = lung_model_file(label.removeprefix("checkpoint:"))  # "default": the shipped model
     if not path.is_file():
         raise StoreError(f"{st['path']}: its lung model {path} is not here; put that file there to predict from images")
     if file_sha256(str(path)) != lungs["sha256"]:

@@ -72,7 +72,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="masked: embed the image with everything outside the lungs black (LeDNet); adds "
                         "lung_fraction and lung_qa columns")
     p.add_argument("--lung-model", default="default",
-                   help="for --view masked: a lungs checkpoint (jobs/lungs.py train), or default (the shipped one)")
+                   help="for --view masked: a lungs checkpoint (jobs/lung_model.py train), or default (the shipped one)")
     p.add_argument("--save-masks", metavar="DIR",
                    help="for --view masked: also write each lung mask there as a 0/255 PNG in the backbone's input "
                         "geometry (a folder every executor can write)")

@@ -88,9 +88,9 @@ POSTPROCESS = ("keep", "fill", "mirror")
 def lung_model_source(name: str) -> dict:
     """--lung-model -> {path, label, sha256, size, postprocess}, read on the driver so a bad file fails first."""
     from common.weights import file_sha256
-    from lungs.model import DEFAULT, read_lung_checkpoint
+    from lungs.model import lung_model_file, read_lung_checkpoint
 
-    path = DEFAULT if name == "default" else name
+    path = lung_model_file(name)
     obj = read_lung_checkpoint(path)  # one-line LungModelError for a missing or foreign file
     return {"path": str(path), "label": "default" if name == "default" else f"checkpoint:{path}",
             "sha256": file_sha256(str(path)), "size": obj["config"]["size"], "postprocess": list(POSTPROCESS)}

@@ -17,6 +17,10 @@ the file small; fp32 again on load), "data": the data source and split, "metrics
 
 from __future__ import annotations
 
+import hashlib
+import importlib.resources
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +83,32 @@ def save_lung_model(model: UNet, config: dict, path: Path, data: dict, metrics: 
                  "data": data, "metrics": metrics}, Path(path))
 
 
+def lung_model_file(name: str | Path) -> Path:
+    """A --lung-model / --model value as a file; "default" is the shipped model. Imported from the zip that
+    spark-submit.sh ships the packages in, the shipped model is copied out of it once (torch.load, hashing and
+    SparkContext.addFile need a real file)."""
+    if str(name) != "default":
+        return Path(name)
+    if DEFAULT.is_file():
+        return DEFAULT
+    packed = importlib.resources.files(__package__) / "models" / DEFAULT.name
+    if not packed.is_file():
+        return DEFAULT  # missing: read_lung_checkpoint says so
+    data = packed.read_bytes()
+    copy = Path(tempfile.gettempdir()) / "cxr-features-shipped" / f"{hashlib.sha256(data).hexdigest()[:16]}-{DEFAULT.name}"
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_name(f".{copy.name}.{os.getpid()}")
+        partial.write_bytes(data)
+        os.replace(partial, copy)  # whole or absent, for a concurrent reader
+    return copy
+
+
 def read_lung_checkpoint(path: str | Path) -> dict:
-    path = DEFAULT if str(path) == "default" else Path(path)
+    path = lung_model_file(path)
     if not path.is_file():
         raise LungModelError(f"--model {path}: not found" + (" (the shipped default model is missing; train one "
-                                                             "with `python jobs/lungs.py train`)" if path == DEFAULT else ""))
+                                                             "with `python jobs/lung_model.py train`)" if path == DEFAULT else ""))
     return load_versioned(path, FORMAT, FORMAT_VERSION, LungModelError, "lung model")
 
 

@@ -23,7 +23,7 @@ SHENZHEN = ("Shenzhen chest X-ray set (NLM / Shenzhen No.3 People's Hospital), 5
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lungs.ship", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--run", required=True, help="a finished `jobs/lungs.py train` run directory")
+    p.add_argument("--run", required=True, help="a finished `jobs/lung_model.py train` run directory")
     p.add_argument("--source", default=SHENZHEN, help="what the training pairs were, in words")
     return p
 

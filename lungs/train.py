@@ -1,4 +1,4 @@
-"""Train a lung U-Net on image/mask pairs, then score it: the whole run behind `jobs/lungs.py train`.
+"""Train a lung U-Net on image/mask pairs, then score it: the whole run behind `jobs/lung_model.py train`.
 
 Dice + BCE loss, Adam, the learning rate halved when val Dice stalls, early stopping on val Dice,
 and a wall-clock cap (--max-minutes) that stops cleanly. The best checkpoint (best.pt) is saved
@@ -80,7 +80,7 @@ def data_source(images: str, masks: str, split: dict, seed: int, fractions) -> d
 
 
 def run_train(args, command: str) -> dict:
-    """Train per `args` (jobs/lungs.py's train flags) into run directory args.out; returns metrics.json's dict."""
+    """Train per `args` (jobs/lung_model.py's train flags) into run directory args.out; returns metrics.json's dict."""
     device = setup_device(args.device, args.threads)
     precision = resolve_precision(args.precision, device)
     if precision == "fp16":  # fp16 training needs loss scaling; bf16 does not and is as fast where it exists

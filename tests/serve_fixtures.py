@@ -32,10 +32,10 @@ def head_run(root: Path, backbone: str = BACKBONE, size: int = SIZE) -> Path:
 
 def finetune_run(root: Path) -> Path:
     """One epoch of DenseNet-121 (random init) at 64 px on the bundled 40-image NIH sample."""
-    from jobs import finetune
+    from jobs import fine_tune
 
     out = root / "ft-run"
-    finetune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
+    fine_tune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
                    "--images", str(SAMPLE / "images"), "--out", str(out), "--backbone", "densenet121",
                    "--weights", "random:0", "--input-size", str(SIZE), "--batch-size", "8", "--epochs", "1",
                    "--threads", "1", "--num-workers", "0", "--split", "ratios", "--early-stop-patience", "0"])

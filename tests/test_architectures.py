@@ -117,9 +117,9 @@ def test_refusals():
 # --- through the fine-tune job, on the bundled 40-image NIH sample ----------------------------------------
 
 def _finetune(out, model, *extra):
-    from jobs import finetune
+    from jobs import fine_tune
 
-    return finetune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
+    return fine_tune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
                           "--images", str(SAMPLE / "images"), "--out", str(out), "--backbone", BACKBONE[model],
                           "--model", model, "--weights", "random:0", "--input-size", "64", "--batch-size", "8",
                           "--epochs", "3", "--lr", "1e-3", "--threads", "1", "--num-workers", "0",

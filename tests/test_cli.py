@@ -13,15 +13,15 @@ from cxr import cli
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "pyspark", "sklearn", "matplotlib")
-PARSERS = ("jobs.extract", "jobs.finetune", "jobs.lungs", "heads.train", "heads.predict", "heads.evaluate",
+PARSERS = ("jobs.extract", "jobs.fine_tune", "jobs.lung_model", "heads.train", "heads.predict", "heads.evaluate",
            "heads.ensemble", "heads.report", "serve.__main__", "cxr.cli")
 HELP_LINES = [  # (command line after `python`, the prog its usage line names)
     (["-m", "cxr", "--help"], "cxr"),
     *[(["-m", "cxr", name, "--help"], f"cxr {name}") for name in cli.COMMANDS],
     (["jobs/extract.py", "--help"], "jobs/extract.py"),
-    (["jobs/finetune.py", "--help"], "jobs/finetune.py"),  # jobs/finetune.py must not shadow finetune/
-    (["jobs/lungs.py", "--help"], "jobs/lungs.py"),  # nor jobs/lungs.py lungs/
-    (["jobs/lungs.py", "train", "--help"], "jobs/lungs.py train"),
+    (["jobs/fine_tune.py", "--help"], "jobs/fine_tune.py"),  # jobs/fine_tune.py must not shadow finetune/
+    (["jobs/lung_model.py", "--help"], "jobs/lung_model.py"),  # nor jobs/lung_model.py lungs/
+    (["jobs/lung_model.py", "train", "--help"], "jobs/lung_model.py train"),
     (["-m", "heads.train", "--help"], "python -m heads.train"),
     (["-m", "heads.predict", "--help"], "python -m heads.predict"),
     (["-m", "heads.report", "--help"], "python -m heads.report"),
@@ -126,7 +126,7 @@ def _help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 @pytest.mark.parametrize("module", PARSERS)
 def test_every_default_is_in_the_help(module):
     top = importlib.import_module(module).build_parser()
-    # A command with subcommands (jobs/lungs.py train|evaluate) keeps its flags in the subparsers.
+    # A command with subcommands (jobs/lung_model.py train|evaluate) keeps its flags in the subparsers.
     parsers = [top, *[sub for a in top._actions if isinstance(a, argparse._SubParsersAction) for sub in a.choices.values()]]
     checked = 0
     for parser, action in ((p, a) for p in parsers for a in p._actions):

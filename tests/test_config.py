@@ -81,7 +81,7 @@ def test_lists_give_several_values_or_a_comma_separated_one(tmp_path):
 
 @pytest.mark.parametrize("conf, section, module", [
     ("extract.toml", "extract", "jobs.extract"), ("sample.toml", "extract", "jobs.extract"),
-    ("finetune.toml", "finetune", "jobs.finetune"), ("heads.toml", "train", "heads.train"),
+    ("finetune.toml", "finetune", "jobs.fine_tune"), ("heads.toml", "train", "heads.train"),
     ("heads.toml", "predict", "heads.predict")])
 def test_the_shipped_config_files_pass_their_jobs_flags(conf, section, module):
     args = parse_with_config(importlib.import_module(module).build_parser(),

@@ -32,7 +32,7 @@ from common import rundir
 from finetune.localization import IOBB_THRESHOLDS, IOU_THRESHOLDS
 from heads import predict as heads_predict, train as heads_train
 from jobs import extract
-from jobs import finetune as job
+from jobs import fine_tune as job
 from tests.data_paths import NIH, NIH_CSV, NIH_IMAGES, needs_shared, write_nih_subset
 
 BBOX_CSV = NIH / "BBox_List_2017.csv"
@@ -381,7 +381,7 @@ def test_a_finished_run_continues_for_more_epochs_without_overwrite(run, nih40, 
 
 
 def finetune_cli(capsys, *argv) -> tuple[int, str]:
-    """jobs/finetune.py's exit status and its last stderr line, for a run expected to fail."""
+    """jobs/fine_tune.py's exit status and its last stderr line, for a run expected to fail."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         job.cli(list(argv))
@@ -396,7 +396,7 @@ def test_a_folder_that_only_looks_like_a_run_is_refused_and_kept(nih40, tmp_path
     (out / "config.json").write_text('{"mine": true}')
     (out / "notes.txt").write_text("mine")
     code, line = finetune_cli(capsys, *job_args(nih40, out, *overwrite))
-    assert code == 2 and line == (f"jobs/finetune.py: error: --out {out}: exists and is not a run directory of this "
+    assert code == 2 and line == (f"jobs/fine_tune.py: error: --out {out}: exists and is not a run directory of this "
                                   "project (no .cxr-run.json); refusing to write into it")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
     assert (out / "config.json").read_text() == '{"mine": true}'
@@ -437,7 +437,7 @@ def test_a_finetune_run_directory_another_job_writes_is_refused(nih40, tmp_path,
 
     with OutputLock(tmp_path / "ft"):
         code, line = finetune_cli(capsys, *job_args(nih40, tmp_path / "ft"))
-    assert code == 2 and line.startswith(f"jobs/finetune.py: error: {tmp_path / 'ft'}: another job is writing here "
+    assert code == 2 and line.startswith(f"jobs/fine_tune.py: error: {tmp_path / 'ft'}: another job is writing here "
                                          f"(host {socket.gethostname()}, pid {os.getpid()}")
     assert list((tmp_path / "ft").iterdir()) == []  # no marker, no config: it stopped before writing
 
@@ -447,7 +447,7 @@ def test_finetune_out_under_a_file_or_on_a_full_disk_is_one_line(nih40, tmp_path
 
     (tmp_path / "f").write_text("x")
     code, line = finetune_cli(capsys, *job_args(nih40, tmp_path / "f" / "ft"))
-    assert code == 2 and line == (f"jobs/finetune.py: error: --out {tmp_path / 'f' / 'ft'}: is under {tmp_path / 'f'}, "
+    assert code == 2 and line == (f"jobs/fine_tune.py: error: --out {tmp_path / 'f' / 'ft'}: is under {tmp_path / 'f'}, "
                                   "which is a file, not a folder")
 
     def full(path, obj):
@@ -455,5 +455,5 @@ def test_finetune_out_under_a_file_or_on_a_full_disk_is_one_line(nih40, tmp_path
 
     monkeypatch.setattr(rundir, "write_json", full)
     code, line = finetune_cli(capsys, *job_args(nih40, tmp_path / "ft"))
-    assert code == 2 and line == f"jobs/finetune.py: error: {tmp_path / 'ft' / rundir.MARKER}: no space left on device"
+    assert code == 2 and line == f"jobs/fine_tune.py: error: {tmp_path / 'ft' / rundir.MARKER}: no space left on device"
     assert not (tmp_path / "ft" / ".cxr.lock").exists()

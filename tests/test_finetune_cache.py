@@ -207,7 +207,7 @@ def test_the_cache_pickles_without_its_values_for_worker_processes(images, tmp_p
 
 def test_the_job_flags_name_the_cache_folder(tmp_path):
     from finetune.run import decode_cache_dir
-    from jobs import finetune as job
+    from jobs import fine_tune as job
 
     parse = job.build_parser().parse_args
     assert decode_cache_dir(parse(["--out", "runs/x"])) == str(Path("runs").resolve() / decode_cache.DEFAULT_DIR)

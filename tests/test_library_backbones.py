@@ -128,10 +128,10 @@ def test_a_library_backbone_fine_tunes_and_its_checkpoint_extracts(name, size, t
     from common.data_config import DataConfig
     from common.inference import FeatureExtractor
     from finetune.checkpoint import load_classifier
-    from jobs import finetune
+    from jobs import fine_tune
 
     out = tmp_path / "run"
-    result = finetune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
+    result = fine_tune.main(["--dataset", "nih", "--metadata", str(SAMPLE / "Data_Entry_2017_v2020.csv"),
                             "--images", str(SAMPLE / "images"), "--out", str(out), "--backbone", name,
                             "--weights", "random:0", "--input-size", str(size), "--batch-size", "8", "--epochs", "1",
                             "--threads", "1", "--num-workers", "0", "--split", "ratios",

@@ -220,7 +220,7 @@ def test_a_few_steps_on_real_pairs_lower_the_loss():
 
 @needs_lungs
 def test_train_and_evaluate_write_their_run_directories(tmp_path, monkeypatch):
-    from jobs.lungs import main
+    from jobs.lung_model import main
 
     root = tmp_path / "data"
     for side in ("images", "masks"):
@@ -260,7 +260,7 @@ def test_train_and_evaluate_write_their_run_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(lungs.model, "DEFAULT", tmp_path / "models" / "default.pt")
     ship.main(["--run", str(run)])
     card = json.loads((tmp_path / "models" / "default.json").read_text())
-    assert "CC BY-NC-SA 4.0" in card["licence"] and card["split_seed"] == 0 and card["command"].startswith("jobs/lungs.py train")
+    assert "CC BY-NC-SA 4.0" in card["licence"] and card["split_seed"] == 0 and card["command"].startswith("jobs/lung_model.py train")
     assert card["metrics"]["test"]["post"] == metrics["splits"]["test"]["post"]
     assert load_lung_model("default")[1] == {"size": 32, "base": 4, "depth": 2}
 

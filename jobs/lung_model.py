@@ -1,7 +1,7 @@
 """Lung segmentation: train a compact U-Net on image/mask pairs, or score a model on them.
 
-    python jobs/lungs.py train --images shenzhen/images --masks shenzhen/masks --out runs/lungs
-    python jobs/lungs.py evaluate --model default --images DIR --masks DIR --out runs/lungs-eval
+    python jobs/lung_model.py train --images shenzhen/images --masks shenzhen/masks --out runs/lungs
+    python jobs/lung_model.py evaluate --model default --images DIR --masks DIR --out runs/lungs-eval
 
 Images and masks pair by file stem. Both write a run directory (config.json, metrics.json with
 per-image and mean Dice/IoU before and after post-processing, report.md with overlays); train also
@@ -13,19 +13,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # `python jobs/lungs.py` puts jobs/ first on sys.path, where this file would shadow the lungs package.
-    del sys.path[0]
-
-from common.choices import PRECISIONS  # noqa: E402
+from common.choices import PRECISIONS
 from common.config import ConfigError, HelpFormatter, parse_list
 from common.safe_output import check_dir_path, run_job
 
 # torch is imported by lungs.train once the flags are good, so that --help answers at once.
 
-PROG = "jobs/lungs.py"
+PROG = "jobs/lung_model.py"
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,8 @@
 """Fine-tune a registry model end to end on chest X-ray images; its checkpoints feed jobs/extract.py.
 
-    python jobs/finetune.py --dataset nih --metadata Data_Entry_2017.csv --images images/ \
+    python jobs/fine_tune.py --dataset nih --metadata Data_Entry_2017.csv --images images/ \
         --backbone densenet121 --weights imagenet --out runs/nih-densenet121-ft
-    python jobs/finetune.py --config conf/finetune.toml --num-processes 4 --out runs/x   # TorchDistributor
+    python jobs/fine_tune.py --config conf/finetune.toml --num-processes 4 --out runs/x   # TorchDistributor
 
 The driver builds the same image table as the extraction job (metadata, located images,
 patient-level splits), then trains: in this process with --num-processes 1 (no Spark), or as
@@ -20,12 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # `python jobs/finetune.py` puts jobs/ first on sys.path, where this file would shadow the
-    # finetune package.
-    del sys.path[0]
-
-from common.choices import ARCHITECTURE_LAYOUTS, PRECISIONS, SPLITS  # noqa: E402
+from common.choices import ARCHITECTURE_LAYOUTS, PRECISIONS, SPLITS
 from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list, parse_with_config, require
 from common.data_config import RESIZE_MODES
 from common.safe_output import check_dir_path, run_job
@@ -36,7 +31,7 @@ from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_op
 # torch and Spark are imported by the functions that use them, so that --help (and a flag error)
 # answers at once.
 
-PROG = "jobs/finetune.py"
+PROG = "jobs/fine_tune.py"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
