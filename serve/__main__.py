@@ -9,7 +9,9 @@ It listens on 127.0.0.1 unless --host says otherwise. Research tool, not a medic
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 
 from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
@@ -47,8 +49,10 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag in ("max_upload_mb", "max_pixels", "max_batch", "http_threads"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    if args.wait_ms < 0 or not 0 <= args.port < 65536:
-        raise ConfigError(f"--wait-ms {args.wait_ms} / --port {args.port}: out of range")
+    if args.wait_ms < 0:
+        raise ConfigError(f"--wait-ms {args.wait_ms}: must be 0 or more")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port}: out of range (0 to 65535)")
     if args.keep_uploads and not os.path.isdir(args.keep_uploads):
         raise ConfigError(f"--keep-uploads {args.keep_uploads}: not a directory (create it first)")
 
@@ -70,8 +74,24 @@ def build(args: argparse.Namespace):
     return served, batcher, create_app(served, batcher, settings)
 
 
-def make_server(app, args: argparse.Namespace):
-    """The waitress server of `app`, sized by the flags.
+def listen(args: argparse.Namespace) -> socket.socket:
+    """The socket to serve on, bound and listening now: a busy port (or an --host not of this machine)
+    is refused in one line before the model loads, not with a traceback after it."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {args.host}: {exc.strerror}") from None
+    try:
+        return socket.create_server(address, family=family)
+    except OSError as exc:
+        flag = f"--host {args.host}" if exc.errno == errno.EADDRNOTAVAIL else f"--port {args.port}"
+        why = os.strerror(exc.errno) if exc.errno else exc  # create_server's own text repeats the address
+        raise ConfigError(f"{flag}: cannot listen on {args.host}:{args.port} ({why})") from None
+
+
+def make_server(app, args: argparse.Namespace, sock: socket.socket | None = None):
+    """The waitress server of `app` on `sock` (default: listen(args)), sized by the flags.
 
     Bodies up to twice --max-upload-mb are read, in memory (waitress would spool larger ones to a
     temporary file, and no upload is written anywhere unasked), so the app answers an oversized one
@@ -81,7 +101,7 @@ def make_server(app, args: argparse.Namespace):
     from waitress import create_server
 
     limit = int(args.max_upload_mb * 1024 * 1024)
-    return create_server(app, host=args.host, port=args.port, threads=args.http_threads,
+    return create_server(app, sockets=[sock or listen(args)], threads=args.http_threads,
                          max_request_body_size=2 * limit + (1 << 20), inbuf_overflow=2 * limit + (1 << 20))
 
 
@@ -90,6 +110,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     try:
         args = parse_with_config(parser, argv, "serve")
         check_flags(args)
+        sock = listen(args)
     except ConfigError as exc:
         fail(parser, exc)
     try:
@@ -97,7 +118,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     except (ValueError, RuntimeError, OSError) as exc:  # ModelError, StoreError, WeightsError, RunError
         fail(parser, exc)
 
-    server = make_server(app, args)
+    server = make_server(app, args, sock)
     log(f"serving {served.kind} run {served.identity['run']} ({served.identity['backbone']}, "
         f"{len(served.label_names)} findings) on http://{server.effective_host}:{server.effective_port}/ "
         f"(research tool, not a medical device)")

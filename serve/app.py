@@ -6,26 +6,30 @@
     POST /api/predict    one radiograph (multipart field `file`, or the raw bytes) -> per-finding JSON
 
 Bad input is answered with a 4xx and a one-line JSON `error`, and the next request is served: an
-empty body 400, a body over --max-upload-mb 413, a content type that is no image 415, bytes that
+empty body 400, a malformed multipart body or one with a form field over 500 KB 400, a body over
+--max-upload-mb 413, a content type that is no image 415, bytes that
 do not decode as a radiograph (not an image, truncated, unsupported DICOM, more than --max-pixels,
 checked from the header before decoding) 422. Uploads stay in memory: nothing is written unless
---keep-uploads names a folder, and no name from the request is ever used as a path.
+--keep-uploads names a folder (a failure to keep one is logged; the answer is still given), and no
+name from the request is ever used as a path.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from flask import Flask, jsonify, request, send_from_directory
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.images import MAX_PIXELS
 
@@ -61,11 +65,35 @@ def _client_name(name: str | None) -> str:
     return _one_line(base, 120) or "upload"
 
 
+def _form_files() -> list:
+    """The multipart body's parts named 'file', or BadUpload.
+
+    Werkzeug raises one 413 for three things: a body over --max-upload-mb (the only true 413, raised
+    here as it is), a text field over its form memory limit, and a body in which the boundary never
+    appears (buffered as a preamble up to that limit). The body, read first, tells the last two apart.
+    """
+    boundary = request.mimetype_params.get("boundary")
+    if not boundary:
+        raise BadUpload(400, "multipart/form-data without its boundary in the Content-Type header")
+    body = request.get_data(cache=True, parse_form_data=False)  # the form is parsed from this copy
+    try:
+        files = request.files.getlist("file")
+    except RequestEntityTooLarge:
+        files = None
+    if not files and b"--" + boundary.encode("latin-1") not in body:
+        raise BadUpload(400, f"malformed multipart body: its boundary {boundary!r} (from the Content-Type) "
+                             f"is not in it")
+    if files is None:
+        raise BadUpload(400, f"multipart form refused: a form field over {request.max_form_memory_size // 1000} KB "
+                             f"or more than {request.max_form_parts} parts (only the 'file' part may be large)")
+    return files
+
+
 def _upload() -> tuple[bytes, str]:
     """The uploaded bytes and the client's file name, or BadUpload."""
     ctype = (request.mimetype or "").lower()
     if ctype == "multipart/form-data":
-        files = request.files.getlist("file")
+        files = _form_files()
         if len(files) != 1:
             raise BadUpload(400, f"multipart upload needs exactly one field 'file' (got {len(files)})")
         data, name = files[0].read(), files[0].filename
@@ -86,9 +114,14 @@ def _keep(folder: str, data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     target = Path(folder) / f"{digest}.bin"
     if not target.exists():
-        tmp = target.with_name(f".{digest}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        tmp = target.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):  # a partial write (disk full) is not left behind
+                tmp.unlink()
+            raise
     return target.name
 
 
@@ -223,7 +256,13 @@ def create_app(served, batcher, settings: Settings | None = None) -> Flask:
         if not served.has_cam:
             out["cam_note"] = served.identity.get("heatmap")
         if settings.keep_uploads:
-            out["kept_as"] = _keep(settings.keep_uploads, data)
+            # Keeping is a side effect: its failure is the operator's to see, the diagnosis still the client's.
+            try:
+                out["kept_as"] = _keep(settings.keep_uploads, data)
+            except OSError as exc:
+                why = exc.strerror or type(exc).__name__
+                app.logger.warning("--keep-uploads %s: %s not kept (%s)", settings.keep_uploads, name, why)
+                out["kept_as"], out["keep_error"] = None, why
         counts["ok"] += 1
         out["timing_ms"] = {"decode": round(1000 * (decoded - started), 1), "wait": round(1000 * waited, 1),
                             "model_and_wait": round(1000 * (answered - decoded), 1),

@@ -141,6 +141,13 @@ def _bad_uploads(png: bytes) -> list[tuple[str, dict, int, str]]:
         ("dicom without pixels", multipart(buf.getvalue(), "sr.dcm"), 422, "no pixel data"),
         ("decompression bomb", multipart(big.getvalue()), 422, "Mpixel"),
         ("too large", multipart(b"\0" * (3 * 1024 * 1024)), 413, "--max-upload-mb"),
+        # Werkzeug raises its 413 for these too, though the bodies are well under --max-upload-mb.
+        ("form field over 500 KB", {"data": {"file": (io.BytesIO(png), "x.png"), "note": "n" * 600_000},
+                                    "content_type": "multipart/form-data"}, 400, "form field"),
+        ("boundary not in the body", {"data": png[:8] + b"\1" * 600_000,
+                                      "headers": {"Content-Type": "multipart/form-data; boundary=abc"}},
+         400, "malformed multipart body"),
+        ("no boundary in the type", {"data": png, "content_type": "multipart/form-data"}, 400, "boundary"),
         ("hostile name", multipart(b"junk", "../../etc/passwd\x07.png"), 422, "passwd"),
     ]
 
@@ -193,6 +200,27 @@ def test_uploads_are_kept_only_when_asked_under_their_hash(head, pngs, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [answer["kept_as"]]
     assert (tmp_path / answer["kept_as"]).read_bytes() == data
     batcher.close()
+
+
+def test_an_upload_that_cannot_be_kept_still_gets_its_diagnosis(head, pngs, tmp_path, caplog):
+    """--keep-uploads is a side effect: a folder gone read-only or replaced by a file is logged in one
+    line, and the answer the model computed is still given."""
+    _, served, client = head
+    folder = tmp_path / "kept"
+    folder.write_text("a file where the folder was")
+    batcher = Batcher(served.predict)
+    try:
+        keeping = create_app(served, batcher, Settings(keep_uploads=str(folder))).test_client()
+        with caplog.at_level("WARNING"):
+            response = post(keeping, pngs[0].read_bytes())
+    finally:
+        batcher.close()
+    assert response.status_code == 200, response.json
+    assert response.json["probabilities"] == post(client, pngs[0].read_bytes()).json["probabilities"]
+    assert response.json["kept_as"] is None and "Not a directory" in response.json["keep_error"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--keep-uploads" in warnings[0] and "\n" not in warnings[0]
+    assert not any(r.exc_info for r in caplog.records)
 
 
 def test_finetune_run_answers_with_class_activation_maps(finetuned, pngs):
@@ -274,3 +302,31 @@ def test_a_model_failure_is_a_json_500_and_the_service_goes_on(head, pngs):
         batcher.close()
     assert first.status_code == 500 and "CUDA out of memory (simulated)" in first.json["error"]
     assert second.status_code == 200 and len(second.json["findings"]) == len(served.label_names)
+
+
+def test_a_busy_port_is_refused_in_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import serve.__main__ as serve_main
+
+    def build(args):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(serve_main, "build", build)
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # listening: the port is taken
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as stopped:
+            serve_main.main(["--run", str(tmp_path), "--port", str(port)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--port {port}" in err and "in use" in err, err
+
+
+@pytest.mark.parametrize("flag, value, other", [("--port", "70000", "--wait-ms"), ("--wait-ms", "-1", "--port")])
+def test_a_range_error_names_only_its_flag(tmp_path, capsys, flag, value, other):
+    from serve.__main__ import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--run", str(tmp_path), flag, value])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"{flag} {value}" in err and other not in err, err
