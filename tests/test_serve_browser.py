@@ -84,11 +84,18 @@ def test_page_uploads_an_image_and_shows_the_apis_findings(server, tmp_path):
             assert "No heatmap" in page.inner_text("#cam-note")
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
 
+            # A bad file after a good one: nothing of the good one stays under the bad one's error.
             page.set_input_files("#file", {"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"})
             page.wait_for_selector("#error:not([hidden])")
             assert "cannot read the upload" in page.inner_text("#error")
+            left = page.evaluate("""() => ({
+                result: !document.getElementById('result').hidden,
+                rows: document.querySelectorAll('#findings tbody tr').length,
+                image: document.getElementById('image').getAttribute('src'),
+                caption: document.getElementById('caption').textContent })""")
         finally:
             browser.close()
+    assert left == {"result": False, "rows": 0, "image": None, "caption": ""}, left
     assert outside == []  # every script and style came from the service itself
     assert [r[0] for r in rows] == [f["name"] for f in expected["findings"]]
     for (name, prob, threshold, cls), f in zip(rows, expected["findings"]):
@@ -127,9 +134,20 @@ def test_a_finetune_run_draws_the_chosen_findings_heatmap(tmp_path_factory, one_
                 cleared = page.evaluate("""() => {
                     const c = document.getElementById('heatmap');
                     return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0); }""")
+                # A bad file next: its error shows alone, without the previous film's heatmap or findings.
+                page.check("#cam-show")
+                page.set_input_files("#file", {"name": "bad.png", "mimeType": "image/png", "buffer": b"junk"})
+                page.wait_for_selector("#error:not([hidden])")
+                after_bad = page.evaluate("""() => {
+                    const c = document.getElementById('heatmap');
+                    const painted = c.width > 0 && c.height > 0
+                        && c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0);
+                    return {painted, result: !document.getElementById('result').hidden,
+                            options: document.querySelectorAll('#cam-class option').length}; }""")
             finally:
                 browser.close()
     finally:
         live.close()
     assert sorted(options) == sorted(live.served.label_names) and options[0] == first_row  # most likely first
     assert painted > 0.99 and not cleared  # the map covers the image, and hides on request
+    assert after_bad == {"painted": False, "result": False, "options": 0}, after_bad

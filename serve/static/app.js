@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 let model = null;
 let last = null;
+let uploads = 0;  // numbers the uploads: only the latest one's answer is shown
 
 function show(id, on) { $(id).hidden = !on; }
 
@@ -112,7 +113,24 @@ function renderResult(data) {
   $("image").onload = drawHeatmap;
 }
 
+// Everything shown of the previous file (image, findings, heatmap, masked input), gone once another is
+// chosen: a failed upload's error never stands over a film that is not the one named in the chooser.
+function clearResult() {
+  last = null;
+  show("result", false);
+  $("image").onload = null;
+  for (const id of ["image", "masked"]) $(id).removeAttribute("src");
+  for (const id of ["caption", "cam-note", "lung-caption", "timing"]) $(id).textContent = "";
+  $("findings").querySelector("tbody").replaceChildren();
+  $("cam-class").replaceChildren();
+  show("cam-controls", false);
+  show("lung", false);
+  drawHeatmap();  // with nothing to draw: clears the canvas
+}
+
 async function upload(file) {
+  const mine = ++uploads;
+  clearResult();
   setError("");
   $("status").textContent = `Reading ${file.name} ...`;
   const form = new FormData();
@@ -121,6 +139,7 @@ async function upload(file) {
   try {
     const response = await fetch(`/api/predict?preview=1${cam}`, { method: "POST", body: form });
     const data = await response.json();
+    if (mine !== uploads) return;  // another file was chosen meanwhile
     if (!response.ok) {
       $("status").textContent = "";
       setError(data.error || `the server answered ${response.status}`);
@@ -130,6 +149,7 @@ async function upload(file) {
     renderResult(data);
     document.body.dataset.state = "done";
   } catch (err) {
+    if (mine !== uploads) return;
     $("status").textContent = "";
     setError(`upload failed: ${err}`);
   }
