@@ -96,15 +96,20 @@ def lung_model_source(name: str) -> dict:
             "sha256": file_sha256(str(path)), "size": obj["config"]["size"], "postprocess": list(POSTPROCESS)}
 
 
+# A saved mask keeps its image id as its name when the id is a plain lower-case PNG name (NIH's).
+_PLAIN_NAME = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,99}\.png")
+
+
 def mask_file_name(image_id: str) -> str:
-    """The PNG name of an image's saved mask: the id's stem when that is a plain file name (NIH's
-    00000001_000.png -> 00000001_000.png), else its safe characters plus a hash of the whole id,
-    so that ids with folders, spaces or '..' can neither escape the folder nor collide."""
-    stem = image_id[:-4] if image_id.lower().endswith((".png", ".jpg", ".dcm")) else image_id
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._")[:100]
-    if safe != stem or not safe:
-        safe = f"{safe}-{hashlib.sha1(image_id.encode()).hexdigest()[:10]}"
-    return safe + ".png"
+    """The PNG name of an image's saved mask, one per id by construction, also on a case-insensitive file
+    system: the id itself when it is a plain lower-case PNG name (00000001_000.png), else its safe characters,
+    '~' and a hash of the whole id (chest.jpg~<16 hex>.png, CHNCXR_0001_0.png~<16 hex>.png). Plain names
+    have no '~', so no hashed name is another id's plain name, and ids that differ only by extension, case,
+    folder or odd characters get different hashes; no name can escape the folder."""
+    if _PLAIN_NAME.fullmatch(image_id):
+        return image_id
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", image_id).strip("._")[:100]
+    return f"{safe}~{hashlib.sha256(image_id.encode()).hexdigest()[:16]}.png"
 
 
 def save_masks(folder: str | os.PathLike, image_ids, masks: np.ndarray) -> None:

@@ -320,3 +320,18 @@ def test_mask_file_names_stay_in_their_folder_and_never_collide():
     names = [mask_file_name(i) for i in hostile]
     assert len(set(names)) == len(names)
     assert all("/" not in n and not n.startswith(".") and n.endswith(".png") for n in names)
+
+
+def test_mask_file_names_differ_for_ids_that_differ_only_by_extension_or_case():
+    """One table may hold chest.png and chest.jpg, x.dcm and x, CHEST.png and chest.png: each keeps its own mask,
+    also on a case-insensitive file system (macOS, Windows), and no hashed name can be another id's plain name."""
+    from lungs.masking import mask_file_name
+
+    ids = ["chest.png", "chest.jpg", "chest.dcm", "chest", "x.dcm", "x", "CHEST.png", "Chest.PNG", "chest.PNG",
+           "a/chest.png", "a_chest.png", "CHNCXR_0001_0.png"]
+    names = [mask_file_name(i) for i in ids]
+    assert len({n.lower() for n in names}) == len(ids), dict(zip(ids, names))
+    plain = {n for n in names if n in ids}
+    assert plain == {"chest.png", "a_chest.png"}  # lower-case PNG names stay as they are
+    # No id's plain name is a hashed name, whatever its case: taken as an id, a hashed name is hashed again.
+    assert all(mask_file_name(n.lower()) != n.lower() for n in names if n not in plain)
