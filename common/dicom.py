@@ -59,9 +59,11 @@ def named_dicom(source) -> bool:
 def is_dicom(source) -> bool:
     """True for a file (a path, or a seekable binary stream) in the DICOM file format: 'DICM' after the
     128-byte preamble."""
-    if hasattr(source, "read"):
-        head = source.read(132)
+    if hasattr(source, "read"):  # from its start, wherever an earlier look (Pillow's) left it
+        position = source.seek(0, 1)
         source.seek(0)
+        head = source.read(132)
+        source.seek(position)
     else:
         with open(source, "rb") as f:
             head = f.read(132)
@@ -79,6 +81,8 @@ def read_dataset(path: str, tags, **options):
     from pydicom.errors import InvalidDicomError
 
     forced, label = not is_dicom(path), source_name(path)
+    if hasattr(path, "seek"):
+        path.seek(0)  # pydicom reads a stream from where it stands
     try:
         ds = pydicom.dcmread(path, force=forced, specific_tags=[*tags, *_MARKER_TAGS], **options)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
@@ -94,12 +98,15 @@ def decode_dicom(path: str, max_pixels: int) -> tuple[np.ndarray, float]:
     Without a VOI LUT or window the stored range is the scale (BitsStored, after the Modality LUT),
     so an 8-bit DICOM gives the values/255 of its PNG and a 12-bit one values/4095. Anything that
     is not one 2-D radiograph, or has more than `max_pixels` pixels (from the header, before the
-    pixels are decoded), raises a one-line ValueError naming the file.
+    pixels are decoded), raises a one-line ValueError naming the file; so do a compressed first frame
+    whose codestream says another size than the header and a Rescale or Window that is no finite
+    number, each found before decoding.
     """
     # Values over 1 MB (the pixels) are read only when used, after the header checks.
     ds = read_dataset(path, _TAGS, defer_size="1 MB")
     path = source_name(path)  # from here on only named in messages
     _check_header(path, ds, max_pixels)
+    _check_value_transform(path, ds)
     if not ds.file_meta.get("TransferSyntaxUID"):
         # A bare dataset has no file meta: its encoding is what pydicom found when reading it.
         from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -107,6 +114,7 @@ def decode_dicom(path: str, max_pixels: int) -> tuple[np.ndarray, float]:
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                           ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    _check_first_frame(path, ds)
     try:
         from pydicom.pixels import pixel_array
 
@@ -142,6 +150,10 @@ def _check_header(path: str, ds, max_pixels: int) -> None:
     if rows * cols > max_pixels:
         raise ValueError(f"{path}: {cols} x {rows} = {rows * cols / 1e6:.0f} Mpixel, more than the "
                          f"limit of {max_pixels / 1e6:g} Mpixel (--max-pixels)")
+    stored, allocated = int(ds.get("BitsStored") or 0), int(ds.get("BitsAllocated") or 0)
+    if not 1 <= stored <= allocated <= 32:  # the stored range and pydicom's decoders rely on it
+        raise ValueError(f"{path}: DICOM Bits Stored {stored} with Bits Allocated {allocated} is no integer "
+                         "pixel layout (1 <= stored <= allocated <= 32)")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in _GRAY + _COLOR:
         raise ValueError(f"{path}: DICOM photometric interpretation {photometric or 'missing'!r} is not supported")
@@ -151,6 +163,111 @@ def _check_header(path: str, ds, max_pixels: int) -> None:
             raise ValueError(f"{path}: DICOM holds {frames} frames with slice geometry: a 3-D volume, "
                              "not a radiograph")
         warnings.warn(f"{path}: DICOM holds {frames} frames; the first is used", MultiFrameWarning, stacklevel=3)
+
+
+def _check_value_transform(path: str, ds) -> None:
+    """Refuse a Rescale or Window that would make NaN, infinite or flat values of every pixel: found here,
+    the file is named, where later the model would be blamed for NaN features."""
+    for keyword in ("WindowCenter", "WindowWidth"):
+        _number(path, ds, keyword)  # an empty one is no window, for pydicom too
+    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds or ds.get("ModalityLUTSequence"):
+        return  # pydicom rescales only with both, and a Modality LUT takes precedence
+    slope, intercept = _number(path, ds, "RescaleSlope", True), _number(path, ds, "RescaleIntercept", True)
+    low, high = _rescaled_range(ds)
+    # The values are float32 from here on: it must hold the range and still tell stored values apart.
+    f32 = np.finfo(np.float32)
+    if not (abs(slope) > float(f32.tiny) and max(abs(low), abs(high)) < float(f32.max) / 2):
+        raise ValueError(f"{path}: DICOM {_tag('RescaleSlope')} {slope:g} gives the value range "
+                         f"{low:g}..{high:g}, empty or beyond float32")
+    if abs(intercept) > 2 ** 23 * abs(slope):
+        raise ValueError(f"{path}: DICOM {_tag('RescaleIntercept')} {intercept:g} is over 2^23 steps of the "
+                         f"Rescale Slope {slope:g}: float32 cannot tell the stored values apart")
+
+
+def _number(path: str, ds, keyword: str, required: bool = False) -> float | None:
+    """The first value of a numeric tag, None where absent or empty (refused if `required`); one line
+    naming the tag where it is no finite number."""
+    element = ds[keyword] if keyword in ds else None
+    first = None if element is None else element.value[0] if element.VM > 1 else element.value
+    if first is None or first == "":
+        if required:
+            raise ValueError(f"{path}: DICOM {_tag(keyword)} is empty")
+        return None
+    try:
+        number = float(first)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        raise ValueError(f"{path}: DICOM {_tag(keyword)} is {str(first)!r}, not a finite number")
+    return number
+
+
+def _tag(keyword: str) -> str:
+    """'Rescale Slope (0028,1053)': a tag as the standard names it."""
+    from pydicom.datadict import dictionary_description, tag_for_keyword
+    from pydicom.tag import Tag
+
+    return f"{dictionary_description(keyword)} {Tag(tag_for_keyword(keyword))}"
+
+
+def _check_first_frame(path: str, ds) -> None:
+    """Refuse, before decoding, a compressed first frame whose own codestream is not the header's Rows x
+    Columns x Samples per Pixel: decoders size their output from the codestream, so a 1 KB frame can
+    claim gigapixels that the header (checked against --max-pixels) does not."""
+    from pydicom import uid
+
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_transfer_syntax and not syntax.is_encapsulated:
+        return  # native pixel data is what the header says
+    name = syntax.name
+    rle, jpeg2000 = syntax in uid.RLETransferSyntaxes, syntax in uid.JPEG2000TransferSyntaxes  # HTJ2K too
+    if not (rle or jpeg2000 or syntax in uid.JPEGTransferSyntaxes + uid.JPEGLSTransferSyntaxes):
+        raise ValueError(f"{path}: DICOM transfer syntax {name} is not supported")
+    try:
+        from pydicom.encaps import get_frame
+
+        extended = ((ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+                    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds else None)
+        frame = get_frame(ds.PixelData, 0, number_of_frames=int(ds.get("NumberOfFrames") or 1),
+                          extended_offsets=extended)
+        size = None if rle else _codestream_size(frame, jpeg2000)
+    except Exception as exc:  # no first frame, or a codestream whose header does not parse
+        raise ValueError(f"{path}: DICOM pixel data ({name}) has no readable first frame: {_one_line(exc)}") from None
+    if rle:
+        return _check_rle_header(path, ds, frame)
+    header = int(ds.Columns), int(ds.Rows), int(ds.get("SamplesPerPixel") or 1)
+    if size != header:
+        raise ValueError(f"{path}: the first DICOM frame ({name}) is {size[0]} x {size[1]} with {size[2]} "
+                         f"sample(s) per pixel, not the header's {header[0]} x {header[1]} with {header[2]}")
+
+
+def _codestream_size(frame: bytes, jpeg2000: bool) -> tuple[int, int, int]:
+    """(columns, rows, components) as the decoding plugins' own parsers read them from a frame's main
+    header (JPEG 2000's SIZ) or start-of-frame segment (JPEG's SOFn, JPEG-LS's SOF55): nothing is decoded."""
+    if jpeg2000:
+        import openjpeg
+
+        info = openjpeg.get_parameters(frame)
+        return info["columns"], info["rows"], info["samples_per_pixel"]
+    import libjpeg
+
+    info = libjpeg.get_parameters(frame)
+    return info["columns"], info["rows"], info["nr_components"]
+
+
+def _check_rle_header(path: str, ds, frame: bytes) -> None:
+    """An RLE frame's 64-byte header: one segment per byte of each sample (PS3.5 G.2), the first right after
+    the header, each after the one before and inside the frame. Each segment decodes to Rows x Columns
+    bytes; an offset pydicom's own decoder (pylibjpeg-rle's fallback) would take on trust lets it expand
+    a segment ~64-fold before comparing it with the header."""
+    import struct
+
+    count, *offsets = struct.unpack("<16I", frame[:64].ljust(64, b"\0"))
+    expected = int(ds.get("SamplesPerPixel") or 1) * -(-int(ds.BitsAllocated) // 8)
+    used = offsets[:count]
+    if count != expected or used[0] != 64 or sorted(set(used)) != used or used[-1] >= len(frame):
+        raise ValueError(f"{path}: the first DICOM frame's RLE header gives {count} segment(s) at byte(s) "
+                         f"{used[:4]} of {len(frame)}, not {expected} from byte 64 on")
 
 
 def _volume_geometry(ds) -> bool:
@@ -173,6 +290,13 @@ def _stored_range(ds) -> tuple[float, float]:
     return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
 
 
+def _rescaled_range(ds) -> tuple[float, float]:
+    """The stored range through Rescale Slope and Intercept."""
+    low, high = _stored_range(ds)
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    return tuple(sorted((low * slope + intercept, high * slope + intercept)))
+
+
 def _to_scaled(ds, arr: np.ndarray) -> tuple[np.ndarray, float]:
     """Decoded first frame -> (values - low, 1 / (high - low)), [low, high] being the output range."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -192,8 +316,7 @@ def _to_scaled(ds, arr: np.ndarray) -> tuple[np.ndarray, float]:
         # Its descriptor's bits per entry give the range (PS3.3 C.11.1.1.1), as pydicom's windowing assumes.
         low, high = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
     elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-        low, high = sorted((low * slope + intercept, high * slope + intercept))
+        low, high = _rescaled_range(ds)
     values = apply_modality_lut(arr, ds)
     if ds.get("VOILUTSequence"):
         if not np.issubdtype(values.dtype, np.integer):  # a LUT indexes integers; rescaled ones come as float
@@ -206,8 +329,8 @@ def _to_scaled(ds, arr: np.ndarray) -> tuple[np.ndarray, float]:
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         # pydicom windows into the range the modality step can give, the [low, high] above.
         values = apply_voi_lut(values, ds, index=0, prefer_lut=False)
-    if high <= low:
-        raise ValueError(f"empty value range {low:g}..{high:g}")
+    if not (np.isfinite(high - low) and high > low):
+        raise ValueError(f"empty or non-finite value range {low:g}..{high:g}")
     out = values.astype(np.float32) - np.float32(low)
     # MONOCHROME1 (minimum is white) and a Presentation LUT Shape INVERSE each mean "displayed inverted";
     # DX files carry both together (PS3.3 C.8.11.6), which is still one inversion, not two.

@@ -218,6 +218,9 @@ def _bad_files(tmp_path: Path, gray: np.ndarray) -> dict[str, tuple[Path, str]]:
     Image.fromarray(gray).save(png_named_dcm, format="PNG")
     (tmp_path / "text.dcm").write_text("patient list, not an image\n")
     volume = write_dicom(tmp_path / "volume.dcm", np.stack([gray] * 4), SliceThickness="1.0")
+    unknown_syntax = pydicom.dcmread(write_dicom(tmp_path / "syntax.dcm", gray))
+    unknown_syntax.file_meta.TransferSyntaxUID = "1.2.3.4"  # no transfer syntax pydicom knows
+    unknown_syntax.save_as(tmp_path / "syntax.dcm", enforce_file_format=True, implicit_vr=False, little_endian=True)
     return {
         "no pixel data": (tmp_path / "sr.dcm", "no pixel data"),
         "png named .dcm": (png_named_dcm, "not a"),
@@ -225,6 +228,7 @@ def _bad_files(tmp_path: Path, gray: np.ndarray) -> dict[str, tuple[Path, str]]:
         "CT slice": (write_dicom(tmp_path / "ct.dcm", gray, Modality="CT"), "3-D volume"),
         "multi-frame volume": (volume, "3-D volume"),
         "too large": (write_dicom(tmp_path / "large.dcm", gray), "Mpixel"),
+        "unknown transfer syntax": (tmp_path / "syntax.dcm", "1.2.3.4"),
     }
 
 
@@ -281,3 +285,103 @@ def test_a_dicom_under_an_image_name_or_none_is_told_by_its_marker(tmp_path, gra
     upload = io.BytesIO(path.read_bytes())
     upload.name = "upload"  # an upload without a suffix: its marker tells
     np.testing.assert_allclose(DataConfig(SIZE).load(upload), png_input, atol=1e-6, rtol=0)
+
+
+def _hostile(path: Path, syntax, frame: bytes, rows: int = 256, cols: int = 256) -> Path:
+    """A small 8-bit gray header (rows x cols) over an encapsulated first frame that says otherwise."""
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(write_dicom(path, np.zeros((rows, cols), np.uint8), syntax=RLELossless))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([frame])
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _patched_sof(frame: bytes, marker: bytes, rows: int, cols: int) -> bytes:
+    """`frame` with its start-of-frame segment claiming rows x cols (2 + 2 + 1 bytes in: height, width)."""
+    at = frame.index(marker) + 5
+    return frame[:at] + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + frame[at + 4:]
+
+
+def _rle_header(segments: int, *offsets: int) -> bytes:
+    import struct
+
+    return struct.pack("<16I", segments, *offsets, *[0] * (15 - len(offsets)))
+
+
+def _frames_that_lie() -> dict[str, tuple]:
+    """name -> (transfer syntax, first frame, words of the refusal), each under a 256 x 256 8-bit header."""
+    import io
+
+    import openjpeg
+    from pydicom.uid import JPEGBaseline8Bit
+
+    jpeg = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(jpeg, format="JPEG")  # 105 KB of JPEG, 9 Mpixel once decoded
+    jls_file = pydicom.dcmread(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm")
+    jls = pydicom.encaps.get_frame(jls_file.PixelData, 0, number_of_frames=1)
+    # Each pair 0x81 v is 128 bytes once decoded: 100 KB here that pydicom's own RLE decoder would expand
+    # to 6.4 MB before comparing it with the header (pylibjpeg-rle refuses the offset first).
+    runs = b"\x81\x00" * 50_000
+    return {
+        "JPEG 2000": (JPEG2000Lossless, openjpeg.encode(np.zeros((3000, 3000), np.uint8)), "3000 x 3000"),
+        "JPEG baseline": (JPEGBaseline8Bit, jpeg.getvalue(), "3000 x 3000"),
+        "JPEG-LS SOF55 patched": (JPEGLSLossless, _patched_sof(jls, b"\xff\xf7", 12000, 12000), "12000 x 12000"),
+        "RLE offset inside its header": (RLELossless, _rle_header(1, 16) + runs, "RLE"),
+        "RLE segments not 1 per byte": (RLELossless, _rle_header(2, 64, 64 + len(runs)) + runs * 2, "RLE"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_frames_that_lie()))
+def test_a_compressed_frame_larger_than_its_header_is_refused_before_decoding(tmp_path, monkeypatch, name):
+    import pydicom.pixels
+    import tracemalloc
+
+    syntax, frame, words = _frames_that_lie()[name]
+    path = _hostile(tmp_path / "lie.dcm", syntax, frame)
+    decoded = []
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", lambda *a, **k: decoded.append(a) or np.zeros((256, 256)))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            decode_gray(str(path), SIZE, max_pixels=10**8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: ") and words in message, message
+    assert not decoded and peak < 2_000_000, (decoded, peak)
+
+
+def test_a_dicom_upload_under_an_image_name_is_read_from_its_start(tmp_path, gray, png_input):
+    import io
+
+    upload = io.BytesIO(write_dicom(tmp_path / "m2.dcm", gray).read_bytes())
+    upload.name = "x.png"  # Pillow reads (and refuses) it first, leaving the stream part way in
+    np.testing.assert_allclose(DataConfig(SIZE).load(upload), png_input, atol=1e-6, rtol=0)
+    upload.seek(40)
+    from common.dicom import is_dicom
+
+    assert is_dicom(upload) and upload.tell() == 40  # the marker is looked for at byte 128 of the file
+
+
+@pytest.mark.parametrize("tags, words", [
+    ({"RescaleSlope": "NaN", "RescaleIntercept": "0"}, "Rescale Slope"),
+    ({"RescaleSlope": "1", "RescaleIntercept": "-inf"}, "Rescale Intercept"),
+    ({"RescaleSlope": "0", "RescaleIntercept": "0"}, "Rescale Slope"),
+    ({"RescaleSlope": "1e300", "RescaleIntercept": "0"}, "Rescale Slope"),  # 255e300: no float32
+    ({"RescaleSlope": "1", "RescaleIntercept": "1e12"}, "Rescale Intercept"),  # steps of 1 lost at 1e12
+    ({"WindowCenter": "NaN", "WindowWidth": "400"}, "Window Center"),
+    ({"RescaleSlope": "", "RescaleIntercept": "0"}, "Rescale Slope"),  # pydicom would multiply by None
+    ({"BitsStored": 2000, "RescaleSlope": "1", "RescaleIntercept": "0"}, "Bits Stored"),
+], ids=lambda v: "-".join(map(str, v.values())) if isinstance(v, dict) else None)
+def test_a_non_finite_or_absurd_value_transform_is_refused_naming_the_tag(tmp_path, monkeypatch, gray, tags, words):
+    from pydicom import config
+
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.IGNORE)  # lets pydicom write them
+    path = write_dicom(tmp_path / "rescale.dcm", gray, **tags)
+    with pytest.raises(ValueError) as info:
+        decode_gray(str(path), SIZE)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: ") and words in message, message
