@@ -35,6 +35,22 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # files that pass Pillow's own bomb limit (~179 Mpixel) yet decode to near a gigabyte each.
 MAX_PIXELS = 50_000_000
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# The only formats Pillow is asked to read: it knows many more, and opening one runs its plugin on the
+# file (EPS hands it to Ghostscript; GIF, PPM, ... were never meant as radiographs).
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+
+
+def open_image(source) -> Image.Image:
+    """`source` (a path or a seekable binary stream) opened, not yet decoded, by Pillow as one of FORMATS:
+    the one way project code opens an image file. Any other file is an UnidentifiedImageError and a
+    header over twice Pillow's decompression-bomb limit a ValueError, each one line naming the file."""
+    name = source_name(source)
+    try:
+        return Image.open(source, formats=FORMATS)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"{name}: not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} image") from None
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{name}: {' '.join(str(exc).split())}") from None
 
 
 def decode_gray(path, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, float]:
@@ -56,12 +72,12 @@ def decode_gray(path, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[Imag
     if named_dicom(path) or (not source_name(path).lower().endswith(PILLOW_SUFFIXES) and is_dicom(path)):
         return _dicom(path, max_pixels)
     try:
-        img = Image.open(path)
+        img = open_image(path)
     except UnidentifiedImageError:
         if is_dicom(path):  # a DICOM file under an image name
             return _dicom(path, max_pixels)
         raise ValueError(f"{source_name(path)}: not an image file Pillow or pydicom reads "
-                         "(PNG, JPEG, TIFF, BMP, DICOM)") from None
+                         f"({', '.join(FORMATS)}, DICOM)") from None
     with img:
         path = source_name(path)  # from here on only named in messages
         width, height = img.size

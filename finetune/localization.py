@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
-from PIL import Image
 from torchvision.ops import box_area, box_iou
 
 from common.backbones import BackboneSpec
 from common.bboxes import NIH_BBOX_IMAGE_SIZE
 from common.data_config import DataConfig
-from common.images import read_gray
+from common.images import open_image, read_gray
 
 # Wang et al. threshold the [0, 255]-normalized map at 180.
 CAM_THRESHOLD = 180 / 255
@@ -169,7 +168,7 @@ def class_activation_maps(
 
 def box_grid(path: str, long_side: int | None) -> tuple[int, int]:
     """(width, height) of the pixel grid boxes are drawn in: the file's, its long side scaled to `long_side`."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         width, height = img.size
     if long_side is None:
         return width, height

@@ -157,3 +157,57 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
     assert DataConfig(8).load(str(small), max_pixels=200).shape == (8, 8)  # the limit is configurable
     with pytest.raises(ValueError, match="limit of 0.000199 Mpixel"):
         DataConfig(8).load(str(small), max_pixels=199)
+
+
+def test_only_the_documented_formats_are_opened(gray, tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a))  # never run on an upload
+    eps = tmp_path / "scan.eps"
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 setgray 0 0 64 64 rectfill\nshowpage\n%%EOF\n")
+    small = Image.fromarray(gray[:64, :64])
+    gif, ppm = _save(small, tmp_path / "scan.gif"), _save(small, tmp_path / "scan.ppm")
+    gif_as_png = tmp_path / "gif.png"
+    gif_as_png.write_bytes(gif.read_bytes())
+    for path in (eps, gif, ppm, gif_as_png):
+        with pytest.raises(ValueError) as info:
+            load_image(str(path), 16)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{path}: not a") and "PNG, JPEG, TIFF" in message, message
+    assert not ran
+
+
+def test_project_code_opens_images_only_through_open_image():
+    # Image.open (also as PIL.Image.open) anywhere in the installed packages but common.images.open_image
+    # would accept every format Pillow knows again.
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    bypasses = []
+    for package in ("common", "jobs", "heads", "finetune", "cxr", "lungs", "serve"):
+        for path in sorted((root / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            opens = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+                     and isinstance(node.func, ast.Attribute) and node.func.attr == "open"
+                     and "Image" in (getattr(node.func.value, "id", None), getattr(node.func.value, "attr", None))]
+            home = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                    and node.name == "open_image" and path == root / "common" / "images.py"]
+            bypasses += [f"{path.relative_to(root)}:{line}" for line in opens
+                         if not any(f.lineno <= line <= f.end_lineno for f in home)]
+    assert not bypasses, bypasses
+
+
+def test_a_header_past_pillows_bomb_limit_is_one_line_naming_the_file(tmp_path):
+    import struct
+    import zlib
+
+    path = _save(Image.new("L", (8, 8)), tmp_path / "claims.png")
+    data = bytearray(path.read_bytes())
+    ihdr = struct.pack(">II", 20000, 20000) + bytes(data[24:29])  # 400 Mpixel claimed by 90 bytes
+    data[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as info:
+        load_image(str(path), 8)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: ") and "decompression bomb" in message, message
