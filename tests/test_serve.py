@@ -103,6 +103,17 @@ def test_probabilities_equal_heads_predict_for_the_same_files(head, pngs, tmp_pa
     assert raw["probabilities"] == post(client, pngs[0].read_bytes()).json["probabilities"]
 
 
+def test_a_dicom_under_an_image_name_or_content_type_is_diagnosed(head, pngs):
+    _, _, client = head
+    dicom = dicom_of(pngs[0])
+    expected = post(client, dicom, "as.dcm").json["probabilities"]
+    named_png = post(client, dicom, "x.png")  # Pillow refuses it first: its marker is still found
+    assert named_png.status_code == 200, named_png.json
+    raw = client.post("/api/predict?name=x.jpg&preview=1", data=dicom, content_type="image/jpeg")
+    assert raw.status_code == 200, raw.json
+    assert named_png.json["probabilities"] == raw.json["probabilities"] == expected
+
+
 def test_model_health_and_the_head_has_no_heatmap(head, pngs):
     _, served, client = head
     model = client.get("/api/model").json
