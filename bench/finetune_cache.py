@@ -15,8 +15,9 @@ and the ratios. The cache folder is a temporary one unless --cache-dir names one
 --digest-cost S...: only the integrity check that opening a cache runs (the SHA-256 of every row,
 against the digests written at build time), on synthetic rows of S x S float32 in a temporary .npy
 read memory-mapped from the page cache (a cold disk adds the file's size over its read speed), in 1
-and in --workers threads, per image and for 100,000 images; beside it, what one cached training item
-costs (row copy, random shift and flip, normalization), what a check per row read would add to it.
+and in --workers threads, the least time of 3 runs, per image and for 100,000 images; beside it, what
+one cached training item costs (row copy, random shift and flip, normalization), to which a check
+of each row as it is read would add the check's time, every epoch.
 """
 
 from __future__ import annotations
@@ -65,10 +66,20 @@ def epoch_seconds(cfg: FinetuneConfig) -> list[float]:
     return [h["seconds"] for h in train(cfg)["history"]]
 
 
+def best_of(repeats: int, work) -> float:
+    """The least wall time of `repeats` runs of work(): the one least disturbed by other processes."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def digest_cost(sizes: list[int], threads: int, n: int = 400) -> None:
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {n} rows a size")
-    print("| input size | row | check, 1 thread | check, 100k images | check, %d threads | 100k images "
-          "| cached training item |" % threads)
+    print(f"| input size | row | check, 1 thread | check, 100k images | check, {threads} threads | 100k images "
+          "| cached training item |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
@@ -79,16 +90,10 @@ def digest_cost(sizes: list[int], threads: int, n: int = 400) -> None:
             del values
             values = np.load(path, mmap_mode="r")
             _digests(values, 1)  # into the page cache
-            per = {}
-            for t in (1, threads):
-                start = time.perf_counter()
-                _digests(values, t)
-                per[t] = (time.perf_counter() - start) / n
+            per = {t: best_of(3, lambda: _digests(values, t)) / n for t in (1, threads)}
             cfg, rng = DataConfig(size), np.random.default_rng(0)
-            start = time.perf_counter()
-            for i in range(n):
-                cfg.to_tensor(cfg.train_view(np.array(values[i]), rng)[None])
-            item = (time.perf_counter() - start) / n
+            item = best_of(3, lambda: [cfg.to_tensor(cfg.train_view(np.array(row), rng)[None]) for row in values])
+            item /= n
             print(f"| {size} px | {size * size * 4 / 1e6:.2f} MB | {per[1] * 1e3:.3f} ms | {per[1] * 1e5:.0f} s "
                   f"| {per[threads] * 1e3:.3f} ms | {per[threads] * 1e5:.0f} s | {item * 1e3:.3f} ms |", flush=True)
 

@@ -36,14 +36,14 @@ rule or decoder never reuses a cache; a changed, added or removed file makes a n
 the rows of earlier caches of the same config whose files are unchanged are copied, not decoded.
 
 Integrity. A cache is a file anyone can overwrite and a disk can damage, and a changed row keeps its
-size and mtime: every process that opens a cache checks all its rows against their digests first,
-before a step trains on them. A cache whose rows changed is logged and built again, under the lock,
-from its rows that still match (and earlier caches' rows, also checked), as a missing one is: it is
-derived data, and what it should hold is known. Checking once per open, not per row read, costs one
-pass over the file per run and process instead of one per epoch, and leaves the loader workers' time
-to the epochs; the cost: SHA-256 at 1.7 GB/s a core, 0.11 ms an image at 224 px, 0.6 ms at 512 px,
-in `workers` threads (bench/finetune_cache.py --digest-cost). Rows that change after the check, in the
-run, are not seen until the next open.
+size and mtime: every process that opens a cache (each DDP rank) checks all its rows against their
+digests first, before a step trains on them. A cache whose rows changed is logged and built again,
+under the lock, from its rows that still match (and earlier caches' rows, also checked), as a missing
+one is: it is derived data, and what it should hold is known. The check is one pass over the file per
+open, in `workers` threads: SHA-256 at ~1.7 GB/s a core, 0.11 ms an image at 224 px, 0.6 ms at 512 px
+(bench/finetune_cache.py --digest-cost). Checking each row as it is read instead would cost that every
+epoch, in the loader workers the cache is there to relieve (a cached item costs ~0.2 ms at 224 px),
+and catch one thing more: a row changed during a run, which is caught here at the next open.
 
 Concurrency. A cache is built in a private folder `.building-<name>-<host>-<pid>`, flushed to disk,
 then renamed to its name: a folder of that name is complete. One process builds a given cache at a
@@ -101,16 +101,17 @@ class DecodeCache:
         if not (self.folder / META).is_file():
             raise ValueError(f"no {META}")
         self.ok = np.load(self.folder / OK)
-        self.digests = np.load(self.folder / DIGESTS)
         self._values = None
         values = self.values  # checks the shape now, in the opening process
-        if (values.shape != (n, size, size) or values.dtype != np.float32 or self.ok.shape != (n,)
-                or self.digests.shape != (n, 32)):
+        if values.shape != (n, size, size) or values.dtype != np.float32 or self.ok.shape != (n,):
             raise ValueError(f"holds {values.shape} {values.dtype}, expected ({n}, {size}, {size}) float32")
 
     def changed_rows(self, threads: int = 1) -> np.ndarray:
         """The rows whose bytes no longer have the digest written when the cache was built."""
-        return np.flatnonzero((_digests(self.values, threads) != self.digests).any(axis=1))
+        built = np.load(self.folder / DIGESTS)  # not kept: the loader workers have no use for it
+        if built.shape != (self.n, 32):
+            raise ValueError(f"{DIGESTS} holds {built.shape}, expected ({self.n}, 32)")
+        return np.flatnonzero((_digests(self.values, threads) != built).any(axis=1))
 
     @property
     def values(self) -> np.ndarray:
