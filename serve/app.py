@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flask import Flask, jsonify, request, send_from_directory
+from flask import Flask, Request, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.images import MAX_PIXELS
@@ -163,10 +163,19 @@ def _cam_maps(cams: np.ndarray, names: list[str], data_config, size: tuple[int, 
     return {"grid": list(grid), "maps": {names[c]: np.round(m, 3).tolist() for c, m in zip(which, maps)}}
 
 
+class InMemoryRequest(Request):
+    """Multipart file parts kept in memory (Werkzeug spools parts over 500 KB to a temporary file): an upload is
+    written nowhere unless --keep-uploads says so. The body is capped by --max-upload-mb, so is the memory."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
 def create_app(served, batcher, settings: Settings | None = None) -> Flask:
     """The Flask app over a loaded model (serve.model.Served) and its batcher."""
     settings = settings or Settings()
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
     names = served.label_names
     counts = {"ok": 0, "rejected": 0}

@@ -341,3 +341,19 @@ def test_a_range_error_names_only_its_flag(tmp_path, capsys, flag, value, other)
         main(["--run", str(tmp_path), flag, value])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and f"{flag} {value}" in err and other not in err, err
+
+
+def test_a_large_upload_is_never_spooled_to_disk(head, monkeypatch):
+    import tempfile
+
+    _, _, client = head
+    spooled = []
+    real = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: spooled.append(1) or real(*a, **k))
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1000), dtype=np.uint8)  # 1 MB: over 500 KB
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    assert len(buf.getvalue()) > 900_000  # Werkzeug spools file parts over 500 KB
+    response = post(client, buf.getvalue())
+    assert response.status_code == 200, response.json
+    assert spooled == []
