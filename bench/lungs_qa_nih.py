@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.data_config import DataConfig  # noqa: E402
-from lungs.masking import LungMasker  # noqa: E402
+from common.extraction import input_loader, transform_batch  # noqa: E402
+from lungs.masking import QA_OK, LungMasker  # noqa: E402
 
 NIH = REPO.parent / "shared" / "data" / "nih"
 
@@ -36,17 +37,18 @@ def main() -> None:
     if not paths:
         sys.exit(f"no PNGs under {args.images}")
     meta = pd.read_csv(args.metadata).set_index("Image Index")
-    masker, config = LungMasker("default"), DataConfig(args.backbone_size)
+    masker = LungMasker("default")
+    load = input_loader(DataConfig(args.backbone_size), masker)  # as masked extraction decodes
     fractions, flags = [], []
     for i in range(0, len(paths), 32):
         batch = paths[i:i + 32]
-        _, columns = masker(np.stack([config.load(str(q)) for q in batch]), [q.name for q in batch])
+        _, columns = transform_batch(masker, [load(str(q)) for q in batch], [q.name for q in batch])
         fractions += columns["lung_fraction"]
         flags += columns["lung_qa"]
     ids = [q.name for q in paths]
     view = meta["View Position"].reindex(ids).fillna("?").to_numpy()
-    counts = pd.Series([f or "ok" for f in flags]).value_counts().to_dict()
-    flagged = [k for k, f in enumerate(flags) if f]
+    counts = pd.Series(flags).value_counts().to_dict()
+    flagged = [k for k, f in enumerate(flags) if f != QA_OK]
     fr = np.array(fractions)
     print(f"{len(ids)} NIH films ({(view == 'AP').mean():.0%} AP): QA {counts}")
     print(f"lung fraction: median {np.median(fr):.3f}, 5th-95th percentile {np.percentile(fr, 5):.3f}-{np.percentile(fr, 95):.3f}")

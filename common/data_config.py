@@ -168,8 +168,17 @@ class DataConfig:
     def load(self, path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         """`path` as this model's (input_size, input_size) float32 gray input in [0, 1]; raises if
         unreadable or larger than `max_pixels`."""
+        return self.place(*decode_gray(path, self.square_side, max_pixels))
+
+    def load_with(self, other: DataConfig, path: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+        """`path` as this config's input and as `other`'s, from one decode (a JPEG is reduced only as far as
+        the larger of the two allows): a backbone's input and a lung model's own input of the same film."""
+        gray, scale = decode_gray(path, max(self.square_side, other.square_side), max_pixels)
+        return self.place(gray, scale), other.place(gray, scale)
+
+    def place(self, gray: Image.Image, scale: float) -> np.ndarray:
+        """A decoded image (common.images.decode_gray's mode 'F' image and scale) as this config's input."""
         side, size = self.square_side, self.input_size
-        gray, scale = decode_gray(path, side, max_pixels)
         w, h, box = self._content(*gray.size)
         resized = gray.resize((w, h), INTERPOLATIONS[self.interpolation], box=box)
         if (w, h) != (side, side):

@@ -46,23 +46,39 @@ def decode(load: Callable, path: str) -> tuple[np.ndarray | None, str | None]:
         return None, f"{type(exc).__name__}: {message}"[:500]
 
 
-def embed_decoded(rows: pd.DataFrame, decoded: list, extractor: FeatureExtractor, transform=None) -> pd.DataFrame:
-    """Embed one batch of decoded rows ((image, error) per row); failed images get `error` and null features.
+def input_loader(data_config: DataConfig, transform=None, max_pixels: int = MAX_PIXELS) -> Callable:
+    """path -> the backbone's input; with a `transform`, (that input, the transform's own view of the film:
+    `transform.view(data_config)`, e.g. the lung model's input at its own size), both from one decode."""
+    if transform is None:
+        return partial(data_config.load, max_pixels=max_pixels)
+    return partial(data_config.load_with, transform.view(data_config), max_pixels=max_pixels)
 
-    `transform` (e.g. lungs.masking.LungMasker) changes the decoded inputs before the backbone:
-    called on the (n, S, S) batch and its image ids it returns the new batch and a list per name in its `columns`,
-    which become extra output columns (null for rows that failed)."""
+
+def transform_batch(transform, decoded: list, image_ids) -> tuple[np.ndarray, dict]:
+    """A batch of input_loader results -> the backbone's (n, S, S) batch and the transform's columns (none
+    without a transform)."""
+    if transform is None:
+        return np.stack(decoded), {}
+    images, views = (np.stack(batch) for batch in zip(*decoded))
+    return transform(images, image_ids, views)
+
+
+def embed_decoded(rows: pd.DataFrame, decoded: list, extractor: FeatureExtractor, transform=None) -> pd.DataFrame:
+    """Embed one batch of decoded rows ((input_loader's result, error) per row); failed images get `error` and
+    null features.
+
+    `transform` (e.g. lungs.masking.LungMasker) changes the decoded inputs before the backbone: called on the
+    (n, S, S) batch, its image ids and the (n, L, L) batch of its own views it returns the new batch and a list
+    per name in its `columns`, which become extra output columns (null for rows that failed)."""
     ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
     features: list = [None] * len(rows)
     errors = [error for _, error in decoded]
     extra = {name: [None] * len(rows) for name in (transform.columns if transform else ())}
     if ok:
-        images = np.stack([decoded[i][0] for i in ok])
-        if transform is not None:
-            images, columns = transform(images, [rows["image_id"].iloc[i] for i in ok])
-            for name, values in columns.items():
-                for row, value in zip(ok, values):
-                    extra[name][row] = value
+        images, columns = transform_batch(transform, [decoded[i][0] for i in ok], [rows["image_id"].iloc[i] for i in ok])
+        for name, values in columns.items():
+            for row, value in zip(ok, values):
+                extra[name][row] = value
         batch = extractor(images)
         for row, vector in zip(ok, batch):
             if np.isfinite(vector).all():
@@ -80,7 +96,7 @@ def embed_decoded(rows: pd.DataFrame, decoded: list, extractor: FeatureExtractor
 def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadPoolExecutor | None = None,
                   max_pixels: int = MAX_PIXELS, transform=None) -> pd.DataFrame:
     """Decode and embed one batch of rows, one after the other (see `embed_decoded`)."""
-    load = partial(extractor.data_config.load, max_pixels=max_pixels)
+    load = input_loader(extractor.data_config, transform, max_pixels)
     paths = rows["path"].tolist()
     decoded = list(pool.map(decode, [load] * len(paths), paths) if pool else (decode(load, p) for p in paths))
     return embed_decoded(rows, decoded, extractor, transform)
@@ -94,7 +110,7 @@ def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, ba
     While the model embeds batch k, `decode_threads` threads already decode batches k+1 .. k+prefetch, so a
     GPU never waits on decoding: the rate approaches min(decode rate, model rate) instead of
     1 / (1/decode + 1/model) (bench/overlap.py). prefetch=0 decodes each batch only when its turn comes."""
-    load = partial(extractor.data_config.load, max_pixels=max_pixels)
+    load = input_loader(extractor.data_config, transform, max_pixels)
     pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
     queue: deque = deque()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +180,11 @@ class HeadOnImages:
                 raise StoreError(str(exc)) from None
             self.extractors.append(FeatureExtractor(st["backbone"], source.path, source.seed, device=device,
                                                     precision=precision, threads=threads, data_config=data_config))
-        self.configs = list(dict.fromkeys(ex.data_config for ex in self.extractors))
+        # How each store's model decodes an image (common.extraction.input_loader, as its extraction did: the input,
+        # or a masked store's input and its lung model's view), once for all the stores that share it.
+        self.loads = {}
+        for ex, masker in zip(self.extractors, self.maskers):
+            self.loads.setdefault(self._key(ex.data_config, masker), (ex.data_config, masker))
         # fp16 is CUDA-only: the small head runs in fp32 or bf16 on the CPU.
         self.head_precision = resolve_precision(precision) if precision in PRECISIONS else "fp32"
         if len(self.extractors) > 1:
@@ -191,16 +194,20 @@ class HeadOnImages:
     def label_names(self) -> list[str]:
         return list(self.head.label_names)
 
+    @staticmethod
+    def _key(data_config, masker) -> tuple:
+        return data_config, masker.view(data_config) if masker is not None else None
+
     def decode(self, source, max_pixels: int = MAX_PIXELS) -> tuple[dict | None, str | None]:
-        """({data config: model input}, None), or (None, a one-line error). `source` is a path or a
+        """({input key: model input(s)}, None), or (None, a one-line error). `source` is a path or a
         seekable binary stream (rewound for each data config)."""
-        from common.extraction import decode
+        from common.extraction import decode, input_loader
 
         inputs = {}
-        for config in self.configs:
+        for key, (config, masker) in self.loads.items():
             if hasattr(source, "seek"):
                 source.seek(0)
-            inputs[config], error = decode(partial(config.load, max_pixels=max_pixels), source)
+            inputs[key], error = decode(input_loader(config, masker, max_pixels), source)
             if error is not None:
                 return None, error
         return inputs, None
@@ -208,6 +215,8 @@ class HeadOnImages:
     def predict(self, inputs: list[dict], ids: list[str]) -> ImagePredictions:
         """Probabilities (n, labels) of decoded images (NaN rows for errors), each row's error or None,
         the lung columns of masked stores (lung_fraction, lung_qa) and the lung-masked inputs."""
+        from common.extraction import transform_batch
+
         n = len(inputs)
         features = np.full((n, sum(self.head.inputs.feature_dims)), np.nan, dtype=np.float32)
         lung_columns: dict[str, list] = {}
@@ -215,9 +224,8 @@ class HeadOnImages:
         col = 0
         for ex, masker in zip(self.extractors, self.maskers):
             if n:
-                images = np.stack([x[ex.data_config] for x in inputs])
+                images, columns = transform_batch(masker, [x[self._key(ex.data_config, masker)] for x in inputs], ids)
                 if masker is not None:
-                    images, columns = masker(images, ids)
                     masked = images
                     for name, values in columns.items():
                         lung_columns[name] = list(values)

@@ -278,9 +278,11 @@ def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb
             log(f"warning: {note}")
     lung_qa = None
     if masked:
+        from lungs.masking import QA_OK
+
         good = [fs.join(out, f) for s in SPLITS for f in files[s]]
         flags = read_parquet(good, ["lung_qa"]).column("lung_qa").to_pylist() if good else []
-        lung_qa = dict(Counter(flag or "ok" for flag in flags))
+        lung_qa = dict(Counter(flag or QA_OK for flag in flags))  # null: a chunk written before rows said "ok"
     return {"files": files, "splits": per_split, "errors": n_errors, "ran": next(iter(ran), None),
             "feature_stats": stats, "lung_qa": lung_qa}
 
@@ -425,11 +427,19 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
     summary = {"store": args.out, **{k: v for k, v in written.items() if k not in ("ran", "files")}, **timing}
     log(f"store complete: {summary['store']}")
     model = args.backbone if args.model == "classifier" else f"{args.backbone} {args.model}"
-    log(f"  {args.feature_dim}-d {model} features ({weights.label}); rows per split "
+    view = f" of lung-masked images (lung model {args.lungs['label']})" if args.lungs else ""
+    log(f"  {args.feature_dim}-d {model} features ({weights.label}){view}; rows per split "
         + ", ".join(f"{s}={n}" for s, n in written["splits"].items()))
     log(f"  {written['errors']} unreadable images (see {ERRORS_DIR}/); "
         f"{images.counts.get('images_missing', 0)} metadata rows without an image; "
         f"{images.counts.get('age_dropped', 0)} implausible ages dropped")
+    if args.lungs:
+        from lungs.masking import qa_summary
+
+        counts, warning = qa_summary(written["lung_qa"])
+        log(f"  lung masks (QA): {counts}")
+        if warning:
+            log(f"warning: {warning}")
     if timing["images_processed"]:
         log(f"  this run: {timing['images_processed']} images in {timing['seconds']} s "
             f"({timing['images_per_second']} images/s)")

@@ -1,14 +1,16 @@
-"""Lung-masked model inputs (LeDNet): the pure step the extraction job will run per batch.
+"""Lung-masked model inputs (LeDNet): the pure step the extraction job runs per batch.
 
-The mask is predicted on the backbone's own input (its DataConfig geometry), resized to the lung
-model's size, so the masked image and the original one share one field of view and one
-preprocessing; the mask comes back to the input's size and everything outside it turns black.
-Each image also gets its lung fraction and QA flags for masks that look wrong; such images are
-kept and flagged, never dropped.
+The lung model sees the film at its own size (what it was trained on, 256 px for the shipped one)
+in the backbone's geometry (its DataConfig with the lung model's input size: `LungMasker.view`),
+so the masked image and the original one share one field of view and one preprocessing whatever
+the backbone's input size; the mask comes to the backbone's input size and everything outside it
+turns black. Each image also gets its lung fraction and QA flags for masks that look wrong; such
+images are kept and flagged, never dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -27,6 +29,10 @@ from lungs.postprocess import postprocess
 # that a mask is more likely wrong than the anatomy unusual.
 MIN_FRACTION, MAX_FRACTION = 0.05, 0.65
 QA_FLAGS = ("empty", "one_region", "too_small", "too_large")
+QA_OK = "ok"  # lung_qa of a mask with no flag
+# Real adult frontal films are flagged a few in a hundred (9 of 420 NIH films); many more means the
+# lung model does not suit these images.
+HIGH_FLAG_RATE = 0.2
 
 
 @dataclass
@@ -53,17 +59,16 @@ def qa_flags(mask: np.ndarray) -> list[str]:
     return flags
 
 
-def mask_inputs(model, size: int, images: np.ndarray, **steps) -> Masked:
-    """(N, S, S) model inputs in [0, 1] -> the masked inputs, their masks, lung fractions and QA flags.
+def mask_inputs(model, images: np.ndarray, views: np.ndarray, **steps) -> Masked:
+    """(N, S, S) backbone inputs in [0, 1] and (N, L, L) the same films as the lung model's input (`LungMasker.view`)
+    -> the masked inputs, their masks at S, lung fractions and QA flags.
 
-    `model` is lungs.model.load_lung_model's, `size` its config["size"]; `steps` switch the
-    post-processing steps (keep, fill, mirror) as lungs.postprocess.postprocess takes them.
+    `model` is lungs.model.load_lung_model's; `steps` switch the post-processing steps (keep, fill, mirror)
+    as lungs.postprocess.postprocess takes them.
     """
     images = np.asarray(images, dtype=np.float32)
-    n, s = len(images), images.shape[-1]
-    x = torch.from_numpy(images)[:, None]
-    small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[:, 0]
-    raw = predict_masks(model, small.clamp(0, 1).numpy())
+    n, s, size = len(images), images.shape[-1], views.shape[-1]
+    raw = predict_masks(model, np.asarray(views, dtype=np.float32))
     cleaned, fired = [], {}
     for m in raw:
         out, did = postprocess(m, **steps)
@@ -71,9 +76,10 @@ def mask_inputs(model, size: int, images: np.ndarray, **steps) -> Masked:
         for step, f in did.items():
             fired[step] = fired.get(step, 0) + int(f)
     masks_small = torch.from_numpy(np.stack(cleaned) if cleaned else np.zeros((0, size, size), bool))
-    # Back to the input's size: bilinear on the 0/1 mask, then >= 0.5, keeps its edges where they were.
-    masks = (F.interpolate(masks_small[:, None].float(), size=(s, s), mode="bilinear", align_corners=False)[:, 0]
-             >= 0.5).numpy()
+    # To the input's size: the 0/1 mask resized bilinearly (averaged over each input pixel when shrinking),
+    # then >= 0.5, keeps its edges where they were.
+    masks = (F.interpolate(masks_small[:, None].float(), size=(s, s), mode="bilinear", align_corners=False,
+                           antialias=True)[:, 0] >= 0.5).numpy()
     return Masked(images * masks, masks, masks.reshape(n, -1).mean(axis=1).astype(np.float32),
                   [qa_flags(m) for m in masks], fired)
 
@@ -81,7 +87,7 @@ def mask_inputs(model, size: int, images: np.ndarray, **steps) -> Masked:
 # The columns a masked store adds to the contract's (their Arrow types: common.store.MASKED_FIELDS).
 COLUMNS = ("lung_fraction", "lung_qa")
 QA_RULE = (f"empty: no lung pixel; one_region: a single connected region; too_small / too_large: lung "
-           f"fraction under {MIN_FRACTION:g} / over {MAX_FRACTION:g}; flagged images are kept")
+           f"fraction under {MIN_FRACTION:g} / over {MAX_FRACTION:g}; {QA_OK}: none of these; flagged images are kept")
 POSTPROCESS = ("keep", "fill", "mirror")
 
 
@@ -126,10 +132,22 @@ def save_masks(folder: str | os.PathLike, image_ids, masks: np.ndarray) -> None:
         os.replace(tmp, final)
 
 
+def qa_summary(counts: dict[str, int]) -> tuple[str, str | None]:
+    """A masked store's QA counts (lung_qa -> images; null from older stores counted as ok) as one line, and a
+    warning when more than HIGH_FLAG_RATE of the masks are flagged (else None)."""
+    total, ok = sum(counts.values()), counts.get(QA_OK, 0)
+    line = ", ".join(f"{qa} {n}" for qa, n in sorted(counts.items(), key=lambda c: (c[0] != QA_OK, -c[1], c[0])))
+    flagged = total - ok
+    if not total or flagged / total <= HIGH_FLAG_RATE:
+        return line or "no images", None
+    return line, (f"{flagged} of {total} lung masks ({flagged / total:.0%}) are flagged: the lung model may not "
+                  "suit these images; look at their masks (--save-masks) before training on them")
+
+
 class LungMasker:
     """The extraction job's input transform for `--view masked` (common.extraction's `transform`):
-    a batch of backbone inputs and their image ids -> the masked batch and, per image,
-    lung_fraction and lung_qa (comma-separated QA_FLAGS, null when the mask looks right).
+    a batch of backbone inputs, their image ids and the same films as the lung model's input (`view`)
+    -> the masked batch and, per image, lung_fraction and lung_qa (comma-separated QA_FLAGS, or "ok").
     With `masks_dir` it also writes each mask there (save_masks)."""
 
     columns = COLUMNS
@@ -141,12 +159,17 @@ class LungMasker:
         self.size = config["size"]
         self.masks_dir = masks_dir
 
-    def __call__(self, images: np.ndarray, image_ids) -> tuple[np.ndarray, dict]:
-        out = mask_inputs(self.model, self.size, images)
+    def view(self, data_config):
+        """The lung model's input of a film: the backbone's geometry (common.data_config.DataConfig) at the lung
+        model's own size, whatever the backbone's input size."""
+        return dataclasses.replace(data_config, input_size=self.size)
+
+    def __call__(self, images: np.ndarray, image_ids, views: np.ndarray) -> tuple[np.ndarray, dict]:
+        out = mask_inputs(self.model, images, views)
         if self.masks_dir:
             save_masks(self.masks_dir, image_ids, out.masks)
         return out.images, {"lung_fraction": [float(f) for f in out.lung_fraction],
-                            "lung_qa": [",".join(flags) or None for flags in out.qa]}
+                            "lung_qa": [",".join(flags) or QA_OK for flags in out.qa]}
 
 
 _MASKERS: dict[tuple, LungMasker] = {}

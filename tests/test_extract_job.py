@@ -216,9 +216,11 @@ def test_masked_view_embeds_lung_masked_inputs_with_fraction_and_qa(dataset, spa
     extractor = FeatureExtractor(BACKBONE, None, 0, precision="fp32", threads=1)
     picks = rows[:3]
     paths = [next((dataset["root"] / "images").rglob(r["image_id"])) for r in picks]
-    masked, columns = masker(np.stack([DataConfig(224).load(str(p)) for p in paths]), [r["image_id"] for r in picks])
+    cfg = DataConfig(224)
+    images, views = zip(*(cfg.load_with(masker.view(cfg), str(p)) for p in paths))
+    masked, columns = masker(np.stack(images), [r["image_id"] for r in picks], np.stack(views))
     np.testing.assert_allclose(columns["lung_fraction"], [r["lung_fraction"] for r in picks], rtol=1e-6)
-    assert [c or None for c in columns["lung_qa"]] == [r["lung_qa"] for r in picks]
+    assert columns["lung_qa"] == [r["lung_qa"] for r in picks]
     direct = extractor(masked)
     stored = np.array([r["features"] for r in picks])
     np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5 * np.abs(direct).max())
@@ -258,6 +260,36 @@ def test_masked_run_resumes_keeps_bad_images_and_refuses_other_settings(dataset,
     assert len(rows) == N_IMAGES and all(0 < r["lung_fraction"] < 1 for r in rows)
     errors = read_errors(out)
     assert errors.column("image_id").to_pylist() == [CORRUPT]
+
+
+def test_a_masked_run_says_so_counts_its_qa_flags_and_warns_when_many_masks_are_flagged(dataset, spark, tmp_path,
+                                                                                         capsys):
+    """The summary of a masked run names the view and its QA counts; every row's lung_qa is what the manifest counts
+    ("ok", never null); a lung model that finds no lung flags every image and the summary warns."""
+    from collections import Counter
+
+    import torch
+
+    from lungs.model import UNet, save_lung_model
+
+    out = tmp_path / "masked"
+    main(job_args(dataset, out, "--view", "masked", "--limit", "6", "--input-size", "64"), spark=spark)
+    m, rows = read_manifest(out), all_rows(out).to_pylist()
+    assert dict(Counter(r["lung_qa"] for r in rows)) == m["lungs"]["qa_counts"]
+    assert m["lungs"]["qa_counts"].get("ok", 0) >= 5  # at 64 px the lung model still sees 256 px
+    summary = capsys.readouterr().err.split("[extract] store complete", 1)[1]
+    assert "lung-masked" in summary and "lung masks (QA): " in summary and "warning" not in summary
+
+    blind = UNet(base=4, depth=2)  # a lung model that sees no lung anywhere
+    torch.nn.init.zeros_(blind.head.weight)
+    torch.nn.init.constant_(blind.head.bias, -10.0)
+    save_lung_model(blind, {"size": 32, "base": 4, "depth": 2}, tmp_path / "blind.pt", data={}, metrics={})
+    main(job_args(dataset, tmp_path / "blind", "--view", "masked", "--limit", "6", "--lung-model",
+                  str(tmp_path / "blind.pt")), spark=spark)
+    assert read_manifest(tmp_path / "blind")["lungs"]["qa_counts"] == {"empty": 6}
+    summary = capsys.readouterr().err.split("[extract] store complete", 1)[1]
+    assert "lung masks (QA): empty 6" in summary
+    assert "warning: 6 of 6 lung masks (100%) are flagged" in summary
 
 
 def test_save_masks_needs_the_masked_view(dataset, spark, tmp_path):

@@ -58,7 +58,8 @@ def test_masked_extraction_through_spark_submit(tmp_path):
     assert manifest["view"] == "masked" and manifest["lungs"]["label"] == "default"
     assert sum(manifest["lungs"]["qa_counts"].values()) == sum(manifest["splits"].values()) == 6
     assert len(list(masks.glob("*.png"))) == 6
-    assert "masked" in printed.split("[extract] store complete", 1)[1]
+    summary = printed.split("[extract] store complete", 1)[1]
+    assert "of lung-masked images (lung model default)" in summary and "lung masks (QA): ok " in summary
 
 
 def test_fine_tune_through_spark_submit_with_the_decode_cache(tmp_path):

@@ -299,10 +299,12 @@ def test_masked_inputs_keep_the_lungs_on_real_nih_films():
     paths = sorted(NIH_IMAGES.glob("*.png"))[:4]
     if not paths:
         pytest.skip("NIH images not present")
-    cfg = DataConfig(224)  # a backbone's own input: the mask is made in that geometry
-    images = np.stack([cfg.load(str(p)) for p in paths])
+    cfg = DataConfig(224)  # a backbone's own input: the mask is made in that geometry, at the lung model's size
     model, config = load_lung_model("default")
-    out = mask_inputs(model, config["size"], images)
+    view = DataConfig(config["size"])
+    images, views = (np.stack(batch) for batch in zip(*(cfg.load_with(view, str(p)) for p in paths)))
+    assert np.array_equal(images, np.stack([cfg.load(str(p)) for p in paths]))  # PNGs: one decode, the same input
+    out = mask_inputs(model, images, views)
     assert out.images.shape == images.shape and out.masks.shape == images.shape
     # Outside the mask black, inside the image untouched.
     assert (out.images[~out.masks] == 0).all() and np.array_equal(out.images[out.masks], images[out.masks])
@@ -310,6 +312,29 @@ def test_masked_inputs_keep_the_lungs_on_real_nih_films():
     # Real adult films: both lungs found, a plausible share of the image, no QA flag.
     assert ((out.lung_fraction > 0.1) & (out.lung_fraction < 0.5)).all(), out.lung_fraction
     assert out.qa == [[], [], [], []]
+
+
+@needs_lungs
+def test_a_small_backbone_input_is_masked_by_the_lung_model_at_its_own_size():
+    """At 64 px the lung model still sees the film at its own 256 px (what it was trained on); the mask comes
+    down to the backbone's 64 px. Run as a Spark task runs it (common.extraction.extract_frame)."""
+    import pandas as pd
+
+    from common.data_config import DataConfig
+    from common.extraction import extract_frame
+    from common.inference import FeatureExtractor
+    from lungs.masking import LungMasker
+
+    paths = sorted((LUNGS / "images").glob("*.png"))[::60][:8]
+    rows = pd.DataFrame({"image_id": [p.name for p in paths], "patient_id": "p", "view": "PA", "age": 40.0,
+                         "sex": 1, "labels": [[]] * len(paths), "split": "train", "path": [str(p) for p in paths]})
+    extractor = FeatureExtractor("mobilenet_v3_large", None, 0, precision="fp32", threads=1,
+                                 data_config=DataConfig(64))
+    out = extract_frame(rows, extractor, transform=LungMasker("default"))
+    assert out["error"].isna().all()
+    # Both lungs of a real adult film: a plausible share of the input, and masks that pass QA.
+    assert (out["lung_fraction"] > 0.1).all() and (out["lung_fraction"] < 0.6).all(), out["lung_fraction"].tolist()
+    assert (out["lung_qa"] == "ok").mean() >= 0.75, out["lung_qa"].tolist()
 
 
 def test_mask_file_names_stay_in_their_folder_and_never_collide():
