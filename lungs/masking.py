@@ -30,7 +30,7 @@ from lungs.postprocess import postprocess
 MIN_FRACTION, MAX_FRACTION = 0.05, 0.65
 QA_FLAGS = ("empty", "one_region", "too_small", "too_large")
 QA_OK = "ok"  # lung_qa of a mask with no flag
-# Real adult frontal films are flagged a few in a hundred (9 of 420 NIH films); many more means the
+# Real frontal films are flagged a few in a hundred (5 of 420 NIH films); many more means the
 # lung model does not suit these images.
 HIGH_FLAG_RATE = 0.2
 
