@@ -171,9 +171,10 @@ class DataConfig:
         return self.place(*decode_gray(path, self.square_side, max_pixels))
 
     def load_with(self, other: DataConfig, path: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
-        """`path` as this config's input and as `other`'s, from one decode (a JPEG is reduced only as far as
-        the larger of the two allows): a backbone's input and a lung model's own input of the same film."""
-        gray, scale = decode_gray(path, max(self.square_side, other.square_side), max_pixels)
+        """`path` as this config's input and as `other`'s, from one decode: a backbone's input and a lung
+        model's own input of the same film. The decode is this config's (a JPEG reduced as far as this
+        config's side allows), so this input is exactly what `load` gives: one model, one preprocessing."""
+        gray, scale = decode_gray(path, self.square_side, max_pixels)
         return self.place(gray, scale), other.place(gray, scale)
 
     def place(self, gray: Image.Image, scale: float) -> np.ndarray:

@@ -128,3 +128,15 @@ def test_overrides_change_only_what_was_given():
     assert cfg.with_overrides() is cfg
     assert cfg.with_overrides(input_size=320) == DataConfig(320, resize="crop")
     assert cfg.with_overrides(resize="pad") == DataConfig(224)
+
+
+def test_one_decode_for_two_inputs_keeps_the_first_exactly_as_load_gives_it(tmp_path):
+    # A JPEG is decoded at a DCT-reduced scale that depends on the side asked for: the backbone's input of a
+    # masked store must still be what its plain store gets (one model, one preprocessing).
+    rng = np.random.default_rng(0)
+    path = tmp_path / "film.jpg"
+    Image.fromarray(rng.integers(0, 256, (1024, 900), dtype=np.uint8)).save(path, quality=90)
+    small, large = DataConfig(64), DataConfig(256)
+    backbone, lungs = small.load_with(large, str(path))
+    np.testing.assert_array_equal(backbone, small.load(str(path)))
+    assert lungs.shape == (256, 256)
