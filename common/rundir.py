@@ -1,4 +1,4 @@
-"""A run directory and the files in it, written by heads.train and jobs/finetune.py, read by the report and predict.
+"""A run directory and the files in it, written by heads.train and jobs/fine_tune.py, read by the report and predict.
 
     <run>/.cxr-run.json           the marker: written first, it makes the folder a run directory
     <run>/config.json             resolved settings, command line, software versions, stores used

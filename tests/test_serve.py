@@ -279,7 +279,7 @@ def test_a_head_on_a_lung_masked_store_shows_what_the_model_saw(tmp_path, pngs, 
     rng = np.random.default_rng(0)
     splits = {s: synthetic_rows(n, 2048, 14, rng, signal=1.0, prefix=s) for s, n in {"train": 40, "val": 20}.items()}
     store = write_store(tmp_path / "masked", splits, backbone=BACKBONE, manifest_extra={
-        "data_config": DataConfig(224).to_dict(), "view": "masked",  # the lung model needs more than 64 px
+        "data_config": DataConfig(224).to_dict(), "view": "masked",
         "lungs": {"label": "default", "sha256": file_sha256(str(DEFAULT)), "size": 256}})
     train.main(["--store", str(store), "--out", str(tmp_path / "run"), "--epochs", "1", "--threads", "1", "--quiet"])
     served = load_served(tmp_path / "run", precision="fp32", threads=1)
