@@ -12,7 +12,9 @@ names, IDs and dates are never read.
 
 from __future__ import annotations
 
+import io
 import warnings
+import zlib
 
 import numpy as np
 
@@ -40,6 +42,12 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 # A bare dataset (no 'DICM' marker) is taken for DICOM only when it holds one of these: every image
 # object has them, and random bytes read with force do not.
 _MARKER_TAGS = ("SOPClassUID", "Rows")
+
+# What a dataset may hold besides its pixel data, inflated (Deflated Explicit VR Little Endian): a radiograph's
+# header is a few KB; 16 MB leaves room for private tags, overlays and an icon. A header read that stops
+# before the pixel data (stop_before_pixels) inflates no more than this, whatever the file holds after it.
+HEADER_BYTES = 16 * 2**20
+_INFLATE_IN, _INFLATE_OUT = 2**16, 2**20  # deflated bytes read, inflated bytes made, per step
 
 
 class MultiFrameWarning(UserWarning):
@@ -70,26 +78,82 @@ def is_dicom(source) -> bool:
     return head[128:132] == b"DICM"
 
 
-def read_dataset(path: str, tags, **options):
+def read_dataset(path: str, tags, max_inflated: int = HEADER_BYTES, **options):
     """The DICOM dataset of `path` with only `tags` parsed (pydicom's `specific_tags`); a file that is
     not DICOM raises a one-line ValueError naming it.
 
     Without the 'DICM' marker, old or tool-written files hold a bare dataset, which pydicom reads with
     force; a file that is not DICOM at all is told apart by having none of the marker tags below.
+    A deflated dataset (a ~1000-fold bomb for pydicom, which inflates it whole) is inflated here, to at most
+    `max_inflated` bytes: more is refused, or with `stop_before_pixels` cut there and refused only where
+    the cut comes before the pixel data.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     forced, label = not is_dicom(path), source_name(path)
     if hasattr(path, "seek"):
         path.seek(0)  # pydicom reads a stream from where it stands
+    # What pydicom raises on a corrupt file (an element of no known VR, or of a length its VR cannot have, too).
+    unreadable = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, OverflowError, zlib.error,
+                  NotImplementedError, BytesLengthException)
     try:
-        ds = pydicom.dcmread(path, force=forced, specific_tags=[*tags, *_MARKER_TAGS], **options)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
+        inflated, cut = (None, False) if forced else _inflate(path, max_inflated)
+    except unreadable as exc:
         raise ValueError(f"{label}: not a readable DICOM file ({_one_line(exc)})") from None
+    over = f"{label}: deflated DICOM data inflates to over {max_inflated / 2**20:.0f} MB"
+    if cut and not options.get("stop_before_pixels"):
+        raise ValueError(f"{over}, more than its pixels may need (--max-pixels)")
+    try:
+        ds = pydicom.dcmread(path if inflated is None else inflated, force=forced,
+                             specific_tags=[*tags, *_MARKER_TAGS], **options)
+    except unreadable as exc:
+        raise ValueError(f"{label}: not a readable DICOM file ({_one_line(exc)})") from None
+    # pydicom stops at the pixel data and steps back to its tag: a read that ends at the cut never got there.
+    if cut and inflated.tell() >= inflated.seek(0, 2):
+        raise ValueError(f"{over} before any pixel data")
+    if inflated is not None:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian  # the file's, read inflated
     if forced and not any(tag in ds for tag in _MARKER_TAGS):
         raise ValueError(f"{label}: not a DICOM file (no 'DICM' marker at byte 128, no image header)")
     return ds
+
+
+def _inflate(source, limit: int) -> tuple[io.BytesIO | None, bool]:
+    """A Deflated Explicit VR Little Endian file rewritten in memory as Explicit VR Little Endian (which
+    pydicom reads without inflating again), its dataset inflated piece by piece to at most `limit` bytes
+    (one more tells that it holds more); and whether it was cut there. (None, False) for another file."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    stream = source if hasattr(source, "read") else open(source, "rb")
+    start = stream.tell()
+    try:
+        preamble = read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)  # pydicom's own: its deflated data starts where this stops
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return None, False
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out = io.BytesIO()
+        out.write(preamble + b"DICM")
+        write_file_meta_info(out, meta, enforce_standard=False)
+        dataset = out.tell()
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate (PS3.5 A.5)
+        while not inflater.eof and out.tell() - dataset <= limit:
+            data = inflater.unconsumed_tail or stream.read(_INFLATE_IN)
+            if not data:
+                raise EOFError("deflated data cut short")
+            out.write(inflater.decompress(data, min(_INFLATE_OUT, limit + 1 - (out.tell() - dataset))))
+        cut = out.tell() - dataset > limit
+        out.seek(0)
+        return out, cut
+    finally:
+        if stream is source:
+            stream.seek(start)
+        else:
+            stream.close()
 
 
 def decode_dicom(path: str, max_pixels: int) -> tuple[np.ndarray, float]:
@@ -102,8 +166,9 @@ def decode_dicom(path: str, max_pixels: int) -> tuple[np.ndarray, float]:
     whose codestream says another size than the header and a Rescale or Window that is no finite
     number, each found before decoding.
     """
-    # Values over 1 MB (the pixels) are read only when used, after the header checks.
-    ds = read_dataset(path, _TAGS, defer_size="1 MB")
+    # Values over 1 MB (the pixels) are read only when used, after the header checks. A deflated file
+    # inflates before them: to at most 4 bytes a pixel (32-bit gray, 8-bit RGB) and a header.
+    ds = read_dataset(path, _TAGS, max_inflated=max_pixels * 4 + HEADER_BYTES, defer_size="1 MB")
     path = source_name(path)  # from here on only named in messages
     _check_header(path, ds, max_pixels)
     _check_value_transform(path, ds)

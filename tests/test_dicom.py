@@ -385,3 +385,136 @@ def test_a_non_finite_or_absurd_value_transform_is_refused_naming_the_tag(tmp_pa
         decode_gray(str(path), SIZE)
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{path}: ") and words in message, message
+
+
+def _encoded(ds: Dataset) -> bytes:
+    """`ds` as Explicit VR Little Endian bytes, as a deflated file holds them before deflating."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _deflated_bomb(path: Path, tag: int, megabytes: int = 300) -> Path:
+    """A Deflated Explicit VR Little Endian file (~300 KB): a 256 x 256 8-bit header with a PatientID, and
+    `megabytes` MB of zeros as the OB element `tag`, in tag order; deflated here piece by piece, so the
+    test never holds the inflated dataset."""
+    import struct
+    import zlib
+
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(write_dicom(path, np.zeros((256, 256), np.uint8), PatientID="p1"))
+    del ds.PixelData
+    before, after = Dataset(), Dataset()
+    for element in ds:
+        (before if element.tag < tag else after).add(element)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)  # raw deflate, as PS3.5 A.5 says
+    zeros = bytes(2**20)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(f, ds.file_meta)
+        f.write(deflate.compress(_encoded(before) + struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"OB", 0,
+                                                                megabytes * len(zeros))))
+        for _ in range(megabytes):
+            f.write(deflate.compress(zeros))
+        f.write(deflate.compress(_encoded(after)) + deflate.flush())
+    return path
+
+
+def _peak(call):
+    """What `call()` returned (or raised) and the most memory Python held meanwhile."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            out = call()
+        except Exception as exc:  # noqa: BLE001 - returned for the caller's assertions
+            out = exc
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_deflated_dicom_decodes_as_its_uncompressed_twin(tmp_path, gray):
+    import io
+
+    from common.metadata import read_dicom_headers
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    stored = gray.astype(np.uint16) * 16
+    plain = write_dicom(tmp_path / "plain.dcm", stored, bits=12, PatientID="p1", WindowCenter="2000",
+                        WindowWidth="3000")
+    ds = pydicom.dcmread(plain)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    deflated = tmp_path / "deflated.dcm"
+    assert deflated.stat().st_size < plain.stat().st_size / 1.5  # pydicom did deflate it
+    expected = decode_dicom(str(plain), 10**8)
+    values, scale = decode_dicom(str(deflated), 10**8)
+    assert scale == expected[1] and np.array_equal(values, expected[0])
+    upload = io.BytesIO(deflated.read_bytes())
+    upload.name = "upload.dcm"
+    values, scale = decode_dicom(upload, 10**8)
+    assert scale == expected[1] and np.array_equal(values, expected[0])
+    assert read_dicom_headers([str(deflated)]) == read_dicom_headers([str(plain)])
+    assert read_dicom_headers([str(deflated)])[0][0] == "p1"
+
+
+def test_a_deflated_bomb_is_refused_before_it_inflates(tmp_path):
+    import io
+
+    from common.metadata import read_dicom_headers
+
+    # 300 KB that inflates to 300 MB of "pixel data" under a 256 x 256 header: refused once the inflated
+    # dataset passes what 256 x 256 pixels (max_pixels) can need, having held about that much.
+    path = _deflated_bomb(tmp_path / "bomb.dcm", 0x7FE00010)
+    assert path.stat().st_size < 2_000_000
+    upload = io.BytesIO(path.read_bytes())
+    upload.name = "upload.dcm"
+    for source, name in ((str(path), str(path)), (upload, "upload.dcm")):
+        error, peak = _peak(lambda: decode_gray(source, SIZE, max_pixels=256 * 256))
+        assert isinstance(error, ValueError), error
+        message = str(error)
+        assert "\n" not in message and message.startswith(f"{name}: ") and "inflates" in message, message
+        assert peak < 40_000_000, peak
+    # The header scan stops before the pixel data: it reads the tags and inflates no more than a header may need.
+    headers, peak = _peak(lambda: read_dicom_headers([str(path)]))
+    assert headers[0][0] == "p1" and peak < 40_000_000, (headers, peak)
+
+
+def test_a_deflated_header_larger_than_any_header_is_refused(tmp_path):
+    from common.dicom import read_dataset
+    from common.metadata import DICOM_TAGS, read_dicom_headers
+
+    # 300 MB of a private element before the PatientID: no header needs that much before its pixels.
+    path = _deflated_bomb(tmp_path / "bomb.dcm", 0x00091000)
+    error, peak = _peak(lambda: read_dataset(str(path), DICOM_TAGS, stop_before_pixels=True))
+    assert isinstance(error, ValueError), error
+    message = str(error)
+    assert "\n" not in message and message.startswith(f"{path}: ") and "inflates" in message, message
+    assert peak < 40_000_000, peak
+    assert read_dicom_headers([str(path)]) == [(None, "not DICOM")]
+
+
+def test_deflated_data_cut_short_or_corrupt_is_one_line(tmp_path, gray):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(write_dicom(tmp_path / "plain.dcm", gray))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    data = (tmp_path / "deflated.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[:len(data) // 2])
+    deflated_at = 144 + int.from_bytes(data[140:144], "little")  # after the file meta group, by its length
+    (tmp_path / "corrupt.dcm").write_bytes(data[:deflated_at] + b"\xff" + data[deflated_at + 1:])  # invalid block type
+    for name in ("cut.dcm", "corrupt.dcm"):
+        with pytest.raises(ValueError) as info:
+            decode_gray(str(tmp_path / name), SIZE)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{tmp_path / name}: not a readable DICOM"), message
