@@ -38,9 +38,15 @@ def cached_extractor(backbone: str, state_file: str | None, seed: int, device: s
 
 
 def decode(load: Callable, path: str) -> tuple[np.ndarray | None, str | None]:
-    """(image, None), or (None, a one-line error) for a file `load` cannot read (or an object not there)."""
+    """(image, None), or (None, a one-line error) for a file `load` cannot read (or an object not there). A
+    store that fails to hand over an object's bytes (unreachable, refused) raises: that says nothing of the
+    image, and an error row would keep it out of the store for good."""
     try:
-        return load(fs.readable(path)), None
+        source = fs.readable(path)  # a local path as it is; an object's bytes
+    except (FileNotFoundError, IsADirectoryError, ValueError) as exc:  # no such object; a refused URI
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+    try:
+        return load(source), None
     except Exception as exc:  # any decoder failure is data, recorded per image
         message = " ".join(str(exc).split())
         return None, f"{type(exc).__name__}: {message}"[:500]

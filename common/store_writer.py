@@ -45,8 +45,29 @@ OWN = frozenset({MANIFEST, ERRORS_DIR, WORK_DIR, *(f"split={s}" for s in SPLITS)
 FILES_DDL = "kind string, file string, rows long, ran string"
 
 
+# A task's result row for an I/O failure of a store it reads or writes (`file` says why): see failure_row.
+STORE_FAILURE = "store-failure"
+
+
 class OutputError(RuntimeError):
     pass
+
+
+class StoreFailure(OSError):
+    """A task could not read or write a store (it stopped answering, refused, or its disk is full)."""
+
+
+def failure_row(exc: OSError) -> dict:
+    """What a task returns instead of raising when a store fails it: the driver stops in one line
+    (check_results) and Spark logs no task traceback; nothing the task wrote is committed."""
+    return {"kind": STORE_FAILURE, "file": " ".join(str(exc).split())[:300], "rows": 0}
+
+
+def check_results(results) -> None:
+    """StoreFailure with the first failing task's reason, when any task reported one (failure_row)."""
+    for result in results:
+        if result["kind"] == STORE_FAILURE:
+            raise StoreFailure(result["file"])
 
 
 def plan_fingerprint(table: pd.DataFrame, settings: dict) -> str:
@@ -209,11 +230,14 @@ def compact_group(store: str, feature_dim: int, group: dict) -> dict:
     from common.store import read_parquet
 
     kind = group["kind"]
-    table = read_parquet([fs.join(store, f) for f in group["files"]]).sort_by("image_id")
     folder = ERRORS_DIR if kind == ERRORS_DIR else f"split={kind}"
     name = f"{folder}/part-{group['part']:05d}-{uuid.uuid4().hex[:12]}.parquet"
-    filesystem, where = fs.for_writing(fs.join(store, name))
-    pq.write_table(table, where, filesystem=filesystem)
+    try:
+        table = read_parquet([fs.join(store, f) for f in group["files"]]).sort_by("image_id")
+        filesystem, where = fs.for_writing(fs.join(store, name))
+        pq.write_table(table, where, filesystem=filesystem)
+    except OSError as exc:
+        return {**failure_row(exc), "stats": None}
     stats = None
     if kind != ERRORS_DIR:
         features = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)

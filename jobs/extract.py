@@ -23,14 +23,16 @@ import shlex
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from common import __version__
 from common.choices import PRECISIONS, SPLITS
 from common.config import HelpFormatter, parse_with_config, require
 from common.data_config import RESIZE_MODES, DataConfig
 from common.images import MAX_PIXELS
-from common.safe_output import OutputLock, RemoteLock, check_dir_path, run_job
+from common.safe_output import OutputLock, RemoteLock, check_dir_path, is_disk_error, run_job
 from common.table_flags import add_table_flags, check_table_flags
 
 # torch, pyarrow and pandas are imported by the functions that use them, so that --help (and a
@@ -98,7 +100,7 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
         from pyspark import SparkFiles, TaskContext
 
         from common.extraction import cached_extractor, iter_extract
-        from common.store_writer import write_task_files
+        from common.store_writer import failure_row, write_task_files
 
         task = TaskContext.get()
         gpus = task.resources().get("gpu")
@@ -118,12 +120,15 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
             masker = cached_masker(SparkFiles.get(lung_file), on, masks_dir)  # same worker and device as the backbone
         table = rows.value
         frames = [table.iloc[int(t)::tasks] for ids in task_ids for t in ids["id"]]
-        outputs = list(iter_extract(frames, extractor, batch_size, max_pixels, masker, decode_threads=threads,
-                                    on_batch=count, prefetch=prefetch))
-        if outputs:
-            files = write_task_files(work, chunk, pd.concat(outputs, ignore_index=True), task.partitionId(),
-                                     masked=masker is not None)
-            ran = f"{extractor.device.type}/{extractor.precision}"
+        try:
+            outputs = list(iter_extract(frames, extractor, batch_size, max_pixels, masker, decode_threads=threads,
+                                        on_batch=count, prefetch=prefetch))
+            files = (write_task_files(work, chunk, pd.concat(outputs, ignore_index=True), task.partitionId(),
+                                      masked=masker is not None) if outputs else [])
+        except OSError as exc:  # the images' or the output's store failed (not an image): the driver says so
+            files = [failure_row(exc)]
+        ran = f"{extractor.device.type}/{extractor.precision}"
+        if files:
             yield pd.DataFrame([{**f, "ran": ran} for f in files], columns=["kind", "file", "rows", "ran"])
 
     return run
@@ -189,17 +194,45 @@ def get_spark():
             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
 
 
+@contextmanager
+def stopped_by_store(out: str, committed: Callable[[], str]):
+    """A run its store stops (unreachable, refusing, full; on the driver or in a task) ends in one OutputError line
+    naming the store, what is committed (`committed()`) and how to go on; any other failure passes through."""
+    from common import fs
+    from common.store_writer import OutputError
+
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, OSError) and is_disk_error(exc):
+            raise  # the driver's full or read-only disk: run_job's line names the file
+        if isinstance(exc, OSError):  # the driver's own store I/O, or a task's StoreFailure
+            reason = " ".join(str(exc).split())[:300]
+        else:  # Spark's report of a failed task: was it the store?
+            try:
+                fs.info(out)
+            except OSError as probe:
+                reason = "the store stopped answering: " + " ".join(str(probe).split())[:300]
+            else:
+                raise
+        raise OutputError(f"--out {out}: {reason}; {committed()}: run the same command again to resume") from None
+
+
 def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: int, data_config: DataConfig,
                lock=None) -> dict:
     """Process every uncommitted chunk; returns timing figures for the summary. A chunk is committed only while
     `lock` is this job's (an object store's lock can be taken by a job started in the same instant)."""
     from common.extraction import INPUT_COLUMNS
-    from common.store_writer import FILES_DDL, OutputError, commit_chunk, discard_uncommitted, is_committed
+    from common.store_writer import (FILES_DDL, OutputError, check_results, commit_chunk, discard_uncommitted,
+                                     is_committed)
 
     sc = spark.sparkContext
     chunks = [table.iloc[i:i + args.chunk_size] for i in range(0, len(table), args.chunk_size)]
     pending = [i for i in range(len(chunks)) if not is_committed(work, i)]
     already = sum(len(chunks[i]) for i in range(len(chunks)) if i not in pending)
+    committed = len(chunks) - len(pending)
     if already:
         log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
     done, errors = sc.accumulator(0), sc.accumulator(0)
@@ -216,22 +249,26 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
             task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config,
                                    args.batch_size, done, errors, work, i, rows, parts, args.max_pixels,
                                    args.lung_file, args.masks_dir, args.prefetch_batches)
-            discard_uncommitted(work, i)
-            try:
-                # collect() keeps one result per partition: a retried or speculative attempt's files are not in it.
-                files = spark.range(parts, numPartitions=parts).mapInPandas(task_fn, FILES_DDL).collect()
-            except Exception:
-                if progress.stalled:
-                    raise OutputError(f"--out {args.out}: no image finished for {args.stall_timeout:g} s "
-                                      "(--stall-timeout), so the job was stopped as stuck; the committed chunks "
-                                      "are kept and a rerun resumes after them") from None
-                raise
-            finally:
-                rows.destroy()
-            if getattr(lock, "lost", False):
-                raise OutputError(f"--out {args.out}: another job took this store's lock, so this one stops before "
-                                  "committing more; the chunks committed so far are kept")
-            commit_chunk(work, i, [row.asDict() for row in files])
+            with stopped_by_store(args.out, lambda: f"{committed} of {len(chunks)} chunks are committed and kept"):
+                discard_uncommitted(work, i)
+                try:
+                    # collect() keeps one result per partition: a retried or speculative attempt's files are not in it.
+                    files = [row.asDict() for row in
+                             spark.range(parts, numPartitions=parts).mapInPandas(task_fn, FILES_DDL).collect()]
+                except Exception:
+                    if progress.stalled:
+                        raise OutputError(f"--out {args.out}: no image finished for {args.stall_timeout:g} s "
+                                          "(--stall-timeout), so the job was stopped as stuck; the committed chunks "
+                                          "are kept and a rerun resumes after them") from None
+                    raise
+                finally:
+                    rows.destroy()
+                check_results(files)
+                if getattr(lock, "lost", False):
+                    raise OutputError(f"--out {args.out}: another job took this store's lock, so this one stops "
+                                      "before committing more; the chunks committed so far are kept")
+                commit_chunk(work, i, files)
+            committed += 1
             log(f"chunk {i + 1}/{len(chunks)} committed; {progress.line()}")
     seconds = time.monotonic() - start
     return {"images_processed": done.value, "seconds": round(seconds, 2),
@@ -382,7 +419,9 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
     args.lung_file = ship_file(spark, args.lungs["path"], args.lungs["sha256"]) if args.lungs else None
     timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config, lock)
     n_chunks = timing["chunks"]
-    written = compact(spark, args.out, work, n_chunks, args.feature_dim, args.file_mb, masked=args.view == "masked")
+    with stopped_by_store(args.out, lambda: f"all {n_chunks} chunks are committed and kept"):
+        written = compact(spark, args.out, work, n_chunks, args.feature_dim, args.file_mb,
+                          masked=args.view == "masked")
 
     import pyspark
     import torch
@@ -423,7 +462,8 @@ def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, imag
                              "qa_rule": QA_RULE, "masks_dir": args.masks_dir}
     if weights.kind == "random":
         manifest["weights_note"] = "random initialisation (asked for explicitly): features carry no learned knowledge"
-    publish(args.out, manifest)
+    with stopped_by_store(args.out, lambda: f"all {n_chunks} chunks are committed and kept"):
+        publish(args.out, manifest)
     summary = {"store": args.out, **{k: v for k, v in written.items() if k not in ("ran", "files")}, **timing}
     log(f"store complete: {summary['store']}")
     model = args.backbone if args.model == "classifier" else f"{args.backbone} {args.model}"

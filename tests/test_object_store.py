@@ -7,6 +7,7 @@ rerun must finish with every image exactly once and features equal to a local ru
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,23 +35,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 and the environment that points pyarrow (and the job) at it."""
+def _start_moto(log_path) -> tuple[subprocess.Popen, int]:
+    """moto's standalone S3 server on a free loopback port, once it answers."""
     port = _free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return server, port
         except OSError:
             assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
             time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _s3_env(port: int) -> dict:
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 and the environment that points pyarrow (and the job) at it."""
+    server, port = _start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    env = _s3_env(port)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     fs._filesystem.cache_clear()
@@ -245,3 +254,42 @@ def test_a_remote_lock_taken_by_another_job_is_noticed_and_stale_ones_are_taken_
     with RemoteLock(folder, log=lambda m: None) as taker:
         assert json.loads(fs.read_bytes(f"{folder}/.cxr.lock"))["token"] == taker.record["token"]
     assert not fs.exists(f"{folder}/.cxr.lock")
+
+
+def test_a_store_that_stops_answering_mid_run_is_one_line_naming_what_is_kept(tmp_path):
+    """The S3 endpoint of the output goes away after the first chunk: one line naming the store, the committed
+    chunks and how to go on; no Python or Java traceback."""
+    server, port = _start_moto(tmp_path / "moto.log")
+    try:
+        env = _s3_env(port)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
+                          access_key="testing", secret_key="testing", region="us-east-1").create_dir("gone")
+        marker = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                                   secret_key="testing", region="us-east-1")
+        flags = ["--config", "conf/sample.toml", "--out", "s3://gone/x", *MODEL]
+        full_env = {**os.environ, **env, "PYSPARK_SUBMIT_ARGS": "--master local[2] pyspark-shell",
+                    "PYTHONPATH": str(REPO), "PYSPARK_PYTHON": sys.executable}
+        with open(tmp_path / "job.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "extract.py"), *flags], env=full_env,
+                                    cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 300
+            while marker.get_file_info("gone/x/_work/chunk-00000.json").type == pafs.FileType.NotFound:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+                time.sleep(0.2)
+            server.kill()
+            server.wait()
+            try:
+                proc.wait(timeout=300)  # a bound against a hang: the job stops by itself
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    printed = (tmp_path / "job.log").read_text()
+    assert proc.returncode == 2, printed[-3000:]
+    assert "Traceback" not in printed and "Exception" not in printed, printed[-3000:]
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("jobs/extract.py: error: --out s3://gone/x: "), last
+    assert re.search(r"; [1-5] of 5 chunks are committed and kept: run the same command again to resume$", last), last
