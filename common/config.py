@@ -120,6 +120,15 @@ def add_loss_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--focal-alpha", type=float, default=None, help="focal loss α for positives (default: no α)")
 
 
+def add_adam_flags(g: argparse.ArgumentParser, lr: float, batch_size: int, epochs: int, per: str = "step") -> None:
+    """Adam's flags and the run's length, for every trainer (`g` may be a group); the defaults are each one's."""
+    g.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    g.add_argument("--betas", default="0.9,0.999", help="Adam betas, comma-separated")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per {per}")
+    g.add_argument("--epochs", type=int, default=epochs, help="at most this many epochs")
+
+
 def parse_list(value, cast, flag: str) -> list:
     """A TOML list or a comma-separated flag value (empty items skipped; None: [])."""
     if value is None:

@@ -13,7 +13,8 @@ import shlex
 import sys
 
 from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
-from common.config import ConfigError, HelpFormatter, add_loss_flags, fail, log, parse_list, parse_with_config, require
+from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, fail, log, parse_list,
+                           parse_with_config, require)
 from common.targets import HEAD_POLICIES
 from heads.choices import KINDS, PRECISIONS, SEX_ENCODINGS
 
@@ -50,11 +51,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None, help="dropout after each hidden layer (mlp3-dropout: 0.5)")
     add_loss_flags(g)
     g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
-    g.add_argument("--betas", default="0.9,0.999", help="Adam betas, comma-separated")
-    g.add_argument("--batch-size", type=int, default=512, help="images per step")
-    g.add_argument("--epochs", type=int, default=50, help="at most this many epochs")
+    add_adam_flags(g, lr=1e-3, batch_size=512, epochs=50)
     g.add_argument("--plateau-patience", type=int, default=1, help="ReduceLROnPlateau patience (epochs)")
     g.add_argument("--plateau-factor", type=float, default=0.2, help="ReduceLROnPlateau factor")
     g.add_argument("--early-stop-patience", type=int, default=5, help="epochs without better val loss; 0 = never stop")

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from common.choices import ARCHITECTURE_LAYOUTS, PRECISIONS, SPLITS
-from common.config import ConfigError, HelpFormatter, add_loss_flags, parse_list, parse_with_config, require
+from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, parse_list, parse_with_config,
+                           require)
 from common.data_config import RESIZE_MODES
 from common.safe_output import check_dir_path, run_job
 from common.table_flags import add_table_flags, check_table_flags
@@ -73,11 +74,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--policy", default="ignore", help=f"uncertain (-1) labels: {' | '.join(FINETUNE_POLICIES)}")
     add_loss_flags(g)
     g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
-    g.add_argument("--betas", default="0.9,0.999", help="Adam betas, comma-separated")
-    g.add_argument("--batch-size", type=int, default=16, help="images per step and process")
-    g.add_argument("--epochs", type=int, default=20, help="at most this many epochs")
+    add_adam_flags(g, lr=1e-4, batch_size=16, epochs=20, per="step and process")
     g.add_argument("--schedule", default="plateau",
                    help=f"{' | '.join(SCHEDULES)}: ReduceLROnPlateau on val loss, or x lr-factor every step-epochs")
     g.add_argument("--lr-factor", type=float, default=0.1, help="learning-rate multiplier of either schedule")
