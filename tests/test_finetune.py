@@ -410,11 +410,12 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_keeping_other_fil
     (out / "notes.txt").write_text("mine")
     assert prepare_out(str(out), False, {}, 2) == (out, None)
     assert sorted(p.name for p in out.iterdir()) == [rundir.MARKER, "notes.txt"]
-    # A head run there is another matter: replaced only when asked.
+    # A head run there is another matter: never replaced by a fine-tune, --overwrite or not.
     head = rundir.prepare(tmp_path / "head", overwrite=False, kind="head")
     rundir.write_json(head / rundir.CONFIG, {})
-    with pytest.raises(rundir.RunError, match="a run is already here; pass --overwrite"):
-        prepare_out(str(head), False, {}, 2)
+    for overwrite in (False, True):
+        with pytest.raises(rundir.RunError, match="holds a head run, and this command writes a finetune run"):
+            prepare_out(str(head), overwrite, {}, 2)
 
 
 @needs_shared
