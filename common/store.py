@@ -1,6 +1,6 @@
 """The feature store on disk: its columns, its manifest, and reading it back.
 
-The contract is ../shared/docs/feature-store.md (copied into docs/feature-store.md).
+The contract is ../shared/docs/feature-store.md; docs/feature-store.md is this project's account of it.
 The extraction job writes stores through these names; the head trainer reads them
 through `read_split`. Both sides change together or not at all.
 """

@@ -3,7 +3,7 @@
     python -m heads.train --store stores/nih-resnet50 --head mlp3 --loss weighted_bce --out runs/x
     python -m heads.train --config conf/heads.toml --out runs/y --grid-lr 1e-4,3e-4,1e-3 --grid-weight-decay 0,1e-5,1e-4
 
-Settings: built-in defaults < the [train] table of --config < flags. See the README, "Training heads on a feature store".
+Settings: built-in defaults < the [train] table of --config < flags. See docs/heads.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's way in: ./spark-submit.sh ships the packages as --py-files and runs the job."""
+"""The documented way in (docs/extracting.md): ./spark-submit.sh ships the packages as --py-files and runs the job."""
 
 import os
 import subprocess
