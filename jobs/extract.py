@@ -146,17 +146,17 @@ class Progress:
     """
 
     def __init__(self, total: int, already: int, done, errors, interval: float, stall_seconds: float = 0.0,
-                 on_stall=lambda: None):
+                 on_stall=lambda: None, clock: Callable[[], float] = time.monotonic):
         self.total, self.already, self.done, self.errors, self.interval = total, already, done, errors, interval
-        self.stall_seconds, self.on_stall, self.stalled = stall_seconds, on_stall, False
-        self.start = self._moved = time.monotonic()
+        self.stall_seconds, self.on_stall, self.stalled, self.clock = stall_seconds, on_stall, False, clock
+        self.start = self._moved = self._printed = clock()
         self._last = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def line(self) -> str:
         n = self.done.value
-        rate = n / max(time.monotonic() - self.start, 1e-9)
+        rate = n / max(self.clock() - self.start, 1e-9)
         left = self.total - self.already - n
         eta = f", ETA {dt.timedelta(seconds=int(left / rate))}" if rate > 0 and left > 0 else ""
         pct = 100 * (self.already + n) / max(self.total, 1)
@@ -164,20 +164,23 @@ class Progress:
         return (f"{self.already + n}/{self.total} images ({pct:.1f}%), {rate:.1f} images/s, "
                 f"{errors} error{'' if errors == 1 else 's'}{eta}")
 
+    def check(self) -> None:
+        """One look at the clock and the counters (the thread's tick; tests call it with a clock of their own)."""
+        now = self.clock()
+        if self.done.value != self._last:
+            self._last, self._moved = self.done.value, now
+        elif self.stall_seconds and now - self._moved >= self.stall_seconds and not self.stalled:
+            self.stalled = True
+            log(f"no image finished for {self.stall_seconds:g} s (--stall-timeout): stopping the stuck job")
+            self.on_stall()
+        if now - self._printed >= self.interval:
+            self._printed = now
+            log(self.line())
+
     def _loop(self):
         tick = min(self.interval, self.stall_seconds) if self.stall_seconds else self.interval
-        printed = time.monotonic()
         while not self._stop.wait(tick):
-            now = time.monotonic()
-            if self.done.value != self._last:
-                self._last, self._moved = self.done.value, now
-            elif self.stall_seconds and now - self._moved >= self.stall_seconds and not self.stalled:
-                self.stalled = True
-                log(f"no image finished for {self.stall_seconds:g} s (--stall-timeout): stopping the stuck job")
-                self.on_stall()
-            if now - printed >= self.interval:
-                printed = now
-                log(self.line())
+            self.check()
 
     def __enter__(self):
         self._thread.start()

@@ -131,21 +131,74 @@ def test_full_disk_is_one_line_keeps_chunks_and_overwrite_keeps_foreign_files(mo
     assert not (store / "_work").exists() and not (store / ".cxr.lock").exists()
 
 
-def test_the_watchdog_stops_a_job_where_no_image_finishes():
-    import time
+class _Counter:
+    value = 0
+
+
+class _Clock:
+    """A clock the test moves by hand: the watchdog is checked at chosen instants, never by sleeping."""
+    now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_watchdog_stops_a_job_where_no_image_finishes(capsys):
+    from jobs.extract import Progress
+
+    clock, stopped = _Clock(), []
+    p = Progress(10, 0, _Counter(), _Counter(), interval=60, stall_seconds=0.2, on_stall=lambda: stopped.append(1),
+                 clock=clock)
+    for clock.now in (100.1, 100.19):
+        p.check()
+    assert not p.stalled and stopped == []
+    clock.now = 100.2
+    p.check()
+    assert p.stalled and stopped == [1]
+    clock.now = 100.6
+    p.check()
+    assert stopped == [1]  # called once, not at every tick
+    assert "no image finished for 0.2 s (--stall-timeout)" in capsys.readouterr().err
+
+    moving = _Counter()
+    p = Progress(10, 0, moving, _Counter(), interval=60, stall_seconds=0.3, on_stall=lambda: stopped.append(2),
+                 clock=clock)
+    for _ in range(8):  # an image every 0.25 s: never 0.3 s without one
+        moving.value += 1
+        clock.now += 0.25
+        p.check()
+    assert not p.stalled
+    clock.now += 0.29
+    p.check()
+    assert not p.stalled
+    clock.now += 0.01  # 0.3 s since the last image
+    p.check()
+    assert p.stalled and stopped == [1, 2]
+
+
+def test_the_progress_line_is_printed_every_interval(capsys):
+    from jobs.extract import Progress
+
+    clock, done = _Clock(), _Counter()
+    p = Progress(100, 20, done, _Counter(), interval=10, clock=clock)
+    done.value = 40
+    clock.now += 9.9
+    p.check()
+    assert capsys.readouterr().err == ""
+    clock.now += 0.1
+    p.check()
+    assert "60/100 images (60.0%), 4.0 images/s, 0 errors, ETA 0:00:10" in capsys.readouterr().err
+
+
+def test_the_watchdog_thread_checks_until_the_job_ends():
+    import threading
 
     from jobs.extract import Progress
 
-    class Counter:
-        value = 0
-
-    stopped = []
-    with Progress(10, 0, Counter(), Counter(), interval=60, stall_seconds=0.2, on_stall=lambda: stopped.append(1)) as p:
-        time.sleep(0.6)
-    assert p.stalled and stopped == [1]  # called once, not at every tick
-    moving = Counter()
-    with Progress(10, 0, moving, Counter(), interval=60, stall_seconds=0.3, on_stall=lambda: stopped.append(2)) as p:
-        for _ in range(8):
-            moving.value += 1
-            time.sleep(0.1)
-    assert not p.stalled and stopped == [1]
+    checked = threading.Event()
+    p = Progress(10, 0, _Counter(), _Counter(), interval=0.01)
+    p.check = checked.set
+    with p:
+        assert checked.wait(30)  # a bound against a hang, not a measurement
+    p._thread.join(30)
+    assert not p._thread.is_alive()
