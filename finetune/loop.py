@@ -22,6 +22,7 @@ from common.architectures import build_model, is_architecture, plain_backbone_pa
 from common.backbones import get_spec
 from common.rundir import EPOCH_CHECKPOINTS
 from common.config import epoch_line
+from common.early_stopping import early_stop_line, judge_epoch
 from common.inference import autocast, resolve_precision
 from common.losses import make_loss, multiclass_ce
 from common.metrics import fast_auroc, nanmean
@@ -279,31 +280,22 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
         row["seconds"] = time.perf_counter() - t0  # validation included
         state.seconds += row["seconds"]
         state.history.append(row)
-        mark = ""
-        if not (math.isfinite(row["train_loss"]) and math.isfinite(val_loss)):
-            state.stopped = "diverged"
-            mark = "  diverged (non-finite loss); keeping the best epoch so far"
-        else:
-            value = val_loss if cfg.best_metric == "val_loss" else -val_auc
-            value = value if math.isfinite(value) else math.inf
-            if state.best_epoch == 0 or value < state.best_value:
-                state.best_epoch, state.best_value = state.epoch, value
-                state.best_val_loss, state.best_val_auc = val_loss, val_auc
-                state.bad_epochs = 0
-                mark = "  *"
-                if d.main:
-                    save_atomic(checkpoint(model, cfg, state, state.epoch), out / BEST)
-            else:
-                state.bad_epochs += 1
-            if cfg.keep_epoch_checkpoints and d.main:
-                (out / EPOCH_CHECKPOINTS).mkdir(exist_ok=True)
-                save_atomic(checkpoint(model, cfg, state, state.epoch),
-                            out / EPOCH_CHECKPOINTS / f"epoch-{state.epoch:03d}.pt")
-        say(epoch_line(row, cfg.epochs, mark))
-        if state.stopped is None and 0 < cfg.early_stop_patience <= state.bad_epochs:
-            state.stopped = "early_stop"
-            say(f"early stop: {cfg.best_metric} has not improved for {state.bad_epochs} epochs; "
-                f"best epoch {state.best_epoch}")
+        value = val_loss if cfg.best_metric == "val_loss" else -val_auc
+        verdict = judge_epoch(row["train_loss"], val_loss, value, state.best_value, state.best_epoch,
+                              state.bad_epochs, cfg.early_stop_patience)
+        state.bad_epochs = verdict.bad_epochs
+        if verdict.improved:
+            state.best_epoch, state.best_value = state.epoch, value if math.isfinite(value) else math.inf
+            state.best_val_loss, state.best_val_auc = val_loss, val_auc
+            if d.main:
+                save_atomic(checkpoint(model, cfg, state, state.epoch), out / BEST)
+        if verdict.stopped != "diverged" and cfg.keep_epoch_checkpoints and d.main:
+            (out / EPOCH_CHECKPOINTS).mkdir(exist_ok=True)
+            save_atomic(checkpoint(model, cfg, state, state.epoch), out / EPOCH_CHECKPOINTS / f"epoch-{state.epoch:03d}.pt")
+        say(epoch_line(row, cfg.epochs, verdict.mark))
+        state.stopped = verdict.stopped
+        if verdict.stopped == "early_stop":
+            say(early_stop_line(cfg.best_metric, state.bad_epochs, state.best_epoch))
         state.epoch, state.step, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0.0
         if state.stopped is None and state.epoch > cfg.epochs:
             state.stopped = "epochs"

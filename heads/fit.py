@@ -18,6 +18,7 @@ import torch
 
 from common import inference
 from common.config import epoch_line, log as log_stderr
+from common.early_stopping import early_stop_line, judge_epoch
 from common.losses import LossFn
 from common.metrics import fast_auroc, nanmean
 from heads.choices import PRECISIONS
@@ -139,21 +140,17 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
         plateau.step(val_loss)
         row["seconds"] = time.perf_counter() - t0
         result.history.append(row)
-        if not (math.isfinite(row["train_loss"]) and math.isfinite(val_loss)):
-            result.stopped = "diverged"
-            log(epoch_line(row, cfg.epochs, "  diverged (non-finite loss); keeping the best epoch so far"))
-            break
-        improved = val_loss < result.best_val_loss
-        if improved:
+        verdict = judge_epoch(row["train_loss"], val_loss, val_loss, result.best_val_loss, result.best_epoch,
+                              bad_epochs, cfg.early_stop_patience)
+        if verdict.improved:
             result.state_dict = copy.deepcopy(model.state_dict())
             result.best_epoch, result.best_val_loss, result.best_val_auc = epoch, val_loss, row["val_auc"]
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        log(epoch_line(row, cfg.epochs, "  *" if improved else ""))
-        if 0 < cfg.early_stop_patience <= bad_epochs:
-            result.stopped = "early_stop"
-            log(f"early stop: val loss has not improved for {bad_epochs} epochs; best epoch {result.best_epoch}")
+        bad_epochs = verdict.bad_epochs
+        log(epoch_line(row, cfg.epochs, verdict.mark))
+        if verdict.stopped:
+            result.stopped = verdict.stopped
+            if verdict.stopped == "early_stop":
+                log(early_stop_line("val loss", bad_epochs, result.best_epoch))
             break
     result.seconds = time.perf_counter() - started
     model.load_state_dict(result.state_dict)
