@@ -149,28 +149,33 @@ def test_a_killed_build_leaves_no_cache_that_is_read_as_complete(images, tmp_pat
     assert np.array_equal(again.get(0), DataConfig(24).load(images[0]))
 
 
-def _open_counted(images, directory, counter, start):
+def _open_counted(images, directory, counter, arrived, start):
     real = DataConfig.load
+    held = []
 
-    def slow(self, path, *args, **kwargs):
+    def counted(self, path, *args, **kwargs):
         with counter.get_lock():
             counter.value += 1
-        import time
-
-        time.sleep(0.05)
+        if not held:  # the builder's first image waits until the other two wait on its lock: they overlap every time
+            held.append(path)
+            arrived.wait(60)  # a bound against a hang: BrokenBarrierError, exit code 1
         return real(self, path, *args, **kwargs)
 
-    DataConfig.load = slow
+    def log(message):
+        if "waiting for another process building" in message:
+            arrived.wait(60)
+
+    DataConfig.load = counted
     start.wait()
-    cache = open_cache(images, DataConfig(24), directory, log=lambda m: None)
+    cache = open_cache(images, DataConfig(24), directory, log=log)
     os._exit(0 if cache is not None and np.array_equal(cache.get(0), real(DataConfig(24), images[0])) else 1)
 
 
 def test_processes_opening_one_cache_at_once_decode_each_image_once(images, tmp_path):
     cache_dir = tmp_path / "cache"
     ctx = multiprocessing.get_context("fork")
-    counter, start = ctx.Value("i", 0), ctx.Event()
-    procs = [ctx.Process(target=_open_counted, args=(images, cache_dir, counter, start)) for _ in range(3)]
+    counter, arrived, start = ctx.Value("i", 0), ctx.Barrier(3), ctx.Event()
+    procs = [ctx.Process(target=_open_counted, args=(images, cache_dir, counter, arrived, start)) for _ in range(3)]
     for p in procs:
         p.start()
     start.set()
