@@ -1,0 +1,151 @@
+"""The house's import structure: no circle among the project's modules, nothing imported upward.
+
+Every import counts, at module level or inside a function (an import moved into a function to
+dodge a circle is still a circle), read with ast so nothing is executed. The rooms, lowest first:
+
+    common  <-  heads, finetune, lungs  <-  serve, jobs  <-  cxr
+
+A room imports only the rooms its ALLOWED entry names; `serve` reaches training code (heads,
+finetune) only through the module pairs in SERVE_TRAINING, today's exceptions, which the move to
+"serving depends only on predictors" is to remove.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("common", "heads", "finetune", "lungs", "serve", "jobs", "cxr")
+
+ALLOWED = {
+    "common": set(),
+    "finetune": {"common"},
+    "lungs": {"common"},
+    "heads": {"common", "lungs"},  # lungs: the masker a lung-masked store's images go through
+    "serve": {"common", "heads", "finetune"},  # training rooms: SERVE_TRAINING's modules only
+    "jobs": {"common", "finetune", "lungs"},
+    "cxr": set(PACKAGES) - {"cxr"},
+}
+TRAINING = {"heads", "finetune"}
+# serve -> training code, as it is today (issue 23, item 4 removes these).
+SERVE_TRAINING = {
+    ("serve.app", "finetune.localization"),
+    ("serve.model", "heads.checkpoint"),
+    ("serve.model", "heads.predictions"),
+    ("serve.model", "finetune.checkpoint"),
+    ("serve.model", "finetune.localization"),
+}
+
+
+def project_modules(root: Path = ROOT, packages=PACKAGES) -> dict[str, Path]:
+    """Dotted name -> file, for every module of the project packages."""
+    modules = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules `name` imports anywhere in its file (relative imports resolved)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from pkg import mod` imports the module pkg.mod; `from mod import name`, the module mod.
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            # `import a.b.c` runs a, a.b and a.b.c: the deepest project module is the edge that matters.
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def room(module: str) -> str:
+    return module.partition(".")[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} imports {target}" for module, targets in graph.items() for target in targets
+                  if room(target) != room(module) and room(target) not in ALLOWED[room(module)])
+
+
+def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
+    # The walker itself: an import inside a function and a relative one are edges like any other.
+    files = {"pkg/__init__.py": "", "pkg/c/__init__.py": "", "pkg/c/d.py": "import os\n",
+             "pkg/a.py": "def f():\n    from pkg.b import g\n    return g\n",
+             "pkg/b.py": "from . import a\nfrom .a import f\nimport pkg.c.d\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    modules = project_modules(tmp_path, ("pkg",))
+    graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a", "pkg.c.d"}, "pkg.c": set(), "pkg.c.d": set()}
+    assert circles(graph) == [["pkg.a", "pkg.b"]]
+    assert upward_imports({"common.x": {"heads.y"}, "heads.y": {"common.x", "lungs.z"}, "lungs.z": set()}) == [
+        "common.x imports heads.y"]
+
+
+def test_no_import_circles():
+    found = circles(import_graph())
+    assert not found, "import circles (module-level or inside functions): " + "; ".join(
+        " <-> ".join(c) for c in found)
+
+
+def test_no_upward_imports_between_rooms():
+    upward = upward_imports(import_graph())
+    assert not upward, "imports against the rooms' order: " + "; ".join(upward)
+
+
+def test_serve_reaches_training_code_only_through_todays_exceptions():
+    graph = import_graph()
+    reached = {(m, t) for m, targets in graph.items() if room(m) == "serve" for t in targets if room(t) in TRAINING}
+    assert reached <= SERVE_TRAINING, f"serve imports more training code: {sorted(reached - SERVE_TRAINING)}"
