@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from common import rundir
+from common import atomic, rundir
 
 COMPARED_KINDS = ("head", "finetune", "evaluation", "ensemble")
 TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
@@ -271,7 +271,5 @@ def write_comparison(runs: list[Run], split: str, out: Path) -> tuple[Path, Path
     out.mkdir(parents=True, exist_ok=True)
     md, csv = out / TABLE_MD, out / TABLE_CSV
     for path, text in ((md, render_markdown(runs, split, frame)), (csv, frame.to_csv(index=False))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic.write_text(path, text)
     return md, csv

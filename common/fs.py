@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from common import atomic
+
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -182,10 +184,7 @@ def write_bytes(path, data: bytes) -> None:
     if is_local(path):
         target = local_path(path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
+        atomic.write_bytes(target, data)
         return
     fs, where = resolve(path)
     with fs.open_output_stream(where) as f:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import json
-import os
 import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from common import atomic
 from common.safe_output import LOCK, OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
 
 
@@ -48,8 +50,8 @@ OVERLAYS = "overlays"
 TARGET_PREFIX = "label:"
 
 # Everything a run writes, and all that --overwrite may delete: the files at the top of the
-# directory, their temporary names (write_json: .<name>.tmp, torch_files.save_atomic: <name>.tmp),
-# and inside the folders only the files the run puts there.
+# directory, their temporary names (common/atomic.py's .<name>.<pid>-<thread>.tmp; before it, .<name>.tmp
+# and <name>.tmp), and inside the folders only the files the run puts there.
 OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST})
 OWN_PATTERNS = ("roc_*.png", f"{LOCK}.stale-*")  # roc_<split>.png; a lock taker killed mid-takeover
 EPOCH_CHECKPOINTS = "checkpoints"  # fine-tune: epoch-NNN.pt, kept for a checkpoint ensemble
@@ -64,12 +66,13 @@ def roc_plot(split: str) -> str:
     return f"roc_{split}.png"
 
 
+_TEMPORARY = re.compile(r"^(?P<name>.+?)(\.\d+-\d+)?\.tmp$")
+
+
 def _own_file(name: str) -> bool:
-    if name.endswith(".tmp"):
-        name = name.removesuffix(".tmp")
-        if name.startswith(".") and name[1:] in OWN_FILES:
-            return True
-    return name in OWN_FILES or any(fnmatch.fnmatchcase(name, p) for p in OWN_PATTERNS)
+    temporary = _TEMPORARY.match(name)
+    names = {name, temporary["name"], temporary["name"].removeprefix(".")} if temporary else {name}
+    return any(n in OWN_FILES or any(fnmatch.fnmatchcase(n, p) for p in OWN_PATTERNS) for n in names)
 
 
 def read_marker(out: Path) -> dict | None:
@@ -182,11 +185,8 @@ def jsonable(obj):
 
 
 def write_json(path: Path, obj) -> None:
-    """Written to a temporary name, then renamed: a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    """Written whole (common/atomic.py): a kill never leaves half a file."""
+    atomic.write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> dict:

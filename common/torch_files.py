@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import torch
+
+from common.atomic import atomic_path
 
 
 def read_torch_file(path: str | Path) -> object:
@@ -32,7 +33,6 @@ def load_versioned(path: str | Path, fmt: str, version: int, error: type[Excepti
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a kill never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save written whole (common/atomic.py): a kill never leaves a half-written checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import __version__
+from common.atomic import atomic_path
 from common.choices import PRECISIONS, SPLITS
 from common.config import HelpFormatter, parse_with_config, require
 from common.data_config import RESIZE_MODES, DataConfig
@@ -400,12 +401,11 @@ def ship_file(spark, path: str, sha256: str) -> str:
     staged = Path(tempfile.gettempdir()) / "cxr-features-shipped" / name  # local: the store may be on S3
     if not staged.exists():
         staged.parent.mkdir(parents=True, exist_ok=True)
-        partial = staged.with_name(f".{name}.{os.getpid()}")
-        try:
-            os.link(path, partial)  # no copy where the file system allows
-        except OSError:
-            shutil.copyfile(path, partial)
-        os.replace(partial, staged)
+        with atomic_path(staged) as partial:
+            try:
+                os.link(path, partial)  # no copy where the file system allows
+            except OSError:
+                shutil.copyfile(path, partial)
     spark.sparkContext.addFile(str(staged))
     return name
 

@@ -22,6 +22,7 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
+from common.atomic import atomic_path
 from lungs.model import predict_masks
 from lungs.postprocess import postprocess
 
@@ -126,10 +127,8 @@ def save_masks(folder: str | os.PathLike, image_ids, masks: np.ndarray) -> None:
 
     folder = Path(folder)
     for image_id, mask in zip(image_ids, masks):
-        final = folder / mask_file_name(str(image_id))
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, final)
+        with atomic_path(folder / mask_file_name(str(image_id))) as tmp:
+            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
 
 
 def qa_summary(counts: dict[str, int]) -> tuple[str, str | None]:

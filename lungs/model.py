@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import os
 import tempfile
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common import atomic
 from common.torch_files import load_versioned, save_atomic
 
 FORMAT = "cxr-features/lungs"
@@ -98,9 +98,7 @@ def lung_model_file(name: str | Path) -> Path:
     copy = Path(tempfile.gettempdir()) / "cxr-features-shipped" / f"{hashlib.sha256(data).hexdigest()[:16]}-{DEFAULT.name}"
     if not copy.is_file():
         copy.parent.mkdir(parents=True, exist_ok=True)
-        partial = copy.with_name(f".{copy.name}.{os.getpid()}")
-        partial.write_bytes(data)
-        os.replace(partial, copy)  # whole or absent, for a concurrent reader
+        atomic.write_bytes(copy, data)  # whole or absent, for a concurrent reader
     return copy
 
 

@@ -17,12 +17,9 @@ name from the request is ever used as a path.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
-import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ import numpy as np
 from flask import Flask, Request, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from common import atomic
 from common.images import MAX_PIXELS
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -114,14 +112,7 @@ def _keep(folder: str, data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     target = Path(folder) / f"{digest}.bin"
     if not target.exists():
-        tmp = target.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        except OSError:
-            with contextlib.suppress(OSError):  # a partial write (disk full) is not left behind
-                tmp.unlink()
-            raise
+        atomic.write_bytes(target, data)
     return target.name
 
 
