@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.labels import NIH_LABELS
-from common.metadata import MetadataError, not_utf8
+from common.tables import MetadataError, not_utf8
 
 # NIH images are 1024 x 1024 and the boxes are given in those pixels.
 NIH_BBOX_IMAGE_SIZE = 1024

@@ -24,7 +24,7 @@ class Dataset:
     source: str  # where the archive comes from
     licence: str
     label_meaning: str  # one line on what a label value means
-    reader: str  # "module:function": (first argument, **options) -> common.metadata.Metadata
+    reader: str  # "module:function": (first argument, **options) -> common.tables.Metadata
     reads: str  # the reader's first argument: "metadata" (the --metadata file) or "images" (the root itself)
     options: tuple[str, ...]  # the keyword options of build_image_table the reader takes
     locate_by: str  # common.locate rule: "name", "relpath", or "found" (the reader walked the files itself)
@@ -44,21 +44,21 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         source="NIH Clinical Center, https://nihcc.app.box.com/v/ChestXray-NIHCC (also on Kaggle)",
         licence="CC0 1.0; cite Wang et al. 2017 and acknowledge the NIH Clinical Center",
         label_meaning="14 findings text-mined from the reports: 1 mentioned, 0 not ('No Finding' = all 0)",
-        reader="common.metadata:read_nih", reads="metadata", options=(), locate_by="name",
+        reader="common.nih:read_nih", reads="metadata", options=(), locate_by="name",
         label_names=NIH_LABELS, metadata_help="Data_Entry_2017*.csv"),
     Dataset(
         name="chexpert", full_name="CheXpert (Irvin et al. 2019), v1.0 and v1.0-small",
         source="Stanford AIMI, https://stanfordmlgroup.github.io/competitions/chexpert/",
         licence="Stanford University Dataset Research Use Agreement (non-commercial research)",
         label_meaning="14 observations from the CheXpert labeler: 1 positive, 0 negative, -1 uncertain, blank = 0",
-        reader="common.metadata:read_chexpert", reads="metadata", options=("frontal_only",), locate_by="relpath",
+        reader="common.chexpert:read_chexpert", reads="metadata", options=("frontal_only",), locate_by="relpath",
         label_names=CHEXPERT_LABELS, metadata_help="train.csv/valid.csv", flags=("keep-laterals",)),
     Dataset(
         name="table", full_name="any labelled image table (CSV or Parquet)",
         source="a local collection: columns named by --path-column ... or --table-mapping FILE.toml",
         licence="the collection's own",
         label_meaning="as the table gives them: 1 positive, 0 negative, -1 uncertain; blank per --blank-label",
-        reader="common.metadata:read_table", reads="metadata", options=("mapping",), locate_by="relpath",
+        reader="common.table_kind:read_table", reads="metadata", options=("mapping",), locate_by="relpath",
         label_names=None, metadata_help="the table (.csv or .parquet)", locate_key="file",
         flags=("table-mapping", *_TABLE_COLUMNS, *_LABEL_LAYOUT)),
     Dataset(
@@ -66,7 +66,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         source="a local PACS export or archive (*.dcm below --images)",
         licence="the archive's own; only the store's columns are read from the headers, no other tag is kept",
         label_meaning="from --label-table keyed by SOPInstanceUID or file name, as the table kind; none without it",
-        reader="common.metadata:read_dicom", reads="images", options=("mapping", "label_table", "workers", "log"),
+        reader="common.dicom_kind:read_dicom", reads="images", options=("mapping", "label_table", "workers", "log"),
         locate_by="found", label_names=None, metadata_help="not used (the headers are the metadata)",
         flags=("label-table", "label-key", "header-workers", *_LABEL_LAYOUT)),
 )}

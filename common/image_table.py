@@ -17,9 +17,9 @@ from common import fs
 from common.config import ConfigError, load_section, parse_list
 from common.datasets import DATASETS, get_dataset
 from common.locate import locate_images
-from common.metadata import TableMapping
 from common.splits import DEFAULT_RATIOS, check_no_leakage, official_splits, ratio_splits
 from common.table_flags import MAPPING_KEYS
+from common.tables import TableMapping
 
 # How each dataset's rows find their files (see common/locate.py).
 LOCATE_BY = {name: d.locate_by for name, d in DATASETS.items()}

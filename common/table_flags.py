@@ -13,7 +13,7 @@ from common.config import ConfigError, require
 from common.datasets import DATASETS
 
 # The table kind's column mapping: flag names without the dashes, which are also the keys of a
-# --table-mapping file's [table] table; each maps to its common.metadata.TableMapping field.
+# --table-mapping file's [table] table; each maps to its common.tables.TableMapping field.
 MAPPING_KEYS = {
     "path-column": "path", "patient-column": "patient", "image-id-column": "image_id", "view-column": "view",
     "age-column": "age", "sex-column": "sex", "label-columns": "label_columns", "findings-column": "findings",

@@ -126,7 +126,7 @@ def _patients(members: list[dict], split: str, image_ids):
 def build(names, frames, members, how: str, out: Path, bootstrap_draws: int) -> dict:
     """metrics.json's content; predictions written into `out`."""
     from common.evaluation import SplitScores, evaluate_splits
-    from common.metadata import study_ids
+    from common.studies import study_ids
     from common.rundir import predictions_arrays
 
     scores, notes = {}, []

@@ -84,7 +84,7 @@ def score_split(head, split, store_names, pairs, dataset: str, precision: str):
 
     from common.evaluation import SplitScores
     from common.labels import relabel
-    from common.metadata import study_ids
+    from common.studies import study_ids
     from common.targets import eval_targets, finding_flags
     from heads.predictions import probabilities
 

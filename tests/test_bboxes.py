@@ -3,7 +3,7 @@ import pytest
 
 from common.bboxes import BBOX_COLUMNS, NIH_BBOX_IMAGE_SIZE, read_nih_bboxes
 from common.labels import NIH_LABELS
-from common.metadata import MetadataError
+from common.tables import MetadataError
 from tests.data_paths import NIH
 
 BBOX_CSV = NIH / "BBox_List_2017.csv"

@@ -445,7 +445,7 @@ def _peak(call):
 def test_a_deflated_dicom_decodes_as_its_uncompressed_twin(tmp_path, gray):
     import io
 
-    from common.metadata import read_dicom_headers
+    from common.dicom_kind import read_dicom_headers
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     stored = gray.astype(np.uint16) * 16
@@ -470,7 +470,7 @@ def test_a_deflated_dicom_decodes_as_its_uncompressed_twin(tmp_path, gray):
 def test_a_deflated_bomb_is_refused_before_it_inflates(tmp_path):
     import io
 
-    from common.metadata import read_dicom_headers
+    from common.dicom_kind import read_dicom_headers
 
     # 300 KB that inflates to 300 MB of "pixel data" under a 256 x 256 header: refused once the inflated
     # dataset passes what 256 x 256 pixels (max_pixels) can need, having held about that much.
@@ -491,7 +491,7 @@ def test_a_deflated_bomb_is_refused_before_it_inflates(tmp_path):
 
 def test_a_deflated_header_larger_than_any_header_is_refused(tmp_path):
     from common.dicom import read_dataset
-    from common.metadata import DICOM_TAGS, read_dicom_headers
+    from common.dicom_kind import DICOM_TAGS, read_dicom_headers
 
     # 300 MB of a private element before the PatientID: no header needs that much before its pixels.
     path = _deflated_bomb(tmp_path / "bomb.dcm", 0x00091000)

@@ -19,7 +19,7 @@ from PIL import Image
 from common.data_config import DataConfig
 from common.inference import FeatureExtractor
 from common.labels import NIH_LABELS
-from common.metadata import read_nih
+from common.nih import read_nih
 from common.store import read_errors, read_manifest
 from jobs.extract import main
 from tests.data_paths import NIH_CSV, NIH_IMAGES, needs_shared

@@ -19,7 +19,7 @@ from common.data_config import DataConfig
 from common.feature_stats import is_constant
 from common.inference import FeatureExtractor
 from common.labels import NIH_LABELS
-from common.metadata import read_nih
+from common.nih import read_nih
 from common.store import StoreError, read_errors, read_manifest, read_split
 from common.store_writer import OutputError
 from jobs.extract import main

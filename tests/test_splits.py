@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from common.metadata import read_nih
+from common.nih import read_nih
 from common.splits import SplitError, check_no_leakage, official_splits, ratio_splits, read_list
 from tests.data_paths import NIH, NIH_CSV, needs_shared
 

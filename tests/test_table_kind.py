@@ -10,8 +10,10 @@ import pytest
 from common.config import parse_with_config
 from common.image_table import build_image_table, table_from_flags
 from common.labels import NIH_LABELS
-from common.metadata import MetadataError, TableMapping, read_nih, read_table
+from common.nih import read_nih
 from common.table_flags import add_table_flags
+from common.table_kind import read_table
+from common.tables import MetadataError, TableMapping
 from tests.data_paths import NIH_CSV, NIH_IMAGES, needs_shared
 
 QUIET = {"log": lambda m: None}
