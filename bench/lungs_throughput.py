@@ -23,7 +23,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.backbones import get_spec  # noqa: E402
+from common.model_registry import get_spec  # noqa: E402
 from common.data_config import DataConfig  # noqa: E402
 from common.extraction import extract_frame  # noqa: E402
 from common.inference import FeatureExtractor  # noqa: E402

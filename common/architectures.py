@@ -29,12 +29,17 @@ The new architectures need a backbone whose last feature maps are known: resnet5
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.backbones import build_backbone, build_classifier, get_spec
+from common.backbones import build_backbone, build_classifier
+from common.checkpoint import Checkpoint, WeightsError, first_line
 from common.choices import ARCHITECTURE_LAYOUTS
+from common.losses import msml, multiclass_ce
+from common.model_registry import get_spec
+from common.weights import check_fits
 
 
 def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:
@@ -269,8 +274,6 @@ class Bilinear(nn.Module):
         return torch.einsum("kc,nchw->nkhw", self.head1.weight.to(m1.dtype), m1), fine
 
     def training_loss(self, outputs, y, mask, loss_fn):
-        from common.losses import msml
-
         fine, s1, s2 = (o.float() for o in outputs)
         return self.alpha * (msml(s2, y, mask) + loss_fn(s1, y, mask)) + self.beta * loss_fn(fine, y, mask)
 
@@ -319,8 +322,6 @@ class ThreeWay(nn.Module):
         return captured[-1]
 
     def training_loss(self, outputs, y, mask, loss_fn):
-        from common.losses import multiclass_ce
-
         return multiclass_ce(outputs.float(), y, mask)
 
 
@@ -376,39 +377,14 @@ class PooledFeatures(nn.Module):
         return self.model.pooled(x)
 
 
-def checkpoint_architecture(path: str) -> dict | None:
-    """{model, model_options, feature_dim, label_names} of a fine-tune checkpoint of one of the
-    architectures above; None for any other file (a plain classifier's checkpoint, a library's)."""
-    from common.torch_files import read_torch_file
-    from common.weights import FINETUNE_FORMAT
-
+def load_finetuned(weights: Checkpoint) -> nn.Module:
+    """The fine-tuned model of a fine-tune checkpoint (common.checkpoint.read_checkpoint's record),
+    with its head, weights loaded, in training mode as built."""
+    model = build_model(weights.architecture, weights.backbone, None, 0, len(weights.label_names),
+                        weights.model_options, weights.outputs_per_label)
+    check_fits(model, weights.model_state, weights.path)
     try:
-        obj = read_torch_file(path)
-    except Exception:  # noqa: BLE001 - not a checkpoint of ours (e.g. a library's pickled model): the
-        return None    # weights loader reads it, or says in one line why it cannot
-    if not (isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT):
-        return None
-    if obj.get("model", "classifier") == "classifier" and obj.get("outputs_per_label", 1) == 1:
-        return None
-    return {"model": obj.get("model", "classifier"), "model_options": obj.get("model_options") or {},
-            "outputs_per_label": obj.get("outputs_per_label", 1), "feature_dim": obj.get("feature_dim"),
-            "label_names": list(obj["label_names"]), "obj": obj}
-
-
-def build_pooled_extractor(backbone: str, path: str, arch: dict) -> PooledFeatures:
-    """The frozen, eval-mode extractor of an architecture checkpoint (`arch` from checkpoint_architecture)."""
-    from common.weights import WeightsError, check_fits, first_line
-
-    obj = arch["obj"]
-    if obj.get("backbone") != backbone:
-        raise WeightsError(f"{path}: fine-tuned checkpoint is for backbone {obj.get('backbone')!r}, not {backbone!r}")
-    model = build_model(arch["model"], backbone, None, 0, len(arch["label_names"]), arch["model_options"],
-                        arch["outputs_per_label"])
-    check_fits(model, obj["model_state"], path)
-    try:
-        model.load_state_dict(obj["model_state"])
+        model.load_state_dict(weights.model_state)
     except RuntimeError as exc:
-        raise WeightsError(f"{path}: {first_line(exc)}") from None
-    extractor = PooledFeatures(model).eval()
-    extractor.requires_grad_(False)
-    return extractor
+        raise WeightsError(f"{weights.path}: {first_line(exc)}") from None
+    return model

@@ -1,4 +1,5 @@
-"""Running a frozen extractor on batches of decoded images, as fast as the device allows.
+"""The frozen feature extractor (`build_extractor`), run on batches of decoded images as fast as the
+device allows.
 
 One `FeatureExtractor` per worker process: building it loads the weights, calling it turns an
 (N, S, S) gray batch from its `DataConfig.load` into (N, feature_dim) float32 features.
@@ -10,12 +11,30 @@ import contextlib
 
 import numpy as np
 import torch
+from torch import nn
 
-from common.backbones import build_extractor, get_spec
+from common.architectures import PooledFeatures, load_finetuned
+from common.backbones import backbone_model
 from common.choices import PRECISIONS
 from common.data_config import DataConfig
+from common.model_registry import get_spec
+from common.weights import load_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_extractor(backbone: str, state_file: str | None, seed: int = 0) -> nn.Module:
+    """The frozen feature extractor, in eval mode without gradients: the backbone without its head
+    (`common.backbones.build_backbone`), or for a fine-tune checkpoint of a literature architecture
+    (common/architectures.py) its pooled features. The weights file is read once."""
+    weights = load_weights(state_file, backbone) if state_file else None
+    if weights is not None and weights.is_architecture:
+        model = PooledFeatures(load_finetuned(weights))
+    else:
+        model = backbone_model(backbone, weights, seed)
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def cpu_has_fast_bf16() -> bool:

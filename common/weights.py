@@ -1,31 +1,9 @@
-"""Weights: a --weights value -> a local file (or a seed), and checkpoint files -> state dicts.
+"""Weights: a --weights value -> a local file (or a seed), and a weights file -> a backbone's state dict.
 
 Weights are named by a string (the job's --weights flag), resolved once on the driver by
 `resolve_weights` into a `WeightsSource` (a local file, or a seed), and loaded on every worker
-by `build_extractor`. Nothing here downloads unless asked to: a machine without internet gets
-a one-line error saying which file to put where.
-
-Fine-tune checkpoint format
----------------------------
-A fine-tune job writes, with torch.save, a dict:
-
-    {
-        "format": FINETUNE_FORMAT,                  # "cxr-features/finetune"
-        "format_version": FINETUNE_FORMAT_VERSION,  # 2
-        "backbone": "<registry name>",               # e.g. "densenet121"
-        "model_state": model.state_dict(),          # the full torchvision model
-        "label_names": [...],                        # order of the N outputs
-        "data_config": DataConfig.to_dict(),         # the input it was trained and evaluated on
-        ...                                          # anything else: epoch, metrics, config
-    }
-
-`model` is `get_spec(name).build_model(random_init=...)` with its final layer (the spec's
-`classifier` path) replaced by an N-way head (a Linear, or any module under that path):
-`build_classifier(name, None, seed, N)` builds it, and `load_state_dict(model_state)` fits.
-Keys under that path, and under `aux_classifier` for inception_v3, are dropped when the
-checkpoint is loaded for extraction; every other key must match the registry's model in
-name and shape. Everything in the dict must load with torch.load(weights_only=True):
-tensors, numbers, strings, lists and dicts only.
+by `load_weights` (common/checkpoint.py reads the file). Nothing here downloads unless asked to:
+a machine without internet gets a one-line error saying which file to put where.
 """
 
 from __future__ import annotations
@@ -33,25 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import WeightsEnum
+from torchvision.models import WeightsEnum, get_model_weights
 
-from common.backbones import get_spec
-from common.data_config import DataConfig, DataConfigError
-from common.torch_files import read_torch_file
-
-FINETUNE_FORMAT = "cxr-features/finetune"
-# 2: data_config (one input geometry for every consumer) replaced input_size.
-FINETUNE_FORMAT_VERSION = 2
-
-
-class WeightsError(RuntimeError):
-    """Weights that cannot be found or loaded; the message is one line."""
-
+from common.checkpoint import Checkpoint, WeightsError, first_line, read_checkpoint
+from common.model_registry import BackboneSpec, get_spec
 
 @dataclass(frozen=True)
 class WeightsSource:
@@ -98,10 +66,10 @@ def resolve_weights(backbone: str, weights: str, download: bool = False) -> Weig
     if weights == "imagenet" or weights.startswith("imagenet:"):
         if spec.default_weights is None:
             raise WeightsError(f"--weights {weights!r}: {backbone} has no torchvision weights enum; use 'pretrained'")
-        enum_cls = type(spec.default_weights)
+        enum_cls = get_model_weights(spec.library_name)
         name = weights.partition(":")[2]
         if not name:
-            enum = spec.default_weights
+            enum = enum_cls[spec.default_weights]
         elif name in enum_cls.__members__:
             # DEFAULT is an alias: .name gives the canonical member, which is what the label records.
             enum = enum_cls[name]
@@ -144,7 +112,7 @@ def download_file(url: str, path: str, check_hash: bool = False) -> None:
                            f"internet, put {os.path.basename(path)} into {os.path.dirname(path)}/ yourself") from None
 
 
-def library_weights_file(spec) -> tuple[str, str]:
+def library_weights_file(spec: BackboneSpec) -> tuple[str, str]:
     """(local path, source URL) of a timm or torchxrayvision backbone's published weights, in the
     library's own cache: torch.hub's checkpoints folder for timm (where its load_state_dict_from_url
     looks), torchxrayvision's models_data folder ($TORCHXRAYVISION_HOME overrides it)."""
@@ -160,7 +128,7 @@ def library_weights_file(spec) -> tuple[str, str]:
     return os.path.join(os.path.expanduser(folder), os.path.basename(url)), url
 
 
-def _library_weights(spec, weights: str, download: bool) -> WeightsSource:
+def _library_weights(spec: BackboneSpec, weights: str, download: bool) -> WeightsSource:
     if weights == "imagenet" and spec.family == "torchxrayvision":
         raise WeightsError(f"--weights imagenet: {spec.name}'s published weights are torchxrayvision's chest X-ray "
                            "ones; pass --weights pretrained")
@@ -183,55 +151,27 @@ _DENSENET_OLD_KEY = re.compile(
 )
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _unwrap_state_dict(obj: Any, path: str, backbone: str) -> dict[str, torch.Tensor]:
-    """The model state dict inside a checkpoint of any accepted format."""
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
-    if "format" in obj:
-        if obj["format"] != FINETUNE_FORMAT or obj.get("format_version") != FINETUNE_FORMAT_VERSION:
-            raise WeightsError(
-                f"{path}: checkpoint format {obj['format']!r} version {obj.get('format_version')!r} is not "
-                f"{FINETUNE_FORMAT!r} version {FINETUNE_FORMAT_VERSION}"
-            )
-        if obj.get("backbone") != backbone:
-            raise WeightsError(f"{path}: fine-tuned checkpoint is for backbone {obj.get('backbone')!r}, not {backbone!r}")
-        state = obj.get("model_state")
-    elif isinstance(obj.get("state_dict"), dict):
-        state = obj["state_dict"]
-    elif isinstance(obj.get("model"), dict):
-        state = obj["model"]
-    else:
-        state = obj
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: no state dict of tensors found (plain, 'state_dict', 'model' or fine-tune format)")
-    # DataParallel / DistributedDataParallel save every key under 'module.'.
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's state dict for the extractor: classifier (and aux head) keys dropped."""
+def load_weights(path: str, backbone: str) -> Checkpoint:
+    """The weights file at `path` for `backbone`, read once (common/checkpoint.py); a fine-tune
+    checkpoint of another backbone is refused. torchxrayvision's DenseNet file is a pickled model,
+    which only its own loader (a full unpickle of a file in its cache) reads: the model is built
+    through it and its state taken. (Its ResNet-50 file is a plain state dict.)"""
     spec = get_spec(backbone)
     if spec.name == "xrv-densenet121" and os.path.abspath(path) == os.path.abspath(library_weights_file(spec)[0]):
-        # torchxrayvision's DenseNet file is a pickled model, which only its own loader (a full unpickle of a
-        # file in its cache) reads: build the model through it and take its state. (Its ResNet-50 file is
-        # a plain state dict.)
-        state = _torchxrayvision_state(spec, path)
-    else:
-        try:
-            obj = read_torch_file(path)
-        except Exception as exc:  # unpickling errors are many-lined and of many classes
-            raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
-        state = _unwrap_state_dict(obj, path, backbone)
+        return Checkpoint(_torchxrayvision_state(spec, path), path=path)
+    weights = read_checkpoint(path)
+    if weights.is_finetune and weights.backbone != backbone:
+        raise WeightsError(f"{path}: fine-tuned checkpoint is for backbone {weights.backbone!r}, not {backbone!r}")
+    return weights
+
+
+def backbone_state(weights: Checkpoint, backbone: str) -> dict[str, torch.Tensor]:
+    """The state dict of `backbone` without its head: classifier (and aux head) keys dropped,
+    densenet121's old key names renamed."""
+    spec = get_spec(backbone)
     drop = tuple(f"{p}." for p in (spec.classifier, spec.aux_classifier) if p)
     out = {}
-    for key, value in state.items():
+    for key, value in weights.model_state.items():
         if key.startswith(drop):
             continue
         if backbone == "densenet121" and (m := _DENSENET_OLD_KEY.match(key)):
@@ -240,10 +180,8 @@ def load_state_file(path: str, backbone: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _torchxrayvision_state(spec, path: str) -> dict[str, torch.Tensor]:
-    import warnings
-
-    import torchxrayvision as xrv
+def _torchxrayvision_state(spec: BackboneSpec, path: str) -> dict[str, torch.Tensor]:
+    import torchxrayvision as xrv  # slow to import; only its backbones need it
 
     try:
         with warnings.catch_warnings():
@@ -253,23 +191,6 @@ def _torchxrayvision_state(spec, path: str) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: torchxrayvision cannot load it ({first_line(exc)})") from None
     # op_threshs calibrates its own 18 outputs, which the registry model does not have (its head is replaced).
     return {k: v for k, v in model.state_dict().items() if k != "op_threshs"}
-
-
-def checkpoint_data_config(path: str) -> DataConfig | None:
-    """The data config a fine-tune checkpoint was trained and evaluated with; None for other checkpoints.
-
-    Read on the driver before any work starts, so an unreadable file fails there, in one line.
-    """
-    try:
-        obj = read_torch_file(path)
-    except Exception as exc:  # unpickling errors are many-lined and of many classes
-        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({first_line(exc)})") from None
-    if not (isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT):
-        return None
-    try:
-        return DataConfig.from_dict(obj.get("data_config"), path)
-    except DataConfigError as exc:
-        raise WeightsError(str(exc)) from None
 
 
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

@@ -7,8 +7,8 @@ The run directory `cfg.out` receives, from rank 0 only, each written atomically:
               it when it is there: a killed run, started again, continues at the saved step.
     best.pt   the weights of the best epoch so far by `best_metric` (no optimizer state).
 
-Both are fine-tune checkpoints (common/backbones.py documents the format; the extraction job
-takes either as --weights). Besides the format's keys they hold: data_config, epoch (last.pt:
+Both are fine-tune checkpoints (common/checkpoint.py documents the format, writes and reads it;
+the extraction job takes either as --weights). Besides the format's keys they hold: epoch (last.pt:
 the epoch in progress, 1-based; best.pt: the best epoch), step (steps done in that epoch),
 global_step, history, identity (what a resumed run must match), config (the job's settings),
 train_state, and in last.pt only optimizer, scheduler (type and state), scaler, rng and world_size.
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from common.architectures import build_model
-from common.torch_files import load_versioned
-from common.weights import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError
+from common.architectures import load_finetuned
+from common.checkpoint import Checkpoint, read_checkpoint
 from finetune.config import LAST, FinetuneConfig, FinetuneError
 
 
@@ -64,41 +63,19 @@ def state_sha256(state: dict) -> str:
 
 def checkpoint(model: torch.nn.Module, cfg: FinetuneConfig, state: TrainState, epoch: int, **extra) -> dict:
     """A fine-tune checkpoint of `model` (unwrapped: no 'module.' prefix), loadable with weights_only."""
-    return {
-        "format": FINETUNE_FORMAT,
-        "format_version": FINETUNE_FORMAT_VERSION,
-        "backbone": cfg.backbone,
-        # The architecture (common/architectures.py) and its options; absent in older checkpoints: classifier.
-        "model": cfg.model,
-        "model_options": dict(cfg.model_options),
-        "outputs_per_label": cfg.outputs_per_label,
-        "feature_dim": int(getattr(model, "feature_dim", 0)) or None,
-        "model_state": _cpu_state(model),
-        "label_names": list(cfg.label_names),
-        "data_config": cfg.data_config.to_dict(),
-        "epoch": epoch,
-        "step": state.step,
-        "global_step": state.global_step,
-        "history": list(state.history),
-        "identity": dict(cfg.identity),
-        "config": dict(cfg.record),
-        "train_state": asdict(state),
-        **extra,
-    }
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A fine-tune checkpoint's dict, checked for format; one-line WeightsError otherwise."""
-    return load_versioned(path, FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, "fine-tune checkpoint")
+    return Checkpoint(
+        _cpu_state(model), backbone=cfg.backbone, architecture=cfg.model, model_options=dict(cfg.model_options),
+        outputs_per_label=cfg.outputs_per_label, feature_dim=int(getattr(model, "feature_dim", 0)) or None,
+        label_names=tuple(cfg.label_names), data_config=cfg.data_config,
+        extra={"epoch": epoch, "step": state.step, "global_step": state.global_step, "history": list(state.history),
+               "identity": dict(cfg.identity), "config": dict(cfg.record), "train_state": asdict(state), **extra},
+    ).to_dict()
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The fine-tuned model of a checkpoint, with its head, in eval mode on `device`."""
-    obj = read_checkpoint(path)
-    model = build_model(obj.get("model", "classifier"), obj["backbone"], None, 0, len(obj["label_names"]),
-                        obj.get("model_options"), obj.get("outputs_per_label", 1))
-    model.load_state_dict(obj["model_state"])
-    return model.to(device).eval(), obj
+    """The fine-tuned model of a checkpoint, with its head, in eval mode on `device`, and the checkpoint's dict."""
+    weights = read_checkpoint(path, finetune=True)
+    return load_finetuned(weights).to(device).eval(), weights.to_dict()
 
 
 def resume_point(out: str | Path, identity: dict) -> dict | None:
@@ -106,7 +83,7 @@ def resume_point(out: str | Path, identity: dict) -> dict | None:
     path = Path(out) / LAST
     if not path.is_file():
         return None
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, finetune=True).extra
     saved = obj.get("identity", {})
     missing = "(not recorded)"
     differ = [f"{k}: checkpoint={saved.get(k, missing)!r}, now={identity.get(k, missing)!r}"

@@ -25,10 +25,11 @@ from scipy import ndimage
 from torch import nn
 from torchvision.ops import box_area, box_iou
 
-from common.backbones import BackboneSpec
+from common.architectures import ThreeWay, is_architecture
 from common.bboxes import NIH_BBOX_IMAGE_SIZE
 from common.data_config import DataConfig
 from common.images import open_image, read_gray
+from common.model_registry import BackboneSpec
 
 # Wang et al. threshold the [0, 255]-normalized map at 180.
 CAM_THRESHOLD = 180 / 255
@@ -121,8 +122,6 @@ def _linear_head(model: nn.Module, spec: BackboneSpec) -> nn.Linear:
 def heatmap_fn(model: nn.Module, spec: BackboneSpec):
     """x -> (maps (N, K, h, w), logits (N, K)) of a fine-tuned model: the architecture's own heatmaps
     (common/architectures.py), or the plain classifier's CAM; a ValueError where it has none."""
-    from common.architectures import ThreeWay, is_architecture
-
     if isinstance(model, ThreeWay):  # U-MultiClass: the map of z+ - z-, as CAM is linear in the logits
         inner = heatmap_fn(model.inner, spec)
 
@@ -145,7 +144,7 @@ def heatmap_fn(model: nn.Module, spec: BackboneSpec):
 
 
 def cam_model(model: nn.Module, spec: BackboneSpec) -> CamModel:
-    """Wrap `model` (spec.build_model() with a K-way Linear at spec.classifier) for CAM."""
+    """Wrap `model` (library_model(spec) with a K-way Linear at spec.classifier) for CAM."""
     return CamModel(model, spec)
 
 
@@ -344,7 +343,7 @@ def evaluate_localization(
 ) -> pd.DataFrame:
     """CAM localization accuracy of `model` on the boxes whose image is in `image_paths`.
 
-    `model` is spec.build_model() with a len(label_names)-way Linear at spec.classifier, already
+    `model` is library_model(spec) with a len(label_names)-way Linear at spec.classifier, already
     on `device` (default: where its parameters are). Each image is the model's input as
     `data_config` (default the spec's) builds it; each box's label picks the class whose map is
     carried back onto the boxes' pixel grid through that input's geometry (`map_to_grid`) and

@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from common.architectures import build_model, is_architecture, plain_backbone_parts, training_loss
-from common.backbones import get_spec
+from common.checkpoint import read_checkpoint
+from common.model_registry import get_spec
 from common.rundir import EPOCH_CHECKPOINTS
 from common.config import epoch_line
 from common.early_stopping import early_stop_line, judge_epoch
@@ -27,7 +28,7 @@ from common.inference import autocast, resolve_precision
 from common.losses import make_loss, multiclass_ce
 from common.metrics import fast_auroc, nanmean
 from common.torch_files import save_atomic
-from finetune.checkpoint import TrainState, checkpoint, load_scheduler, read_checkpoint, scheduler_state, state_sha256
+from finetune.checkpoint import TrainState, checkpoint, load_scheduler, scheduler_state, state_sha256
 from finetune.config import BEST, LAST, SCHEDULES, FinetuneConfig, FinetuneError, log
 from finetune.dataset import ImageDataset
 from finetune.decode_cache import open_cache
@@ -160,10 +161,11 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
 
     state, resumed = TrainState(), None
     if (out / LAST).is_file():
-        obj = read_checkpoint(out / LAST)
+        last = read_checkpoint(out / LAST, finetune=True)
+        obj = last.extra
         if obj.get("world_size") != d.world:
             raise FinetuneError(f"{out / LAST}: written by {obj.get('world_size')} processes, this run has {d.world}")
-        model.load_state_dict(obj["model_state"])
+        model.load_state_dict(last.model_state)
         opt.load_state_dict(obj["optimizer"])
         load_scheduler(scheduler, obj["scheduler"], out / LAST)
         scaler.load_state_dict(obj["scaler"])

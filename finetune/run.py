@@ -17,17 +17,17 @@ import numpy as np
 import torch
 
 from common import __version__, rundir
-from common.backbones import get_spec
 from common.bboxes import read_nih_bboxes
-from common.evaluation import SplitScores, evaluate_splits
+from common.evaluation import SplitScores, combine_probabilities, evaluate_splits
 from common.metadata import study_ids
+from common.model_registry import get_spec
 from common.image_table import table_from_flags
 from common.losses import make_loss
 from common.report import render
 from common.safe_output import OutputLock
 from common.store import SPLITS
 from common.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
-from common.weights import checkpoint_data_config, resolve_weights
+from common.weights import load_weights, resolve_weights
 from finetune.checkpoint import load_classifier, resume_point
 from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, identity_of, log
 from finetune.decode_cache import DEFAULT_DIR
@@ -98,8 +98,6 @@ def checkpoint_ensemble(out: Path, history: list[dict], k: int, best_metric: str
     (predictions/checkpoint-ensemble-<split>.parquet). `score(path)` -> (model, scores, notes, unreadable).
     None when fewer than two checkpoints were kept."""
     import dataclasses
-
-    from common.evaluation import combine_probabilities
 
     key = (lambda h: h["val_loss"]) if best_metric == "val_loss" else (lambda h: -h["val_auc"])
     ranked = sorted((h for h in history if np.isfinite(key(h))), key=key)
@@ -196,7 +194,7 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
     spec = get_spec(args.backbone)
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
     # Fine-tuning a fine-tuned checkpoint keeps its input unless a flag changes it.
-    trained = checkpoint_data_config(weights.path) if weights.kind == "checkpoint" else None
+    trained = load_weights(weights.path, args.backbone).data_config if weights.kind == "checkpoint" else None
     data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the run records it")

@@ -83,7 +83,7 @@ def _lung_masker(st: dict, device: str):
 
 
 def _weights_argument(label: str) -> str:
-    """A manifest's weights label back into a --weights value for common.backbones.resolve_weights."""
+    """A manifest's weights label back into a --weights value for common.weights.resolve_weights."""
     kind, _, rest = label.partition(":")
     return rest if kind == "checkpoint" else label
 

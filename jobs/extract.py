@@ -340,23 +340,21 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     for flag in ("out", "images", "test_images"):
         if getattr(args, flag, None):
             fs.check_location(getattr(args, flag), "--" + flag.replace("_", "-"))
-    from common.backbones import get_spec
     from common.image_table import table_from_flags
+    from common.model_registry import get_spec
     from common.store import FORMAT_VERSION
     from common.store_writer import plan_fingerprint, prepare_output
-    from common.weights import checkpoint_data_config, resolve_weights
+    from common.weights import load_weights, resolve_weights
 
     spec = get_spec(args.backbone)
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the store records it")
-    trained = checkpoint_data_config(weights.path) if weights.kind == "checkpoint" else None
+    checkpoint = load_weights(weights.path, args.backbone) if weights.kind == "checkpoint" else None
+    trained = checkpoint.data_config if checkpoint else None
     # A fine-tuned literature architecture (common/architectures.py) gives its pooled pre-classifier features.
-    from common.architectures import checkpoint_architecture
-
-    arch = checkpoint_architecture(weights.path) if trained else None
-    args.model = arch["model"] if arch else "classifier"
-    args.feature_dim = arch["feature_dim"] if arch else spec.feature_dim
+    args.model = checkpoint.architecture if checkpoint else "classifier"
+    args.feature_dim = checkpoint.feature_dim if checkpoint and checkpoint.is_architecture else spec.feature_dim
     data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
     if trained and data_config != trained:
         log("note: --input-size/--resize differ from the checkpoint's own input; these features are not the "
@@ -496,8 +494,8 @@ def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
 
 def _runtime_input_errors() -> tuple[type[RuntimeError], ...]:
     # Only main raises these, once it has imported their modules: importing them here is free.
+    from common.checkpoint import WeightsError
     from common.store_writer import OutputError
-    from common.weights import WeightsError
 
     return OutputError, WeightsError
 

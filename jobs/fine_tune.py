@@ -228,8 +228,8 @@ def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
 
 
 def _runtime_input_errors() -> tuple[type[RuntimeError], ...]:
-    # Only main raises it, once it has imported common.weights: importing it here is free.
-    from common.weights import WeightsError
+    # Only main raises it, once it has imported common.checkpoint: importing it here is free.
+    from common.checkpoint import WeightsError
 
     return (WeightsError,)
 

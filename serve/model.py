@@ -49,19 +49,20 @@ class FinetuneOnImages:
     """A fine-tune run's best.pt from images: probabilities and class activation maps in one forward pass."""
 
     def __init__(self, path: Path, device: str = "cpu"):
-        from common.backbones import get_spec
-        from common.data_config import DataConfig
-        from finetune.checkpoint import load_classifier
+        from common.architectures import load_finetuned
+        from common.checkpoint import read_checkpoint
+        from common.model_registry import get_spec
         from finetune.localization import heatmap_fn
 
-        self.model, obj = load_classifier(path, device)
+        weights = read_checkpoint(path, finetune=True)
+        spec = get_spec(weights.backbone)
+        self.model = load_finetuned(weights).to(device).eval()
         self.device = torch.device(device)
-        self.data_config = DataConfig.from_dict(obj["data_config"], str(path))
-        self.label_names = list(obj["label_names"])
-        self.backbone = obj["backbone"]
-        self.architecture = obj.get("model", "classifier")
+        self.data_config = weights.data_config or spec.data_config
+        self.label_names = list(weights.label_names)
+        self.backbone, self.architecture = weights.backbone, weights.architecture
         try:
-            self.cam = heatmap_fn(self.model, get_spec(self.backbone))  # x -> (maps, logits)
+            self.cam = heatmap_fn(self.model, spec)  # x -> (maps, logits)
         except ValueError:
             self.cam = None  # e.g. VGG-19: probabilities only, and the page says why there is no map
 

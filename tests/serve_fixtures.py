@@ -17,7 +17,7 @@ BACKBONE, SIZE = "resnet50", 64
 
 def head_run(root: Path, backbone: str = BACKBONE, size: int = SIZE) -> Path:
     """A head trained on a synthetic store whose manifest names a random `backbone` at `size` px."""
-    from common.backbones import get_spec
+    from common.model_registry import get_spec
     from heads import train
 
     rng = np.random.default_rng(0)

@@ -137,6 +137,7 @@ def runs(tmp_path_factory, one_torch_thread):
             for name in ["classifier", *NEW]}
 
 
+@pytest.mark.slow
 @needs_shared
 @pytest.mark.parametrize("name", NEW)
 def test_a_short_real_image_run_lowers_the_loss_and_its_checkpoint_extracts(name, runs):
@@ -162,6 +163,7 @@ def test_a_short_real_image_run_lowers_the_loss_and_its_checkpoint_extracts(name
     np.testing.assert_allclose(extractor(images), direct, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_shared
 def test_one_table_compares_the_architectures_beside_the_published_baselines(runs, tmp_path):
     import pandas as pd
@@ -196,6 +198,7 @@ def test_heatmaps_localize_through_the_box_scorer(tmp_path):
     assert set(table["measure"]) == {"iou", "iobb"} and (tmp_path / f"{image.stem}_Mass.png").is_file()
 
 
+@pytest.mark.ddp
 @needs_shared
 def test_two_processes_train_wang2017_to_identical_weights(tmp_path, spark):
     result = _finetune(tmp_path / "ddp", "wang2017", "--num-processes", "2", "--batch-size", "4", "--epochs", "1")
@@ -204,6 +207,7 @@ def test_two_processes_train_wang2017_to_identical_weights(tmp_path, spark):
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
+@pytest.mark.slow
 @needs_shared
 def test_the_extraction_job_stores_an_architectures_pooled_features(runs, tmp_path, spark):
     from common.store import read_manifest, read_split

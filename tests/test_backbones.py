@@ -13,8 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from common.backbones import REGISTRY, build_classifier, build_extractor, get_spec
-from common.weights import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, checkpoint_data_config, resolve_weights
+from common.backbones import build_classifier, library_model
+from common.checkpoint import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, read_checkpoint
+from common.inference import build_extractor
+from common.model_registry import REGISTRY, get_spec
+from common.weights import resolve_weights
 from common.data_config import DataConfig
 from common.inference import FeatureExtractor
 from tests.data_paths import NIH_IMAGES
@@ -24,7 +27,7 @@ from tests.data_paths import NIH_IMAGES
 def _source_model(name: str, seed: int = 11) -> nn.Module:
     """A full model as a checkpoint would hold it, BatchNorm statistics included."""
     torch.manual_seed(seed)
-    model = get_spec(name).build_model(random_init=name != "inception_v3")  # inception's init is slow
+    model = library_model(get_spec(name), random_init=name != "inception_v3")  # inception's init is slow
     with torch.no_grad():
         for key, buf in model.named_buffers():
             if key.endswith("running_mean"):
@@ -241,7 +244,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     name = "mobilenet_v3_large"
     state = build_extractor(name, None).state_dict()
     wrong_shape = dict(state, **{"features.0.0.weight": torch.zeros(16, 3, 5, 5)})
-    foreign = get_spec("densenet121").build_model().state_dict()
+    foreign = library_model(get_spec("densenet121")).state_dict()
     finetune = {"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "backbone": "resnet50", "model_state": state}
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
@@ -327,6 +330,6 @@ def test_legacy_format_checkpoints_load_for_extraction_as_for_fine_tuning(tmp_pa
            "model_state": model.state_dict(), "label_names": list("abc"), "data_config": DataConfig(64).to_dict()}
     path = tmp_path / "legacy.pt"
     torch.save(obj, path, _use_new_zipfile_serialization=False)
-    assert checkpoint_data_config(str(path)) == DataConfig(64)
+    assert read_checkpoint(str(path)).data_config == DataConfig(64)
     x = _input(64)
     torch.testing.assert_close(_features(build_extractor(name, str(path)), x), _features(_reference(model, name), x))

@@ -154,6 +154,7 @@ def test_complete_store_is_not_overwritten_without_the_flag(store, dataset, spar
     assert read_split(out, "train").features.shape[0] > 0
 
 
+@pytest.mark.slow
 def test_killed_run_restarts_without_redoing_committed_chunks(dataset, store, spark, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "PYSPARK_SUBMIT_ARGS": "--master local[2] pyspark-shell",
@@ -232,6 +233,7 @@ def test_masked_view_embeds_lung_masked_inputs_with_fraction_and_qa(dataset, spa
         assert (saved == 255).mean() == pytest.approx(r["lung_fraction"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_masked_run_resumes_keeps_bad_images_and_refuses_other_settings(dataset, spark, tmp_path, monkeypatch):
     """A masked run stopped after two chunks resumes after them; the corrupt file is an error row with
     null lung columns; resuming it as an original-view run is refused."""
@@ -298,6 +300,7 @@ def test_save_masks_needs_the_masked_view(dataset, spark, tmp_path):
     assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_original_masked_and_fused_stores_train_heads_and_compare(dataset, spark, tmp_path, capsys):
     """LeDNet's comparison on a real pair: original and lung-masked stores of the same NIH images,
     heads on each and on both fused (heads.train --store A B), one table side by side."""

@@ -258,6 +258,7 @@ def test_bbox_list_gives_the_accuracy_table_and_overlays(run, nih40):
     assert f"]({loc['overlays'][0]})" in report
 
 
+@pytest.mark.slow
 @needs_shared
 def test_interrupted_run_resumes_at_its_step_and_ends_where_an_uninterrupted_one_does(run, nih40, tmp_path):
     out = tmp_path / "ft"
@@ -293,6 +294,7 @@ def test_interrupted_run_resumes_at_its_step_and_ends_where_an_uninterrupted_one
         assert (a["train_loss"], a["val_loss"], a["val_auc"]) == (b["train_loss"], b["val_loss"], b["val_auc"])
 
 
+@pytest.mark.ddp
 @needs_shared
 def test_two_torch_distributor_processes_end_with_the_same_weights(nih40, tmp_path, spark):
     out = tmp_path / "ddp"
@@ -363,6 +365,7 @@ def test_refusals_before_any_training(tmp_path, nih40):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 @needs_shared
 def test_a_finished_run_continues_for_more_epochs_without_overwrite(run, nih40, tmp_path):
     out = tmp_path / "more"

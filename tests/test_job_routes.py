@@ -47,6 +47,7 @@ def test_spark_submit_runs_each_job(stem):
     assert f"usage: jobs/{stem}.py " in proc.stdout
 
 
+@pytest.mark.slow
 def test_masked_extraction_through_spark_submit(tmp_path):
     out, masks = tmp_path / "store", tmp_path / "masks"
     proc = spark_submit("jobs/extract.py", "--config", "conf/sample.toml", "--out", str(out),
@@ -62,6 +63,7 @@ def test_masked_extraction_through_spark_submit(tmp_path):
     assert "of lung-masked images (lung model default)" in summary and "lung masks (QA): ok " in summary
 
 
+@pytest.mark.slow
 def test_fine_tune_through_spark_submit_with_the_decode_cache(tmp_path):
     out, cache = tmp_path / "ft", tmp_path / "cache"
     proc = spark_submit("jobs/fine_tune.py", *SAMPLE, "--out", str(out), "--backbone", "mobilenet_v3_large",

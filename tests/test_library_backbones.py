@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from common.backbones import build_extractor, get_spec
-from common.weights import WeightsError, library_weights_file, resolve_weights
+from common.backbones import library_model
+from common.checkpoint import WeightsError
+from common.inference import build_extractor
+from common.model_registry import get_spec
+from common.weights import library_weights_file, resolve_weights
 from tests.data_paths import NIH_IMAGES, SAMPLE, needs_shared
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,7 +43,7 @@ def _save_library_weights(name: str):
         model = xrv.models.DenseNet(weights=None)
         torch.save(model, path)  # torchxrayvision's DenseNet file is a pickled model
     else:
-        model = spec.build_model()
+        model = library_model(spec)
         torch.save(model.state_dict(), path)  # its ResNet-50 file is the state dict of its torchvision model
     return model, path
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.backbones import get_spec
+from common.backbones import library_model
+from common.model_registry import get_spec
 from common.bboxes import read_nih_bboxes
 from common.data_config import DataConfig
 from finetune.localization import (
@@ -44,7 +45,7 @@ def _k_way(name: str, k: int = 3, seed: int = 0) -> nn.Module:
     """The registry model with a K-way Linear head, random weights; callers copy it before changing it."""
     spec = get_spec(name)
     torch.manual_seed(seed)
-    model = spec.build_model(random_init=True)
+    model = library_model(spec, random_init=True)
     parent, _, attr = spec.classifier.rpartition(".")
     old = model.get_submodule(spec.classifier)
     setattr(model.get_submodule(parent) if parent else model, attr, nn.Linear(old.in_features, k))

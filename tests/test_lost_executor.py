@@ -82,6 +82,7 @@ def submit_args(cluster: StandaloneCluster) -> str:
     return " ".join(["--master", cluster.url, *(f"--conf {k}={v}" for k, v in conf.items()), "pyspark-shell"])
 
 
+@pytest.mark.cluster
 @pytest.mark.usefixtures("one_torch_thread")
 @needs_shared
 def test_store_has_every_row_once_after_a_worker_is_killed_midway(dataset, cluster, tmp_path):

@@ -137,6 +137,7 @@ def _run_driver(flags, env, log_path, until=None):
     return proc.returncode
 
 
+@pytest.mark.s3
 def test_bucket_to_bucket_killed_and_restarted_gives_every_row_once(s3, archive, metadata, spark, tmp_path):
     out = "s3://stores/nih-resnet50"
     flags = job_flags(metadata, "s3://archive/nih", out)
@@ -183,6 +184,7 @@ def test_bucket_to_bucket_killed_and_restarted_gives_every_row_once(s3, archive,
             np.testing.assert_allclose(remote.features, local.features, rtol=2e-3, atol=1e-5)
 
 
+@pytest.mark.s3
 def test_second_writer_on_a_bucket_store_is_refused(s3, archive, metadata, spark, tmp_path):
     from common.safe_output import RemoteLock
 
@@ -256,6 +258,7 @@ def test_a_remote_lock_taken_by_another_job_is_noticed_and_stale_ones_are_taken_
     assert not fs.exists(f"{folder}/.cxr.lock")
 
 
+@pytest.mark.s3
 def test_a_store_that_stops_answering_mid_run_is_one_line_naming_what_is_kept(tmp_path):
     """The S3 endpoint of the output goes away after the first chunk: one line naming the store, the committed
     chunks and how to go on; no Python or Java traceback."""

@@ -147,6 +147,7 @@ def test_fine_tuning_refuses_the_head_only_policies(tmp_path, capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_u_multiclass_fine_tunes_on_images(tmp_path):
     """A 3-way softmax per observation on images: training and validation on the 3-way loss, evaluation,
     CAM, extraction and the service on z+ - z-, the positive logit renormalized over {negative, positive}."""
@@ -195,6 +196,7 @@ def test_u_multiclass_fine_tunes_on_images(tmp_path):
     assert extractor(config.load(str(image))[None]).shape == (1, 2048)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_fine_tune_runs_checkpoint_ensemble(tmp_path):
     """The CheXpert paper's ensemble of one run's checkpoints: epochs kept, the best three averaged and scored."""

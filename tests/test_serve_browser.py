@@ -17,7 +17,7 @@ import pytest
 from tests.data_paths import NIH_IMAGES, REPO, needs_shared
 from tests.serve_fixtures import LiveServer, finetune_run, head_run
 
-pytestmark = [needs_shared, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.browser, needs_shared, pytest.mark.usefixtures("one_torch_thread")]
 CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO / "test-artifacts"
 # As a root user on a machine with no network: no sandbox, no background connections.

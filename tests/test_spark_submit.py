@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 from common.store import read_manifest
 from tests.data_paths import REPO
 
 
+@pytest.mark.slow
 def test_spark_submit_script_runs_the_job_on_the_bundled_sample(tmp_path):
     out = tmp_path / "store"
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",

@@ -33,7 +33,6 @@ SERVE_TRAINING = {
     ("serve.app", "finetune.localization"),
     ("serve.model", "heads.checkpoint"),
     ("serve.model", "heads.predictions"),
-    ("serve.model", "finetune.checkpoint"),
     ("serve.model", "finetune.localization"),
 }
 
