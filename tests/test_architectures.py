@@ -185,7 +185,7 @@ def test_heatmaps_localize_through_the_box_scorer(tmp_path):
     import pandas as pd
 
     from finetune.localization import evaluate_localization
-    from common.backbones import get_spec
+    from common.model_registry import get_spec
 
     model = build_model("attention-gated", "resnet50", None, 0, 2).eval()
     image = sorted((SAMPLE / "images").glob("*.png"))[0]

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.backbones import build_classifier, build_extractor
+from common.backbones import build_classifier
+from common.inference import build_extractor
 from common.weights import resolve_weights
 from common.bboxes import read_nih_bboxes
 from common.config import ConfigError

@@ -158,7 +158,7 @@ def test_u_multiclass_fine_tunes_on_images(tmp_path):
     from common.inference import FeatureExtractor
     from finetune.checkpoint import load_classifier
     from finetune.localization import heatmap_fn
-    from common.backbones import get_spec
+    from common.model_registry import get_spec
     from jobs import fine_tune
     from tests.data_paths import SAMPLE
 
