@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import itertools
-import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +20,17 @@ from common.bootstrap import BOOTSTRAP_DRAWS
 from common.config import fail, log
 from common.evaluation import SplitScores, evaluate_splits
 from common.feature_stats import constant_note, summarize
-from common.losses import loss_text, make_loss
-from common.metadata import study_ids
+from common.losses import loss_text
 from common.report import render
 from common.store import StoreError
+from common.studies import study_ids
 from common.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
 from heads.checkpoint import CHECKPOINT, save_head
 from heads.data import fit_inputs, make_inputs, open_stores
-from heads.fit import FitConfig, Tensors, fit, input_tensor, predict_logits, resolve_precision
+from heads.fit import Tensors, input_tensor, predict_logits, resolve_precision
+from heads.grid import policy_loss, train_grid
 from heads.models import HeadSpec
+from heads.selftrain import self_train
 
 
 @dataclass
@@ -69,55 +69,6 @@ def prepare_data(s: dict, precision: str) -> Prepared:
         flags[name] = finding_flags(split.labels, stores.label_names)
         del split, x
     return Prepared(chosen, tensors, ids, patients, flags, truth, inputs, [i.describe() for i in stores.infos], stores.dataset)
-
-
-def policy_loss(s: dict, y: torch.Tensor, mask: torch.Tensor, label_names: list[str]):
-    """The run's loss and its notes: --loss (class weights fitted on these targets), or for U-MultiClass
-    the 3-way cross-entropy of the paper (--loss does not apply to a softmax over three classes)."""
-    if s["policy"] == "multiclass":
-        from common.losses import multiclass_ce
-
-        return multiclass_ce, ["U-MultiClass: a 3-way softmax per observation trained with cross-entropy; --loss "
-                               "not used; the positive probability is renormalized over {negative, positive}"]
-    return make_loss(s["loss"], y, mask, s["focal_gamma"], s["focal_alpha"], label_names)
-
-
-def _score(cell: dict, metric: str) -> float:
-    """Larger is better; a NaN cell never wins."""
-    value = cell["val_auc"] if metric == "val_auc" else -cell["val_loss"]
-    return value if value is not None and math.isfinite(value) else -math.inf
-
-
-def train_grid(s: dict, data: Prepared, spec: HeadSpec, loss_fn, precision: str):
-    """Fit every lr x weight-decay cell (one cell without a grid); keep the best by the grid metric."""
-    lrs = s["grid_lr"] or [s["lr"]]
-    wds = s["grid_weight_decay"] or [s["weight_decay"]]
-    cells, fits = [], []
-    quiet = (lambda line: None) if s["quiet"] else log
-    for i, (lr, wd) in enumerate(itertools.product(lrs, wds), 1):
-        if len(lrs) * len(wds) > 1:
-            log(f"grid cell {i}/{len(lrs) * len(wds)}: lr {lr:g}, weight decay {wd:g}")
-        cfg = FitConfig(lr=lr, weight_decay=wd, betas=tuple(s["betas"]), batch_size=s["batch_size"],
-                        epochs=s["epochs"], plateau_patience=s["plateau_patience"], plateau_factor=s["plateau_factor"],
-                        early_stop_patience=s["early_stop_patience"], seed=s["init_seed"], precision=precision)
-        model, result = fit(spec, data.tensors["train"], data.tensors["val"], loss_fn, cfg, log=quiet,
-                            val_truth=data.truth["val"])
-        cell = {"lr": lr, "weight_decay": wd, "best_epoch": result.best_epoch, "val_loss": result.best_val_loss,
-                "val_auc": result.best_val_auc, "epochs_run": len(result.history), "stopped": result.stopped,
-                "seconds": round(result.seconds, 2)}
-        cells.append(cell)
-        fits.append((cell, model, result))
-    # Best first; a stable sort keeps the grid's order among equal cells.
-    fits.sort(key=lambda f: -_score(f[0], s["grid_metric"]))
-    keep = s.get("grid_ensemble", 1)
-    if keep > 1:  # the top cells answer as one head: the mean of their probabilities
-        from heads.models import HeadEnsemble
-
-        cell, _, result = fits[0]
-        for rank, (c, _, _) in enumerate(fits[:keep], 1):
-            c["ensemble_rank"] = rank
-        return cells, (cell, HeadEnsemble([m for _, m, _ in fits[:keep]]), result)
-    return cells, fits[0]
 
 
 def run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> dict:
@@ -162,8 +113,6 @@ def _run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> d
     cells, (chosen, model, result) = train_grid(s, data, spec, loss_fn, precision)
     rounds = []
     if s["policy"] == "selftrained" and result.best_epoch:
-        from heads.selftrain import self_train
-
         cells, (chosen, model, result), rounds = self_train(s, data, spec, model, precision, cells, (chosen, model, result))
     if result.best_epoch == 0:
         fail(parser, f"training diverged in its first epoch (non-finite loss); no weights worth saving in {out}; "
@@ -171,8 +120,6 @@ def _run(parser: argparse.ArgumentParser, s: dict, out: Path, command: str) -> d
     splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out, s["bootstrap_draws"])
 
     if s.get("grid_ensemble", 1) > 1:
-        from dataclasses import replace
-
         spec = replace(spec, members=s["grid_ensemble"])
     save_head(out / CHECKPOINT, model, spec, data.inputs, data.label_names, data.stores, thresholds,
                      precision, s["policy"], data.dataset, s)

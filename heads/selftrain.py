@@ -16,13 +16,12 @@ import torch
 
 from common.config import log
 from heads.fit import Tensors, predict_logits
+from heads.grid import policy_loss, train_grid
 
 
 def self_train(s: dict, data, spec, model, precision: str, cells: list, best: tuple):
     """Rounds of relabel-and-refit after the U-Ignore fit `best` = (cell, model, result).
     Returns the last round's (cells, best) and one record per round."""
-    from heads.run import policy_loss, train_grid
-
     train = data.tensors["train"]
     raw_y, raw_mask = data.truth["train"]
     uncertain = torch.from_numpy(~raw_mask)  # eval_targets masks exactly the uncertain entries
