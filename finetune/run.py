@@ -19,13 +19,13 @@ import torch
 from common import __version__, rundir
 from common.bboxes import read_nih_bboxes
 from common.evaluation import SplitScores, combine_probabilities, evaluate_splits
-from common.metadata import study_ids
 from common.model_registry import get_spec
 from common.image_table import table_from_flags
 from common.losses import make_loss
 from common.report import render
 from common.safe_output import OutputLock
 from common.store import SPLITS
+from common.studies import study_ids
 from common.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
 from common.weights import load_weights, resolve_weights
 from finetune.checkpoint import load_classifier, resume_point
