@@ -105,6 +105,7 @@ def test_a_store_another_job_writes_is_refused_naming_it(monkeypatch, capsys, tm
     assert not (tmp_path / "s" / ".cxr.lock").exists()  # released by its holder
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_keeps_chunks_and_overwrite_keeps_foreign_files(monkeypatch, capsys, tmp_path, spark):
     import errno
 

@@ -190,6 +190,7 @@ def test_predict_refuses_features_from_another_backbone(signal_run, tmp_path, ca
     assert "backbone 'densenet121' differs" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_report_rerenders_from_the_run_directory(signal_run):
     out, _ = signal_run
     before = (out / "report.md").read_text()

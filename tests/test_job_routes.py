@@ -40,6 +40,7 @@ def test_python_dash_m_runs_each_job(stem):
     assert proc.stdout.startswith(f"usage: jobs/{stem}.py ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem", JOBS)
 def test_spark_submit_runs_each_job(stem):
     proc = spark_submit(f"jobs/{stem}.py", "--help")
