@@ -22,11 +22,11 @@ setup(
         "numpy>=1.26,<3",
         "scikit-learn>=1.5,<2",
         "pillow>=10,<14",
-        # PNG decoding (common/images.py): OpenCV's libpng gives Pillow's pixels ~10% faster (bench/decoders.py).
+        # PNG decoding (common/images/decode.py): OpenCV's libpng gives Pillow's pixels ~10% faster (bench/decoders.py).
         "opencv-python-headless>=5.1,<6",
         "matplotlib>=3.8,<4",
         "scipy>=1.11,<2",
-        # DICOM (common/dicom.py): pydicom 3's pixels API (pixel_array, apply_voi_lut, set_pixel_data).
+        # DICOM (common/images/dicom.py): pydicom 3's pixels API (pixel_array, apply_voi_lut, set_pixel_data).
         "pydicom>=3.0.2,<3.1",
         # Its pixel-data plugins for compressed transfer syntaxes. libjpeg: JPEG lossless (the usual
         # CR/DX syntax), 12-bit JPEG extended and JPEG-LS, which neither pydicom nor Pillow decodes;

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.bootstrap import bootstrap_auroc  # noqa: E402
+from common.evaluation.bootstrap import bootstrap_auroc  # noqa: E402
 
 
 def case(n: int, patients: int, k: int, draws: int) -> tuple[float, float]:

@@ -8,7 +8,7 @@ then scales to [0, 1]; all but "OpenCV + INTER_AREA" hand the decoded pixels to 
 gray conversion and the bilinear resize, as DataConfig.load does. Calls are interleaved (each image
 through every candidate in turn, order rotated) so that load from other processes hits all alike; the
 median of the passes is reported, with each candidate's largest |difference| from Pillow's result.
-Then the whole DataConfig(size).load with the adopted decoder (common.images.FAST_PNG) against
+Then the whole DataConfig(size).load with the adopted decoder (common.images.decode.FAST_PNG) against
 forced Pillow, and where Pillow's own time goes (decode, to float, resize).
 """
 
@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
 
-from common import images  # noqa: E402
-from common.data_config import DataConfig  # noqa: E402
-from common.images import to_unit_array  # noqa: E402
+from common.images import decode as images  # noqa: E402
+from common.images.data_config import DataConfig  # noqa: E402
+from common.images.decode import to_unit_array  # noqa: E402
 
 NIH_IMAGES = REPO.parent / "shared" / "data" / "nih" / "images"
 BILINEAR = Image.Resampling.BILINEAR

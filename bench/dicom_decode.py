@@ -7,7 +7,7 @@ JPEG 2000 Lossless) in a temporary folder, then times DataConfig(size).load per 
 on one core (best of --repeats passes, so the files are in the page cache), and prints ms/image,
 the ratio to PNG, MB/image on disk and the largest difference from the PNG's input.
 
-Then header scanning as `--dataset dicom` does it (common.dicom_kind.read_dicom: walk, read the five
+Then header scanning as `--dataset dicom` does it (common.data.dicom_kind.read_dicom: walk, read the five
 tags with stop_before_pixels, build the table) over --header-files hard links to the uncompressed
 files, in one process and in a pool of all cores: files/s for each and their ratio.
 """
@@ -27,7 +27,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.data_config import DataConfig  # noqa: E402
+from common.images.data_config import DataConfig  # noqa: E402
 
 NIH = REPO.parent / "shared" / "data" / "nih"
 
@@ -70,7 +70,7 @@ def load_ms(config: DataConfig, paths: list[str], repeats: int) -> tuple[float, 
 
 def header_scan(sources: list[str], n: int, folder: Path, workers: int, repeats: int) -> tuple[float, int]:
     """Best files/s of read_dicom over `n` hard links to `sources` (100 per folder), and the rows it gave."""
-    from common.dicom_kind import read_dicom
+    from common.data.dicom_kind import read_dicom
 
     if not folder.exists():
         for i in range(n):

@@ -22,8 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import rundir  # noqa: E402
-from common.labels import NIH_LABELS  # noqa: E402
+from common.runs import rundir  # noqa: E402
+from common.data.labels import NIH_LABELS  # noqa: E402
 from heads import ensemble  # noqa: E402
 
 

@@ -32,9 +32,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.model_registry import get_spec  # noqa: E402
-from common.data_config import DataConfig  # noqa: E402
-from common.inference import FeatureExtractor  # noqa: E402
+from common.models.model_registry import get_spec  # noqa: E402
+from common.images.data_config import DataConfig  # noqa: E402
+from common.models.inference import FeatureExtractor  # noqa: E402
 
 NIH = REPO.parent / "shared" / "data" / "nih"
 
@@ -132,7 +132,7 @@ def predict_batch_udf_rate(args, cores: int, paths: list[str], data_config: Data
     "reference solution for image applications" loads images.
 
     Differences from the recipe, all to compare like with like: random weights and the pooled features of
-    the same backbone as the job (common.inference.build_extractor: for resnet50, torchvision's resnet50
+    the same backbone as the job (common.models.inference.build_extractor: for resnet50, torchvision's resnet50
     with fc = Identity); the job's input geometry (Resize to the data config's square side, CenterCrop to
     its input size: for resnet50 Resize(224), CenterCrop(224), the job's resize on square NIH images);
     batch_size = the job's; only (path, features) written, not the input tensors. Spark's defaults
@@ -162,7 +162,7 @@ def predict_batch_udf_rate(args, cores: int, paths: list[str], data_config: Data
 
     def make_predict_fn():
         # Once per Python worker (predict_batch_udf caches the returned function).
-        from common.inference import build_extractor
+        from common.models.inference import build_extractor
 
         model = build_extractor(backbone, None, 0)  # eval mode, random weights, classifier = Identity
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/finetune_architectures.py [--size 224] [--batch 8] [--seconds 20] [--device cpu|cuda]
 
-For each architecture (common/architectures.py) on its backbone, and the plain classifier on the same
+For each architecture (common/models/architectures.py) on its backbone, and the plain classifier on the same
 backbone, times full training steps (forward, the architecture's loss, backward, Adam) on random
 inputs of --size px (decoding excluded: it is the same for every model), after two warm-up steps,
 and prints images/s and the ratio to the plain classifier of that backbone. Random weights:
@@ -21,9 +21,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.architectures import build_model, training_loss  # noqa: E402
-from common.inference import autocast, resolve_precision  # noqa: E402
-from common.losses import bce  # noqa: E402
+from common.models.architectures import build_model, training_loss  # noqa: E402
+from common.models.inference import autocast, resolve_precision  # noqa: E402
+from common.training.losses import bce  # noqa: E402
 
 RUNS = [("classifier", "densenet121"), ("wang2017", "densenet121"), ("space-attention", "densenet121"),
         ("bilinear", "densenet121"), ("classifier", "resnet50"), ("attention-gated", "resnet50"),

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.data_config import DataConfig  # noqa: E402
+from common.images.data_config import DataConfig  # noqa: E402
 from finetune.config import FinetuneConfig, SplitImages  # noqa: E402
 from finetune.decode_cache import _digests, open_cache  # noqa: E402
 from finetune.loop import train  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heads.fit import FitConfig, Tensors, fit, input_tensor, resolve_precision  # noqa: E402
-from common.losses import make_loss  # noqa: E402
+from common.training.losses import make_loss  # noqa: E402
 from heads.models import HeadSpec, build_head  # noqa: E402
 
 

@@ -20,8 +20,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.data_config import DataConfig  # noqa: E402
-from common.extraction import input_loader, transform_batch  # noqa: E402
+from common.images.data_config import DataConfig  # noqa: E402
+from common.features.extraction import input_loader, transform_batch  # noqa: E402
 from lungs.masking import QA_OK, LungMasker  # noqa: E402
 
 NIH = REPO.parent / "shared" / "data" / "nih"

@@ -6,7 +6,7 @@ Prints, from one run on the same images: (a) the shipped lung model's images/s a
 prediction + post-processing), (b) the backbone's images/s alone at its own input, and the ratio
 a/b: what masking adds to an extraction's model time (decoding excluded); then (c) plain and
 (d) masked extraction images/s, each the whole work of an extraction task (decode, [mask,]
-embed: common.extraction.extract_frame, as the Spark job runs it per batch), and d/c: the
+embed: common.features.extraction.extract_frame, as the Spark job runs it per batch), and d/c: the
 mask model's cost as a ratio. Random backbone weights: throughput does not depend on their values.
 """
 
@@ -23,10 +23,10 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.model_registry import get_spec  # noqa: E402
-from common.data_config import DataConfig  # noqa: E402
-from common.extraction import extract_frame  # noqa: E402
-from common.inference import FeatureExtractor  # noqa: E402
+from common.models.model_registry import get_spec  # noqa: E402
+from common.images.data_config import DataConfig  # noqa: E402
+from common.features.extraction import extract_frame  # noqa: E402
+from common.models.inference import FeatureExtractor  # noqa: E402
 from lungs.masking import LungMasker  # noqa: E402
 from lungs.model import load_lung_model, predict_masks  # noqa: E402
 from lungs.postprocess import postprocess_all  # noqa: E402

@@ -5,7 +5,7 @@
 A GPU runs a batch while the CPU is free; a model that sleeps (time.sleep releases the GIL) for
 batch / rate seconds behaves the same way on a machine without one. The real decoding
 (DataConfig.load of the 1024-px NIH PNGs in `--threads` threads) feeds it through
-common.extraction.iter_extract, exactly as a Spark task does. Printed, from one run: the decode rate D
+common.features.extraction.iter_extract, exactly as a Spark task does. Printed, from one run: the decode rate D
 alone, then for model rates M = D/2, D and 2D the images/s without prefetch (decode, then embed:
 bounded by 1 / (1/D + 1/M)) and with prefetch (decode batch k+1 while batch k embeds: bounded by
 min(D, M)), and the ratio to min(D, M) (target >= 0.9).
@@ -26,8 +26,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.data_config import DataConfig  # noqa: E402
-from common.extraction import iter_extract  # noqa: E402
+from common.images.data_config import DataConfig  # noqa: E402
+from common.features.extraction import iter_extract  # noqa: E402
 
 NIH_IMAGES = REPO.parent / "shared" / "data" / "nih" / "images"
 

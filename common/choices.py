@@ -1,13 +1,13 @@
 """The names flags choose from, kept apart from the code that acts on them.
 
 Nothing heavy is imported here, so a command's parser (and its --help) builds without torch or
-pyarrow; common.inference and common.store take these names from here.
+pyarrow; common.models.inference and common.features.store take these names from here.
 """
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of the frozen extractor and the fine-tune loop
 SPLITS = ("train", "val", "test")  # a feature store's splits (docs/feature-store.md)
 
-# The backbones the literature architectures (common/architectures.py) read feature maps from, by the
+# The backbones the literature architectures (common/models/architectures.py) read feature maps from, by the
 # torchvision layout each shares.
 ARCHITECTURE_LAYOUTS = {"resnet50": "resnet50", "densenet121": "densenet121", "xrv-resnet50": "resnet50",
                         "xrv-densenet121": "densenet121"}

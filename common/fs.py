@@ -9,7 +9,7 @@
 A job names images and stores by URI; the driver lists and writes through these functions and the
 executors read image bytes and write their Parquet files through them, so nothing assumes one POSIX
 file system shared by all. An object store has no atomic rename: writers here never rely on one
-(common/store_writer.py commits by writing a marker instead).
+(common/features/store_writer.py commits by writing a marker instead).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ The run directory `cfg.out` receives, from rank 0 only, each written atomically:
               it when it is there: a killed run, started again, continues at the saved step.
     best.pt   the weights of the best epoch so far by `best_metric` (no optimizer state).
 
-Both are fine-tune checkpoints (common/checkpoint.py documents the format, writes and reads it;
+Both are fine-tune checkpoints (common/models/checkpoint.py documents the format, writes and reads it;
 the extraction job takes either as --weights). Besides the format's keys they hold: epoch (last.pt:
 the epoch in progress, 1-based; best.pt: the best epoch), step (steps done in that epoch),
 global_step, history, identity (what a resumed run must match), config (the job's settings),
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from common.architectures import load_finetuned
-from common.checkpoint import Checkpoint, read_checkpoint
+from common.models.architectures import load_finetuned
+from common.models.checkpoint import Checkpoint, read_checkpoint
 from finetune.config import LAST, FinetuneConfig, FinetuneError
 
 

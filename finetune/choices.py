@@ -4,7 +4,7 @@ finetune.config takes them from here."""
 SCHEDULES = ("plateau", "step")
 BEST_METRICS = ("val_loss", "val_auc")
 
-# common/architectures.py's registry (tests/test_architectures.py keeps the two equal).
+# common/models/architectures.py's registry (tests/test_architectures.py keeps the two equal).
 MODELS = ("classifier", "wang2017", "space-attention", "attention-gated", "bilinear")
 # Each model's own flags -> its constructor's keyword; a flag given for another model is refused.
 MODEL_FLAGS = {

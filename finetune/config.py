@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.data_config import DataConfig
-from common.rundir import BEST, LAST  # noqa: F401 (a run directory's names live in common/rundir.py)
+from common.images.data_config import DataConfig
+from common.runs.rundir import BEST, LAST  # noqa: F401 (a run directory's names live in common/runs/rundir.py)
 from finetune.choices import SCHEDULES  # noqa: F401 (finetune.loop takes it from here)
 from finetune.dataset import ImageDataset
 
@@ -27,7 +27,7 @@ class SplitImages:
     paths: list[str]
     targets: np.ndarray  # (n, K) float32 0/1
     mask: np.ndarray  # (n, K) bool: False where a label is uncertain under U-Ignore
-    # The raw labels' (y, mask) (common.targets.eval_targets): what the val AUROC scores, whatever
+    # The raw labels' (y, mask) (common.data.targets.eval_targets): what the val AUROC scores, whatever
     # the policy; None: the targets themselves.
     truth: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -48,9 +48,9 @@ class FinetuneConfig:
     state_file: str | None = None  # starting weights (ImageNet file or checkpoint); None: random
     init_seed: int = 0  # the new classifier, and the whole model without state_file
     data_config: DataConfig = field(default_factory=lambda: DataConfig(224))  # the model's one input
-    model: str = "classifier"  # common/architectures.py: classifier, wang2017, space-attention, ...
+    model: str = "classifier"  # common/models/architectures.py: classifier, wang2017, space-attention, ...
     model_options: dict = field(default_factory=dict)  # the architecture's constructor options
-    outputs_per_label: int = 1  # 3: U-MultiClass (common.architectures.ThreeWay)
+    outputs_per_label: int = 1  # 3: U-MultiClass (common.models.architectures.ThreeWay)
     freeze_backbone: bool = False
     loss: str = "weighted_bce"
     focal_gamma: float = 2.0

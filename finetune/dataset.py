@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.data_config import DataConfig
+from common.images.data_config import DataConfig
 
 
 class ImageDataset(Dataset):
     """Items (image (in_channels, S, S) float32 normalized, targets (K,) float32, mask (K,) float32, ok bool, index).
 
-    `targets` and `mask` are (n, K) arrays aligned with `paths` (common.targets.apply_policy gives
+    `targets` and `mask` are (n, K) arrays aligned with `paths` (common.data.targets.apply_policy gives
     them). Set `epoch` before an epoch's DataLoader is iterated; with worker processes it must
     not be persistent, so every epoch's workers see the new value.
     """

@@ -26,7 +26,7 @@ One cache is one folder under the cache directory, named `<S>px-<resize>-<config
     cache.json       the key's parts, written last
 
 Key. <config> digests the whole data config (to_dict, not only its geometry: the safe side), the
-pixel limit, this format's version, the version of what decoding gives (common.images.DECODE_VERSION;
+pixel limit, this format's version, the version of what decoding gives (common.images.decode.DECODE_VERSION;
 tests/test_finetune_cache.py holds the digest of fixed files' inputs under it, so a change to decoding
 that does not bump it fails there) and the versions of Pillow, NumPy, pydicom and its pixel plugins.
 Not the decoding source: a comment edit would rebuild every cache, and under spark-submit the modules
@@ -72,16 +72,16 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
-from common.data_config import DataConfig
-from common.images import DECODE_VERSION, MAX_PIXELS
-from common.safe_output import os_error_line
+from common.images.data_config import DataConfig
+from common.images.decode import DECODE_VERSION, MAX_PIXELS
+from common.runs.safe_output import os_error_line
 
 FORMAT = "cxr-features/decode-cache"
 FORMAT_VERSION = 2  # 2: digests.npy
 DEFAULT_DIR = "decode-cache"  # beside the run directory (in its parent folder) unless --decode-cache names one
 BUILDING = ".building-"
 VALUES, OK, DIGESTS, ENTRIES, META = "values.npy", "ok.npy", "digests.npy", "entries.parquet", "cache.json"
-# The decoders whose versions key a cache (with common.images.DECODE_VERSION for this code).
+# The decoders whose versions key a cache (with common.images.decode.DECODE_VERSION for this code).
 DECODERS = ("pillow", "numpy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle")
 
 

@@ -25,11 +25,11 @@ from scipy import ndimage
 from torch import nn
 from torchvision.ops import box_area, box_iou
 
-from common.architectures import ThreeWay, is_architecture
-from common.bboxes import NIH_BBOX_IMAGE_SIZE
-from common.data_config import DataConfig
-from common.images import open_image, read_gray
-from common.model_registry import BackboneSpec
+from common.models.architectures import ThreeWay, is_architecture
+from common.data.bboxes import NIH_BBOX_IMAGE_SIZE
+from common.images.data_config import DataConfig
+from common.images.decode import open_image, read_gray
+from common.models.model_registry import BackboneSpec
 
 # Wang et al. threshold the [0, 255]-normalized map at 180.
 CAM_THRESHOLD = 180 / 255
@@ -121,7 +121,7 @@ def _linear_head(model: nn.Module, spec: BackboneSpec) -> nn.Linear:
 
 def heatmap_fn(model: nn.Module, spec: BackboneSpec):
     """x -> (maps (N, K, h, w), logits (N, K)) of a fine-tuned model: the architecture's own heatmaps
-    (common/architectures.py), or the plain classifier's CAM; a ValueError where it has none."""
+    (common/models/architectures.py), or the plain classifier's CAM; a ValueError where it has none."""
     if isinstance(model, ThreeWay):  # U-MultiClass: the map of z+ - z-, as CAM is linear in the logits
         inner = heatmap_fn(model.inner, spec)
 
@@ -265,7 +265,7 @@ def localization_accuracy(
     """Wang et al.'s accuracy: the share of ground-truth boxes that some predicted box overlaps by > T.
 
     pred_boxes maps (image_id, label) to an (M, 4) array of x, y, w, h (missing or empty: a miss);
-    truth_boxes has image_id, label, x, y, w, h (common.bboxes). Returns one row per label and
+    truth_boxes has image_id, label, x, y, w, h (common.data.bboxes). Returns one row per label and
     threshold, then the overall rows (label "all"): label, measure, threshold, accuracy, n.
     """
     if measure not in MEASURES:

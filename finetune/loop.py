@@ -18,16 +18,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
-from common.architectures import build_model, is_architecture, plain_backbone_parts, training_loss
-from common.checkpoint import read_checkpoint
-from common.model_registry import get_spec
-from common.rundir import EPOCH_CHECKPOINTS
+from common.models.architectures import build_model, is_architecture, plain_backbone_parts, training_loss
+from common.models.checkpoint import read_checkpoint
+from common.models.model_registry import get_spec
+from common.runs.rundir import EPOCH_CHECKPOINTS
 from common.config import epoch_line
-from common.early_stopping import early_stop_line, judge_epoch
-from common.inference import autocast, resolve_precision
-from common.losses import make_loss, multiclass_ce
-from common.metrics import fast_auroc, nanmean
-from common.torch_files import save_atomic
+from common.training.early_stopping import early_stop_line, judge_epoch
+from common.models.inference import autocast, resolve_precision
+from common.training.losses import make_loss, multiclass_ce
+from common.evaluation.metrics import fast_auroc, nanmean
+from common.models.torch_files import save_atomic
 from finetune.checkpoint import TrainState, checkpoint, load_scheduler, scheduler_state, state_sha256
 from finetune.config import BEST, LAST, SCHEDULES, FinetuneConfig, FinetuneError, log
 from finetune.dataset import ImageDataset

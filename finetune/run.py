@@ -16,18 +16,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import __version__, rundir
-from common.bboxes import read_nih_bboxes
-from common.evaluation import SplitScores, combine_probabilities, evaluate_splits
-from common.model_registry import get_spec
-from common.image_table import table_from_flags
-from common.losses import make_loss
-from common.report import render
-from common.safe_output import OutputLock
-from common.store import SPLITS
-from common.studies import study_ids
-from common.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
-from common.weights import load_weights, resolve_weights
+from common import __version__
+from common.runs import rundir
+from common.data.bboxes import read_nih_bboxes
+from common.evaluation.scores import SplitScores, combine_probabilities, evaluate_splits
+from common.models.model_registry import get_spec
+from common.data.image_table import table_from_flags
+from common.training.losses import make_loss
+from common.evaluation.report import render
+from common.runs.safe_output import OutputLock
+from common.features.store import SPLITS
+from common.evaluation.studies import study_ids
+from common.data.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
+from common.models.weights import load_weights, resolve_weights
 from finetune.checkpoint import load_classifier, resume_point
 from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, identity_of, log
 from finetune.decode_cache import DEFAULT_DIR
@@ -82,7 +83,7 @@ def score_checkpoint(path: Path, splits: dict[str, SplitImages], flag_rows: dict
             unreadable += [s.paths[i] for i in np.flatnonzero(~ok)]
         has_disease, no_finding = finding_flags(labels[flag_rows[name]], all_names)
         probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
-        # Scored on the raw labels, whatever the training policy (common/targets.py).
+        # Scored on the raw labels, whatever the training policy (common/data/targets.py).
         y, mask = eval_targets(labels[flag_rows[name]][:, label_columns(all_names, label_names)])
         patients = None if patient_ids is None else patient_ids[flag_rows[name]][ok]
         ids = np.asarray(s.ids, dtype=object)[ok]

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.rundir import HEAD_CHECKPOINT, RunError, jsonable
-from common.torch_files import load_versioned, save_atomic
+from common.runs.rundir import HEAD_CHECKPOINT, RunError, jsonable
+from common.models.torch_files import load_versioned, save_atomic
 from heads.data import InputSpec
 from heads.models import HeadSpec, build_head
 

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from common.comparison import TABLE_CSV, TABLE_MD, CompareError, check_comparable, load_run, write_comparison
-    from common.safe_output import check_dir_path
+    from common.evaluation.comparison import TABLE_CSV, TABLE_MD, CompareError, check_comparable, load_run, write_comparison
+    from common.runs.safe_output import check_dir_path
 
     try:
         names = parse_list(args.names, str, "names") if args.names else [None] * len(args.runs)

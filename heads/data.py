@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import fs
-from common.store import MANIFEST, SplitData, StoreError, read_manifest, read_split
-from common.store import store_splits as splits_with_rows
+from common.features.store import MANIFEST, SplitData, StoreError, read_manifest, read_split
+from common.features.store import store_splits as splits_with_rows
 from heads.choices import SEX_ENCODINGS
 
 

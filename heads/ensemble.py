@@ -19,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
+from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
 from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config
 
 PROG = "python -m heads.ensemble"
@@ -47,7 +47,7 @@ def load_members(paths: list[str]) -> tuple[list[str], dict, list[dict]]:
     has the first one's labels, images and ground truth."""
     import pandas as pd
 
-    from common import rundir
+    from common.runs import rundir
 
     if len(paths) < 2:
         raise ValueError(f"an ensemble needs two or more runs, {len(paths)} given")
@@ -85,7 +85,7 @@ def load_members(paths: list[str]) -> tuple[list[str], dict, list[dict]]:
 def _check_same_images(first, frame, names: list[str], split: str, path: str, first_path: str) -> None:
     import numpy as np
 
-    from common.rundir import TARGET_PREFIX
+    from common.runs.rundir import TARGET_PREFIX
 
     if len(frame) != len(first) or not np.array_equal(frame["image_id"].to_numpy(), first["image_id"].to_numpy()):
         raise ValueError(f"{path}: its {split} images are not those of {first_path} ({len(frame)} vs {len(first)} "
@@ -96,8 +96,8 @@ def _check_same_images(first, frame, names: list[str], split: str, path: str, fi
 
 
 def combine(probs: list, how: str):
-    """Members' (n, labels) probabilities -> the ensemble's (common.evaluation.combine_probabilities)."""
-    from common.evaluation import combine_probabilities
+    """Members' (n, labels) probabilities -> the ensemble's (common.evaluation.scores.combine_probabilities)."""
+    from common.evaluation.scores import combine_probabilities
 
     return combine_probabilities(probs, how)
 
@@ -106,7 +106,7 @@ def _patients(members: list[dict], split: str, image_ids):
     """Patient per image from the first member's store (head runs record theirs); None otherwise."""
     import numpy as np
 
-    from common.store import StoreError, data_files, read_manifest, read_parquet
+    from common.features.store import StoreError, data_files, read_manifest, read_parquet
 
     for member in members:
         for store in member.get("stores") or []:
@@ -125,9 +125,9 @@ def _patients(members: list[dict], split: str, image_ids):
 
 def build(names, frames, members, how: str, out: Path, bootstrap_draws: int) -> dict:
     """metrics.json's content; predictions written into `out`."""
-    from common.evaluation import SplitScores, evaluate_splits
-    from common.studies import study_ids
-    from common.rundir import predictions_arrays
+    from common.evaluation.scores import SplitScores, evaluate_splits
+    from common.evaluation.studies import study_ids
+    from common.runs.rundir import predictions_arrays
 
     scores, notes = {}, []
     dataset = members[0].get("dataset") or next((s.get("dataset") for s in members[0].get("stores") or []), None)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     except ConfigError as exc:
         fail(parser, exc)
 
-    from common import rundir
+    from common.runs import rundir
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
     started = dt.datetime.now(dt.timezone.utc)

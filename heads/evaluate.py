@@ -3,7 +3,7 @@
     python -m heads.evaluate --run runs/nih-resnet50-mlp3 --store stores/chexpert-resnet50 --out runs/nih-on-chexpert
 
 The store must hold the head's features (same backbone, weights, data config: heads.predict's
-check). Its labels are paired with the head's through common/labels.py (CheXpert "Pleural Effusion"
+check). Its labels are paired with the head's through common/data/labels.py (CheXpert "Pleural Effusion"
 is NIH "Effusion"); a head label the store lacks is listed as not scored, never scored against
 zeros, and uncertain (-1) labels are left out of their class. --out becomes a run directory of kind
 "evaluation": metrics.json (the head run's split structure, on the shared labels), predictions/,
@@ -18,9 +18,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
+from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
 from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
-from common.store import SPLITS
+from common.features.store import SPLITS
 from heads.choices import PRECISIONS
 
 # torch, pandas and scikit-learn come with the scoring below, once the flags are good.
@@ -68,13 +68,13 @@ def load_checked(args: argparse.Namespace):
 
 def pair_labels(head, store_names, store_dataset: str, where: str) -> list[tuple[str, str]]:
     """(head label, store label) pairs to score; a one-line error when there is none."""
-    from common.labels import shared_labels
-    from common.store import StoreError
+    from common.data.labels import shared_labels
+    from common.features.store import StoreError
 
     pairs = shared_labels(head.label_names, store_names, same_dataset=store_dataset == head.dataset)
     if not pairs:
         raise StoreError(f"--store {where}: no label of the head ({', '.join(head.label_names)}) is a label of this "
-                         f"{store_dataset} store ({', '.join(store_names)}), even through common/labels.py's aliases")
+                         f"{store_dataset} store ({', '.join(store_names)}), even through common/data/labels.py's aliases")
     return pairs
 
 
@@ -82,10 +82,10 @@ def score_split(head, split, store_names, pairs, dataset: str, precision: str):
     """One split's probabilities and relabelled ground truth, as a SplitScores on the paired labels."""
     import numpy as np
 
-    from common.evaluation import SplitScores
-    from common.labels import relabel
-    from common.studies import study_ids
-    from common.targets import eval_targets, finding_flags
+    from common.evaluation.scores import SplitScores
+    from common.data.labels import relabel
+    from common.evaluation.studies import study_ids
+    from common.data.targets import eval_targets, finding_flags
     from heads.predictions import probabilities
 
     names = [h for h, _ in pairs]
@@ -103,9 +103,9 @@ def evaluate_store(head, paths: list[str], pairs, splits: list[str], precision: 
     """metrics.json's content, with predictions/<split>.parquet written into `out`."""
     import numpy as np
 
-    from common import rundir
-    from common.evaluation import study_metrics
-    from common.metrics import evaluate
+    from common.runs import rundir
+    from common.evaluation.scores import study_metrics
+    from common.evaluation.metrics import evaluate
     from heads.data import open_stores
 
     stores = open_stores(paths, splits)
@@ -149,7 +149,7 @@ def render_report(config: dict, metrics: dict) -> str:
     store_of = dict(map(tuple, metrics["aliases"]))
     lines = [f"# {metrics['head_dataset']} head scored on a {metrics['store_dataset']} store", "",
              f"- head: `{config['head_run']}`", *[f"- store: `{s['path']}`" for s in config["stores"]],
-             f"- labels scored: {len(metrics['label_names'])} shared (common/labels.py aliases); "
+             f"- labels scored: {len(metrics['label_names'])} shared (common/data/labels.py aliases); "
              "uncertain labels left out of their class",
              f"- not scored (the store has no such label): {', '.join(metrics['not_scored']) or 'none'}",
              f"- store labels the head does not predict: {', '.join(metrics['store_labels_unused']) or 'none'}",
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace, checked, out: Path, command: str) -> dict:
     import sklearn
     import torch
 
-    from common import rundir
+    from common.runs import rundir
     from heads.data import store_info
     from heads.fit import resolve_precision
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     except ConfigError as exc:
         fail(parser, exc)
 
-    from common import rundir
+    from common.runs import rundir
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
     try:

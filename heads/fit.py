@@ -16,11 +16,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import inference
+from common.models import inference
 from common.config import epoch_line, log as log_stderr
-from common.early_stopping import early_stop_line, judge_epoch
-from common.losses import LossFn
-from common.metrics import fast_auroc, nanmean
+from common.training.early_stopping import early_stop_line, judge_epoch
+from common.training.losses import LossFn
+from common.evaluation.metrics import fast_auroc, nanmean
 from heads.choices import PRECISIONS
 from heads.models import HeadSpec, build_head
 
@@ -99,7 +99,7 @@ def fit(spec: HeadSpec, train: Tensors, val: Tensors, loss_fn: LossFn, cfg: FitC
     """Train a head from seed `cfg.seed`; returns it with the best (lowest val loss) weights loaded.
 
     The val loss (early stopping) uses `val`'s policy targets; the val AUROC uses `val_truth`, the
-    raw (y, mask) of common.targets.eval_targets, when given, so it does not move with the policy."""
+    raw (y, mask) of common.data.targets.eval_targets, when given, so it does not move with the policy."""
     truth = val_truth if val_truth is not None else (val.y.numpy(), val.mask.numpy().astype(bool))
     log = log if log is not None else log_stderr
     # Adam's moment estimates (squares of tiny gradients) fall into denormal floats, which x86

@@ -9,7 +9,7 @@ import math
 import torch
 
 from common.config import log
-from common.losses import make_loss, multiclass_ce
+from common.training.losses import make_loss, multiclass_ce
 from heads.fit import FitConfig, fit
 from heads.models import HeadEnsemble, HeadSpec
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
-from common.images import MAX_PIXELS  # numpy and PIL only, as jobs/extract.py's parser
+from common.images.decode import MAX_PIXELS  # numpy and PIL only, as jobs/extract.py's parser
 from heads.choices import PRECISIONS
 
 # torch, pyarrow and pandas come with heads/predictions.py, imported once the flags are good, so
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
 
     import torch
 
-    from common import rundir
+    from common.runs import rundir
     from heads.checkpoint import load_head
     from heads.fit import resolve_precision
     from heads.predictions import predict_images, predict_stores

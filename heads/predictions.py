@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import rundir
-from common.images import MAX_PIXELS
-from common.locate import IMAGE_SUFFIXES, is_image_file, walk_files
-from common.store import StoreError
+from common.runs import rundir
+from common.images.decode import MAX_PIXELS
+from common.data.locate import IMAGE_SUFFIXES, is_image_file, walk_files
+from common.features.store import StoreError
 from heads.checkpoint import Head
 from heads.choices import PRECISIONS
 from heads.data import make_inputs, open_stores, store_info
@@ -65,7 +65,7 @@ def predict_stores(head: Head, paths: list[str] | None, splits: list[str] | None
 
 def _lung_masker(st: dict, device: str):
     """The lung model a masked store was extracted with, checked by sha256, as an input transform."""
-    from common.weights import file_sha256
+    from common.models.weights import file_sha256
     from lungs.masking import LungMasker
     from lungs.model import lung_model_file
 
@@ -83,7 +83,7 @@ def _lung_masker(st: dict, device: str):
 
 
 def _weights_argument(label: str) -> str:
-    """A manifest's weights label back into a --weights value for common.weights.resolve_weights."""
+    """A manifest's weights label back into a --weights value for common.models.weights.resolve_weights."""
     kind, _, rest = label.partition(":")
     return rest if kind == "checkpoint" else label
 
@@ -97,7 +97,7 @@ class ImageFiles:
 
 
 def _skip_reason(path: str) -> str:
-    """Why a name with an image suffix is not an image file (common.locate.is_image_file): opening a
+    """Why a name with an image suffix is not an image file (common.data.locate.is_image_file): opening a
     FIFO or device would block or read forever, and a dangling link has nothing to read."""
     try:
         mode = os.stat(path).st_mode
@@ -109,7 +109,7 @@ def _skip_reason(path: str) -> str:
 
 
 def image_files(source: str) -> ImageFiles:
-    """Every entry below a folder (or the one file named), by common.locate's rule: image files to
+    """Every entry below a folder (or the one file named), by common.data.locate's rule: image files to
     decode, names with an image suffix that are not image files as skipped rows, the rest aside."""
     path = Path(source)
     if not path.is_dir():
@@ -154,9 +154,9 @@ class HeadOnImages:
 
     def __init__(self, head: Head, device: str = "cpu", precision: str = "auto", threads: int | None = None,
                  log=print):
-        from common.data_config import DataConfig, DataConfigError
-        from common.inference import FeatureExtractor
-        from common.weights import resolve_weights
+        from common.images.data_config import DataConfig, DataConfigError
+        from common.models.inference import FeatureExtractor
+        from common.models.weights import resolve_weights
 
         if head.inputs.age_sex:
             raise StoreError("--images: this head also takes age and sex, which image files do not carry; use --store")
@@ -180,7 +180,7 @@ class HeadOnImages:
                 raise StoreError(str(exc)) from None
             self.extractors.append(FeatureExtractor(st["backbone"], source.path, source.seed, device=device,
                                                     precision=precision, threads=threads, data_config=data_config))
-        # How each store's model decodes an image (common.extraction.input_loader, as its extraction did: the input,
+        # How each store's model decodes an image (common.features.extraction.input_loader, as its extraction did: the input,
         # or a masked store's input and its lung model's view), once for all the stores that share it.
         self.loads = {}
         for ex, masker in zip(self.extractors, self.maskers):
@@ -201,7 +201,7 @@ class HeadOnImages:
     def decode(self, source, max_pixels: int = MAX_PIXELS) -> tuple[dict | None, str | None]:
         """({input key: model input(s)}, None), or (None, a one-line error). `source` is a path or a
         seekable binary stream (rewound for each data config)."""
-        from common.extraction import decode, input_loader
+        from common.features.extraction import decode, input_loader
 
         inputs = {}
         for key, (config, masker) in self.loads.items():
@@ -215,7 +215,7 @@ class HeadOnImages:
     def predict(self, inputs: list[dict], ids: list[str]) -> ImagePredictions:
         """Probabilities (n, labels) of decoded images (NaN rows for errors), each row's error or None,
         the lung columns of masked stores (lung_fraction, lung_qa) and the lung-masked inputs."""
-        from common.extraction import transform_batch
+        from common.features.extraction import transform_batch
 
         n = len(inputs)
         features = np.full((n, sum(self.head.inputs.feature_dims)), np.nan, dtype=np.float32)

@@ -23,7 +23,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def render(run: str | Path) -> Path:
     """report.md of run directory `run`, re-rendered by the command that wrote it (by the marker's kind)."""
-    from common import rundir
+    from common.runs import rundir
 
     run = Path(run)
     marker = rundir.read_marker(run)
@@ -32,7 +32,7 @@ def render(run: str | Path) -> Path:
         raise rundir.RunError(f"--run {run}: a {kind} run, whose report its own command writes; cxr report "
                               "re-renders head, finetune, evaluation and ensemble runs")
     if kind in (None, "head", "finetune"):
-        from common.report import render as render_training  # matplotlib and sklearn: only for a run to render
+        from common.evaluation.report import render as render_training  # matplotlib and sklearn: only for a run to render
 
         return render_training(run)
     config, metrics = rundir.read_json(run / rundir.CONFIG), rundir.read_json(run / rundir.METRICS)
@@ -52,7 +52,7 @@ def render(run: str | Path) -> Path:
 def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    from common import rundir
+    from common.runs import rundir
 
     try:
         report = render(args.run)

@@ -15,16 +15,16 @@ import numpy as np
 import sklearn
 import torch
 
-from common import rundir
-from common.bootstrap import BOOTSTRAP_DRAWS
+from common.runs import rundir
+from common.evaluation.bootstrap import BOOTSTRAP_DRAWS
 from common.config import fail, log
-from common.evaluation import SplitScores, evaluate_splits
-from common.feature_stats import constant_note, summarize
-from common.losses import loss_text
-from common.report import render
-from common.store import StoreError
-from common.studies import study_ids
-from common.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
+from common.evaluation.scores import SplitScores, evaluate_splits
+from common.features.feature_stats import constant_note, summarize
+from common.training.losses import loss_text
+from common.evaluation.report import render
+from common.features.store import StoreError
+from common.evaluation.studies import study_ids
+from common.data.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
 from heads.checkpoint import CHECKPOINT, save_head
 from heads.data import fit_inputs, make_inputs, open_stores
 from heads.fit import Tensors, input_tensor, predict_logits, resolve_precision

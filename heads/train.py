@@ -12,10 +12,10 @@ import argparse
 import shlex
 import sys
 
-from common.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
+from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
 from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, fail, log, parse_list,
                            parse_with_config, require)
-from common.targets import HEAD_POLICIES
+from common.data.targets import HEAD_POLICIES
 from heads.choices import KINDS, PRECISIONS, SEX_ENCODINGS
 
 # The run itself (heads/run.py: torch, sklearn, matplotlib) is imported once the flags are good, so
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     except ConfigError as exc:
         fail(parser, exc)
 
-    from common import rundir
+    from common.runs import rundir
     from heads.run import run
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])

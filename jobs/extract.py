@@ -31,10 +31,10 @@ from common import __version__
 from common.atomic import atomic_path
 from common.choices import PRECISIONS, SPLITS
 from common.config import HelpFormatter, parse_with_config, require
-from common.data_config import RESIZE_MODES, DataConfig
-from common.images import MAX_PIXELS
-from common.safe_output import OutputLock, RemoteLock, check_dir_path, is_disk_error, run_job
-from common.table_flags import add_table_flags, check_table_flags
+from common.images.data_config import RESIZE_MODES, DataConfig
+from common.images.decode import MAX_PIXELS
+from common.runs.safe_output import OutputLock, RemoteLock, check_dir_path, is_disk_error, run_job
+from common.data.table_flags import add_table_flags, check_table_flags
 
 # torch, pyarrow and pandas are imported by the functions that use them, so that --help (and a
 # flag error) answers at once; Spark's workers import what their function needs.
@@ -93,15 +93,15 @@ def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str
                  prefetch: int = 1):
     """The mapInPandas function of one chunk, run over `spark.range(tasks)`: task t embeds every tasks-th row of
     the chunk (`rows`, a broadcast DataFrame) from row t. It captures only small values; the model is built in
-    the worker. The task writes its rows itself (common.store_writer.write_task_files: files named for this
+    the worker. The task writes its rows itself (common.features.store_writer.write_task_files: files named for this
     attempt, on any file system) and returns only what it wrote, for the driver's commit marker."""
 
     def run(task_ids):
         import pandas as pd
         from pyspark import SparkFiles, TaskContext
 
-        from common.extraction import cached_extractor, iter_extract
-        from common.store_writer import failure_row, write_task_files
+        from common.features.extraction import cached_extractor, iter_extract
+        from common.features.store_writer import failure_row, write_task_files
 
         task = TaskContext.get()
         gpus = task.resources().get("gpu")
@@ -203,7 +203,7 @@ def stopped_by_store(out: str, committed: Callable[[], str]):
     """A run its store stops (unreachable, refusing, full; on the driver or in a task) ends in one OutputError line
     naming the store, what is committed (`committed()`) and how to go on; any other failure passes through."""
     from common import fs
-    from common.store_writer import OutputError
+    from common.features.store_writer import OutputError
 
     try:
         yield
@@ -228,8 +228,8 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
                lock=None) -> dict:
     """Process every uncommitted chunk; returns timing figures for the summary. A chunk is committed only while
     `lock` is this job's (an object store's lock can be taken by a job started in the same instant)."""
-    from common.extraction import INPUT_COLUMNS
-    from common.store_writer import (FILES_DDL, OutputError, check_results, commit_chunk, discard_uncommitted,
+    from common.features.extraction import INPUT_COLUMNS
+    from common.features.store_writer import (FILES_DDL, OutputError, check_results, commit_chunk, discard_uncommitted,
                                      is_committed)
 
     sc = spark.sparkContext
@@ -286,9 +286,9 @@ def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb
     from functools import partial
 
     from common import fs
-    from common.feature_stats import RunningStats, constant_note
-    from common.store import ERRORS_DIR, read_parquet
-    from common.store_writer import OutputError, compact_group, plan_compaction, read_marker
+    from common.features.feature_stats import RunningStats, constant_note
+    from common.features.store import ERRORS_DIR, read_parquet
+    from common.features.store_writer import OutputError, compact_group, plan_compaction, read_marker
 
     markers = [read_marker(work, i) for i in range(n_chunks)]
     ran: dict[str, int] = {}
@@ -340,11 +340,11 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     for flag in ("out", "images", "test_images"):
         if getattr(args, flag, None):
             fs.check_location(getattr(args, flag), "--" + flag.replace("_", "-"))
-    from common.image_table import table_from_flags
-    from common.model_registry import get_spec
-    from common.store import FORMAT_VERSION
-    from common.store_writer import plan_fingerprint, prepare_output
-    from common.weights import load_weights, resolve_weights
+    from common.data.image_table import table_from_flags
+    from common.models.model_registry import get_spec
+    from common.features.store import FORMAT_VERSION
+    from common.features.store_writer import plan_fingerprint, prepare_output
+    from common.models.weights import load_weights, resolve_weights
 
     spec = get_spec(args.backbone)
     weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
         log(f"weights {weights.label}: random initialisation, as asked; the store records it")
     checkpoint = load_weights(weights.path, args.backbone) if weights.kind == "checkpoint" else None
     trained = checkpoint.data_config if checkpoint else None
-    # A fine-tuned literature architecture (common/architectures.py) gives its pooled pre-classifier features.
+    # A fine-tuned literature architecture (common/models/architectures.py) gives its pooled pre-classifier features.
     args.model = checkpoint.architecture if checkpoint else "classifier"
     args.feature_dim = checkpoint.feature_dim if checkpoint and checkpoint.is_architecture else spec.feature_dim
     data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
@@ -410,8 +410,8 @@ def ship_file(spark, path: str, sha256: str) -> str:
 
 def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work: str, lock=None) -> dict:
     """Embed the uncommitted chunks, compact them, publish the store with its manifest last."""
-    from common.store import ERRORS_DIR, FORMAT_VERSION
-    from common.store_writer import publish
+    from common.features.store import ERRORS_DIR, FORMAT_VERSION
+    from common.features.store_writer import publish
 
     table = images.table
     spark = spark or get_spark()
@@ -494,8 +494,8 @@ def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
 
 def _runtime_input_errors() -> tuple[type[RuntimeError], ...]:
     # Only main raises these, once it has imported their modules: importing them here is free.
-    from common.checkpoint import WeightsError
-    from common.store_writer import OutputError
+    from common.models.checkpoint import WeightsError
+    from common.features.store_writer import OutputError
 
     return OutputError, WeightsError
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from common.choices import ARCHITECTURE_LAYOUTS, PRECISIONS, SPLITS
 from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, parse_list, parse_with_config,
                            require)
-from common.data_config import RESIZE_MODES
-from common.safe_output import check_dir_path, run_job
-from common.table_flags import add_table_flags, check_table_flags
-from common.targets import FINETUNE_POLICIES
+from common.images.data_config import RESIZE_MODES
+from common.runs.safe_output import check_dir_path, run_job
+from common.data.table_flags import add_table_flags, check_table_flags
+from common.data.targets import FINETUNE_POLICIES
 from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
 
 # torch and Spark are imported by the functions that use them, so that --help (and a flag error)
@@ -228,8 +228,8 @@ def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
 
 
 def _runtime_input_errors() -> tuple[type[RuntimeError], ...]:
-    # Only main raises it, once it has imported common.checkpoint: importing it here is free.
-    from common.checkpoint import WeightsError
+    # Only main raises it, once it has imported common.models.checkpoint: importing it here is free.
+    from common.models.checkpoint import WeightsError
 
     return (WeightsError,)
 

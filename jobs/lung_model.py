@@ -16,7 +16,7 @@ import sys
 
 from common.choices import PRECISIONS
 from common.config import ConfigError, HelpFormatter, parse_list
-from common.safe_output import check_dir_path, run_job
+from common.runs.safe_output import check_dir_path, run_job
 
 # torch is imported by lungs.train once the flags are good, so that --help answers at once.
 

@@ -1,8 +1,8 @@
 """Image/mask pairs for lung segmentation: pairing by file stem, decoding, a grouped split, augmentation.
 
-Pairs are matched by file stem in two folders (any suffix common.locate accepts), so
+Pairs are matched by file stem in two folders (any suffix common.data.locate accepts), so
 `images/CHNCXR_0001_0.png` pairs with `masks/CHNCXR_0001_0.png` or `.jpg`. Images decode with
-common.images to gray [0, 1]; masks of 0/255 or 0/1 are binarized at half their range. Everything
+common.images.decode to gray [0, 1]; masks of 0/255 or 0/1 are binarized at half their range. Everything
 is resized to the model's square size (the Shenzhen set is already square; a non-square image is
 stretched, as the set's own 512 px copies were).
 """
@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from common.images import decode_gray, to_unit_array
-from common.locate import is_image_file, walk_files
+from common.images.decode import decode_gray, to_unit_array
+from common.data.locate import is_image_file, walk_files
 
 SPLITS = ("train", "val", "test")
 

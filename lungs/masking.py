@@ -85,7 +85,7 @@ def mask_inputs(model, images: np.ndarray, views: np.ndarray, **steps) -> Masked
                   [qa_flags(m) for m in masks], fired)
 
 
-# The columns a masked store adds to the contract's (their Arrow types: common.store.MASKED_FIELDS).
+# The columns a masked store adds to the contract's (their Arrow types: common.features.store.MASKED_FIELDS).
 COLUMNS = ("lung_fraction", "lung_qa")
 QA_RULE = (f"empty: no lung pixel; one_region: a single connected region; too_small / too_large: lung "
            f"fraction under {MIN_FRACTION:g} / over {MAX_FRACTION:g}; {QA_OK}: none of these; flagged images are kept")
@@ -94,7 +94,7 @@ POSTPROCESS = ("keep", "fill", "mirror")
 
 def lung_model_source(name: str) -> dict:
     """--lung-model -> {path, label, sha256, size, postprocess}, read on the driver so a bad file fails first."""
-    from common.weights import file_sha256
+    from common.models.weights import file_sha256
     from lungs.model import lung_model_file, read_lung_checkpoint
 
     path = lung_model_file(name)
@@ -144,7 +144,7 @@ def qa_summary(counts: dict[str, int]) -> tuple[str, str | None]:
 
 
 class LungMasker:
-    """The extraction job's input transform for `--view masked` (common.extraction's `transform`):
+    """The extraction job's input transform for `--view masked` (common.features.extraction's `transform`):
     a batch of backbone inputs, their image ids and the same films as the lung model's input (`view`)
     -> the masked batch and, per image, lung_fraction and lung_qa (comma-separated QA_FLAGS, or "ok").
     With `masks_dir` it also writes each mask there (save_masks)."""
@@ -159,7 +159,7 @@ class LungMasker:
         self.masks_dir = masks_dir
 
     def view(self, data_config):
-        """The lung model's input of a film: the backbone's geometry (common.data_config.DataConfig) at the lung
+        """The lung model's input of a film: the backbone's geometry (common.images.data_config.DataConfig) at the lung
         model's own size, whatever the backbone's input size."""
         return dataclasses.replace(data_config, input_size=self.size)
 
@@ -175,7 +175,7 @@ _MASKERS: dict[tuple, LungMasker] = {}
 
 
 def cached_masker(path: str, device: str, masks_dir: str | None = None) -> LungMasker:
-    """One lung model per Python worker process, as the backbone (common.extraction.cached_extractor)."""
+    """One lung model per Python worker process, as the backbone (common.features.extraction.cached_extractor)."""
     key = (path, device)
     if key not in _MASKERS:
         _MASKERS.clear()

@@ -10,7 +10,7 @@ standardizes each image itself (zero mean, unit std), so callers pass plain [0, 
 hospital's brightness or window setting is baked into a mean/std. `predict_masks` returns the raw
 thresholded masks; lungs.postprocess cleans them.
 
-Checkpoint: a dict saved with common.torch_files.save_atomic, format "cxr-features/lungs" version 1:
+Checkpoint: a dict saved with common.models.torch_files.save_atomic, format "cxr-features/lungs" version 1:
 {"format", "format_version", "config": {"size", "base", "depth"}, "state_dict" (fp16 tensors, to keep
 the file small; fp32 again on load), "data": the data source and split, "metrics"}.
 """
@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common import atomic
-from common.torch_files import load_versioned, save_atomic
+from common.models.torch_files import load_versioned, save_atomic
 
 FORMAT = "cxr-features/lungs"
 FORMAT_VERSION = 1

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.rundir import LOSS_PLOT, OVERLAYS, REPORT
+from common.runs.rundir import LOSS_PLOT, OVERLAYS, REPORT
 
 
 def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> Image.Image:

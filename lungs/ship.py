@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from pathlib import Path
 
-    from common.rundir import BEST, CONFIG, METRICS, read_json, write_json
+    from common.runs.rundir import BEST, CONFIG, METRICS, read_json, write_json
     from lungs.model import DEFAULT, read_lung_checkpoint
 
     run = Path(args.run)

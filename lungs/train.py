@@ -17,9 +17,9 @@ import torch
 from torch.nn import functional as F
 
 from common.config import log
-from common.inference import autocast, resolve_precision
-from common.rundir import BEST, CONFIG, METRICS, prepare, write_json
-from common.safe_output import OutputLock
+from common.models.inference import autocast, resolve_precision
+from common.runs.rundir import BEST, CONFIG, METRICS, prepare, write_json
+from common.runs.safe_output import OutputLock
 from lungs.data import SPLITS, augment, load_pairs, pair_files, split_stems
 from lungs.evaluate import mean_dice, score
 from lungs.model import build_model, load_lung_model, read_lung_checkpoint, save_lung_model

@@ -15,7 +15,7 @@ import socket
 import sys
 
 from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
-from common.images import MAX_PIXELS
+from common.images.decode import MAX_PIXELS
 
 # torch, Flask and the model come with the serving below, once the flags are good.
 

@@ -29,7 +29,7 @@ from flask import Flask, Request, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common import atomic
-from common.images import MAX_PIXELS
+from common.images.decode import MAX_PIXELS
 
 STATIC = Path(__file__).resolve().parent / "static"
 # Raw bodies the API takes; multipart uploads are judged by their bytes, whatever type the browser guessed.
@@ -128,7 +128,7 @@ def _display(source, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The upload as a gray image for the page (long side <= PREVIEW_SIDE) and its full (width, height)."""
     from PIL import Image
 
-    from common.images import decode_gray, to_unit_array
+    from common.images.decode import decode_gray, to_unit_array
 
     source.seek(0)
     gray, scale = decode_gray(source, PREVIEW_SIDE, max_pixels)

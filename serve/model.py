@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import rundir
-from common.images import MAX_PIXELS
+from common.runs import rundir
+from common.images.decode import MAX_PIXELS
 
 
 class ModelError(ValueError):
@@ -49,9 +49,9 @@ class FinetuneOnImages:
     """A fine-tune run's best.pt from images: probabilities and class activation maps in one forward pass."""
 
     def __init__(self, path: Path, device: str = "cpu"):
-        from common.architectures import load_finetuned
-        from common.checkpoint import read_checkpoint
-        from common.model_registry import get_spec
+        from common.models.architectures import load_finetuned
+        from common.models.checkpoint import read_checkpoint
+        from common.models.model_registry import get_spec
         from finetune.localization import heatmap_fn
 
         weights = read_checkpoint(path, finetune=True)
@@ -67,7 +67,7 @@ class FinetuneOnImages:
             self.cam = None  # e.g. VGG-19: probabilities only, and the page says why there is no map
 
     def decode(self, source, max_pixels: int = MAX_PIXELS):
-        from common.extraction import decode
+        from common.features.extraction import decode
 
         source.seek(0)
         image, error = decode(partial(self.data_config.load, max_pixels=max_pixels), source)

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.labels import NIH_LABELS
-from common.data_config import DataConfig
-from common.store import FORMAT_VERSION, split_dir, write_manifest
+from common.data.labels import NIH_LABELS
+from common.images.data_config import DataConfig
+from common.features.store import FORMAT_VERSION, split_dir, write_manifest
 
 
 def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:

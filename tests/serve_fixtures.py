@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data_config import DataConfig
+from common.images.data_config import DataConfig
 from tests.data_paths import SAMPLE
 from tests.heads_fixtures import synthetic_rows, write_store
 
@@ -17,7 +17,7 @@ BACKBONE, SIZE = "resnet50", 64
 
 def head_run(root: Path, backbone: str = BACKBONE, size: int = SIZE) -> Path:
     """A head trained on a synthetic store whose manifest names a random `backbone` at `size` px."""
-    from common.model_registry import get_spec
+    from common.models.model_registry import get_spec
     from heads import train
 
     rng = np.random.default_rng(0)

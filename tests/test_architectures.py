@@ -1,4 +1,4 @@
-"""The literature's fine-tuning architectures (common/architectures.py): shapes, gradients, pooling
+"""The literature's fine-tuning architectures (common/models/architectures.py): shapes, gradients, pooling
 and heatmap identities by hand, the bilinear network's loss by hand, real-image training through the
 fine-tune job, two-process DDP, and their checkpoints as extraction backbones."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import architectures as arch
-from common.architectures import build_model, lse_pool, training_loss
-from common.losses import bce, msml
+from common.models import architectures as arch
+from common.models.architectures import build_model, lse_pool, training_loss
+from common.training.losses import bce, msml
 from finetune.choices import MODELS
 from tests.data_paths import SAMPLE, needs_shared
 
@@ -141,8 +141,8 @@ def runs(tmp_path_factory, one_torch_thread):
 @needs_shared
 @pytest.mark.parametrize("name", NEW)
 def test_a_short_real_image_run_lowers_the_loss_and_its_checkpoint_extracts(name, runs):
-    from common.data_config import DataConfig
-    from common.inference import FeatureExtractor
+    from common.images.data_config import DataConfig
+    from common.models.inference import FeatureExtractor
     from finetune.checkpoint import load_classifier
 
     out, result = runs[name]
@@ -185,13 +185,13 @@ def test_heatmaps_localize_through_the_box_scorer(tmp_path):
     import pandas as pd
 
     from finetune.localization import evaluate_localization
-    from common.model_registry import get_spec
+    from common.models.model_registry import get_spec
 
     model = build_model("attention-gated", "resnet50", None, 0, 2).eval()
     image = sorted((SAMPLE / "images").glob("*.png"))[0]
     boxes = pd.DataFrame({"image_id": [image.name], "label": ["Mass"], "x": [100.0], "y": [100.0],
                           "w": [824.0], "h": [824.0]})
-    from common.data_config import DataConfig
+    from common.images.data_config import DataConfig
 
     table = evaluate_localization(model, get_spec("resnet50"), boxes, {image.name: str(image)}, ["Mass", "Nodule"],
                                   DataConfig(64), "cpu", tmp_path, n_overlays=1)
@@ -210,7 +210,7 @@ def test_two_processes_train_wang2017_to_identical_weights(tmp_path, spark):
 @pytest.mark.slow
 @needs_shared
 def test_the_extraction_job_stores_an_architectures_pooled_features(runs, tmp_path, spark):
-    from common.store import read_manifest, read_split
+    from common.features.store import read_manifest, read_split
     from finetune.checkpoint import load_classifier
     from jobs.extract import main as extract
 
@@ -222,7 +222,7 @@ def test_the_extraction_job_stores_an_architectures_pooled_features(runs, tmp_pa
     manifest = read_manifest(store)
     assert manifest["model"] == "attention-gated" and manifest["feature_dim"] == 512 + 1024 + 2048
     model, obj = load_classifier(out / "best.pt")
-    from common.data_config import DataConfig
+    from common.images.data_config import DataConfig
 
     config = DataConfig.from_dict(manifest["data_config"])
     assert config == DataConfig.from_dict(obj["data_config"])  # the checkpoint's own input

@@ -2,7 +2,8 @@
 
 import pytest
 
-from common import atomic, rundir
+from common import atomic
+from common.runs import rundir
 
 
 def test_a_file_is_replaced_whole_or_left_as_it_was(tmp_path):

@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from common.backbones import build_classifier, library_model
-from common.checkpoint import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, read_checkpoint
-from common.inference import build_extractor
-from common.model_registry import REGISTRY, get_spec
-from common.weights import resolve_weights
-from common.data_config import DataConfig
-from common.inference import FeatureExtractor
+from common.models.backbones import build_classifier, library_model
+from common.models.checkpoint import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, WeightsError, read_checkpoint
+from common.models.inference import build_extractor
+from common.models.model_registry import REGISTRY, get_spec
+from common.models.weights import resolve_weights
+from common.images.data_config import DataConfig
+from common.models.inference import FeatureExtractor
 from tests.data_paths import NIH_IMAGES
 
 

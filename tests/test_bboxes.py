@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from common.bboxes import BBOX_COLUMNS, NIH_BBOX_IMAGE_SIZE, read_nih_bboxes
-from common.labels import NIH_LABELS
-from common.tables import MetadataError
+from common.data.bboxes import BBOX_COLUMNS, NIH_BBOX_IMAGE_SIZE, read_nih_bboxes
+from common.data.labels import NIH_LABELS
+from common.data.tables import MetadataError
 from tests.data_paths import NIH
 
 BBOX_CSV = NIH / "BBox_List_2017.csv"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.bootstrap import bootstrap_auroc, bootstrap_auroc_draws, bootstrap_counts, patient_groups
-from common.metrics import evaluate, per_class_auroc
-from common.rundir import jsonable
+from common.evaluation.bootstrap import bootstrap_auroc, bootstrap_auroc_draws, bootstrap_counts, patient_groups
+from common.evaluation.metrics import evaluate, per_class_auroc
+from common.runs.rundir import jsonable
 
 
 def scored_split(n=600, patients=200, k=3, seed=0):

@@ -6,10 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from common.backbones import build_classifier
-from common.checkpoint import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, Checkpoint, WeightsError, read_checkpoint
-from common.data_config import DataConfig
-from common.inference import build_extractor
+from common.models.backbones import build_classifier
+from common.models.checkpoint import FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, Checkpoint, WeightsError, read_checkpoint
+from common.images.data_config import DataConfig
+from common.models.inference import build_extractor
 
 NAME = "mobilenet_v3_large"
 

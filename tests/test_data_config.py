@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data_config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, DataConfigError
+from common.images.data_config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, DataConfigError
 
 
 def _wide(tmp_path, name="wide.png"):

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.chexpert import read_chexpert
+from common.data.chexpert import read_chexpert
 from common.config import ConfigError
-from common.datasets import DATASETS, Dataset, get_dataset
-from common.image_table import LOCATE_BY
-from common.labels import CHEXPERT_LABELS
-from common.nih import read_nih
-from common.table_flags import DATASET_FLAGS, add_table_flags, check_table_flags
+from common.data.datasets import DATASETS, Dataset, get_dataset
+from common.data.image_table import LOCATE_BY
+from common.data.labels import CHEXPERT_LABELS
+from common.data.nih import read_nih
+from common.data.table_flags import DATASET_FLAGS, add_table_flags, check_table_flags
 from tests.data_paths import NIH_CSV, REPO, needs_shared
 
 OPTIONS = {"frontal_only", "mapping", "label_table", "workers", "log"}  # what build_image_table passes
@@ -81,9 +81,9 @@ def test_each_dataset_accepts_its_own_flags():
 
 
 def test_the_parser_imports_neither_pandas_nor_pydicom():
-    code = ("import argparse, sys; from common.table_flags import add_table_flags; "
+    code = ("import argparse, sys; from common.data.table_flags import add_table_flags; "
             "add_table_flags(argparse.ArgumentParser()); "
-            "print(sorted(m for m in ('pandas', 'pydicom', 'common.tables') if m in sys.modules))")
+            "print(sorted(m for m in ('pandas', 'pydicom', 'common.data.tables') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

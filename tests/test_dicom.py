@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
+import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.data_config import DataConfig
-from common.dicom import MultiFrameWarning, decode_dicom
-from common.images import decode_gray
+from common.images.data_config import DataConfig
+from common.images.dicom import MultiFrameWarning, decode_dicom
+from common.images.decode import decode_gray
 from tests.data_paths import NIH_IMAGES, needs_shared
 
 pydicom = pytest.importorskip("pydicom")
@@ -250,8 +251,8 @@ def test_float_pixel_data_is_refused(tmp_path, gray):
 
 
 def test_bad_dicoms_are_error_rows(tmp_path, gray, png_path):
-    from common.extraction import extract_frame
-    from common.inference import FeatureExtractor
+    from common.features.extraction import extract_frame
+    from common.models.inference import FeatureExtractor
 
     bad = _bad_files(tmp_path / "bad", gray)
     good = write_dicom(tmp_path / "good.dcm", gray)
@@ -268,7 +269,7 @@ def test_bad_dicoms_are_error_rows(tmp_path, gray, png_path):
 
 
 def test_png_and_dicom_give_the_same_features(tmp_path, gray, png_input):
-    from common.inference import FeatureExtractor
+    from common.models.inference import FeatureExtractor
 
     extractor = FeatureExtractor("mobilenet_v3_large", None, 0, precision="fp32", threads=1)
     dicom_input = load(write_dicom(tmp_path / "m2.dcm", gray))
@@ -361,7 +362,7 @@ def test_a_dicom_upload_under_an_image_name_is_read_from_its_start(tmp_path, gra
     upload.name = "x.png"  # Pillow reads (and refuses) it first, leaving the stream part way in
     np.testing.assert_allclose(DataConfig(SIZE).load(upload), png_input, atol=1e-6, rtol=0)
     upload.seek(40)
-    from common.dicom import is_dicom
+    from common.images.dicom import is_dicom
 
     assert is_dicom(upload) and upload.tell() == 40  # the marker is looked for at byte 128 of the file
 
@@ -445,7 +446,7 @@ def _peak(call):
 def test_a_deflated_dicom_decodes_as_its_uncompressed_twin(tmp_path, gray):
     import io
 
-    from common.dicom_kind import read_dicom_headers
+    from common.data.dicom_kind import read_dicom_headers
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     stored = gray.astype(np.uint16) * 16
@@ -470,7 +471,7 @@ def test_a_deflated_dicom_decodes_as_its_uncompressed_twin(tmp_path, gray):
 def test_a_deflated_bomb_is_refused_before_it_inflates(tmp_path):
     import io
 
-    from common.dicom_kind import read_dicom_headers
+    from common.data.dicom_kind import read_dicom_headers
 
     # 300 KB that inflates to 300 MB of "pixel data" under a 256 x 256 header: refused once the inflated
     # dataset passes what 256 x 256 pixels (max_pixels) can need, having held about that much.
@@ -490,8 +491,8 @@ def test_a_deflated_bomb_is_refused_before_it_inflates(tmp_path):
 
 
 def test_a_deflated_header_larger_than_any_header_is_refused(tmp_path):
-    from common.dicom import read_dataset
-    from common.dicom_kind import DICOM_TAGS, read_dicom_headers
+    from common.images.dicom import read_dataset
+    from common.data.dicom_kind import DICOM_TAGS, read_dicom_headers
 
     # 300 MB of a private element before the PatientID: no header needs that much before its pixels.
     path = _deflated_bomb(tmp_path / "bomb.dcm", 0x00091000)
@@ -518,3 +519,18 @@ def test_deflated_data_cut_short_or_corrupt_is_one_line(tmp_path, gray):
             decode_gray(str(tmp_path / name), SIZE)
         message = str(info.value)
         assert "\n" not in message and message.startswith(f"{tmp_path / name}: not a readable DICOM"), message
+
+
+def test_jpeg_frame_sizes_are_read_from_the_marker_segments():
+    from common.images.dicom import _jpeg_frame_size
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((37, 53), np.uint8)).save(buf, format="JPEG")
+    assert _jpeg_frame_size(buf.getvalue()) == (53, 37, 1)
+    # JPEG-LS: SOI, an APP segment, SOF55 claiming 12000 x 9000 with 1 component, then the scan.
+    sof55 = b"\xff\xf7" + struct.pack(">HBHHB", 11, 8, 9000, 12000, 1) + b"\x01\x11\x00"
+    frame = b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + sof55 + b"\xff\xda\x00\x08" + bytes(6)
+    assert _jpeg_frame_size(frame) == (12000, 9000, 1)
+    for bad in (b"\x00\x00", b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8\xff\xc0\x00\x11\x08"):
+        with pytest.raises(ValueError):
+            _jpeg_frame_size(bad)

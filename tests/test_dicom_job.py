@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from common.data_config import DataConfig
-from common.inference import FeatureExtractor
-from common.labels import NIH_LABELS
-from common.nih import read_nih
-from common.store import read_errors, read_manifest
+from common.images.data_config import DataConfig
+from common.models.inference import FeatureExtractor
+from common.data.labels import NIH_LABELS
+from common.data.nih import read_nih
+from common.features.store import read_errors, read_manifest
 from jobs.extract import main
 from tests.data_paths import NIH_CSV, NIH_IMAGES, needs_shared
 

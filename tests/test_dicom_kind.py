@@ -6,9 +6,9 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from common.dicom_kind import dicom_age_years, read_dicom  # noqa: E402
-from common.image_table import build_image_table  # noqa: E402
-from common.tables import MetadataError, TableMapping  # noqa: E402
+from common.data.dicom_kind import dicom_age_years, read_dicom  # noqa: E402
+from common.data.image_table import build_image_table  # noqa: E402
+from common.data.tables import MetadataError, TableMapping  # noqa: E402
 
 PERSONAL = {"PatientName": "Doe^Jane", "InstitutionName": "St Elsewhere", "PatientBirthDate": "19700101"}
 
@@ -74,7 +74,7 @@ def test_ages_in_years():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_headers_become_the_canonical_table_and_bad_files_are_counted(archive, workers, monkeypatch):
-    monkeypatch.setattr("common.dicom_kind.HEADER_CHUNK", 2)  # several chunks: the pool really runs
+    monkeypatch.setattr("common.data.dicom_kind.HEADER_CHUNK", 2)  # several chunks: the pool really runs
     lines = []
     meta = read_dicom(archive, workers=workers, log=lines.append)
     t = meta.table.set_index("image_id")

@@ -1,8 +1,8 @@
-"""common/early_stopping.py: the epoch-end verdict heads and fine-tuning share."""
+"""common/training/early_stopping.py: the epoch-end verdict heads and fine-tuning share."""
 
 import math
 
-from common.early_stopping import judge_epoch
+from common.training.early_stopping import judge_epoch
 
 
 def test_divergence_best_epoch_and_patience():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common import rundir
+from common.runs import rundir
 from heads import compare, ensemble, train
 from tests.heads_fixtures import synthetic_store
 

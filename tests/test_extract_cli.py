@@ -97,7 +97,7 @@ def test_a_store_another_job_writes_is_refused_naming_it(monkeypatch, capsys, tm
     import os
     import socket
 
-    from common.safe_output import OutputLock
+    from common.runs.safe_output import OutputLock
 
     with OutputLock(tmp_path / "s"):
         code, line = run_cli(monkeypatch, capsys, *sample_flags(tmp_path / "s", "--weights", "random"))
@@ -109,7 +109,7 @@ def test_a_store_another_job_writes_is_refused_naming_it(monkeypatch, capsys, tm
 def test_full_disk_is_one_line_keeps_chunks_and_overwrite_keeps_foreign_files(monkeypatch, capsys, tmp_path, spark):
     import errno
 
-    import common.store_writer
+    import common.features.store_writer
 
     store = tmp_path / "store"
     flags = sample_flags(store, "--weights", "random", "--backbone", "mobilenet_v3_large", "--limit", "12",
@@ -121,7 +121,7 @@ def test_full_disk_is_one_line_keeps_chunks_and_overwrite_keeps_foreign_files(mo
     def full(*_):
         raise OSError(errno.ENOSPC, "No space left on device", str(store / "manifest.json"))
 
-    monkeypatch.setattr(common.store_writer, "write_manifest", full)
+    monkeypatch.setattr(common.features.store_writer, "write_manifest", full)
     code, line = run_cli(monkeypatch, capsys, *flags, "--overwrite")
     assert code == 2 and line == f"jobs/extract.py: error: {store / 'manifest.json'}: no space left on device"
     assert sorted(p.name for p in (store / "_work").glob("chunk-?????.json")) == ["chunk-00000.json", "chunk-00001.json"]

@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from common.data_config import DataConfig
-from common.feature_stats import is_constant
-from common.inference import FeatureExtractor
-from common.labels import NIH_LABELS
-from common.nih import read_nih
-from common.store import StoreError, read_errors, read_manifest, read_split
-from common.store_writer import OutputError
+from common.images.data_config import DataConfig
+from common.features.feature_stats import is_constant
+from common.models.inference import FeatureExtractor
+from common.data.labels import NIH_LABELS
+from common.data.nih import read_nih
+from common.features.store import StoreError, read_errors, read_manifest, read_split
+from common.features.store_writer import OutputError
 from jobs.extract import main
 from tests.data_paths import NIH_CSV, NIH_IMAGES, REPO, needs_shared, write_nih_subset
 
@@ -237,7 +237,7 @@ def test_masked_view_embeds_lung_masked_inputs_with_fraction_and_qa(dataset, spa
 def test_masked_run_resumes_keeps_bad_images_and_refuses_other_settings(dataset, spark, tmp_path, monkeypatch):
     """A masked run stopped after two chunks resumes after them; the corrupt file is an error row with
     null lung columns; resuming it as an original-view run is refused."""
-    import common.store_writer as store_writer
+    import common.features.store_writer as store_writer
 
     out = tmp_path / "masked"
     real_commit, commits = store_writer.commit_chunk, []
@@ -354,7 +354,7 @@ def test_two_different_files_of_one_name_can_be_shipped_in_one_session(spark, tm
     """Spark refuses a second, different file under a name it already has; checkpoints are all best.pt."""
     from pyspark import SparkFiles
 
-    from common.weights import file_sha256
+    from common.models.weights import file_sha256
     from jobs.extract import ship_file
 
     names = []
@@ -370,7 +370,7 @@ def test_two_different_files_of_one_name_can_be_shipped_in_one_session(spark, tm
 def test_a_job_whose_lock_was_taken_commits_nothing_more(dataset, spark, tmp_path, monkeypatch):
     """An object store's lock can be lost to a job started in the same instant: the first job stops before committing."""
     import jobs.extract
-    from common.safe_output import OutputLock
+    from common.runs.safe_output import OutputLock
 
     class Lost(OutputLock):
         lost = True

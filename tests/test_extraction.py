@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.data_config import DataConfig
-from common.extraction import extract_frame
+from common.images.data_config import DataConfig
+from common.features.extraction import extract_frame
 
 
 class NaNForBrightImages:
@@ -38,7 +38,7 @@ def test_non_finite_features_become_error_rows_never_stored(tmp_path):
 
 def test_a_store_failing_to_hand_over_an_image_is_not_the_images_fault(monkeypatch):
     from common import fs
-    from common.extraction import decode
+    from common.features.extraction import decode
 
     def load(source):
         return np.zeros((4, 4), np.float32)
@@ -60,7 +60,7 @@ def test_a_store_failing_to_hand_over_an_image_is_not_the_images_fault(monkeypat
 
 def test_a_task_reports_a_failing_store_as_a_result_and_the_driver_stops_in_one_line(monkeypatch, tmp_path):
     from common import fs
-    from common.store_writer import STORE_FAILURE, OutputError, StoreFailure, check_results, compact_group
+    from common.features.store_writer import STORE_FAILURE, OutputError, StoreFailure, check_results, compact_group
     from jobs.extract import stopped_by_store
 
     def full(*args, **kwargs):

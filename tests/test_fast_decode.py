@@ -1,4 +1,4 @@
-"""PNGs decoded by OpenCV (common.images.FAST_PNG) give Pillow's exact model inputs, in every PNG mode;
+"""PNGs decoded by OpenCV (common.images.decode.FAST_PNG) give Pillow's exact model inputs, in every PNG mode;
 broken and oversize files are refused as with Pillow alone."""
 
 import io
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import images
-from common.data_config import DataConfig
+from common.images import decode as images
+from common.images.data_config import DataConfig
 from tests.data_paths import NIH_IMAGES
 
 needs_cv2 = pytest.mark.skipif(images.cv2 is None, reason="opencv-python-headless not installed")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from common.feature_stats import RunningStats, constant_note, is_constant, summarize
+from common.features.feature_stats import RunningStats, constant_note, is_constant, summarize
 
 
 def test_spread_features_pass_and_constant_ones_are_flagged():

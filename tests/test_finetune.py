@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.backbones import build_classifier
-from common.inference import build_extractor
-from common.weights import resolve_weights
-from common.bboxes import read_nih_bboxes
+from common.models.backbones import build_classifier
+from common.models.inference import build_extractor
+from common.models.weights import resolve_weights
+from common.data.bboxes import read_nih_bboxes
 from common.config import ConfigError
 from finetune.checkpoint import load_classifier, state_sha256
 from finetune.config import BEST, LAST, NOT_IDENTITY, FinetuneConfig, FinetuneError, SplitImages, identity_of
@@ -27,9 +27,9 @@ from finetune.loop import train
 from finetune.sampler import EpochSampler
 from finetune.dataset import ImageDataset
 from finetune.decode_cache import DEFAULT_DIR as DECODE_CACHE
-from common.data_config import DataConfig
-from common.store import read_manifest, read_split
-from common import rundir
+from common.images.data_config import DataConfig
+from common.features.store import read_manifest, read_split
+from common.runs import rundir
 from finetune.localization import IOBB_THRESHOLDS, IOU_THRESHOLDS
 from heads import predict as heads_predict, train as heads_train
 from jobs import extract
@@ -381,7 +381,7 @@ def test_a_finished_run_continues_for_more_epochs_without_overwrite(run, nih40, 
     assert json.loads((out / "metrics.json").read_text())["history"][-1]["epoch"] == 3
 
 
-# --- the run directory is safe output (common/rundir.py, common/safe_output.py) --------------------
+# --- the run directory is safe output (common/runs/rundir.py, common/runs/safe_output.py) --------------------
 
 
 def finetune_cli(capsys, *argv) -> tuple[int, str]:
@@ -438,7 +438,7 @@ def test_overwrite_of_a_finetune_run_deletes_every_file_it_wrote_and_nothing_els
 def test_a_finetune_run_directory_another_job_writes_is_refused(nih40, tmp_path, capsys):
     import socket
 
-    from common.safe_output import OutputLock
+    from common.runs.safe_output import OutputLock
 
     with OutputLock(tmp_path / "ft"):
         code, line = finetune_cli(capsys, *job_args(nih40, tmp_path / "ft"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data_config import DataConfig
+from common.images.data_config import DataConfig
 from finetune import decode_cache
 from finetune.dataset import ImageDataset
 from finetune.decode_cache import BUILDING, open_cache
@@ -270,9 +270,9 @@ def test_the_cache_key_is_computed_when_the_packages_are_imported_from_a_zip(tmp
             for f in sorted((repo / package).rglob("*.py")):
                 z.write(f, f.relative_to(repo))
     code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-            "import common.images, finetune.decode_cache as c\n"
-            "from common.data_config import DataConfig\n"
-            "assert c.__file__.startswith(sys.argv[1]) and common.images.__file__.startswith(sys.argv[1])\n"
+            "import common.images.decode, finetune.decode_cache as c\n"
+            "from common.images.data_config import DataConfig\n"
+            "assert c.__file__.startswith(sys.argv[1]) and common.images.decode.__file__.startswith(sys.argv[1])\n"
             "print(c.config_digest(DataConfig(24)))")
     run = subprocess.run([sys.executable, "-c", code, str(shipped)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
@@ -280,8 +280,8 @@ def test_the_cache_key_is_computed_when_the_packages_are_imported_from_a_zip(tmp
     assert run.stdout.strip() == decode_cache.config_digest(DataConfig(24))  # the same key as from the checkout
 
 
-# Digests of the decoded inputs of the files below, by common.images.DECODE_VERSION. A change to what
-# decoding gives (common/images.py, common/dicom.py, DataConfig.load) that keeps the version would let
+# Digests of the decoded inputs of the files below, by common.images.decode.DECODE_VERSION. A change to what
+# decoding gives (common/images/decode.py, common/images/dicom.py, DataConfig.load) that keeps the version would let
 # caches built before it be read as current: bump DECODE_VERSION and record the new digest here. (A
 # Pillow, NumPy or pydicom upgrade that changes them re-keys the caches by itself: only re-record.)
 DECODED_DIGESTS = {1: "1fd1eb2923cd094676a0e18d4735326b3d42b7cb73e799eb49e523885ba0f988"}
@@ -309,7 +309,7 @@ def _fixed_images(folder: Path) -> list[Path]:
 def test_decoding_gives_the_values_recorded_for_its_decode_version(tmp_path):
     import hashlib
 
-    from common.images import DECODE_VERSION
+    from common.images.decode import DECODE_VERSION
 
     digest = hashlib.sha256()
     for cfg in (DataConfig(32), DataConfig(40, resize="crop", crop_pct=0.875, interpolation="bicubic")):
@@ -317,4 +317,4 @@ def test_decoding_gives_the_values_recorded_for_its_decode_version(tmp_path):
             values = cfg.load(str(path))  # what a cache row holds
             digest.update(np.rint(values.astype(np.float64) * 1e6).astype(np.int64).tobytes())  # robust to 1e-7
     assert digest.hexdigest() == DECODED_DIGESTS.get(DECODE_VERSION), (
-        f"decoding changed: bump DECODE_VERSION in common/images.py and record {digest.hexdigest()} for it here")
+        f"decoding changed: bump DECODE_VERSION in common/images/decode.py and record {digest.hexdigest()} for it here")

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from common import fs
-from common.data_config import DataConfig
-from common.extraction import decode
-from common.locate import locate_images
+from common.images.data_config import DataConfig
+from common.features.extraction import decode
+from common.data.locate import locate_images
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from common.labels import CHEXPERT_COMPETITION, CHEXPERT_LABELS, NIH_LABELS
-from common.store import StoreError
-from common.targets import LabelError, apply_policy, select_labels
+from common.data.labels import CHEXPERT_COMPETITION, CHEXPERT_LABELS, NIH_LABELS
+from common.features.store import StoreError
+from common.data.targets import LabelError, apply_policy, select_labels
 from heads.data import demographics, fit_inputs, make_inputs, open_stores
 from tests.heads_fixtures import synthetic_rows, write_store
 

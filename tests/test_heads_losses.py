@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common.losses import bce, focal, make_loss, msml, pos_weight_from, wcel
+from common.training.losses import bce, focal, make_loss, msml, pos_weight_from, wcel
 
 
 def t(rows):

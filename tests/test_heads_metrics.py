@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from common.labels import CHEXPERT_LABELS
-from common.targets import finding_flags
-from common.metrics import (at_thresholds, choose_thresholds, d_auc, evaluate, fast_auroc, n_auc, per_class_auroc,
+from common.data.labels import CHEXPERT_LABELS
+from common.data.targets import finding_flags
+from common.evaluation.metrics import (at_thresholds, choose_thresholds, d_auc, evaluate, fast_auroc, n_auc, per_class_auroc,
                            weighted_auc)
-from common.rundir import jsonable
+from common.runs.rundir import jsonable
 
 # Two classes A, B; scores per class. Worked by hand in the tests below.
 Y = np.array([[1, 0], [1, 1], [0, 1], [0, 1], [0, 0], [0, 0]], dtype=np.float32)
@@ -120,7 +120,7 @@ def test_threshold_without_positives_falls_back_to_half():
 
 
 def test_chexpert_baseline_is_the_row_of_the_runs_policy():
-    from common.baselines import for_dataset
+    from common.evaluation.baselines import for_dataset
 
     assert [b.title for b in for_dataset("nih", "ignore")] == ["Wang 2017", "CheXNet"]
     (ignore,) = for_dataset("chexpert", "ignore")

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.data_config import DataConfig
-from common.inference import FeatureExtractor
+from common.images.data_config import DataConfig
+from common.models.inference import FeatureExtractor
 from heads import predict, predictions, train
 from heads.checkpoint import load_head
 from tests.heads_fixtures import synthetic_rows, write_store

@@ -15,8 +15,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.labels import CHEXPERT_COMPETITION, CHEXPERT_LABELS
-from common import report
+from common.data.labels import CHEXPERT_COMPETITION, CHEXPERT_LABELS
+from common.evaluation import report
 from heads import predict, train
 from heads.checkpoint import load_head
 from tests.heads_fixtures import synthetic_rows, synthetic_store, write_store

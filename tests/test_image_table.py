@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.image_table import build_image_table
-from common.labels import CHEXPERT_LABELS
+from common.data.image_table import build_image_table
+from common.data.labels import CHEXPERT_LABELS
 from tests.data_paths import CHEXPERT_CSV
 
 HEADER = CHEXPERT_CSV.read_text().splitlines()[0] if CHEXPERT_CSV.is_file() else None

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from common.store import read_manifest
+from common.features.store import read_manifest
 from tests.data_paths import REPO
 
 JOBS = {"extract": "extract", "fine_tune": "finetune", "lung_model": "lungs"}  # job file stem -> cxr command

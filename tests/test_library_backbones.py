@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from common.backbones import library_model
-from common.checkpoint import WeightsError
-from common.inference import build_extractor
-from common.model_registry import get_spec
-from common.weights import library_weights_file, resolve_weights
+from common.models.backbones import library_model
+from common.models.checkpoint import WeightsError
+from common.models.inference import build_extractor
+from common.models.model_registry import get_spec
+from common.models.weights import library_weights_file, resolve_weights
 from tests.data_paths import NIH_IMAGES, SAMPLE, needs_shared
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -128,8 +128,8 @@ def test_torchxrayvision_resnet50_file_loads_in_its_own_class_and_ours_alike(cac
 @needs_shared
 @pytest.mark.parametrize("name, size", [("xrv-densenet121", 64), ("xception", 96), ("xrv-resnet50", 64)])
 def test_a_library_backbone_fine_tunes_and_its_checkpoint_extracts(name, size, tmp_path):
-    from common.data_config import DataConfig
-    from common.inference import FeatureExtractor
+    from common.images.data_config import DataConfig
+    from common.models.inference import FeatureExtractor
     from finetune.checkpoint import load_classifier
     from jobs import fine_tune
 

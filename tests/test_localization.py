@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.backbones import library_model
-from common.model_registry import get_spec
-from common.bboxes import read_nih_bboxes
-from common.data_config import DataConfig
+from common.models.backbones import library_model
+from common.models.model_registry import get_spec
+from common.data.bboxes import read_nih_bboxes
+from common.images.data_config import DataConfig
 from finetune.localization import (
     ALL_LABELS,
     IOBB_THRESHOLDS,

@@ -1,6 +1,6 @@
 import pandas as pd
 
-from common.locate import locate_images
+from common.data.locate import locate_images
 
 
 def touch(path):

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from common.data_config import DataConfig
-from common.inference import FeatureExtractor
-from common.store import read_errors, read_manifest, read_split
+from common.images.data_config import DataConfig
+from common.models.inference import FeatureExtractor
+from common.features.store import read_errors, read_manifest, read_split
 from tests.data_paths import NIH_IMAGES, REPO, needs_shared, write_nih_subset
 from tests.spark_cluster import StandaloneCluster, kill_session, tail
 from tests.spark_profile import arrow_settings, read_profile

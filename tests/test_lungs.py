@@ -292,7 +292,7 @@ def test_qa_flags_name_masks_that_look_wrong():
 
 @needs_lungs
 def test_masked_inputs_keep_the_lungs_on_real_nih_films():
-    from common.data_config import DataConfig
+    from common.images.data_config import DataConfig
     from lungs.masking import mask_inputs
     from tests.data_paths import NIH_IMAGES
 
@@ -317,12 +317,12 @@ def test_masked_inputs_keep_the_lungs_on_real_nih_films():
 @needs_lungs
 def test_a_small_backbone_input_is_masked_by_the_lung_model_at_its_own_size():
     """At 64 px the lung model still sees the film at its own 256 px (what it was trained on); the mask comes
-    down to the backbone's 64 px. Run as a Spark task runs it (common.extraction.extract_frame)."""
+    down to the backbone's 64 px. Run as a Spark task runs it (common.features.extraction.extract_frame)."""
     import pandas as pd
 
-    from common.data_config import DataConfig
-    from common.extraction import extract_frame
-    from common.inference import FeatureExtractor
+    from common.images.data_config import DataConfig
+    from common.features.extraction import extract_frame
+    from common.models.inference import FeatureExtractor
     from lungs.masking import LungMasker
 
     paths = sorted((LUNGS / "images").glob("*.png"))[::60][:8]

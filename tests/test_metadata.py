@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.chexpert import read_chexpert
-from common.labels import CHEXPERT_LABELS, NIH_LABELS
-from common.nih import read_nih
-from common.tables import MetadataError
+from common.data.chexpert import read_chexpert
+from common.data.labels import CHEXPERT_LABELS, NIH_LABELS
+from common.data.nih import read_nih
+from common.data.tables import MetadataError
 from tests.data_paths import CHEXPERT_CSV, NIH_CSV, needs_shared
 
 

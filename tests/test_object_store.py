@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common import fs
-from common.store import StoreError, read_errors, read_manifest, read_split
+from common.features.store import StoreError, read_errors, read_manifest, read_split
 from jobs.extract import main
 from tests.data_paths import REPO, SAMPLE
 
@@ -90,7 +90,7 @@ def archive(s3):
 
 def broken_in_sample() -> list[str]:
     """The sample's own unreadable images (it carries one on purpose), as the decoder tells them locally."""
-    from common.data_config import DataConfig
+    from common.images.data_config import DataConfig
 
     broken = []
     for path in sorted((SAMPLE / "images").glob("*.png")):
@@ -186,7 +186,7 @@ def test_bucket_to_bucket_killed_and_restarted_gives_every_row_once(s3, archive,
 
 @pytest.mark.s3
 def test_second_writer_on_a_bucket_store_is_refused(s3, archive, metadata, spark, tmp_path):
-    from common.safe_output import RemoteLock
+    from common.runs.safe_output import RemoteLock
 
     out = "s3://stores/locked"
     with RemoteLock(out):
@@ -236,7 +236,7 @@ def test_heads_train_on_a_store_behind_a_uri(tmp_path):
 
 
 def test_a_remote_lock_taken_by_another_job_is_noticed_and_stale_ones_are_taken_over():
-    from common.safe_output import OutputLockedError, RemoteLock
+    from common.runs.safe_output import OutputLockedError, RemoteLock
 
     folder = "memory://locks/store"
     first = RemoteLock(folder, heartbeat_seconds=0.05, log=lambda m: None)

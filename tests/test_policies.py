@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.losses import multiclass_ce
-from common.targets import apply_policy, eval_targets
+from common.training.losses import multiclass_ce
+from common.data.targets import apply_policy, eval_targets
 from heads import train
 from heads.models import HeadSpec, build_head
 from tests.heads_fixtures import synthetic_rows, write_store
@@ -153,12 +153,12 @@ def test_u_multiclass_fine_tunes_on_images(tmp_path):
     CAM, extraction and the service on z+ - z-, the positive logit renormalized over {negative, positive}."""
     import pandas as pd
 
-    from common.architectures import ThreeWay
-    from common.data_config import DataConfig
-    from common.inference import FeatureExtractor
+    from common.models.architectures import ThreeWay
+    from common.images.data_config import DataConfig
+    from common.models.inference import FeatureExtractor
     from finetune.checkpoint import load_classifier
     from finetune.localization import heatmap_fn
-    from common.model_registry import get_spec
+    from common.models.model_registry import get_spec
     from jobs import fine_tune
     from tests.data_paths import SAMPLE
 
@@ -220,7 +220,7 @@ def test_a_fine_tune_runs_checkpoint_ensemble(tmp_path):
     assert len(test) == metrics["splits"]["test"]["n"] and "mean_auc" in ens["splits"]["test"]["summary"]
     # The mean of the three checkpoints' own probabilities.
     from finetune.checkpoint import load_classifier
-    from common.data_config import DataConfig
+    from common.images.data_config import DataConfig
 
     paths = {Path(p).name: p for p in sorted((SAMPLE / "images").glob("*.png"))}
     first = test["image_id"].iloc[0]

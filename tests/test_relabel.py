@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.labels import CHEXPERT_LABELS, NIH_LABELS, canonical, relabel, shared_labels
+from common.data.labels import CHEXPERT_LABELS, NIH_LABELS, canonical, relabel, shared_labels
 from heads import compare, evaluate, train
 from tests.heads_fixtures import synthetic_rows, synthetic_store, write_store
 
@@ -96,7 +96,7 @@ def test_shared_labels_score_and_nih_only_labels_are_not_scored(nih_on_chexpert)
 
 
 def test_uncertain_labels_are_not_scored(nih_on_chexpert):
-    from common.store import read_split
+    from common.features.store import read_split
 
     test = read_split(nih_on_chexpert["chexpert"], "test")
     metrics = json.loads((nih_on_chexpert["out"] / "metrics.json").read_text())

@@ -1,7 +1,7 @@
 """Report text that a reader sees: grouped notes and the loss as run."""
 
-from common.losses import loss_text as _loss_text
-from common.report import group_notes
+from common.training.losses import loss_text as _loss_text
+from common.evaluation.report import group_notes
 
 LABELS = ["Edema", "Hernia", "Mass"]
 

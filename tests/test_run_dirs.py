@@ -1,5 +1,5 @@
 """Run directories are safe output: recognized only by their marker, --overwrite deletes only the
-project's own files, one job at a time, and bad or full disks are one line (common/rundir.py,
+project's own files, one job at a time, and bad or full disks are one line (common/runs/rundir.py,
 heads.train; the fine-tune job's side is in tests/test_finetune.py)."""
 
 import errno
@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from common import rundir
-from common.safe_output import LOCK, OutputLock
+from common.runs import rundir
+from common.runs.safe_output import LOCK, OutputLock
 from heads import train
 from tests.heads_fixtures import synthetic_store
 
@@ -39,7 +39,7 @@ def lookalike(folder):
     return {p.name: p.read_text() for p in folder.iterdir()}
 
 
-# --- common/rundir.py -----------------------------------------------------------------------------
+# --- common/runs/rundir.py -----------------------------------------------------------------------------
 
 
 def test_prepare_makes_and_marks_a_new_run_directory(tmp_path):

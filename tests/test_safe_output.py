@@ -1,4 +1,4 @@
-"""common/safe_output.py: the one-writer lock, checked --out paths and one-line OS errors."""
+"""common/runs/safe_output.py: the one-writer lock, checked --out paths and one-line OS errors."""
 
 import errno
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.safe_output import (LOCK, OutputLock, OutputLockedError, check_dir_path, is_disk_error,
+from common.runs.safe_output import (LOCK, OutputLock, OutputLockedError, check_dir_path, is_disk_error,
                                 os_error_line, process_start)
 from tests.data_paths import REPO
 
@@ -38,7 +38,7 @@ def write_lock(folder: Path, host: str, pid: int, age_seconds: float = 0.0, **re
 
 def test_a_lock_held_by_another_live_process_is_refused_naming_it(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom common.safe_output import OutputLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom common.runs.safe_output import OutputLock\n"
          "OutputLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(600)", str(tmp_path / "run")],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.data_config import DataConfig
+from common.images.data_config import DataConfig
 from heads import predict
 from serve.app import Settings, create_app
 from serve.batcher import Batcher
@@ -270,7 +270,7 @@ def test_a_folder_that_is_no_run_is_refused(tmp_path):
 def test_a_head_on_a_lung_masked_store_shows_what_the_model_saw(tmp_path, pngs, one_torch_thread):
     """A masked store's head masks uploads with the store's own lung model (checked by sha256) and the
     answer carries the masked input, the lung fraction and the QA flags, as the store has them."""
-    from common.weights import file_sha256
+    from common.models.weights import file_sha256
     from heads import train
     from lungs.model import DEFAULT
     from tests.heads_fixtures import synthetic_rows, write_store

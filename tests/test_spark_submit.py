@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from common.store import read_manifest
+from common.features.store import read_manifest
 from tests.data_paths import REPO
 
 

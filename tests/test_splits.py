@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from common.nih import read_nih
-from common.splits import SplitError, check_no_leakage, official_splits, ratio_splits, read_list
+from common.data.nih import read_nih
+from common.data.splits import SplitError, check_no_leakage, official_splits, ratio_splits, read_list
 from tests.data_paths import NIH, NIH_CSV, needs_shared
 
 pytestmark = needs_shared

@@ -37,6 +37,22 @@ SERVE_TRAINING = {
 }
 
 
+# common/ by concern, lowest first ("": the ground floor, common/*.py): a module imports only its own floor and
+# those below it.
+COMMON_FLOORS = ("", "runs", "images", "data", "training", "models", "features", "evaluation")
+
+
+def floor(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in COMMON_FLOORS else ""
+
+
+def upward_in_common(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} imports {target}" for module, targets in graph.items() if room(module) == "common"
+                  for target in targets if room(target) == "common"
+                  and COMMON_FLOORS.index(floor(target)) > COMMON_FLOORS.index(floor(module)))
+
+
 def project_modules(root: Path = ROOT, packages=PACKAGES) -> dict[str, Path]:
     """Dotted name -> file, for every module of the project packages."""
     modules = {}
@@ -148,3 +164,20 @@ def test_serve_reaches_training_code_only_through_todays_exceptions():
     graph = import_graph()
     reached = {(m, t) for m, targets in graph.items() if room(m) == "serve" for t in targets if room(t) in TRAINING}
     assert reached <= SERVE_TRAINING, f"serve imports more training code: {sorted(reached - SERVE_TRAINING)}"
+
+
+def test_common_floors_import_only_downward():
+    upward = upward_in_common(import_graph())
+    assert not upward, "common/ imports against its floors' order: " + "; ".join(upward)
+    assert upward_in_common({"common.fs": {"common.runs.rundir"}, "common.runs.rundir": {"common.fs"}}) == [
+        "common.fs imports common.runs.rundir"]
+
+
+def test_common_is_rooms_by_concern_each_with_its_one_line_docstring():
+    floors = sorted(p.name for p in (ROOT / "common").iterdir() if p.is_dir() and not p.name.startswith("__"))
+    assert floors == sorted(COMMON_FLOORS[1:])
+    for name in floors:
+        doc = ast.get_docstring(ast.parse((ROOT / "common" / name / "__init__.py").read_text()))
+        assert doc and "\n" not in doc, name
+    ground = sorted(p.stem for p in (ROOT / "common").glob("*.py") if p.stem != "__init__")
+    assert ground == ["atomic", "choices", "config", "fs"]

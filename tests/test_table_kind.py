@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 
 from common.config import parse_with_config
-from common.image_table import build_image_table, table_from_flags
-from common.labels import NIH_LABELS
-from common.nih import read_nih
-from common.table_flags import add_table_flags
-from common.table_kind import read_table
-from common.tables import MetadataError, TableMapping
+from common.data.image_table import build_image_table, table_from_flags
+from common.data.labels import NIH_LABELS
+from common.data.nih import read_nih
+from common.data.table_flags import add_table_flags
+from common.data.table_kind import read_table
+from common.data.tables import MetadataError, TableMapping
 from tests.data_paths import NIH_CSV, NIH_IMAGES, needs_shared
 
 QUIET = {"log": lambda m: None}

@@ -1,0 +1,1 @@
+"""Scoring runs: metrics, bootstrap intervals, per-split scores, published baselines, reports, comparisons."""

@@ -1,0 +1,303 @@
+"""Render a run's report.md, ROC curves and loss curves from the files heads.train (or the
+fine-tuning job, jobs/fine_tune.py) wrote.
+
+Nothing is recomputed except the ROC curves' points (from predictions/<split>.parquet), so a
+re-render shows exactly the run's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # the OO API: no pyplot, no GUI backend needed
+from sklearn.metrics import roc_curve
+
+from common.runs import rundir
+from common.evaluation.baselines import for_dataset
+from common.images.data_config import DataConfig
+from common.training.losses import loss_text
+
+
+def _f(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _with_ci(entry: dict, key: str) -> str:
+    """`entry[key]` with its bootstrap interval when metrics.json has one: "0.812 (0.74-0.88)"."""
+    low, high = entry.get(f"{key}_ci_low"), entry.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return _f(entry.get(key))
+    return f"{_f(entry.get(key))} ({low:.2f}-{high:.2f})"
+
+
+def _bootstrap_lines(splits: dict) -> list[str]:
+    """How the AUROC intervals were made: one line per distinct setting (one, unless a split lacked patient ids)."""
+    described: dict[str, list[str]] = {}
+    for name, m in splits.items():
+        b = m.get("bootstrap")
+        if not b:
+            continue
+        lo, hi = b["percentiles"]
+        whole = ", each with all their images" if b["unit"] == "patient" else ""
+        text = (f"{hi - lo:g}% percentile intervals ({lo:g}th-{hi:g}th) of a {b['unit']}-level bootstrap: "
+                f"{b['draws']} draws of a split's {b['unit']}s with replacement{whole}, seed {b['seed']}; a draw "
+                f"without a positive or a negative of a class is skipped for it (the mean: over the classes left in "
+                f"the draw); no interval with fewer than {b['min_valid_draws']} valid draws")
+        described.setdefault(text, []).append(f"{name} {b['units']} {b['unit']}s")
+    return [""] + [f"AUROC intervals: {text} ({', '.join(n)})." for text, n in described.items()] if described else []
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _nanmean(values) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax.plot(epochs, [h["val_loss"] for h in history], label="val loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h["val_auc"] if h["val_auc"] is not None else np.nan for h in history], "g--",
+             label="val mean AUROC")
+    ax2.set_ylabel("val mean AUROC")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_roc(pred: dict, names: list[str], aucs: dict, title: str, path: Path) -> None:
+    fig = Figure(figsize=(7, 7))
+    ax = fig.add_subplot()
+    # 14 NIH labels: ten distinct hues, then the same hues dashed (tab20's light/dark pairs look alike).
+    colors = colormaps["tab10"].colors
+    for c, name in enumerate(names):
+        keep = pred["mask"][:, c]
+        y = pred["y"][keep, c]
+        if y.size == 0 or y.min() == y.max():
+            continue  # undefined AUROC: no curve, the report's notes say why
+        fpr, tpr, _ = roc_curve(y, pred["probs"][keep, c])
+        ax.plot(fpr, tpr, lw=1.4, color=colors[c % len(colors)], ls="-" if c < len(colors) else "--",
+                label=f"{name} ({_f(aucs.get(name))})")
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:  # no class with both positives and negatives: no legend
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str], list[list[str]]]:
+    names = metrics["label_names"]
+    splits = metrics["splits"]
+    header = ["label", f"{headline} positives"]
+    header += [f"{s} AUROC" for s in splits]
+    by_study = [s for s in splits if "study_level" in splits[s]]  # CheXpert: also per study, side by side
+    header += [f"{s} study AUROC" for s in by_study]
+    header += [f"{headline} D-AUC", f"{headline} N-AUC", "F1@0.5", "F1@val thr", "val thr"]
+    header += [b.title for b in baselines]
+    rows, columns = [], []
+    auroc = slice(1, 1 + len(splits))  # the AUROC cells of a row, after the positives
+    for name in names:
+        m = splits[headline]["per_class"][name]
+        tuned = m.get("at_val_threshold", {})
+        values = [m["n_pos"], *[splits[s]["per_class"][name]["auroc"] for s in splits],
+                  *[splits[s]["study_level"]["per_class"][name]["auroc"] for s in by_study], m["d_auc"], m["n_auc"],
+                  m["at_0.5"]["f1"], tuned.get("f1"), tuned.get("threshold")]
+        values += [b.auroc.get(name) for b in baselines]
+        columns.append(values)
+        cells = [_f(v) for v in values]
+        cells[auroc] = [_with_ci(splits[s]["per_class"][name], "auroc") for s in splits]
+        rows.append([name] + cells)
+    if not columns:
+        return header, rows
+    means = [""] + [_f(_nanmean(col)) for col in list(zip(*columns))[1:]]
+    means[auroc] = [_with_ci(splits[s]["summary"], "mean_auc") for s in splits]  # the same mean, with its interval
+    means[header.index("val thr") - 1] = ""  # a mean of per-class thresholds means nothing
+    return header, rows + [["**mean**"] + means]
+
+
+_NAN_NOTE = re.compile(r"^(?P<split>\w+): (?P<label>.+?): no (?P<what>[\w ]+?), (?P<metric>[\w-]+) is NaN$")
+_PER_LABEL = re.compile(r"^(?P<prefix>\w+): (?P<label>[^:]+): (?P<rest>.+)$")
+
+
+def group_notes(notes: list[str], labels: list[str]) -> list[str]:
+    """One line per kind instead of one per label: "val: Edema: no positives, AUROC is NaN", its
+    D-AUC and N-AUC twins and the same for Hernia become "val: Edema, Hernia: no positives, AUROC,
+    D-AUC, N-AUC undefined"; any notes that differ only in the label join the same way."""
+    merged: list[str] = []  # pass 1: a label's NaN metrics in one note
+    metrics_at: dict[tuple, int] = {}
+    for note in notes:
+        m = _NAN_NOTE.match(note)
+        if not m or m["label"] not in labels:
+            merged.append(note)
+            continue
+        key = (m["split"], m["label"], m["what"])
+        if key in metrics_at:
+            merged[metrics_at[key]] += f", {m['metric']}"
+        else:
+            metrics_at[key] = len(merged)
+            merged.append(f"{m['split']}: {m['label']}: no {m['what']}, {m['metric']}")
+    for key, i in metrics_at.items():
+        merged[i] += " undefined"
+    lines: list = []  # pass 2: notes equal but for the label share a line
+    by_kind: dict[tuple, list[str]] = {}
+    for note in merged:
+        m = _PER_LABEL.match(note)
+        if not m or m["label"] not in labels:
+            lines.append(note)
+            continue
+        kind = (m["prefix"], m["rest"])
+        if kind not in by_kind:
+            by_kind[kind] = []
+            lines.append(kind)
+        by_kind[kind].append(m["label"])
+    return [line if isinstance(line, str) else f"{line[0]}: {', '.join(by_kind[line])}: {line[1]}" for line in lines]
+
+
+def _head_run_lines(config: dict, metrics: dict) -> list[str]:
+    """The "Run" section of a head trained on feature stores (heads.train)."""
+    names, s = metrics["label_names"], config["settings"]
+    lines = []
+    for st in config["stores"]:
+        lines.append(f"- store `{st['path']}`: {st['dataset']}, {st['backbone']} ({st['weights']}), "
+                     f"{st['feature_dim']}-d, manifest sha256 `{st['manifest_sha256'][:12]}`")
+    head = config["head"]
+    sizes = "→".join(str(v) for v in (head["in_dim"], *head["hidden"], head["n_out"]))
+    return lines + [
+        f"- head: {head['kind']} {sizes}" + (f", dropout {head['dropout']:g}" if head["dropout"] else ""),
+        f"- inputs: {config['input_width']} wide" + (f", with age/100 and sex ({s['sex_encoding']})" if s["age_sex"] else "")
+        + ", standardized with train statistics",
+        f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
+        f"- loss {loss_text(s)}; Adam lr {metrics['selected']['lr']:g}, weight decay {metrics['selected']['weight_decay']:g}, "
+        f"batch {s['batch_size']}; {config['precision_resolved']}; init seed {s['init_seed']}",
+        f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} ({metrics['stopped']}); "
+        f"training {metrics['train_seconds']:.1f} s",
+    ]
+
+
+def _finetune_run_lines(config: dict, metrics: dict) -> list[str]:
+    """The "Run" section of a model fine-tuned on images (jobs/fine_tune.py)."""
+    names, s, t = metrics["label_names"], config["settings"], metrics["training"]
+    images = ", ".join(f"{n} {k}" for k, n in config["images"].items())
+    schedule = (f"x{s['lr_factor']:g} every {s['step_epochs']} epochs" if s["schedule"] == "step"
+                else f"x{s['lr_factor']:g} on a val-loss plateau of {s['plateau_patience']} epoch(s)")
+    resumed = t.get("resumed_from")
+    return [
+        f"- images: {config['dataset']}, {images} ({config['split_method'].get('kind')} split); "
+        f"{len(metrics['unreadable'])} unreadable, left out",
+        f"- model: {s['backbone']} from {config['weights']['label']}, {len(names)}-way linear classifier, "
+        + ("backbone frozen (classifier only)" if s["freeze_backbone"] else "every layer trained"),
+        f"- input: {DataConfig.from_dict(config['data_config']).describe()}; training views: "
+        f"{DataConfig.from_dict(config['data_config']).describe_training()}",
+        f"- labels ({len(names)}): {', '.join(names)}; uncertain-label policy U-{s['policy'].capitalize()}",
+        f"- loss {loss_text(s)}; Adam lr {s['lr']:g}, weight decay {s['weight_decay']:g}, lr {schedule}; "
+        f"batch {s['batch_size']} x {t['world_size']} process(es) on {t['device']}; {t['precision']}; "
+        f"seed {s['train_seed']}",
+        f"- best epoch {metrics['best_epoch']} of {len(metrics['history'])} by {s['best_metric']} ({metrics['stopped']}); "
+        f"training {metrics['train_seconds']:.1f} s, {t['global_step']} steps"
+        + (f"; resumed at epoch {resumed['epoch']}, step {resumed['step']}" if resumed else ""),
+    ]
+
+
+RUN_KINDS = {  # config.json "kind" -> report title, "Run" section lines
+    "head": ("Head training report", _head_run_lines),
+    "finetune": ("Fine-tuning report", _finetune_run_lines),
+}
+
+
+def _localization_lines(loc: dict) -> list[str]:
+    """Wang et al.'s accuracy table: a row per label, a column per IoU / IoBB threshold."""
+    rows: dict[str, dict] = {}
+    for r in loc["table"]:
+        rows.setdefault(r["label"], {"n": r["n"]})[f"{r['measure']}>{r['threshold']:g}"] = r["accuracy"]
+    columns = [c for c in next(iter(rows.values())) if c != "n"]
+    header = ["label", "boxes"] + [c.replace("iou", "IoU").replace("iobb", "IoBB") for c in columns]
+    body = [[label, str(v["n"])] + [_f(v.get(c), 2) for c in columns] for label, v in rows.items()]
+    lines = ["", "## Localization (class activation maps)", "",
+             f"{loc['boxes']} radiologist boxes on {loc['images']} {loc['split']} images ({loc['box_list']}); each "
+             f"label's map from the last conv features and the classifier weights, on the model's input "
+             f"({loc['input']}), carried back onto the box grid and thresholded at 180/255 into boxes. Accuracy: "
+             "the share of boxes that a predicted box overlaps by more than T (Wang et al. 2017).", ""]
+    lines += _table(header, body)
+    if loc["overlays"]:
+        lines += ["", "Overlays (truth green, predicted red):", ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in loc["overlays"]]
+    return lines
+
+
+def render(run: str | Path) -> Path:
+    """Write report.md, loss.png and roc_<split>.png into the run directory; returns report.md."""
+    run = Path(run)
+    config = rundir.read_json(run / rundir.CONFIG)
+    metrics = rundir.read_json(run / rundir.METRICS)
+    names, splits = metrics["label_names"], metrics["splits"]
+    title, run_lines = RUN_KINDS[config.get("kind", "head")]
+    headline = "test" if "test" in splits else "val"
+    baselines = [b for b in for_dataset(config.get("dataset", ""), config.get("settings", {}).get("policy")) if any(n in b.auroc for n in names)]
+
+    if metrics["history"]:
+        plot_loss(metrics["history"], run / rundir.LOSS_PLOT)
+    for split in splits:
+        pred_file = run / rundir.PREDICTIONS / f"{split}.parquet"
+        if pred_file.is_file():
+            aucs = {n: splits[split]["per_class"][n]["auroc"] for n in names}
+            plot_roc(rundir.read_predictions(pred_file, names), names, aucs, f"ROC, {split} split", run / rundir.roc_plot(split))
+
+    lines = [f"# {title}: {run.name}", "", f"`{config['command']}`", ""]
+    lines += ["## Run", ""] + run_lines(config, metrics) + ["", "## Summary", ""]
+    summary_keys = [("mean_auc", "mean AUROC"), ("w_auc", "W-AUC"), ("mean_d_auc", "mean D-AUC"),
+                    ("mean_n_auc", "mean N-AUC"), ("macro_f1_at_0.5", "macro F1@0.5"),
+                    ("macro_f1_at_val_threshold", "macro F1@val thr")]
+    lines += _table(["split", "images"] + [t for _, t in summary_keys],
+                    [[sp, str(m["n"])] + [_with_ci(m["summary"], k) for k, _ in summary_keys] for sp, m in splits.items()])
+    lines += _bootstrap_lines(splits)
+    lines += ["", f"## Per class ({headline} split unless named)", ""]
+    header, rows = _per_class_rows(metrics, headline, baselines)
+    lines += _table(header, rows)
+    studies = {s: m["study_level"] for s, m in splits.items() if "study_level" in m}
+    if studies:
+        first = next(iter(studies.values()))
+        lines += ["", f"Study AUROC (the CheXpert paper's evaluation): {first['rule']}; "
+                  + ", ".join(f"{s} {v['studies']} studies" for s, v in studies.items())
+                  + (f"; {sum(v['label_disagreements'] for v in studies.values())} study labels left out where "
+                     "its images disagree" if any(v["label_disagreements"] for v in studies.values()) else "") + "."]
+    if baselines:
+        lines += ["", "Published AUROCs are from each paper's own split; a reference point, not a like-for-like comparison:"]
+        lines += [f"- {b.title}: {b.source}" for b in baselines]
+        if any(n not in b.auroc for b in baselines for n in names):
+            lines.append("- a baseline's mean is over the labels it reports")
+    if metrics.get("localization"):
+        lines += _localization_lines(metrics["localization"])
+    if metrics["grid"]:
+        lines += ["", "## Grid search", "", f"Picked by {metrics['selected']['grid_metric']}.", ""]
+        grid_rows = []
+        for c in metrics["grid"]:
+            pick = c["lr"] == metrics["selected"]["lr"] and c["weight_decay"] == metrics["selected"]["weight_decay"]
+            grid_rows.append([f"{c['lr']:g}", f"{c['weight_decay']:g}", str(c["best_epoch"]), _f(c["val_loss"], 4),
+                              _f(c["val_auc"], 4), str(c["epochs_run"]), _f(float(c["seconds"]), 1), "✓" if pick else ""])
+        lines += _table(["lr", "weight decay", "best epoch", "val loss", "val AUROC", "epochs", "seconds", "picked"], grid_rows)
+    lines += ["", "## Curves", "", f"![loss curves]({rundir.LOSS_PLOT})", ""]
+    lines += [f"![ROC {sp}]({rundir.roc_plot(sp)})" for sp in splits if (run / rundir.roc_plot(sp)).exists()]
+    if metrics["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in group_notes(metrics["notes"], names)]
+    path = run / rundir.REPORT
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,73 @@
+"""A trained model's probabilities on val and test -> metrics and prediction files of a run.
+
+Shared by heads.train (heads on stored features) and jobs/fine_tune.py (whole models on images),
+so both runs have the same metrics.json splits and predictions/ files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.runs import rundir
+from common.evaluation.bootstrap import BOOTSTRAP_DRAWS
+from common.evaluation.metrics import choose_thresholds, evaluate, nanmean, per_class_auroc, study_level
+
+
+@dataclass
+class SplitScores:
+    image_id: np.ndarray
+    probs: np.ndarray  # (n, labels)
+    y: np.ndarray  # (n, labels) 0/1
+    mask: np.ndarray  # (n, labels) bool
+    has_disease: np.ndarray  # (n,) bool, over all the dataset's disease labels (heads.data.finding_flags)
+    no_finding: np.ndarray
+    patient_id: np.ndarray | None = None  # (n,): the AUROC bootstrap's unit; None resamples images
+    study_id: np.ndarray | None = None  # (n,): where a dataset has studies (CheXpert), also scored per study
+
+
+STUDY_RULE = "a study's score is the highest probability over its images; its label the one its images share"
+
+
+def study_metrics(s: SplitScores, label_names: list[str]) -> dict:
+    """AUROC per class over studies instead of images (the CheXpert paper's evaluation)."""
+    y, probs, mask, disagree = study_level(s.study_id, s.y, s.probs, s.mask)
+    auc, _ = per_class_auroc(y, probs, mask, label_names)
+    per_class = {name: {"auroc": auc[c], "n_pos": int(((y[:, c] == 1) & mask[:, c]).sum()),
+                        "n_neg": int(((y[:, c] == 0) & mask[:, c]).sum())} for c, name in enumerate(label_names)}
+    return {"studies": len(y), "rule": STUDY_RULE, "label_disagreements": disagree, "mean_auc": nanmean(auc),
+            "per_class": per_class}
+
+
+def combine_probabilities(probs: list, how: str = "prob") -> np.ndarray:
+    """Ensemble members' (n, labels) probabilities -> mean probability ('prob') or sigmoid of the mean logit."""
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
+    if how == "prob":
+        return stack.mean(axis=0)
+    if how != "logit":
+        raise ValueError(f"combine {how!r}: prob or logit")
+    clipped = np.clip(stack, 1e-7, 1 - 1e-7)
+    return 1 / (1 + np.exp(-np.log(clipped / (1 - clipped)).mean(axis=0)))
+
+
+def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out: Path,
+                    bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "") -> tuple[dict, np.ndarray, list[str]]:
+    """Thresholds chosen on val, every metric on val and test (AUROC intervals by patient unless
+    bootstrap_draws is 0), and their predictions files (predictions/<prefix><split>.parquet)."""
+    val = scores["val"]
+    thresholds, notes = choose_thresholds(val.y, val.probs, val.mask, label_names)
+    splits = {}
+    for name in ("val", "test"):
+        if name not in scores:
+            continue
+        s = scores[name]
+        splits[name] = evaluate(s.y, s.probs, s.mask, label_names, s.has_disease, s.no_finding, thresholds,
+                                s.patient_id, bootstrap_draws)
+        splits[name]["notes"] = [f"{name}: {n}" for n in splits[name]["notes"]]
+        if s.study_id is not None:
+            splits[name]["study_level"] = study_metrics(s, label_names)
+        frame = rundir.predictions_frame(s.image_id, s.probs, label_names, s.y, s.mask, s.has_disease, s.no_finding)
+        rundir.write_table(frame, out / rundir.PREDICTIONS / f"{prefix}{name}.parquet")
+    return splits, thresholds, [f"thresholds: {n}" for n in notes]

@@ -1,0 +1,140 @@
+"""The work inside one Spark task, as pure functions: rows in, feature rows out.
+
+Each image is decoded on its own (a bad file becomes an error row, never an exception), the good
+ones are batched through the frozen backbone, and every input row comes out exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from common import fs
+from common.images.data_config import DataConfig
+from common.images.decode import MAX_PIXELS
+from common.models.inference import FeatureExtractor
+
+# Columns the task receives (from the image table), and what it returns: the store's row columns + split + path + error.
+INPUT_COLUMNS = ("image_id", "patient_id", "view", "age", "sex", "labels", "split", "path")
+OUTPUT_COLUMNS = ("image_id", "patient_id", "view", "age", "sex", "labels", "features", "split", "path", "error")
+
+_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
+
+
+def cached_extractor(backbone: str, state_file: str | None, seed: int, device: str, precision: str,
+                     threads: int, data_config: DataConfig) -> FeatureExtractor:
+    """One model per Python worker process: Spark reuses workers, so later tasks skip the build."""
+    key = (backbone, state_file, seed, device, precision, threads, data_config)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()  # a worker serves one job's settings; free the old model first
+        _EXTRACTORS[key] = FeatureExtractor(backbone, state_file, seed, device=device, precision=precision,
+                                            threads=threads, data_config=data_config)
+    return _EXTRACTORS[key]
+
+
+def decode(load: Callable, path: str) -> tuple[np.ndarray | None, str | None]:
+    """(image, None), or (None, a one-line error) for a file `load` cannot read (or an object not there). A
+    store that fails to hand over an object's bytes (unreachable, refused) raises: that says nothing of the
+    image, and an error row would keep it out of the store for good."""
+    try:
+        source = fs.readable(path)  # a local path as it is; an object's bytes
+    except (FileNotFoundError, IsADirectoryError, ValueError) as exc:  # no such object; a refused URI
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+    try:
+        return load(source), None
+    except Exception as exc:  # any decoder failure is data, recorded per image
+        message = " ".join(str(exc).split())
+        return None, f"{type(exc).__name__}: {message}"[:500]
+
+
+def input_loader(data_config: DataConfig, transform=None, max_pixels: int = MAX_PIXELS) -> Callable:
+    """path -> the backbone's input; with a `transform`, (that input, the transform's own view of the film:
+    `transform.view(data_config)`, e.g. the lung model's input at its own size), both from one decode."""
+    if transform is None:
+        return partial(data_config.load, max_pixels=max_pixels)
+    return partial(data_config.load_with, transform.view(data_config), max_pixels=max_pixels)
+
+
+def transform_batch(transform, decoded: list, image_ids) -> tuple[np.ndarray, dict]:
+    """A batch of input_loader results -> the backbone's (n, S, S) batch and the transform's columns (none
+    without a transform)."""
+    if transform is None:
+        return np.stack(decoded), {}
+    images, views = (np.stack(batch) for batch in zip(*decoded))
+    return transform(images, image_ids, views)
+
+
+def embed_decoded(rows: pd.DataFrame, decoded: list, extractor: FeatureExtractor, transform=None) -> pd.DataFrame:
+    """Embed one batch of decoded rows ((input_loader's result, error) per row); failed images get `error` and
+    null features.
+
+    `transform` (e.g. lungs.masking.LungMasker) changes the decoded inputs before the backbone: called on the
+    (n, S, S) batch, its image ids and the (n, L, L) batch of its own views it returns the new batch and a list
+    per name in its `columns`, which become extra output columns (null for rows that failed)."""
+    ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
+    features: list = [None] * len(rows)
+    errors = [error for _, error in decoded]
+    extra = {name: [None] * len(rows) for name in (transform.columns if transform else ())}
+    if ok:
+        images, columns = transform_batch(transform, [decoded[i][0] for i in ok], [rows["image_id"].iloc[i] for i in ok])
+        for name, values in columns.items():
+            for row, value in zip(ok, values):
+                extra[name][row] = value
+        batch = extractor(images)
+        for row, vector in zip(ok, batch):
+            if np.isfinite(vector).all():
+                features[row] = vector
+            else:  # a store never holds NaN/Inf: the image is an error, the job goes on
+                errors[row] = f"non-finite features: {int((~np.isfinite(vector)).sum())} NaN/Inf values from the backbone"
+    out = rows.reset_index(drop=True).copy()
+    out["features"] = features
+    out["error"] = errors
+    for name, values in extra.items():
+        out[name] = values
+    return out[[*OUTPUT_COLUMNS, *extra]]
+
+
+def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadPoolExecutor | None = None,
+                  max_pixels: int = MAX_PIXELS, transform=None) -> pd.DataFrame:
+    """Decode and embed one batch of rows, one after the other (see `embed_decoded`)."""
+    load = input_loader(extractor.data_config, transform, max_pixels)
+    paths = rows["path"].tolist()
+    decoded = list(pool.map(decode, [load] * len(paths), paths) if pool else (decode(load, p) for p in paths))
+    return embed_decoded(rows, decoded, extractor, transform)
+
+
+def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, batch_size: int, max_pixels: int = MAX_PIXELS,
+                 transform=None, decode_threads: int = 1, on_batch: Callable[[int, int], None] | None = None,
+                 prefetch: int = 1) -> Iterator[pd.DataFrame]:
+    """Re-batch Arrow batches of any size into model batches of `batch_size` rows, decoding ahead.
+
+    While the model embeds batch k, `decode_threads` threads already decode batches k+1 .. k+prefetch, so a
+    GPU never waits on decoding: the rate approaches min(decode rate, model rate) instead of
+    1 / (1/decode + 1/model) (bench/overlap.py). prefetch=0 decodes each batch only when its turn comes."""
+    load = input_loader(extractor.data_config, transform, max_pixels)
+    pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+    queue: deque = deque()
+
+    def finish(rows, futures):
+        out = embed_decoded(rows, [f.result() for f in futures], extractor, transform)
+        if on_batch:
+            n_errors = int(out["error"].notna().sum())
+            on_batch(len(out) - n_errors, n_errors)
+        return out
+
+    try:
+        for frame in frames:
+            for start in range(0, len(frame), batch_size):
+                rows = frame.iloc[start:start + batch_size]
+                queue.append((rows, [pool.submit(decode, load, p) for p in rows["path"]]))
+                while len(queue) > prefetch:
+                    yield finish(*queue.popleft())
+        while queue:
+            yield finish(*queue.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""Run directories, their locks and one-line exits: where a command writes and how it stops."""

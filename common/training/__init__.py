@@ -1,0 +1,1 @@
+"""What every trainer shares: the losses and the epoch-end verdict."""
