@@ -17,7 +17,8 @@ from common.runs import rundir
 from common.images.decode import MAX_PIXELS
 from common.data.locate import IMAGE_SUFFIXES, is_image_file, walk_files
 from common.features.store import StoreError
-from heads.checkpoint import Head
+from common.models.inference import ImagePredictions
+from heads.checkpoint import Head, load_head
 from heads.choices import PRECISIONS
 from heads.data import make_inputs, open_stores, store_info
 from heads.fit import input_tensor, predict_logits, resolve_precision
@@ -138,15 +139,6 @@ def image_files(source: str) -> ImageFiles:
     return ImageFiles(ids, paths, skipped, sorted(others))
 
 
-@dataclass
-class ImagePredictions:
-    probs: np.ndarray  # (n, labels), NaN rows where `errors` has a reason
-    errors: list  # None or a one-line reason per image
-    columns: dict  # extra per-image columns (lung_fraction, lung_qa of a masked store)
-    masked: np.ndarray | None = None  # the lung-masked inputs (n, S, S) of a masked store, as the backbone saw them
-    cams: np.ndarray | None = None  # class activation maps (n, labels, h, w), for models that have them
-
-
 class HeadOnImages:
     """A head run as one model from images: the backbone(s) its stores were extracted with (and a masked
     store's lung model), built once, then the head. heads.predict --images and the diagnosis service
@@ -180,7 +172,7 @@ class HeadOnImages:
                 raise StoreError(str(exc)) from None
             self.extractors.append(FeatureExtractor(st["backbone"], source.path, source.seed, device=device,
                                                     precision=precision, threads=threads, data_config=data_config))
-        # How each store's model decodes an image (common.features.extraction.input_loader, as its extraction did: the input,
+        # How each store's model decodes an image (common.images.data_config.input_loader, as its extraction did: the input,
         # or a masked store's input and its lung model's view), once for all the stores that share it.
         self.loads = {}
         for ex, masker in zip(self.extractors, self.maskers):
@@ -189,6 +181,12 @@ class HeadOnImages:
         self.head_precision = resolve_precision(precision) if precision in PRECISIONS else "fp32"
         if len(self.extractors) > 1:
             log(f"note: every image goes through all {len(self.extractors)} stores' models (fused input)")
+
+    @classmethod
+    def from_run(cls, run, device: str = "cpu", precision: str = "auto", threads: int | None = None,
+                 log=print) -> HeadOnImages:
+        """The head of run directory `run`, ready for images."""
+        return cls(load_head(run), device, precision, threads, log)
 
     @property
     def label_names(self) -> list[str]:
@@ -201,13 +199,13 @@ class HeadOnImages:
     def decode(self, source, max_pixels: int = MAX_PIXELS) -> tuple[dict | None, str | None]:
         """({input key: model input(s)}, None), or (None, a one-line error). `source` is a path or a
         seekable binary stream (rewound for each data config)."""
-        from common.features.extraction import decode, input_loader
+        from common.images.data_config import input_loader, load_input
 
         inputs = {}
         for key, (config, masker) in self.loads.items():
             if hasattr(source, "seek"):
                 source.seek(0)
-            inputs[key], error = decode(input_loader(config, masker, max_pixels), source)
+            inputs[key], error = load_input(input_loader(config, masker, max_pixels), source)
             if error is not None:
                 return None, error
         return inputs, None

@@ -152,7 +152,7 @@ def check_settings(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device cuda: torch.cuda.is_available() is False here (torch {torch.__version__})")
     if args.bbox_list and args.model == "classifier":
-        from finetune.localization import CAM_LAYERS
+        from common.models.cam import CAM_LAYERS
 
         if args.backbone not in CAM_LAYERS:
             raise ConfigError(f"--bbox-list: CAM is defined for {', '.join(CAM_LAYERS)}, not {args.backbone}")

@@ -142,7 +142,7 @@ def _cam_maps(cams: np.ndarray, names: list[str], data_config, size: tuple[int, 
     """The chosen classes' maps on the image's own grid (long side CAM_GRID), each scaled to [0, 1]."""
     import torch
 
-    from finetune.localization import map_to_grid
+    from common.models.cam import map_to_grid
 
     width, height = size
     k = CAM_GRID / max(width, height)

@@ -4,17 +4,16 @@ Both kinds give the same small interface: `decode(source)` turns an upload (a se
 stream) into the model's input exactly as extraction and `heads.predict --images` do (one data
 config per model), and `predict(inputs)` answers a batch. A head run reproduces its stores'
 backbone(s) through heads.predictions.HeadOnImages, so a file gets the probabilities
-`heads.predict --images` gives it; a fine-tune run is its `best.pt`, with class activation maps.
+`heads.predict --images` gives it; a fine-tune run is its `best.pt`, with class activation maps, through
+finetune.predictor.FinetuneOnImages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.runs import rundir
 from common.images.decode import MAX_PIXELS
@@ -45,50 +44,6 @@ class Served:
         return self.predictor.predict(inputs, ids)
 
 
-class FinetuneOnImages:
-    """A fine-tune run's best.pt from images: probabilities and class activation maps in one forward pass."""
-
-    def __init__(self, path: Path, device: str = "cpu"):
-        from common.models.architectures import load_finetuned
-        from common.models.checkpoint import read_checkpoint
-        from common.models.model_registry import get_spec
-        from finetune.localization import heatmap_fn
-
-        weights = read_checkpoint(path, finetune=True)
-        spec = get_spec(weights.backbone)
-        self.model = load_finetuned(weights).to(device).eval()
-        self.device = torch.device(device)
-        self.data_config = weights.data_config or spec.data_config
-        self.label_names = list(weights.label_names)
-        self.backbone, self.architecture = weights.backbone, weights.architecture
-        try:
-            self.cam = heatmap_fn(self.model, spec)  # x -> (maps, logits)
-        except ValueError:
-            self.cam = None  # e.g. VGG-19: probabilities only, and the page says why there is no map
-
-    def decode(self, source, max_pixels: int = MAX_PIXELS):
-        from common.features.extraction import decode
-
-        source.seek(0)
-        image, error = decode(partial(self.data_config.load, max_pixels=max_pixels), source)
-        return ({self.data_config: image} if error is None else None), error
-
-    @torch.inference_mode()
-    def predict(self, inputs: list, ids: list[str]):
-        from heads.predictions import ImagePredictions
-
-        x = self.data_config.to_tensor(np.stack([i[self.data_config] for i in inputs])).to(self.device)
-        if self.cam is not None:
-            maps, logits = self.cam(x)
-            cams = maps.float().cpu().numpy()
-        else:
-            logits, cams = self.model(x), None
-        probs = torch.sigmoid(logits.float()).cpu().numpy()
-        errors = [None if np.isfinite(p).all() else "non-finite output from the model" for p in probs]
-        probs[~np.isfinite(probs).all(axis=1)] = np.nan
-        return ImagePredictions(probs, errors, {}, None, cams)
-
-
 def _test_auroc(metrics: dict) -> float | None:
     test = metrics.get("splits", {}).get("test", {})
     return test.get("summary", {}).get("mean_auc")
@@ -105,12 +60,12 @@ def load_served(run: str | Path, device: str = "cpu", precision: str = "auto", t
     kind = marker.get("kind")
     config = rundir.read_json(run / rundir.CONFIG) if (run / rundir.CONFIG).is_file() else {}
     metrics = rundir.read_json(run / rundir.METRICS) if (run / rundir.METRICS).is_file() else {}
+    # Serving imports each kind's predictor on images, and nothing else of training.
     if kind == "head":
-        from heads.checkpoint import load_head
         from heads.predictions import HeadOnImages
 
-        head = load_head(run)
-        predictor = HeadOnImages(head, device, precision, threads, log)
+        predictor = HeadOnImages.from_run(run, device, precision, threads, log)
+        head = predictor.head
         stores = head.stores
         identity = {
             "kind": "head",
@@ -123,6 +78,8 @@ def load_served(run: str | Path, device: str = "cpu", precision: str = "auto", t
         }
         served = Served("head", run, predictor, list(head.label_names), np.asarray(head.thresholds, dtype=float))
     elif kind == "finetune":
+        from finetune.predictor import FinetuneOnImages
+
         path = run / rundir.BEST
         if not path.is_file():
             raise ModelError(f"--run {run}: no {rundir.BEST} yet (the fine-tune has not finished an epoch)")

@@ -38,7 +38,7 @@ def test_non_finite_features_become_error_rows_never_stored(tmp_path):
 
 def test_a_store_failing_to_hand_over_an_image_is_not_the_images_fault(monkeypatch):
     from common import fs
-    from common.features.extraction import decode
+    from common.images.data_config import load_input as decode
 
     def load(source):
         return np.zeros((4, 4), np.float32)

@@ -15,19 +15,16 @@ from common.models.backbones import library_model
 from common.models.model_registry import get_spec
 from common.data.bboxes import read_nih_bboxes
 from common.images.data_config import DataConfig
+from common.models.cam import CamModel, cam_model, class_activation_maps, map_to_grid
 from finetune.localization import (
     ALL_LABELS,
     IOBB_THRESHOLDS,
     IOU_THRESHOLDS,
-    CamModel,
-    cam_model,
     cam_to_boxes,
-    class_activation_maps,
     evaluate_localization,
     iobb,
     iou,
     localization_accuracy,
-    map_to_grid,
     overlay_png,
 )
 from tests.data_paths import NIH, NIH_IMAGES

@@ -157,7 +157,7 @@ def test_u_multiclass_fine_tunes_on_images(tmp_path):
     from common.images.data_config import DataConfig
     from common.models.inference import FeatureExtractor
     from finetune.checkpoint import load_classifier
-    from finetune.localization import heatmap_fn
+    from common.models.cam import heatmap_fn
     from common.models.model_registry import get_spec
     from jobs import fine_tune
     from tests.data_paths import SAMPLE

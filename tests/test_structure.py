@@ -6,8 +6,7 @@ dodge a circle is still a circle), read with ast so nothing is executed. The roo
     common  <-  heads, finetune, lungs  <-  serve, jobs  <-  cxr
 
 A room imports only the rooms its ALLOWED entry names; `serve` reaches training code (heads,
-finetune) only through the module pairs in SERVE_TRAINING, today's exceptions, which the move to
-"serving depends only on predictors" is to remove.
+finetune) only through each kind of run's predictor on images (SERVE_TRAINING).
 """
 
 from __future__ import annotations
@@ -28,12 +27,9 @@ ALLOWED = {
     "cxr": set(PACKAGES) - {"cxr"},
 }
 TRAINING = {"heads", "finetune"}
-# serve -> training code, as it is today (issue 23, item 4 removes these).
-SERVE_TRAINING = {
-    ("serve.app", "finetune.localization"),
-    ("serve.model", "heads.checkpoint"),
+SERVE_TRAINING = {  # serving depends only on each kind of run's predictor on images
     ("serve.model", "heads.predictions"),
-    ("serve.model", "finetune.localization"),
+    ("serve.model", "finetune.predictor"),
 }
 
 
@@ -160,7 +156,7 @@ def test_no_upward_imports_between_rooms():
     assert not upward, "imports against the rooms' order: " + "; ".join(upward)
 
 
-def test_serve_reaches_training_code_only_through_todays_exceptions():
+def test_serve_reaches_training_code_only_through_the_predictors():
     graph = import_graph()
     reached = {(m, t) for m, targets in graph.items() if room(m) == "serve" for t in targets if room(t) in TRAINING}
     assert reached <= SERVE_TRAINING, f"serve imports more training code: {sorted(reached - SERVE_TRAINING)}"

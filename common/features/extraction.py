@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
-from common import fs
-from common.images.data_config import DataConfig
+from common.images.data_config import DataConfig, input_loader, load_input
 from common.images.decode import MAX_PIXELS
 from common.models.inference import FeatureExtractor
 
@@ -35,29 +33,6 @@ def cached_extractor(backbone: str, state_file: str | None, seed: int, device: s
         _EXTRACTORS[key] = FeatureExtractor(backbone, state_file, seed, device=device, precision=precision,
                                             threads=threads, data_config=data_config)
     return _EXTRACTORS[key]
-
-
-def decode(load: Callable, path: str) -> tuple[np.ndarray | None, str | None]:
-    """(image, None), or (None, a one-line error) for a file `load` cannot read (or an object not there). A
-    store that fails to hand over an object's bytes (unreachable, refused) raises: that says nothing of the
-    image, and an error row would keep it out of the store for good."""
-    try:
-        source = fs.readable(path)  # a local path as it is; an object's bytes
-    except (FileNotFoundError, IsADirectoryError, ValueError) as exc:  # no such object; a refused URI
-        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
-    try:
-        return load(source), None
-    except Exception as exc:  # any decoder failure is data, recorded per image
-        message = " ".join(str(exc).split())
-        return None, f"{type(exc).__name__}: {message}"[:500]
-
-
-def input_loader(data_config: DataConfig, transform=None, max_pixels: int = MAX_PIXELS) -> Callable:
-    """path -> the backbone's input; with a `transform`, (that input, the transform's own view of the film:
-    `transform.view(data_config)`, e.g. the lung model's input at its own size), both from one decode."""
-    if transform is None:
-        return partial(data_config.load, max_pixels=max_pixels)
-    return partial(data_config.load_with, transform.view(data_config), max_pixels=max_pixels)
 
 
 def transform_batch(transform, decoded: list, image_ids) -> tuple[np.ndarray, dict]:
@@ -104,7 +79,7 @@ def extract_frame(rows: pd.DataFrame, extractor: FeatureExtractor, pool: ThreadP
     """Decode and embed one batch of rows, one after the other (see `embed_decoded`)."""
     load = input_loader(extractor.data_config, transform, max_pixels)
     paths = rows["path"].tolist()
-    decoded = list(pool.map(decode, [load] * len(paths), paths) if pool else (decode(load, p) for p in paths))
+    decoded = list(pool.map(load_input, [load] * len(paths), paths) if pool else (load_input(load, p) for p in paths))
     return embed_decoded(rows, decoded, extractor, transform)
 
 
@@ -131,7 +106,7 @@ def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, ba
         for frame in frames:
             for start in range(0, len(frame), batch_size):
                 rows = frame.iloc[start:start + batch_size]
-                queue.append((rows, [pool.submit(decode, load, p) for p in rows["path"]]))
+                queue.append((rows, [pool.submit(load_input, load, p) for p in rows["path"]]))
                 while len(queue) > prefetch:
                     yield finish(*queue.popleft())
         while queue:

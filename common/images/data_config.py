@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
 
+from common import fs
 from common.images.decode import MAX_PIXELS, decode_gray, to_unit_array
 
 if TYPE_CHECKING:
@@ -227,3 +229,26 @@ class DataConfig:
         """This config with the flags a user gave (None: keep)."""
         changes = {k: v for k, v in (("input_size", input_size), ("resize", resize)) if v is not None}
         return dataclasses.replace(self, **changes) if changes else self
+
+
+def load_input(load: Callable, path: str) -> tuple[np.ndarray | None, str | None]:
+    """(image, None), or (None, a one-line error) for a file `load` cannot read (or an object not there). A
+    store that fails to hand over an object's bytes (unreachable, refused) raises: that says nothing of the
+    image, and an error row would keep it out of the store for good."""
+    try:
+        source = fs.readable(path)  # a local path as it is; an object's bytes
+    except (FileNotFoundError, IsADirectoryError, ValueError) as exc:  # no such object; a refused URI
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+    try:
+        return load(source), None
+    except Exception as exc:  # any decoder failure is data, recorded per image
+        message = " ".join(str(exc).split())
+        return None, f"{type(exc).__name__}: {message}"[:500]
+
+
+def input_loader(data_config: DataConfig, transform=None, max_pixels: int = MAX_PIXELS) -> Callable:
+    """path -> the backbone's input; with a `transform`, (that input, the transform's own view of the film:
+    `transform.view(data_config)`, e.g. the lung model's input at its own size), both from one decode."""
+    if transform is None:
+        return partial(data_config.load, max_pixels=max_pixels)
+    return partial(data_config.load_with, transform.view(data_config), max_pixels=max_pixels)

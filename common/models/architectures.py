@@ -16,7 +16,7 @@ makes (its checkpoints and the extraction of their features are unchanged); `tra
 
 | name | model | pooled features | heatmaps |
 | --- | --- | --- | --- |
-| `classifier` | backbone -> global average pool -> Linear (common.models.backbones.build_classifier) | backbone features | CAM (finetune/localization.py) |
+| `classifier` | backbone -> global average pool -> Linear (common.models.backbones.build_classifier) | backbone features | CAM (common/models/cam.py) |
 | `wang2017` | Wang et al. 2017: maps -> transition 1x1 conv -> avg/max/LSE pool -> Linear | the pooled transition vector | transition maps weighted by the Linear (CAM) |
 | `space-attention` | maps + their global context tiled at every position -> one conv -> S x S x K map; scores = its average | the context vector | the S x S x K map itself |
 | `attention-gated` | ResNet with Schlemper et al.'s attention gates after stages 2 and 3 | attended stage-2, stage-3 vectors and the global one, concatenated | the stage-2 attention map (class-agnostic) |

@@ -8,6 +8,7 @@ One `FeatureExtractor` per worker process: building it loads the weights, callin
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +22,17 @@ from common.models.model_registry import get_spec
 from common.models.weights import load_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ImagePredictions:
+    """What a run answers for a batch of images, whichever kind of run it is (heads.predictions.HeadOnImages,
+    finetune.predictor.FinetuneOnImages): the service and heads.predict --images read these fields."""
+    probs: np.ndarray  # (n, labels), NaN rows where `errors` has a reason
+    errors: list  # None or a one-line reason per image
+    columns: dict  # extra per-image columns (lung_fraction, lung_qa of a masked store)
+    masked: np.ndarray | None = None  # the lung-masked inputs (n, S, S) of a masked store, as the backbone saw them
+    cams: np.ndarray | None = None  # class activation maps (n, labels, h, w), for models that have them
 
 
 def build_extractor(backbone: str, state_file: str | None, seed: int = 0) -> nn.Module:
