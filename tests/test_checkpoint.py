@@ -82,3 +82,20 @@ def test_the_extraction_driver_reads_the_checkpoint_once(tmp_path, monkeypatch):
         extract.main(["--dataset", "nih", "--metadata", str(tmp_path / "missing.csv"), "--images", str(tmp_path),
                       "--out", str(tmp_path / "store"), "--backbone", NAME, "--weights", str(file)])
     assert calls == [str(file)]
+
+
+def test_weights_give_their_input_a_checkpoint_its_own_and_flags_override_either(tmp_path):
+    from common.models.model_registry import get_spec
+    from common.models.weights import resolve_weights, weights_data_config
+
+    model = build_classifier(NAME, None, seed=1, n_labels=2)
+    file = tmp_path / "ft.pt"
+    torch.save({"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "backbone": NAME,
+                "model_state": model.state_dict(), "label_names": ["a", "b"],
+                "data_config": DataConfig(64, resize="crop").to_dict()}, file)
+    trained, random = resolve_weights(NAME, str(file)), resolve_weights(NAME, "random:3")
+    assert weights_data_config(trained, NAME) == DataConfig(64, resize="crop")
+    assert weights_data_config(trained, NAME, input_size=96) == DataConfig(96, resize="crop")
+    assert weights_data_config(random, NAME) == get_spec(NAME).data_config
+    assert weights_data_config(random, NAME, resize="stretch") == get_spec(NAME).data_config.with_overrides(
+        resize="stretch")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights
 
+from common.images.data_config import DataConfig
 from common.models.checkpoint import Checkpoint, WeightsError, first_line, read_checkpoint
 from common.models.model_registry import BackboneSpec, get_spec
 
@@ -163,6 +164,14 @@ def load_weights(path: str, backbone: str) -> Checkpoint:
     if weights.is_finetune and weights.backbone != backbone:
         raise WeightsError(f"{path}: fine-tuned checkpoint is for backbone {weights.backbone!r}, not {backbone!r}")
     return weights
+
+
+def weights_data_config(weights: WeightsSource, backbone: str, input_size: int | None = None,
+                        resize: str | None = None) -> DataConfig:
+    """The input a model of `backbone` with `weights` takes: a fine-tune checkpoint's own (what it was trained on),
+    else the backbone's; --input-size / --resize (`input_size`, `resize`) override either."""
+    trained = load_weights(weights.path, backbone).data_config if weights.kind == "checkpoint" else None
+    return (trained or get_spec(backbone).data_config).with_overrides(input_size, resize)
 
 
 def backbone_state(weights: Checkpoint, backbone: str) -> dict[str, torch.Tensor]:
