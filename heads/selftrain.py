@@ -17,9 +17,10 @@ import torch
 from common.config import log
 from heads.fit import Tensors, predict_logits
 from heads.grid import policy_loss, train_grid
+from heads.settings import HeadSettings
 
 
-def self_train(s: dict, data, spec, model, precision: str, cells: list, best: tuple):
+def self_train(settings: HeadSettings, data, spec, model, precision: str, cells: list, best: tuple):
     """Rounds of relabel-and-refit after the U-Ignore fit `best` = (cell, model, result).
     Returns the last round's (cells, best) and one record per round."""
     train = data.tensors["train"]
@@ -31,7 +32,7 @@ def self_train(s: dict, data, spec, model, precision: str, cells: list, best: tu
     if n_uncertain == 0:
         log("self-training: no uncertain training label; the U-Ignore fit stands")
         return cells, best, [{"round": 0, "uncertain": 0, "stopped": "no uncertain labels"}]
-    for r in range(1, s["self_train_rounds"] + 1):
+    for r in range(1, settings.self_train_rounds + 1):
         probs = torch.sigmoid(predict_logits(model, train.x, precision))
         relabel = probs[uncertain]
         change = math.inf if previous is None else float((relabel - previous).abs().max())
@@ -40,15 +41,15 @@ def self_train(s: dict, data, spec, model, precision: str, cells: list, best: tu
                   "relabelled_positive_share": float((relabel >= 0.5).float().mean()),
                   "per_class_mean": {name: float(probs[:, j][uncertain[:, j]].mean()) if uncertain[:, j].any() else None
                                      for j, name in enumerate(data.label_names)}}
-        if change <= s["self_train_tol"]:
+        if change <= settings.self_train_tol:
             record["stopped"] = "converged"
             rounds.append(record)
             log(f"self-training round {r}: the relabelled targets moved at most {change:.4f}: converged")
             break
         targets = torch.where(uncertain, probs, base)
         data.tensors["train"] = Tensors(train.x, targets, torch.ones_like(targets))
-        loss_fn, _ = policy_loss(s, targets, torch.ones_like(targets), data.label_names)
-        cells, best = train_grid(s, data, spec, loss_fn, precision)
+        loss_fn, _ = policy_loss(settings, targets, torch.ones_like(targets), data.label_names)
+        cells, best = train_grid(settings, data, spec, loss_fn, precision)
         model = best[1]
         record.update({"val_loss": best[2].best_val_loss, "val_auc": best[2].best_val_auc,
                        "best_epoch": best[2].best_epoch})

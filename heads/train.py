@@ -17,6 +17,7 @@ from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_
                            parse_with_config, require)
 from common.data.targets import HEAD_POLICIES
 from heads.choices import KINDS, PRECISIONS, SEX_ENCODINGS
+from heads.settings import HeadSettings
 
 # The run itself (heads/run.py: torch, sklearn, matplotlib) is imported once the flags are good, so
 # that --help and a flag error answer at once.
@@ -74,15 +75,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def settings_from(args: argparse.Namespace) -> dict:
+def settings_from(args: argparse.Namespace) -> HeadSettings:
     """Validated, normalized settings: what config.json records and the run is made from."""
     s = {k: v for k, v in vars(args).items() if k != "config"}
     require(args, "store", "out")
-    s["store"] = [s["store"]] if isinstance(s["store"], str) else list(s["store"])
-    s["hidden"] = parse_list(s["hidden"], int, "hidden")
-    s["betas"] = parse_list(s["betas"], float, "betas")
-    s["grid_lr"] = parse_list(s["grid_lr"], float, "grid-lr")
-    s["grid_weight_decay"] = parse_list(s["grid_weight_decay"], float, "grid-weight-decay")
+    s["store"] = (s["store"],) if isinstance(s["store"], str) else tuple(s["store"])
+    s["hidden"] = tuple(parse_list(s["hidden"], int, "hidden"))
+    s["betas"] = tuple(parse_list(s["betas"], float, "betas"))
+    s["grid_lr"] = tuple(parse_list(s["grid_lr"], float, "grid-lr"))
+    s["grid_weight_decay"] = tuple(parse_list(s["grid_weight_decay"], float, "grid-weight-decay"))
     checks = [("policy", HEAD_POLICIES), ("sex_encoding", SEX_ENCODINGS), ("head", KINDS), ("precision", PRECISIONS),
               ("grid_metric", GRID_METRICS)]
     for key, allowed in checks:
@@ -99,13 +100,13 @@ def settings_from(args: argparse.Namespace) -> dict:
         raise ConfigError("--batch-size and --epochs must be positive")
     if s["bootstrap_draws"] != 0 and s["bootstrap_draws"] < MIN_VALID_DRAWS:
         raise ConfigError(f"--bootstrap-draws {s['bootstrap_draws']}: 0 (no intervals) or at least {MIN_VALID_DRAWS}")
-    return s
+    return HeadSettings(**s)
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     parser = build_parser(prog)
     try:
-        s = settings_from(parse_with_config(parser, argv, "train"))
+        settings = settings_from(parse_with_config(parser, argv, "train"))
     except ConfigError as exc:
         fail(parser, exc)
 
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     from heads.run import run
 
     command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
-    return rundir.write_run(parser, s["out"], s["overwrite"], "head", lambda out: run(parser, s, out, command), log,
-                           inputs=s["store"])
+    # The engine raises; write_run turns its errors into the one-line exit through the parser.
+    return rundir.write_run(parser, settings.out, settings.overwrite, "head", lambda out: run(settings, out, command),
+                            log, inputs=settings.store)
 
 if __name__ == "__main__":
     main()

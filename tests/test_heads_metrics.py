@@ -129,3 +129,23 @@ def test_chexpert_baseline_is_the_row_of_the_runs_policy():
     assert ones.auroc["Atelectasis"] == 0.858 and ones.auroc["Consolidation"] == 0.899
     assert for_dataset("chexpert", "zeros")[0].auroc["Cardiomegaly"] == 0.840
     assert for_dataset("chexpert", None) == []
+
+
+def test_split_scores_read_the_raw_labels_of_the_chosen_columns_and_flag_findings_over_all():
+    """One split's scores as heads and fine-tuning build them: uncertain entries masked, the chosen
+    labels' columns in their order, D-/N-AUC flags over every disease label, studies for CheXpert."""
+    from common.evaluation.scores import split_scores
+
+    names = ("Atelectasis", "Cardiomegaly", "Edema", "No Finding")
+    labels = np.array([[1, -1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [-1, 0, 0, 0]], dtype=np.int8)
+    ids = np.array([f"CheXpert-v1.0-small/valid/patient00001/study{i // 2 + 1}/view{i % 2 + 1}_frontal.jpg"
+                    for i in range(4)], dtype=object)
+    probs = np.full((4, 2), 0.5)
+    s = split_scores(ids, probs, labels, names, ["Cardiomegaly", "Atelectasis"], np.array(["p"] * 4), "chexpert")
+    assert s.y.tolist() == [[0, 1], [0, 0], [0, 0], [0, 0]]
+    assert s.mask.tolist() == [[False, True], [True, True], [True, True], [True, False]]
+    assert s.has_disease.tolist() == [True, True, False, False]  # Edema counts, though not scored
+    assert s.no_finding.tolist() == [False, False, True, False]  # an uncertain label is not no finding
+    assert s.study_id.tolist() == ["patient00001/study1"] * 2 + ["patient00001/study2"] * 2
+    assert s.probs is probs and s.patient_id.tolist() == ["p"] * 4
+    assert split_scores(ids, probs, labels, names, ["Edema"], dataset="nih").study_id is None

@@ -282,3 +282,48 @@ def test_constant_features_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train: features are constant" in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "head.pt").exists()
+
+
+def test_settings_are_one_frozen_picklable_record_that_config_json_keeps(signal_run, stores):
+    """The flags become one typed record (heads.settings); config.json's "settings" is that record."""
+    import dataclasses
+    import pickle
+
+    from heads.settings import HeadSettings
+
+    out, _ = signal_run
+    args = train.build_parser().parse_args(["--store", "a", "b", "--out", "o", "--hidden", "16,8", "--betas", "0.8,0.9"])
+    settings = train.settings_from(args)
+    assert isinstance(settings, HeadSettings)
+    assert (settings.store, settings.hidden, settings.betas, settings.grid_lr) == (("a", "b"), (16, 8), (0.8, 0.9), ())
+    assert pickle.loads(pickle.dumps(settings)) == settings
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lr = 1.0
+    assert list(settings.to_dict()) == [k for k in vars(args) if k != "config"]  # config.json's keys, in order
+    recorded = json.loads((out / "config.json").read_text())["settings"]
+    flags = ["--store", str(stores["signal"]), "--out", str(out), "--age-sex", *FAST]  # signal_run's
+    assert recorded == json.loads(json.dumps(train.settings_from(train.build_parser().parse_args(flags)).to_dict()))
+
+
+def test_the_engine_raises_and_the_command_turns_it_into_one_line(stores, tmp_path, capsys):
+    """heads.run never sees a parser: it raises, and heads.train exits with the one line."""
+    import ast
+    from dataclasses import replace
+    from pathlib import Path
+
+    from common.runs.rundir import RunError
+    from heads.run import run
+
+    settings = train.settings_from(train.build_parser().parse_args(
+        ["--store", str(stores["signal"]), "--out", str(tmp_path / "run"), "--lr", "1e30", *FAST]))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(RunError, match="diverged in its first epoch"):
+        run(settings, tmp_path / "run", "cmd")
+    with pytest.raises(ValueError, match="--head 'mlp9'"):
+        run(replace(settings, head="mlp9"), tmp_path / "run", "cmd")
+    assert not (tmp_path / "run" / "head.pt").exists()
+    for module in ("run", "grid", "selftrain"):  # nor could it: the engine imports no parser
+        tree = ast.parse((Path(__file__).parents[1] / "heads" / f"{module}.py").read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not {m for m in names if m == "argparse" or m.endswith(".fail")}, module

@@ -13,7 +13,9 @@ import numpy as np
 
 from common.runs import rundir
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS
+from common.data.targets import eval_targets, finding_flags, label_columns
 from common.evaluation.metrics import choose_thresholds, evaluate, nanmean, per_class_auroc, study_level
+from common.evaluation.studies import study_ids
 
 
 @dataclass
@@ -26,6 +28,17 @@ class SplitScores:
     no_finding: np.ndarray
     patient_id: np.ndarray | None = None  # (n,): the AUROC bootstrap's unit; None resamples images
     study_id: np.ndarray | None = None  # (n,): where a dataset has studies (CheXpert), also scored per study
+
+
+def split_scores(image_id: np.ndarray, probs: np.ndarray, labels: np.ndarray, label_names, chosen: list[str],
+                 patient_id: np.ndarray | None = None, dataset: str | None = None) -> SplitScores:
+    """One split's probabilities for the `chosen` labels against its raw labels (n, one column per
+    `label_names`, the dataset's): scored on the raw targets whatever the training policy
+    (common/data/targets.py), D-/N-AUC's finding flags over every disease label, not only the chosen,
+    and per study where the dataset has studies."""
+    y, mask = eval_targets(labels[:, label_columns(label_names, chosen)])
+    return SplitScores(image_id, probs, y, mask, *finding_flags(labels, label_names), patient_id,
+                       study_ids(dataset, image_id))
 
 
 STUDY_RULE = "a study's score is the highest probability over its images; its label the one its images share"
