@@ -162,112 +162,142 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
-def create_app(served, batcher, settings: Settings | None = None) -> Flask:
-    """The Flask app over a loaded model (serve.model.Served) and its batcher."""
-    settings = settings or Settings()
-    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
-    app.request_class = InMemoryRequest
-    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
-    names = served.label_names
-    counts = {"ok": 0, "rejected": 0}
+def _cam_classes(want_cam: str, names: list[str]) -> list[int]:
+    """The classes ?cam= asks for: 'all' or one finding's name, or BadUpload."""
+    if want_cam == "all":
+        return list(range(len(names)))
+    if want_cam in names:
+        return [names.index(want_cam)]
+    raise BadUpload(400, f"cam={_one_line(want_cam, 80)!r}: not a finding of this model "
+                         f"(use 'all' or one of {', '.join(names)})")
 
-    @app.errorhandler(BadUpload)
-    def bad_upload(exc: BadUpload):
-        counts["rejected"] += 1
+
+class Service:
+    """What the routes answer, over one loaded model (serve.model.Served), its batcher and the settings;
+    it counts the answers given and the uploads rejected."""
+
+    def __init__(self, served, batcher, settings: Settings, logger):
+        self.served, self.batcher, self.settings, self.logger = served, batcher, settings, logger
+        self.names = served.label_names
+        self.counts = {"ok": 0, "rejected": 0}
+
+    def bad_upload(self, exc: BadUpload):
+        self.counts["rejected"] += 1
         return jsonify(error=_one_line(str(exc))), exc.status
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
+    def http_error(self, exc: HTTPException):
         if exc.code == 413:
-            counts["rejected"] += 1
-            message = f"upload larger than the limit of {settings.max_upload_mb:g} MB (--max-upload-mb)"
+            self.counts["rejected"] += 1
+            message = f"upload larger than the limit of {self.settings.max_upload_mb:g} MB (--max-upload-mb)"
         else:
             message = exc.description or exc.name
         return jsonify(error=_one_line(message)), exc.code
 
-    @app.errorhandler(Exception)
-    def model_error(exc: Exception):
+    def model_error(self, exc: Exception):
         # The model failed on a batch (out of memory, a broken file on disk): this request gets a JSON
         # 500 naming the cause, the batcher goes on with the next batch.
-        app.logger.exception("predict failed")
+        self.logger.exception("predict failed")
         return jsonify(error=_one_line(f"the model failed: {type(exc).__name__}: {exc}")), 500
 
-    @app.get("/")
-    def page():
-        return send_from_directory(STATIC, "index.html")
+    def health(self):
+        batcher = self.batcher
+        return jsonify(status="ok", model=self.served.kind, batches=batcher.batches, images=batcher.images,
+                       waiting=batcher.waiting, answered=self.counts["ok"], rejected=self.counts["rejected"])
 
-    @app.get("/api/health")
-    def health():
-        return jsonify(status="ok", model=served.kind, batches=batcher.batches, images=batcher.images,
-                       waiting=batcher.waiting, answered=counts["ok"], rejected=counts["rejected"])
-
-    @app.get("/api/model")
-    def model():
+    def model(self):
+        served, names = self.served, self.names
         return jsonify(**served.identity, label_names=names,
                        thresholds=dict(zip(names, served.thresholds.tolist())), has_cam=served.has_cam,
-                       limits={"max_upload_mb": settings.max_upload_mb, "max_pixels": settings.max_pixels},
+                       limits={"max_upload_mb": self.settings.max_upload_mb, "max_pixels": self.settings.max_pixels},
                        notice="Research tool, not a medical device: not for diagnosis or treatment decisions.")
 
-    @app.post("/api/predict")
-    def predict():
+    def predict(self):
         started = time.perf_counter()
         data, name = _upload()
         source = io.BytesIO(data)
         source.name = name  # for messages and the DICOM suffix rule; never a path
-        inputs, error = served.decode(source, settings.max_pixels)
+        inputs, error = self.served.decode(source, self.settings.max_pixels)
         if error is not None:
             raise BadUpload(422, f"cannot read the upload as a radiograph: {error}")
         decoded = time.perf_counter()
-        future = batcher.submit(inputs, name)
+        future = self.batcher.submit(inputs, name)
         try:
-            result, row, waited, batch_size = future.result(timeout=settings.timeout_s)
+            result, row, waited, batch_size = future.result(timeout=self.settings.timeout_s)
         except TimeoutError:
-            return jsonify(error=f"the model did not answer within {settings.timeout_s:g} s; try again"), 503
+            return jsonify(error=f"the model did not answer within {self.settings.timeout_s:g} s; try again"), 503
         if result.errors[row] is not None:
             raise BadUpload(422, f"{name}: {result.errors[row]}")
         answered = time.perf_counter()
-        probs = result.probs[row].astype(float)
-        findings = sorted(({"name": n, "probability": p, "threshold": t, "above_threshold": bool(p >= t)}
-                           for n, p, t in zip(names, probs.tolist(), served.thresholds.tolist())),
-                          key=lambda f: -f["probability"])
-        out = {
-            "image": {"name": name, "bytes": len(data)},
-            "model": {k: served.identity.get(k) for k in ("kind", "backbone", "weights", "view", "run")},
-            "findings": findings,
-            "probabilities": dict(zip(names, probs.tolist())),
-            "thresholds": dict(zip(names, served.thresholds.tolist())),
-            **{k: v[row] for k, v in result.columns.items()},
-        }
-        want_cam = request.args.get("cam")
-        want_preview = request.args.get("preview") in ("1", "true")
-        if want_preview or (want_cam and result.cams is not None):
-            shown, size = _display(source, settings.max_pixels)
-            if want_preview:
-                out["preview"] = _png_data_url(shown)
-                if result.masked is not None:
-                    out["masked_input"] = _png_data_url(result.masked[row])
-            if want_cam and result.cams is not None:
-                which = list(range(len(names))) if want_cam == "all" else [names.index(want_cam)] \
-                    if want_cam in names else None
-                if which is None:
-                    raise BadUpload(400, f"cam={_one_line(want_cam, 80)!r}: not a finding of this model "
-                                         f"(use 'all' or one of {', '.join(names)})")
-                out["cam"] = _cam_maps(result.cams[row], names, served.data_config, size, which)
-        if not served.has_cam:
-            out["cam_note"] = served.identity.get("heatmap")
-        if settings.keep_uploads:
-            # Keeping is a side effect: its failure is the operator's to see, the diagnosis still the client's.
-            try:
-                out["kept_as"] = _keep(settings.keep_uploads, data)
-            except OSError as exc:
-                why = exc.strerror or type(exc).__name__
-                app.logger.warning("--keep-uploads %s: %s not kept (%s)", settings.keep_uploads, name, why)
-                out["kept_as"], out["keep_error"] = None, why
-        counts["ok"] += 1
+        out = self._findings(result, row, name, len(data))
+        self._add_pictures(out, source, result, row)
+        if not self.served.has_cam:
+            out["cam_note"] = self.served.identity.get("heatmap")
+        if self.settings.keep_uploads:
+            self._keep_upload(out, data, name)
+        self.counts["ok"] += 1
         out["timing_ms"] = {"decode": round(1000 * (decoded - started), 1), "wait": round(1000 * waited, 1),
                             "model_and_wait": round(1000 * (answered - decoded), 1),
                             "total": round(1000 * (time.perf_counter() - started), 1)}
         out["batch_size"] = batch_size
         return jsonify(out)
 
+    def _findings(self, result, row: int, name: str, size: int) -> dict:
+        """The answer for one image: its findings, most probable first, and the model's columns."""
+        served, names = self.served, self.names
+        probs = result.probs[row].astype(float)
+        findings = sorted(({"name": n, "probability": p, "threshold": t, "above_threshold": bool(p >= t)}
+                           for n, p, t in zip(names, probs.tolist(), served.thresholds.tolist())),
+                          key=lambda f: -f["probability"])
+        return {
+            "image": {"name": name, "bytes": size},
+            "model": {k: served.identity.get(k) for k in ("kind", "backbone", "weights", "view", "run")},
+            "findings": findings,
+            "probabilities": dict(zip(names, probs.tolist())),
+            "thresholds": dict(zip(names, served.thresholds.tolist())),
+            **{k: v[row] for k, v in result.columns.items()},
+        }
+
+    def _add_pictures(self, out: dict, source, result, row: int) -> None:
+        """What ?preview= and ?cam= ask for: the image as the page shows it (and the masked input), the maps."""
+        want_cam = request.args.get("cam")
+        want_preview = request.args.get("preview") in ("1", "true")
+        if not (want_preview or (want_cam and result.cams is not None)):
+            return
+        shown, size = _display(source, self.settings.max_pixels)
+        if want_preview:
+            out["preview"] = _png_data_url(shown)
+            if result.masked is not None:
+                out["masked_input"] = _png_data_url(result.masked[row])
+        if want_cam and result.cams is not None:
+            which = _cam_classes(want_cam, self.names)
+            out["cam"] = _cam_maps(result.cams[row], self.names, self.served.data_config, size, which)
+
+    def _keep_upload(self, out: dict, data: bytes, name: str) -> None:
+        # Keeping is a side effect: its failure is the operator's to see, the diagnosis still the client's.
+        try:
+            out["kept_as"] = _keep(self.settings.keep_uploads, data)
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            self.logger.warning("--keep-uploads %s: %s not kept (%s)", self.settings.keep_uploads, name, why)
+            out["kept_as"], out["keep_error"] = None, why
+
+
+def _page():
+    return send_from_directory(STATIC, "index.html")
+
+
+def create_app(served, batcher, settings: Settings | None = None) -> Flask:
+    """The Flask app over a loaded model (serve.model.Served) and its batcher."""
+    settings = settings or Settings()
+    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.request_class = InMemoryRequest
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
+    service = Service(served, batcher, settings, app.logger)
+    app.register_error_handler(BadUpload, service.bad_upload)
+    app.register_error_handler(HTTPException, service.http_error)
+    app.register_error_handler(Exception, service.model_error)
+    app.add_url_rule("/", "page", _page, methods=["GET"])
+    app.add_url_rule("/api/health", "health", service.health, methods=["GET"])
+    app.add_url_rule("/api/model", "model", service.model, methods=["GET"])
+    app.add_url_rule("/api/predict", "predict", service.predict, methods=["POST"])
     return app
