@@ -79,12 +79,63 @@ def data_source(images: str, masks: str, split: dict, seed: int, fractions) -> d
             "split_fractions": list(fractions), "split": split}
 
 
+def training_precision(requested: str, device: str) -> str:
+    precision = resolve_precision(requested, device)
+    if precision == "fp16":  # fp16 training needs loss scaling; bf16 does not and is as fast where it exists
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def stop_reason(args, timed_out: bool, since_best: int) -> str | None:
+    """Why training stops after this epoch (--max-minutes, --max-steps, --patience), or None."""
+    if timed_out:
+        return f"--max-minutes {args.max_minutes} reached"
+    if args.max_steps:
+        return f"--max-steps {args.max_steps}"
+    if args.patience and since_best >= args.patience:
+        return f"no better val Dice in {args.patience} epochs"
+    return None
+
+
+def train_epochs(model, loaded: dict, args, device: str, precision: str, started: float,
+                 save_best) -> tuple[list, float, str]:
+    """Train `model` on loaded["train"] epoch by epoch, calling save_best(val_dice, epoch) on each better val
+    Dice; (history, best val Dice, why it stopped)."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=args.lr_patience)
+    generator = torch.Generator().manual_seed(args.seed)
+    deadline = started + args.max_minutes * 60 if args.max_minutes else None
+    history, best, since_best, stop = [], -1.0, 0, None
+    val = loaded["val"] if loaded["val"].stems else loaded["train"]
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.monotonic()
+        train_loss, steps, timed_out = train_steps(model, opt, loaded["train"].images, loaded["train"].masks,
+                                                   generator, args.batch_size, device, precision, args.flip,
+                                                   deadline, args.max_steps)
+        model.eval()
+        val_dice = mean_dice(model, val)
+        sched.step(val_dice)
+        row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "steps": steps,
+               "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - t0}
+        history.append(row)
+        mark = ""
+        if val_dice > best:
+            best, since_best, mark = val_dice, 0, "  * best"
+            save_best(val_dice, epoch)
+        else:
+            since_best += 1
+        log(f"[lungs] epoch {epoch:3d}/{args.epochs}  loss {train_loss:.4f}  val_dice {val_dice:.4f}  "
+            f"lr {row['lr']:.1e}  {row['seconds']:.0f}s{mark}")
+        stop = stop_reason(args, timed_out, since_best)
+        if stop:
+            break
+    return history, best, stop or "epochs"
+
+
 def run_train(args, command: str) -> dict:
     """Train per `args` (jobs/lung_model.py's train flags) into run directory args.out; returns metrics.json's dict."""
     device = setup_device(args.device, args.threads)
-    precision = resolve_precision(args.precision, device)
-    if precision == "fp16":  # fp16 training needs loss scaling; bf16 does not and is as fast where it exists
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    precision = training_precision(args.precision, device)
     torch.manual_seed(args.seed)
     pairs = pair_files(args.images, args.masks)
     for line in pairs.unpaired:
@@ -105,41 +156,12 @@ def run_train(args, command: str) -> dict:
                                   "precision": precision, "torch": torch.__version__, "python": platform.python_version(),
                                   "unpaired": pairs.unpaired})
         model = build_model(config).to(device).to(memory_format=torch.channels_last)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=args.lr_patience)
-        generator = torch.Generator().manual_seed(args.seed)
         started = time.monotonic()
-        deadline = started + args.max_minutes * 60 if args.max_minutes else None
-        history, best, since_best, stop = [], -1.0, 0, "epochs"
-        val = loaded["val"] if loaded["val"].stems else loaded["train"]
-        for epoch in range(1, args.epochs + 1):
-            t0 = time.monotonic()
-            train_loss, steps, timed_out = train_steps(model, opt, loaded["train"].images, loaded["train"].masks,
-                                                       generator, args.batch_size, device, precision, args.flip,
-                                                       deadline, args.max_steps)
-            model.eval()
-            val_dice = mean_dice(model, val)
-            sched.step(val_dice)
-            row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "steps": steps,
-                   "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - t0}
-            history.append(row)
-            mark = ""
-            if val_dice > best:
-                best, since_best, mark = val_dice, 0, "  * best"
-                save_lung_model(model, config, out / BEST, source, {"val_dice": val_dice, "epoch": epoch})
-            else:
-                since_best += 1
-            log(f"[lungs] epoch {epoch:3d}/{args.epochs}  loss {train_loss:.4f}  val_dice {val_dice:.4f}  "
-                f"lr {row['lr']:.1e}  {row['seconds']:.0f}s{mark}")
-            if timed_out:
-                stop = f"--max-minutes {args.max_minutes} reached"
-                break
-            if args.max_steps:
-                stop = f"--max-steps {args.max_steps}"
-                break
-            if args.patience and since_best >= args.patience:
-                stop = f"no better val Dice in {args.patience} epochs"
-                break
+
+        def save_best(val_dice: float, epoch: int) -> None:
+            save_lung_model(model, config, out / BEST, source, {"val_dice": val_dice, "epoch": epoch})
+
+        history, best, stop = train_epochs(model, loaded, args, device, precision, started, save_best)
         log(f"[lungs] stopped: {stop}; best val Dice {best:.4f}")
         best_model, _ = load_lung_model(out / BEST, device)
         metrics, arrays = {}, {}

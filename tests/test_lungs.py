@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from lungs.data import augment, load_pairs, pair_files, read_mask, split_stems
 from lungs.metrics import dice_iou, per_image, summary
 from lungs.model import DEFAULT, LungModelError, UNet, load_lung_model, predict_masks, read_lung_checkpoint, save_lung_model
 from lungs.postprocess import postprocess, postprocess_all
-from lungs.train import loss_fn
+from lungs.train import loss_fn, stop_reason
 from tests.data_paths import LUNGS, needs_lungs
 
 
@@ -216,6 +217,15 @@ def test_a_few_steps_on_real_pairs_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_training_stops_for_the_first_reason_that_holds():
+    flags = SimpleNamespace(max_minutes=5.0, max_steps=None, patience=2)
+    assert stop_reason(flags, timed_out=False, since_best=1) is None
+    assert stop_reason(flags, timed_out=False, since_best=2) == "no better val Dice in 2 epochs"
+    assert stop_reason(flags, timed_out=True, since_best=2) == "--max-minutes 5.0 reached"
+    assert stop_reason(SimpleNamespace(max_minutes=None, max_steps=3, patience=2), False, 2) == "--max-steps 3"
+    assert stop_reason(SimpleNamespace(max_minutes=None, max_steps=None, patience=0), False, 99) is None
 
 
 @needs_lungs
