@@ -10,6 +10,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -49,36 +50,48 @@ def _official_lists(metadata: Path | None, train_val_list, test_list) -> tuple[P
     return None
 
 
-def _read(dataset: str, metadata: Path | None, images, options: dict, flag: str, empty: list[str]):
-    entry = get_dataset(dataset)
-    if entry.reads == "metadata" and metadata is None:
-        raise ValueError(f"{flag}: required for --dataset {dataset} ({entry.metadata_help})")
-    if entry.reads != "metadata" and metadata is not None:
-        raise ValueError(f"{flag} {metadata}: not used by --dataset {dataset} ({entry.metadata_help}); leave it out")
-    if entry.reads == "images" and not fs.is_local(images):
-        raise ValueError(f"--images {images}: --dataset {dataset} reads every file's header from a local or mounted "
-                         "folder; mount or copy the export (images on object storage work with the other datasets)")
-    meta = entry.read(metadata if entry.reads == "metadata" else images, **options)
-    if meta.table.empty:  # the readers refuse a file without rows; this is every row filtered out
-        laterals = meta.counts.get("laterals_dropped", 0)
-        empty.append(f"{flag} {metadata}: 0 rows" + (f" ({laterals} of {meta.counts['rows_read']} are lateral "
-                                                     "views; --keep-laterals keeps them)" if laterals else ""))
-    return meta
+@dataclass
+class _Steps:
+    """What build_image_table's steps share: the dataset, the readers' options, the log, the counts of rows
+    dropped, and why each step that left nothing did (for the error when no image remains)."""
 
+    dataset: str
+    options: dict
+    log: Callable[[str], None]
+    counts: dict = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)
 
-def _located(table: pd.DataFrame, images, dataset: str, counts: dict, key: str, log, flag: str,
-             empty: list[str]) -> pd.DataFrame:
-    entry = get_dataset(dataset)
-    located = locate_images(table, images, entry.locate_by, entry.locate_key)
-    counts[key] = located.missing
-    if located.missing:
-        log(f"{located.missing} of {len(table)} metadata rows have no image under {images} "
-            f"(e.g. {', '.join(located.missing_examples[:3])}); they are skipped")
-    if len(table) and located.table.empty:
-        how = "by file name anywhere below it" if LOCATE_BY[dataset] == "name" else "by path relative to it"
-        empty.append(f"{flag} {images}: none of the {len(table)} metadata rows has an image there (looked "
-                     f"{how} for e.g. {', '.join(located.missing_examples[:3])})")
-    return located.table.drop(columns=["file"], errors="ignore")  # the reader's own path: located, not stored
+    def read(self, metadata: Path | None, images, flag: str):
+        dataset, entry = self.dataset, get_dataset(self.dataset)
+        if entry.reads == "metadata" and metadata is None:
+            raise ValueError(f"{flag}: required for --dataset {dataset} ({entry.metadata_help})")
+        if entry.reads != "metadata" and metadata is not None:
+            raise ValueError(f"{flag} {metadata}: not used by --dataset {dataset} ({entry.metadata_help}); "
+                             "leave it out")
+        if entry.reads == "images" and not fs.is_local(images):
+            raise ValueError(f"--images {images}: --dataset {dataset} reads every file's header from a local or "
+                             "mounted folder; mount or copy the export (images on object storage work with the "
+                             "other datasets)")
+        meta = entry.read(metadata if entry.reads == "metadata" else images, **self.options)
+        if meta.table.empty:  # the readers refuse a file without rows; this is every row filtered out
+            laterals = meta.counts.get("laterals_dropped", 0)
+            why = (f" ({laterals} of {meta.counts['rows_read']} are lateral views; --keep-laterals keeps them)"
+                   if laterals else "")
+            self.empty.append(f"{flag} {metadata}: 0 rows{why}")
+        return meta
+
+    def located(self, table: pd.DataFrame, images, key: str, flag: str) -> pd.DataFrame:
+        entry = get_dataset(self.dataset)
+        located = locate_images(table, images, entry.locate_by, entry.locate_key)
+        self.counts[key] = located.missing
+        if located.missing:
+            self.log(f"{located.missing} of {len(table)} metadata rows have no image under {images} "
+                     f"(e.g. {', '.join(located.missing_examples[:3])}); they are skipped")
+        if len(table) and located.table.empty:
+            how = "by file name anywhere below it" if entry.locate_by == "name" else "by path relative to it"
+            self.empty.append(f"{flag} {images}: none of the {len(table)} metadata rows has an image there (looked "
+                              f"{how} for e.g. {', '.join(located.missing_examples[:3])})")
+        return located.table.drop(columns=["file"], errors="ignore")  # the reader's own path: located, not stored
 
 
 def _with_test_table(meta, test_meta, test_metadata: Path, val_fraction: float, seed: int, counts: dict):
@@ -97,6 +110,51 @@ def _with_test_table(meta, test_meta, test_metadata: Path, val_fraction: float, 
     table = pd.concat([main.assign(split=assignment), test_meta.table.assign(split="test")], ignore_index=True)
     method = {"kind": "test_table", "test_metadata": str(test_metadata), "val_fraction": val_fraction, "seed": seed}
     return table, method
+
+
+def _split_by_test_table(steps: _Steps, meta, metadata: Path | None, images, test_metadata: Path, test_images,
+                         val_fraction: float, seed: int) -> tuple[pd.DataFrame, dict]:
+    """The located table and its split method with --test-metadata: each part located under its own images."""
+    test_meta = steps.read(test_metadata, test_images or images, "--test-metadata")
+    counts = steps.counts
+    counts.update({f"test_table_{k}": v for k, v in test_meta.counts.items()})
+    table, method = _with_test_table(meta, test_meta, test_metadata, val_fraction, seed, counts)
+    check_no_leakage(table, table["split"])
+    counts["unlisted"] = 0
+    is_test = (table["split"] == "test").to_numpy()
+    if len(meta.table) and is_test.all():
+        steps.empty.append(f"--metadata {metadata}: all {len(meta.table)} rows are of --test-metadata patients, "
+                           "who are not trained on")
+    test_flag = "--test-images" if test_images else "--images"
+    table = pd.concat([
+        steps.located(table[~is_test], images, "images_missing", "--images"),
+        steps.located(table[is_test], test_images or images, "test_images_missing", test_flag),
+    ], ignore_index=True)
+    counts["images_missing"] += counts.pop("test_images_missing")
+    return table, method
+
+
+def _split_by_lists_or_ratios(steps: _Steps, meta, metadata: Path | None, images, split: str, train_val_list,
+                              test_list, val_fraction: float, ratios, seed: int) -> tuple[pd.DataFrame, dict]:
+    """The located table and its split method: the official lists (by flag or beside the metadata file) where
+    `split` allows them and they exist, else seeded patient ratios; rows no list names leave."""
+    lists = _official_lists(metadata, train_val_list, test_list) if split in ("auto", "official") else None
+    if split == "official" and lists is None:
+        raise FileNotFoundError(f"--split official: no train_val_list.txt/test_list.txt beside {metadata}")
+    if lists:
+        assignment = official_splits(meta.table, lists[0], lists[1], val_fraction, seed)
+        method = {"kind": "official", "train_val_list": str(lists[0]), "test_list": str(lists[1]),
+                  "val_fraction": val_fraction, "seed": seed}
+    else:
+        assignment = ratio_splits(meta.table, ratios, seed)
+        method = {"kind": "patient_ratios", "ratios": list(ratios), "seed": seed}
+    check_no_leakage(meta.table, assignment)
+    table = meta.table.assign(split=assignment)
+    steps.counts["unlisted"] = int(table["split"].isna().sum())
+    if len(table) and steps.counts["unlisted"] == len(table):
+        steps.empty.append(f"{lists[0]}, {lists[1]}: the split lists name none of the {len(table)} images of "
+                           f"--metadata {metadata} (e.g. {table['image_id'].iloc[0]})")
+    return steps.located(table[table["split"].notna()], images, "images_missing", "--images"), method
 
 
 def build_image_table(
@@ -127,56 +185,25 @@ def build_image_table(
     if test_metadata is not None and get_dataset(dataset).reads != "metadata":
         raise ValueError(f"--test-metadata: not for --dataset {dataset}, which reads no metadata file")
     metadata = Path(metadata) if metadata is not None else None
-    empty: list[str] = []  # why each stage that left nothing did, for the error when no image remains
-    options = {"frontal_only": not keep_laterals, "mapping": mapping or TableMapping(), "label_table": label_table,
-               "workers": workers, "log": log}
-    meta = _read(dataset, metadata, images, options, "--metadata", empty)
-    counts = dict(meta.counts)
-
+    steps = _Steps(dataset, {"frontal_only": not keep_laterals, "mapping": mapping or TableMapping(),
+                             "label_table": label_table, "workers": workers, "log": log}, log)
+    meta = steps.read(metadata, images, "--metadata")
+    steps.counts.update(meta.counts)
     if test_metadata is not None:
         if split == "official" or train_val_list or test_list:
             raise ValueError("--test-metadata names the test split itself; leave out --split official and the lists")
-        test_meta = _read(dataset, Path(test_metadata), test_images or images, options, "--test-metadata", empty)
-        counts.update({f"test_table_{k}": v for k, v in test_meta.counts.items()})
-        table, method = _with_test_table(meta, test_meta, Path(test_metadata), val_fraction, seed, counts)
-        check_no_leakage(table, table["split"])
-        counts["unlisted"] = 0
-        is_test = (table["split"] == "test").to_numpy()
-        if len(meta.table) and is_test.all():
-            empty.append(f"--metadata {metadata}: all {len(meta.table)} rows are of --test-metadata patients, "
-                         "who are not trained on")
-        test_flag = "--test-images" if test_images else "--images"
-        table = pd.concat([
-            _located(table[~is_test], images, dataset, counts, "images_missing", log, "--images", empty),
-            _located(table[is_test], test_images or images, dataset, counts, "test_images_missing", log,
-                     test_flag, empty),
-        ], ignore_index=True)
-        counts["images_missing"] += counts.pop("test_images_missing")
+        table, method = _split_by_test_table(steps, meta, metadata, images, Path(test_metadata), test_images,
+                                             val_fraction, seed)
     else:
-        lists = _official_lists(metadata, train_val_list, test_list) if split in ("auto", "official") else None
-        if split == "official" and lists is None:
-            raise FileNotFoundError(f"--split official: no train_val_list.txt/test_list.txt beside {metadata}")
-        if lists:
-            assignment = official_splits(meta.table, lists[0], lists[1], val_fraction, seed)
-            method = {"kind": "official", "train_val_list": str(lists[0]), "test_list": str(lists[1]),
-                      "val_fraction": val_fraction, "seed": seed}
-        else:
-            assignment = ratio_splits(meta.table, ratios, seed)
-            method = {"kind": "patient_ratios", "ratios": list(ratios), "seed": seed}
-        check_no_leakage(meta.table, assignment)
-        table = meta.table.assign(split=assignment)
-        counts["unlisted"] = int(table["split"].isna().sum())
-        if len(table) and counts["unlisted"] == len(table):
-            empty.append(f"{lists[0]}, {lists[1]}: the split lists name none of the {len(table)} images of "
-                         f"--metadata {metadata} (e.g. {table['image_id'].iloc[0]})")
-        table = _located(table[table["split"].notna()], images, dataset, counts, "images_missing", log,
-                         "--images", empty)
+        table, method = _split_by_lists_or_ratios(steps, meta, metadata, images, split, train_val_list, test_list,
+                                                  val_fraction, ratios, seed)
     table = table.sort_values("image_id", kind="stable").reset_index(drop=True)
     if limit is not None:
         table = table.head(limit)
     if table.empty:  # a job must stop here, before it writes anything
         source = f"--metadata {metadata}" if metadata is not None else f"--images {images}"
-        raise ValueError("; ".join(empty) or f"{source}: no image left to process")
+        raise ValueError("; ".join(steps.empty) or f"{source}: no image left to process")
+    counts = steps.counts
     counts["images"] = len(table)
     return ImageTable(meta.dataset, meta.label_names, table, counts, method)
 
