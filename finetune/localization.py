@@ -199,6 +199,36 @@ def evaluate_localization(
     The model runs in eval mode and is put back in the mode it was in.
     """
     class_maps = heatmap_fn(model, spec)
+    index, truth = _boxes_to_score(model, spec, bbox_table, image_paths, label_names)
+    data_config = data_config or spec.data_config
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    preds: dict[tuple[str, str], np.ndarray] = {}
+    overlays_left = n_overlays if out_dir is not None else 0
+    was_training = model.training
+    model.eval()
+    try:
+        maps = _maps_on_box_grids(class_maps, truth, index, image_paths, data_config, device, batch_size,
+                                  box_image_size)
+        for image_id, label, grid, cam_map in maps:
+            boxes = cam_to_boxes(cam_map, threshold)
+            preds[(image_id, label)] = boxes
+            if overlays_left > 0:
+                overlays_left -= 1
+                here = truth[(truth["image_id"] == image_id) & (truth["label"] == label)]
+                overlay_png(read_gray(image_paths[image_id], grid), cam_map, here[["x", "y", "w", "h"]].to_numpy(),
+                            boxes, Path(out_dir) / f"{Path(image_id).stem}_{label}.png",
+                            title=f"{image_id}  {label} ({spec.name})")
+    finally:
+        model.train(was_training)
+    return pd.concat([localization_accuracy(preds, truth, m) for m in MEASURES], ignore_index=True)
+
+
+def _boxes_to_score(model: nn.Module, spec: BackboneSpec, bbox_table: pd.DataFrame, image_paths: Mapping[str, str],
+                    label_names: Sequence[str]) -> tuple[dict[str, int], pd.DataFrame]:
+    """The class index of each label name and the box table's rows whose image is in `image_paths`, or a
+    ValueError when the names do not fit the classifier, no box is left or a box's label is not the model's."""
     index = {name: i for i, name in enumerate(label_names)}
     outputs = model.n_labels if hasattr(model, "n_labels") else model.get_submodule(spec.classifier).out_features
     if len(index) != outputs:
@@ -209,42 +239,25 @@ def evaluate_localization(
     unknown = sorted(set(truth["label"]) - set(index))
     if unknown:
         raise ValueError(f"box label(s) {', '.join(map(repr, unknown))} not among the model's labels")
-    data_config = data_config or spec.data_config
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return index, truth
 
+
+def _maps_on_box_grids(class_maps, truth: pd.DataFrame, index: Mapping[str, int], image_paths: Mapping[str, str],
+                       data_config: DataConfig, device: torch.device, batch_size: int, box_image_size: int | None):
+    """(image_id, label, grid, map) for each box label of each image, in batches of `batch_size` images:
+    the label's class map carried onto the boxes' pixel grid (box_grid). Torch runs in inference mode, and
+    nothing is yielded from inside it: the caller's code never runs in it."""
     labels_of = truth.groupby("image_id", sort=False)["label"].unique()
     images = list(labels_of.index)
-    preds: dict[tuple[str, str], np.ndarray] = {}
-    overlays_left = n_overlays if out_dir is not None else 0
-    was_training = model.training
-    model.eval()
-    try:
-        for begin in range(0, len(images), batch_size):
-            batch = images[begin : begin + batch_size]
-            pixels = np.stack([data_config.load(image_paths[i]) for i in batch])
+    for begin in range(0, len(images), batch_size):
+        batch = images[begin : begin + batch_size]
+        pixels = np.stack([data_config.load(image_paths[i]) for i in batch])
+        with torch.inference_mode():
+            all_maps, _ = class_maps(data_config.to_tensor(pixels).to(device))
+        for j, image_id in enumerate(batch):
+            labels = list(labels_of[image_id])
+            grid = box_grid(image_paths[image_id], box_image_size)
             with torch.inference_mode():
-                all_maps, _ = class_maps(data_config.to_tensor(pixels).to(device))
-                for j, image_id in enumerate(batch):
-                    labels = list(labels_of[image_id])
-                    grid = box_grid(image_paths[image_id], box_image_size)
-                    maps = all_maps[j, [index[l] for l in labels]]
-                    maps = map_to_grid(maps, data_config, grid).cpu().numpy()
-                    for label, cam_map in zip(labels, maps):
-                        boxes = cam_to_boxes(cam_map, threshold)
-                        preds[(image_id, label)] = boxes
-                        if overlays_left > 0:
-                            overlays_left -= 1
-                            here = truth[(truth["image_id"] == image_id) & (truth["label"] == label)]
-                            overlay_png(
-                                read_gray(image_paths[image_id], grid),
-                                cam_map,
-                                here[["x", "y", "w", "h"]].to_numpy(),
-                                boxes,
-                                Path(out_dir) / f"{Path(image_id).stem}_{label}.png",
-                                title=f"{image_id}  {label} ({spec.name})",
-                            )
-    finally:
-        model.train(was_training)
-    return pd.concat([localization_accuracy(preds, truth, m) for m in MEASURES], ignore_index=True)
+                maps = map_to_grid(all_maps[j, [index[l] for l in labels]], data_config, grid).cpu().numpy()
+            for label, cam_map in zip(labels, maps):
+                yield image_id, label, grid, cam_map
