@@ -25,16 +25,18 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from common import __version__
 from common.atomic import atomic_path
 from common.choices import PRECISIONS, SPLITS
 from common.config import HelpFormatter, parse_with_config, require
-from common.images.data_config import RESIZE_MODES, DataConfig
+from common.images.data_config import RESIZE_MODES
 from common.images.decode import MAX_PIXELS
 from common.runs.safe_output import OutputLock, RemoteLock, check_dir_path, is_disk_error, run_job
 from common.data.table_flags import add_table_flags, check_table_flags
+
+if TYPE_CHECKING:
+    from common.features.plan import ExtractPlan
 
 # torch, pyarrow and pandas are imported by the functions that use them, so that --help (and a
 # flag error) answers at once; Spark's workers import what their function needs.
@@ -87,50 +89,34 @@ def log(message: str) -> None:
     print(f"[extract] {message}", file=sys.stderr, flush=True)
 
 
-def make_task_fn(backbone: str, weights_file: str | None, seed: int, device: str, precision: str,
-                 data_config: DataConfig, batch_size: int, done, errors, work: str, chunk: int, rows, tasks: int,
-                 max_pixels: int = MAX_PIXELS, lung_file: str | None = None, masks_dir: str | None = None,
-                 prefetch: int = 1):
+def make_task_fn(embed_fn, rows, tasks: int, work: str, chunk: int, done, errors):
     """The mapInPandas function of one chunk, run over `spark.range(tasks)`: task t embeds every tasks-th row of
-    the chunk (`rows`, a broadcast DataFrame) from row t. It captures only small values; the model is built in
-    the worker. The task writes its rows itself (common.features.store_writer.write_task_files: files named for this
-    attempt, on any file system) and returns only what it wrote, for the driver's commit marker."""
+    the chunk (`rows`, a broadcast DataFrame) from row t with its worker's models (`embed_fn`:
+    common.features.extraction.make_embed_fn), writes its rows itself (store_writer.write_task_files: files
+    named for this attempt, on any file system) and returns only what it wrote, for the driver's commit marker."""
 
     def run(task_ids):
         import pandas as pd
         from pyspark import SparkFiles, TaskContext
 
-        from common.features.extraction import cached_extractor, iter_extract
         from common.features.store_writer import failure_row, write_task_files
-
-        task = TaskContext.get()
-        gpus = task.resources().get("gpu")
-        on = f"cuda:{gpus.addresses[0]}" if gpus and device == "auto" else "cpu"
-        threads = max(1, task.cpus())
-        state_file = SparkFiles.get(weights_file) if weights_file else None
-        extractor = cached_extractor(backbone, state_file, seed, on, precision, threads, data_config)
 
         def count(n_ok, n_err):
             done.add(n_ok + n_err)
             errors.add(n_err)
 
-        masker = None
-        if lung_file:
-            from lungs.masking import cached_masker
-
-            masker = cached_masker(SparkFiles.get(lung_file), on, masks_dir)  # same worker and device as the backbone
-        table = rows.value
-        frames = [table.iloc[int(t)::tasks] for ids in task_ids for t in ids["id"]]
+        task = TaskContext.get()
+        gpus = task.resources().get("gpu")
+        embed = embed_fn(gpus.addresses[0] if gpus else None, max(1, task.cpus()), SparkFiles.get)
+        frames = [rows.value.iloc[int(t)::tasks] for ids in task_ids for t in ids["id"]]
         try:
-            outputs = list(iter_extract(frames, extractor, batch_size, max_pixels, masker, decode_threads=threads,
-                                        on_batch=count, prefetch=prefetch))
-            files = (write_task_files(work, chunk, pd.concat(outputs, ignore_index=True), task.partitionId(),
-                                      masked=masker is not None) if outputs else [])
+            out = embed(frames, on_batch=count)
+            files = ([] if out is None else
+                     write_task_files(work, chunk, out, task.partitionId(), masked=embed.masker is not None))
         except OSError as exc:  # the images' or the output's store failed (not an image): the driver says so
             files = [failure_row(exc)]
-        ran = f"{extractor.device.type}/{extractor.precision}"
         if files:
-            yield pd.DataFrame([{**f, "ran": ran} for f in files], columns=["kind", "file", "rows", "ran"])
+            yield pd.DataFrame([{**f, "ran": embed.ran} for f in files], columns=["kind", "file", "rows", "ran"])
 
     return run
 
@@ -224,16 +210,15 @@ def stopped_by_store(out: str, committed: Callable[[], str]):
         raise OutputError(f"--out {out}: {reason}; {committed()}: run the same command again to resume") from None
 
 
-def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: int, data_config: DataConfig,
-               lock=None) -> dict:
+def run_chunks(spark, table, work: str, plan: ExtractPlan, embed_fn, lock=None) -> dict:
     """Process every uncommitted chunk; returns timing figures for the summary. A chunk is committed only while
     `lock` is this job's (an object store's lock can be taken by a job started in the same instant)."""
     from common.features.extraction import INPUT_COLUMNS
     from common.features.store_writer import (FILES_DDL, OutputError, check_results, commit_chunk, discard_uncommitted,
-                                     is_committed)
+                                              is_committed)
 
     sc = spark.sparkContext
-    chunks = [table.iloc[i:i + args.chunk_size] for i in range(0, len(table), args.chunk_size)]
+    chunks = [table.iloc[i:i + plan.chunk_size] for i in range(0, len(table), plan.chunk_size)]
     pending = [i for i in range(len(chunks)) if not is_committed(work, i)]
     already = sum(len(chunks[i]) for i in range(len(chunks)) if i not in pending)
     committed = len(chunks) - len(pending)
@@ -241,19 +226,17 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
         log(f"{len(chunks) - len(pending)} of {len(chunks)} chunks ({already} images) already committed; skipping them")
     done, errors = sc.accumulator(0), sc.accumulator(0)
     start = time.monotonic()
-    with Progress(len(table), already, done, errors, args.progress_interval, args.stall_timeout,
+    with Progress(len(table), already, done, errors, plan.progress_interval, plan.stall_timeout,
                   sc.cancelAllJobs) as progress:
         for i in pending:
             chunk = chunks[i][list(INPUT_COLUMNS)].reset_index(drop=True)
             # At least four waves of tasks per core keeps the last wave's idle cores a small share.
-            parts = min(len(chunk), max(4 * sc.defaultParallelism, math.ceil(len(chunk) / args.images_per_task)))
+            parts = min(len(chunk), max(4 * sc.defaultParallelism, math.ceil(len(chunk) / plan.images_per_task)))
             # The rows travel once per executor as a broadcast and each task takes its share by index: no
             # shuffle, so no stage waits on another and a lost executor takes no shuffle output with it.
             rows = sc.broadcast(chunk)
-            task_fn = make_task_fn(args.backbone, weights_file, seed, args.device, args.precision, data_config,
-                                   args.batch_size, done, errors, work, i, rows, parts, args.max_pixels,
-                                   args.lung_file, args.masks_dir, args.prefetch_batches)
-            with stopped_by_store(args.out, lambda: f"{committed} of {len(chunks)} chunks are committed and kept"):
+            task_fn = make_task_fn(embed_fn, rows, parts, work, i, done, errors)
+            with stopped_by_store(plan.out, lambda: f"{committed} of {len(chunks)} chunks are committed and kept"):
                 discard_uncommitted(work, i)
                 try:
                     # collect() keeps one result per partition: a retried or speculative attempt's files are not in it.
@@ -261,7 +244,7 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
                              spark.range(parts, numPartitions=parts).mapInPandas(task_fn, FILES_DDL).collect()]
                 except Exception:
                     if progress.stalled:
-                        raise OutputError(f"--out {args.out}: no image finished for {args.stall_timeout:g} s "
+                        raise OutputError(f"--out {plan.out}: no image finished for {plan.stall_timeout:g} s "
                                           "(--stall-timeout), so the job was stopped as stuck; the committed chunks "
                                           "are kept and a rerun resumes after them") from None
                     raise
@@ -269,7 +252,7 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
                     rows.destroy()
                 check_results(files)
                 if getattr(lock, "lost", False):
-                    raise OutputError(f"--out {args.out}: another job took this store's lock, so this one stops "
+                    raise OutputError(f"--out {plan.out}: another job took this store's lock, so this one stops "
                                       "before committing more; the chunks committed so far are kept")
                 commit_chunk(work, i, files)
             committed += 1
@@ -279,112 +262,109 @@ def run_chunks(spark, table, work: str, args, weights_file: str | None, seed: in
             "images_per_second": round(done.value / seconds, 2) if done.value else None, "chunks": len(chunks)}
 
 
-def compact(spark, out: str, work: str, n_chunks: int, feature_dim: int, file_mb: int, masked: bool = False) -> dict:
+def compact(spark, plan: ExtractPlan, work: str, n_chunks: int) -> dict:
     """Rewrite the committed chunks' files as a few files per split plus the errors file, in Spark tasks that
-    read and write through common/fs.py; returns the files and the figures for the manifest."""
-    from collections import Counter
+    read and write through common/fs.py (common/features/compaction.py plans the groups and tallies what the
+    tasks wrote); returns the files and the figures for the manifest."""
     from functools import partial
 
-    from common import fs
-    from common.features.feature_stats import RunningStats, constant_note
-    from common.features.store import ERRORS_DIR, read_parquet
-    from common.features.store_writer import OutputError, compact_group, plan_compaction, read_marker
+    from common.features.compaction import lung_qa_counts, plan_compaction, precision_ran, rows_per_file, tally_written
+    from common.features.feature_stats import constant_note
+    from common.features.store_writer import compact_group, read_marker
 
     markers = [read_marker(work, i) for i in range(n_chunks)]
-    ran: dict[str, int] = {}
-    for marker in markers:
-        for f in marker["files"]:
-            ran[f["ran"]] = ran.get(f["ran"], 0) + f["rows"]
-    if len(ran) > 1:
-        # Features from fp16 on GPU and bf16 on CPU differ; one store holds one precision.
-        raise OutputError(f"{out}: the chunks were embedded on different devices/precisions "
-                          f"({', '.join(f'{k}: {v} images' for k, v in sorted(ran.items()))}); rerun with "
-                          "--precision fp32 (and --overwrite), or on executors of one kind")
-    rows_per_file = max(1, file_mb * 2**20 // (4 * feature_dim + 256))
-    groups = plan_compaction(markers, rows_per_file)
-    written = (spark.sparkContext.parallelize(groups, max(1, len(groups))).map(partial(compact_group, out, feature_dim)).collect()
-               if groups else [])
-    files = {kind: sorted(w["file"] for w in written if w["kind"] == kind) for kind in (*SPLITS, ERRORS_DIR)}
-    per_split = {s: sum(w["rows"] for w in written if w["kind"] == s) for s in SPLITS}
-    n_errors = sum(w["rows"] for w in written if w["kind"] == ERRORS_DIR)
-    stats = {}
-    for split in (s for s in SPLITS if per_split[s]):
-        merged = RunningStats(feature_dim)
-        for w in written:
-            if w["kind"] == split:
-                merged.merge(w["stats"])
-        stats[split] = merged.summary()
-    for split, figures in stats.items():
+    ran = precision_ran(markers, plan.out)
+    groups = plan_compaction(markers, rows_per_file(plan.file_mb, plan.feature_dim))
+    written = (spark.sparkContext.parallelize(groups, max(1, len(groups)))
+               .map(partial(compact_group, plan.out, plan.feature_dim)).collect() if groups else [])
+    tally = tally_written(written, plan.feature_dim)
+    for split, figures in tally["feature_stats"].items():
         if note := constant_note(split, figures):
             log(f"warning: {note}")
     lung_qa = None
-    if masked:
+    if plan.lungs:
         from lungs.masking import QA_OK
 
-        good = [fs.join(out, f) for s in SPLITS for f in files[s]]
-        flags = read_parquet(good, ["lung_qa"]).column("lung_qa").to_pylist() if good else []
-        lung_qa = dict(Counter(flag or QA_OK for flag in flags))  # null: a chunk written before rows said "ok"
-    return {"files": files, "splits": per_split, "errors": n_errors, "ran": next(iter(ran), None),
-            "feature_stats": stats, "lung_qa": lung_qa}
+        lung_qa = lung_qa_counts(plan.out, tally["files"], ok=QA_OK)
+    return {"files": tally["files"], "splits": tally["splits"], "errors": tally["errors"], "ran": ran,
+            "feature_stats": tally["feature_stats"], "lung_qa": lung_qa}
+
+
+def make_plan(args: argparse.Namespace) -> ExtractPlan:
+    """The run's plan from its checked flags, which it never changes: the store's place, the weights (a
+    checkpoint read once), the model's input, and for --view masked the lung model, read so that a bad file
+    fails here, before anything is written."""
+    from common import fs
+    from common.features.plan import ExtractPlan
+    from common.models.model_registry import get_spec
+    from common.models.weights import load_weights, resolve_weights, weights_data_config
+
+    out = args.out
+    if fs.is_local(out):
+        out = fs.local_path(out)
+        check_dir_path(out)
+    for flag, value in (("out", out), ("images", args.images), ("test-images", getattr(args, "test_images", None))):
+        if value:
+            fs.check_location(value, "--" + flag)
+    spec = get_spec(args.backbone)
+    weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
+    if weights.kind == "random":
+        log(f"weights {weights.label}: random initialisation, as asked; the store records it")
+    checkpoint = load_weights(weights.path, args.backbone) if weights.kind == "checkpoint" else None
+    data_config = weights_data_config(weights, args.backbone, args.input_size, args.resize)
+    if checkpoint and checkpoint.data_config and data_config != checkpoint.data_config:
+        log("note: --input-size/--resize differ from the checkpoint's own input; these features are not the "
+            "ones the fine-tuned model computed")
+    # A fine-tuned literature architecture (common/models/architectures.py) gives its pooled pre-classifier features.
+    feature_dim = checkpoint.feature_dim if checkpoint and checkpoint.is_architecture else spec.feature_dim
+    return ExtractPlan(
+        out=out, backbone=args.backbone, model=checkpoint.architecture if checkpoint else "classifier",
+        feature_dim=feature_dim, weights=weights, data_config=data_config, device=args.device,
+        precision=args.precision, batch_size=args.batch_size, chunk_size=args.chunk_size,
+        images_per_task=args.images_per_task, prefetch_batches=args.prefetch_batches, file_mb=args.file_mb,
+        max_pixels=args.max_pixels, progress_interval=args.progress_interval, stall_timeout=args.stall_timeout,
+        overwrite=args.overwrite, **_lung_settings(args))
+
+
+def _lung_settings(args: argparse.Namespace) -> dict:
+    """--view masked's lung model (lungs.masking.lung_model_source) and --save-masks's folder, checked."""
+    from common import fs
+
+    lungs = masks_dir = None
+    if args.view == "masked":
+        from lungs.masking import lung_model_source
+
+        lungs = lung_model_source(args.lung_model)
+    if args.save_masks:
+        if args.view != "masked":
+            raise ValueError("--save-masks: needs --view masked (an original-view store predicts no masks)")
+        if not fs.is_local(args.save_masks):
+            raise ValueError(f"--save-masks {args.save_masks}: must be a local (or mounted) folder")
+        masks_dir = str(check_dir_path(args.save_masks, "--save-masks").resolve())
+    return {"lungs": lungs, "masks_dir": masks_dir}
 
 
 def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     args = parse_with_config(build_parser(prog), argv, "extract")
     check_table_flags(args)
     require(args, "out")
+    plan = make_plan(args)
     from common import fs
-
-    if fs.is_local(args.out):
-        args.out = fs.local_path(args.out)
-        check_dir_path(args.out)
-    for flag in ("out", "images", "test_images"):
-        if getattr(args, flag, None):
-            fs.check_location(getattr(args, flag), "--" + flag.replace("_", "-"))
     from common.data.image_table import table_from_flags
-    from common.models.model_registry import get_spec
-    from common.features.store import FORMAT_VERSION
     from common.features.store_writer import plan_fingerprint, prepare_output
-    from common.models.weights import load_weights, resolve_weights
 
-    spec = get_spec(args.backbone)
-    weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
-    if weights.kind == "random":
-        log(f"weights {weights.label}: random initialisation, as asked; the store records it")
-    checkpoint = load_weights(weights.path, args.backbone) if weights.kind == "checkpoint" else None
-    trained = checkpoint.data_config if checkpoint else None
-    # A fine-tuned literature architecture (common/models/architectures.py) gives its pooled pre-classifier features.
-    args.model = checkpoint.architecture if checkpoint else "classifier"
-    args.feature_dim = checkpoint.feature_dim if checkpoint and checkpoint.is_architecture else spec.feature_dim
-    data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
-    if trained and data_config != trained:
-        log("note: --input-size/--resize differ from the checkpoint's own input; these features are not the "
-            "ones the fine-tuned model computed")
     images = table_from_flags(args, log=log)
     table = images.table
-    log(f"{len(table)} images to embed with {args.backbone} ({weights.label}); "
+    log(f"{len(table)} images to embed with {plan.backbone} ({plan.weights.label}); "
         + ", ".join(f"{s} {int((table['split'] == s).sum())}" for s in SPLITS))
-    settings = {"backbone": args.backbone, "model": args.model, "weights": weights.label,
-                "weights_sha256": weights.sha256,
-                "data_config": data_config.to_dict(), "precision": args.precision,
-                "chunk_size": args.chunk_size, "format_version": FORMAT_VERSION}
-    args.lungs = None
-    if args.view == "masked":
-        from lungs.masking import lung_model_source
-
-        args.lungs = lung_model_source(args.lung_model)  # a bad file fails here, before anything is written
-        settings["lungs"] = {k: v for k, v in args.lungs.items() if k != "path"}
-    args.masks_dir = None
-    if args.save_masks:
-        if args.view != "masked":
-            raise ValueError("--save-masks: needs --view masked (an original-view store predicts no masks)")
-        if not fs.is_local(args.save_masks):
-            raise ValueError(f"--save-masks {args.save_masks}: must be a local (or mounted) folder")
-        args.masks_dir = str(check_dir_path(args.save_masks, "--save-masks").resolve())
-        Path(args.masks_dir).mkdir(parents=True, exist_ok=True)
+    if plan.masks_dir:
+        Path(plan.masks_dir).mkdir(parents=True, exist_ok=True)
+    command = shlex.join(sys.argv if argv is None else [*prog.split(), *argv])
+    settings = plan.settings()
     # One writer per store for the whole run: two jobs on one --out would write the same chunks.
-    with (OutputLock if fs.is_local(args.out) else RemoteLock)(args.out, log=log) as lock:
-        work = prepare_output(args.out, args.overwrite, plan_fingerprint(table, settings), settings, log=log)
-        return _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work, lock)
+    with (OutputLock if fs.is_local(plan.out) else RemoteLock)(plan.out, log=log) as lock:
+        work = prepare_output(plan.out, plan.overwrite, plan_fingerprint(table, settings), settings, log=log)
+        return _embed_and_publish(spark, plan, images, work, lock, flags=vars(args), command=command)
 
 
 def ship_file(spark, path: str, sha256: str) -> str:
@@ -408,84 +388,56 @@ def ship_file(spark, path: str, sha256: str) -> str:
     return name
 
 
-def _embed_and_publish(args, argv, prog, spark, spec, weights, data_config, images, work: str, lock=None) -> dict:
+def _embed_and_publish(spark, plan: ExtractPlan, images, work: str, lock, *, flags: dict, command: str) -> dict:
     """Embed the uncommitted chunks, compact them, publish the store with its manifest last."""
-    from common.features.store import ERRORS_DIR, FORMAT_VERSION
+    from common.features.extraction import make_embed_fn
+    from common.features.manifest import store_manifest
     from common.features.store_writer import publish
 
-    table = images.table
     spark = spark or get_spark()
-    weights_file = ship_file(spark, weights.path, weights.sha256) if weights.path else None
-    # The lung model travels as the weights do.
-    args.lung_file = ship_file(spark, args.lungs["path"], args.lungs["sha256"]) if args.lungs else None
-    timing = run_chunks(spark, table, work, args, weights_file, weights.seed, data_config, lock)
+    weights_file = ship_file(spark, plan.weights.path, plan.weights.sha256) if plan.weights.path else None
+    make_masker = qa_rule = lung_file = None
+    if plan.lungs:
+        from lungs.masking import QA_RULE, LungMasker
+
+        # The lung model travels as the weights do.
+        lung_file, make_masker, qa_rule = ship_file(spark, plan.lungs["path"], plan.lungs["sha256"]), LungMasker, QA_RULE
+    embed_fn = make_embed_fn(plan, weights_file, lung_file, make_masker)
+    timing = run_chunks(spark, images.table, work, plan, embed_fn, lock)
     n_chunks = timing["chunks"]
-    with stopped_by_store(args.out, lambda: f"all {n_chunks} chunks are committed and kept"):
-        written = compact(spark, args.out, work, n_chunks, args.feature_dim, args.file_mb,
-                          masked=args.view == "masked")
+    with stopped_by_store(plan.out, lambda: f"all {n_chunks} chunks are committed and kept"):
+        written = compact(spark, plan, work, n_chunks)
+    manifest = store_manifest(plan, images, written, flags=flags, command=command, qa_rule=qa_rule)
+    with stopped_by_store(plan.out, lambda: f"all {n_chunks} chunks are committed and kept"):
+        publish(plan.out, manifest)
+    summary = {"store": plan.out, **{k: v for k, v in written.items() if k not in ("ran", "files")}, **timing}
+    _report(plan, images, summary)
+    return summary
 
-    import pyspark
-    import torch
-    import torchvision
 
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dataset": images.dataset,
-        "label_names": list(images.label_names),
-        "feature_dim": args.feature_dim,
-        "backbone": args.backbone,
-        "model": args.model,
-        "weights": weights.label,
-        "weights_sha256": weights.sha256,
-        "data_config": data_config.to_dict(),
-        "device": written["ran"].split("/")[0] if written["ran"] else None,
-        "precision": written["ran"].split("/")[1] if written["ran"] else None,
-        "precision_requested": args.precision,
-        "precision_rule": "auto: bf16 autocast on CPUs with native bf16 (else fp32), fp16 autocast on CUDA; "
-                          "features stored as float32",
-        "feature_stats": written["feature_stats"],
-        "files": written["files"],
-        "view": args.view,
-        "splits": written["splits"],
-        "split_method": images.split_method,
-        "errors": written["errors"],
-        "metadata_counts": images.counts,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "software": {"cxr-features": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "pyspark": pyspark.__version__},
-        "command": shlex.join(sys.argv if argv is None else [*prog.split(), *argv]),
-        "config": {k: v for k, v in sorted(vars(args).items()) if k not in ("lungs", "lung_file", "masks_dir")},
-    }
-    if args.lungs:
-        from lungs.masking import QA_RULE
+def _report(plan: ExtractPlan, images, summary: dict) -> None:
+    """The summary lines of a published store."""
+    from common.features.store import ERRORS_DIR
 
-        manifest["lungs"] = {**{k: v for k, v in args.lungs.items() if k != "path"}, "qa_counts": written["lung_qa"],
-                             "qa_rule": QA_RULE, "masks_dir": args.masks_dir}
-    if weights.kind == "random":
-        manifest["weights_note"] = "random initialisation (asked for explicitly): features carry no learned knowledge"
-    with stopped_by_store(args.out, lambda: f"all {n_chunks} chunks are committed and kept"):
-        publish(args.out, manifest)
-    summary = {"store": args.out, **{k: v for k, v in written.items() if k not in ("ran", "files")}, **timing}
     log(f"store complete: {summary['store']}")
-    model = args.backbone if args.model == "classifier" else f"{args.backbone} {args.model}"
-    view = f" of lung-masked images (lung model {args.lungs['label']})" if args.lungs else ""
-    log(f"  {args.feature_dim}-d {model} features ({weights.label}){view}; rows per split "
-        + ", ".join(f"{s}={n}" for s, n in written["splits"].items()))
-    log(f"  {written['errors']} unreadable images (see {ERRORS_DIR}/); "
+    model = plan.backbone if plan.model == "classifier" else f"{plan.backbone} {plan.model}"
+    view = f" of lung-masked images (lung model {plan.lungs['label']})" if plan.lungs else ""
+    log(f"  {plan.feature_dim}-d {model} features ({plan.weights.label}){view}; rows per split "
+        + ", ".join(f"{s}={n}" for s, n in summary["splits"].items()))
+    log(f"  {summary['errors']} unreadable images (see {ERRORS_DIR}/); "
         f"{images.counts.get('images_missing', 0)} metadata rows without an image; "
         f"{images.counts.get('age_dropped', 0)} implausible ages dropped")
-    if args.lungs:
+    if plan.lungs:
         from lungs.masking import qa_summary
 
-        counts, warning = qa_summary(written["lung_qa"])
+        counts, warning = qa_summary(summary["lung_qa"])
         log(f"  lung masks (QA): {counts}")
         if warning:
             log(f"warning: {warning}")
-    if timing["images_processed"]:
-        log(f"  this run: {timing['images_processed']} images in {timing['seconds']} s "
-            f"({timing['images_per_second']} images/s)")
-    log(f"  next: cxr train --store {args.out} --out runs/<name>")
-    return summary
+    if summary["images_processed"]:
+        log(f"  this run: {summary['images_processed']} images in {summary['seconds']} s "
+            f"({summary['images_per_second']} images/s)")
+    log(f"  next: cxr train --store {plan.out} --out runs/<name>")
 
 
 def cli(argv: list[str] | None = None, prog: str = PROG) -> None:

@@ -169,16 +169,3 @@ class LungMasker:
             save_masks(self.masks_dir, image_ids, out.masks)
         return out.images, {"lung_fraction": [float(f) for f in out.lung_fraction],
                             "lung_qa": [",".join(flags) or QA_OK for flags in out.qa]}
-
-
-_MASKERS: dict[tuple, LungMasker] = {}
-
-
-def cached_masker(path: str, device: str, masks_dir: str | None = None) -> LungMasker:
-    """One lung model per Python worker process, as the backbone (common.features.extraction.cached_extractor)."""
-    key = (path, device)
-    if key not in _MASKERS:
-        _MASKERS.clear()
-        _MASKERS[key] = LungMasker(path, device)
-    _MASKERS[key].masks_dir = masks_dir  # where masks go is a job setting, not part of the model
-    return _MASKERS[key]

@@ -8,32 +8,20 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
-from common.images.data_config import DataConfig, input_loader, load_input
+from common.features.plan import ExtractPlan
+from common.images.data_config import input_loader, load_input
 from common.images.decode import MAX_PIXELS
 from common.models.inference import FeatureExtractor
 
 # Columns the task receives (from the image table), and what it returns: the store's row columns + split + path + error.
 INPUT_COLUMNS = ("image_id", "patient_id", "view", "age", "sex", "labels", "split", "path")
 OUTPUT_COLUMNS = ("image_id", "patient_id", "view", "age", "sex", "labels", "features", "split", "path", "error")
-
-_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
-
-
-def cached_extractor(backbone: str, state_file: str | None, seed: int, device: str, precision: str,
-                     threads: int, data_config: DataConfig) -> FeatureExtractor:
-    """One model per Python worker process: Spark reuses workers, so later tasks skip the build."""
-    key = (backbone, state_file, seed, device, precision, threads, data_config)
-    if key not in _EXTRACTORS:
-        _EXTRACTORS.clear()  # a worker serves one job's settings; free the old model first
-        _EXTRACTORS[key] = FeatureExtractor(backbone, state_file, seed, device=device, precision=precision,
-                                            threads=threads, data_config=data_config)
-    return _EXTRACTORS[key]
-
 
 def transform_batch(transform, decoded: list, image_ids) -> tuple[np.ndarray, dict]:
     """A batch of input_loader results -> the backbone's (n, S, S) batch and the transform's columns (none
@@ -113,3 +101,54 @@ def iter_extract(frames: Iterable[pd.DataFrame], extractor: FeatureExtractor, ba
             yield finish(*queue.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """A task's models for a plan: frames of input rows in, their feature rows out (`iter_extract`)."""
+
+    extractor: FeatureExtractor
+    masker: Any  # the lung masker of a --view masked plan (iter_extract's transform), else None
+    plan: ExtractPlan
+    threads: int  # decoding threads: the task's cores
+
+    @property
+    def ran(self) -> str:
+        """Where and how it embeds, as the commit markers record it: "cpu/bf16", "cuda/fp16"."""
+        return f"{self.extractor.device.type}/{self.extractor.precision}"
+
+    def __call__(self, frames: Iterable[pd.DataFrame],
+                 on_batch: Callable[[int, int], None] | None = None) -> pd.DataFrame | None:
+        plan = self.plan
+        outputs = list(iter_extract(frames, self.extractor, plan.batch_size, plan.max_pixels, self.masker,
+                                    decode_threads=self.threads, on_batch=on_batch, prefetch=plan.prefetch_batches))
+        return pd.concat(outputs, ignore_index=True) if outputs else None
+
+
+_MODELS: dict[tuple, tuple] = {}  # this Python worker's models, for one key at a time
+
+
+def make_embed_fn(plan: ExtractPlan, weights_file: str | None = None, lung_file: str | None = None,
+                  make_masker: Callable[[str, str, str | None], Any] | None = None) -> Callable[..., Embedder]:
+    """A plan's embedding in the shape of pyspark's predict_batch_udf: made once on the driver, with the names
+    the weights and the lung model were shipped under; called in a task with its GPU (None: none), its cores
+    and how to find a shipped file there (SparkFiles.get), it returns the task's Embedder. Spark reuses a
+    Python worker for many tasks, so the models are built by its first task and found again by a key the
+    driver made: what builds them, so runs that differ only in batching share them. `make_masker(path,
+    device, masks_dir)` builds the lung masker of a masked plan (lungs.masking.LungMasker)."""
+    key = (plan.backbone, weights_file, plan.weights.seed, plan.precision, plan.data_config, lung_file,
+           plan.masks_dir)
+
+    def embed_fn(gpu: str | None, threads: int, locate: Callable[[str], str] = str) -> Embedder:
+        device = f"cuda:{gpu}" if gpu is not None and plan.device == "auto" else "cpu"
+        models = _MODELS.get((key, device, threads))
+        if models is None:
+            _MODELS.clear()  # a worker serves one run's settings; free the old models first
+            extractor = FeatureExtractor(plan.backbone, locate(weights_file) if weights_file else None,
+                                         plan.weights.seed, device=device, precision=plan.precision,
+                                         threads=threads, data_config=plan.data_config)
+            masker = make_masker(locate(lung_file), device, plan.masks_dir) if lung_file else None
+            models = _MODELS[(key, device, threads)] = (extractor, masker)
+        return Embedder(*models, plan, threads)
+
+    return embed_fn

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import uuid
 
 import numpy as np
@@ -202,25 +201,6 @@ def write_task_files(work: str, index: int, frame: pd.DataFrame, partition: int,
         pq.write_table(table, where, filesystem=filesystem)
         written.append({"kind": kind, "file": f"{WORK_DIR}/chunk-{index:05d}/{name}", "rows": len(rows)})
     return written
-
-
-def plan_compaction(markers: list[dict], rows_per_file: int) -> list[dict]:
-    """Group the committed files into output files: per split, consecutive files of about `rows_per_file` rows
-    in all (a few files per split, not one per task); every error into one file."""
-    groups: list[dict] = []
-    for kind in (*SPLITS, ERRORS_DIR):
-        files = [f for marker in markers for f in marker["files"] if f["kind"] == kind]
-        total = sum(f["rows"] for f in files)
-        if not total:
-            continue
-        n_out = 1 if kind == ERRORS_DIR else math.ceil(total / rows_per_file)
-        parts: dict[int, list[str]] = {}
-        before = 0
-        for f in files:
-            parts.setdefault(min(n_out - 1, before * n_out // total), []).append(f["file"])
-            before += f["rows"]
-        groups += [{"kind": kind, "files": names, "part": k} for k, names in sorted(parts.items())]
-    return groups
 
 
 def compact_group(store: str, feature_dim: int, group: dict) -> dict:
