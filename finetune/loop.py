@@ -133,42 +133,86 @@ def train(cfg: FinetuneConfig) -> dict:
 
 
 def _train(cfg: FinetuneConfig, d: Dist) -> dict:
-    say = log if d.main else (lambda _m: None)
-    out = Path(cfg.out)
-    spec = get_spec(cfg.backbone)
-    precision = resolve_precision(cfg.precision, d.device.type)
-    if d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+    run = _Training(cfg, d)
+    while run.state.stopped is None and run.state.epoch <= cfg.epochs:
+        t0 = time.perf_counter()
+        run.train_epoch(t0)
+        if run.interrupted:
+            break
+        run.end_epoch(t0)
+    return d.broadcast(run.result())
 
-    model = build_model(cfg.model, cfg.backbone, cfg.state_file, cfg.init_seed, len(cfg.label_names),
-                        cfg.model_options, cfg.outputs_per_label)
-    if cfg.freeze_backbone:
-        for part in _backbone_parts(model, spec):
-            part.requires_grad_(False)
-    # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
-    model = model.to(d.device, memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
-    scheduler = _make_scheduler(opt, cfg)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
+
+def _loss(cfg: FinetuneConfig):
+    """The loss training and validation use, and the notes on it."""
     if cfg.outputs_per_label == 3:  # U-MultiClass: the paper's 3-way cross-entropy, in training and validation
-        loss_fn, loss_notes = multiclass_ce, ["U-MultiClass: a 3-way softmax per observation trained with "
-                                              "cross-entropy; --loss not used"]
-    else:
-        loss_fn, loss_notes = make_loss(cfg.loss, torch.from_numpy(cfg.train.targets),
-                                        torch.from_numpy(cfg.train.mask.astype(np.float32)), cfg.focal_gamma,
-                                        cfg.focal_alpha, cfg.label_names)
+        return multiclass_ce, ["U-MultiClass: a 3-way softmax per observation trained with cross-entropy; "
+                               "--loss not used"]
+    return make_loss(cfg.loss, torch.from_numpy(cfg.train.targets), torch.from_numpy(cfg.train.mask.astype(np.float32)),
+                     cfg.focal_gamma, cfg.focal_alpha, cfg.label_names)
 
-    state, resumed = TrainState(), None
-    if (out / LAST).is_file():
-        last = read_checkpoint(out / LAST, finetune=True)
+
+class _Training:
+    """One process's part of a run: the model and what trains it, the state last.pt saves (resumed
+    from it when the run directory holds one), the data, and this run's counters."""
+
+    def __init__(self, cfg: FinetuneConfig, d: Dist):
+        self.cfg, self.d = cfg, d
+        self.say = log if d.main else (lambda _m: None)
+        self.out = Path(cfg.out)
+        self.spec = get_spec(cfg.backbone)
+        self.precision = resolve_precision(cfg.precision, d.device.type)
+        if d.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+        trainable = self._build()
+        self.state, self.resumed = self._resume()
+        self.net = self.model
+        if d.on:
+            self.net = DistributedDataParallel(self.model,
+                                               device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self._open_data()
+        self.sampler = EpochSampler(len(self.train_ds), cfg.batch_size, d.world, d.rank, cfg.seed)
+        self.steps = self.sampler.steps_per_epoch
+        self.unreadable = set(self.state.unreadable)
+        self.say(f"{len(self.train_ds)} train / {len(self.val_ds)} val images; {d.world} process(es) on "
+                 f"{d.device.type}, batch {cfg.batch_size} per process, {self.steps} steps per epoch; "
+                 f"{self.precision}; {sum(p.numel() for p in trainable):,} trainable parameters"
+                 + (" (head only)" if cfg.freeze_backbone else "") + f"; model {cfg.model}")
+        self.run_steps, self.interrupted, self.started = 0, False, time.perf_counter()
+
+    def _build(self) -> list[torch.nn.Parameter]:
+        """The model, optimizer, schedule, gradient scaler and loss; returns the trainable parameters."""
+        cfg, d = self.cfg, self.d
+        model = build_model(cfg.model, cfg.backbone, cfg.state_file, cfg.init_seed, len(cfg.label_names),
+                            cfg.model_options, cfg.outputs_per_label)
+        if cfg.freeze_backbone:
+            for part in _backbone_parts(model, self.spec):
+                part.requires_grad_(False)
+        # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
+        self.model = model.to(d.device, memory_format=torch.channels_last)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                    fused=True)
+        self.scheduler = _make_scheduler(self.opt, cfg)
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.precision == "fp16")
+        self.loss_fn, self.loss_notes = _loss(cfg)
+        return trainable
+
+    def _resume(self) -> tuple[TrainState, dict | None]:
+        """The state of last.pt, its weights, optimizer, schedule, scaler and this rank's random
+        streams loaded; a fresh state (dropout seeded per rank) when there is none."""
+        d, last_file = self.d, self.out / LAST
+        if not last_file.is_file():
+            torch.manual_seed(self.cfg.seed + d.rank)  # dropout masks: a stream per rank
+            return TrainState(), None
+        last = read_checkpoint(last_file, finetune=True)
         obj = last.extra
         if obj.get("world_size") != d.world:
-            raise FinetuneError(f"{out / LAST}: written by {obj.get('world_size')} processes, this run has {d.world}")
-        model.load_state_dict(last.model_state)
-        opt.load_state_dict(obj["optimizer"])
-        load_scheduler(scheduler, obj["scheduler"], out / LAST)
-        scaler.load_state_dict(obj["scaler"])
+            raise FinetuneError(f"{last_file}: written by {obj.get('world_size')} processes, this run has {d.world}")
+        self.model.load_state_dict(last.model_state)
+        self.opt.load_state_dict(obj["optimizer"])
+        load_scheduler(self.scheduler, obj["scheduler"], last_file)
+        self.scaler.load_state_dict(obj["scaler"])
         state = TrainState(**obj["train_state"])
         rng = obj["rng"][d.rank]
         torch.set_rng_state(rng["cpu"])
@@ -176,73 +220,55 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
             torch.cuda.set_rng_state(rng["cuda"])
         if not d.main:  # rank 0 carries the epoch's loss so far; the epoch-end sum adds the rest
             state.loss_sum = state.loss_count = 0.0
-        if state.stopped == "epochs" and state.epoch <= cfg.epochs:
+        if state.stopped == "epochs" and state.epoch <= self.cfg.epochs:
             state.stopped = None  # more epochs asked for than the saved run had
-        resumed = {"epoch": state.epoch, "step": state.step, "global_step": state.global_step}
-        say(f"resuming from {out / LAST}: epoch {state.epoch}, step {state.step} (global step {state.global_step})")
-    else:
-        torch.manual_seed(cfg.seed + d.rank)  # dropout masks: a stream per rank
+        self.say(f"resuming from {last_file}: epoch {state.epoch}, step {state.step} (global step {state.global_step})")
+        return state, {"epoch": state.epoch, "step": state.step, "global_step": state.global_step}
 
-    net = model
-    if d.on:
-        net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    train_ds = cfg.train.dataset(cfg.data_config, train=True, seed=cfg.seed)
-    val_ds = cfg.val.dataset(cfg.data_config, train=False)
-    if cfg.decode_cache:
-        # Decoded once (per data config and image list) instead of every epoch. One process builds a
-        # cache while the others wait on its lock, so the builder takes their decoding processes too.
-        note = log if d.main else (lambda m: log(f"rank {d.rank}: {m}"))
-        workers = min(cfg.num_workers * d.local_world, os.cpu_count() or 1) if cfg.num_workers else 0
-        for ds in (train_ds, val_ds):
-            ds.cache = open_cache(ds.paths, cfg.data_config, cfg.decode_cache, workers, log=note, announce=d.main,
-                                  progress_seconds=cfg.log_seconds)
-    sampler = EpochSampler(len(train_ds), cfg.batch_size, d.world, d.rank, cfg.seed)
-    steps = sampler.steps_per_epoch
-    unreadable = set(state.unreadable)
-    say(f"{len(train_ds)} train / {len(val_ds)} val images; {d.world} process(es) on {d.device.type}, "
-        f"batch {cfg.batch_size} per process, {steps} steps per epoch; {precision}; "
-        f"{sum(p.numel() for p in trainable):,} trainable parameters"
-        + (" (head only)" if cfg.freeze_backbone else "") + f"; model {cfg.model}")
+    def _open_data(self) -> None:
+        """The train and val datasets, each over its decode cache when the run has one."""
+        cfg, d = self.cfg, self.d
+        self.train_ds = cfg.train.dataset(cfg.data_config, train=True, seed=cfg.seed)
+        self.val_ds = cfg.val.dataset(cfg.data_config, train=False)
+        if cfg.decode_cache:
+            # Decoded once (per data config and image list) instead of every epoch. One process builds a
+            # cache while the others wait on its lock, so the builder takes their decoding processes too.
+            note = log if d.main else (lambda m: log(f"rank {d.rank}: {m}"))
+            workers = min(cfg.num_workers * d.local_world, os.cpu_count() or 1) if cfg.num_workers else 0
+            for ds in (self.train_ds, self.val_ds):
+                ds.cache = open_cache(ds.paths, cfg.data_config, cfg.decode_cache, workers, log=note,
+                                      announce=d.main, progress_seconds=cfg.log_seconds)
 
-    def save_last() -> None:
-        # Collectives on every rank (all reach the same step); the write on rank 0 only.
+    def save_last(self) -> None:
+        """last.pt: collectives on every rank (all reach the same step); the write on rank 0 only."""
+        d, state = self.d, self.state
         totals = d.sum(state.loss_sum, state.loss_count)
         rngs = d.all_gather({"cpu": torch.get_rng_state(),
                              **({"cuda": torch.cuda.get_rng_state()} if d.device.type == "cuda" else {})})
-        names = sorted(set().union(*d.all_gather(sorted(unreadable))))
+        names = sorted(set().union(*d.all_gather(sorted(self.unreadable))))
         if d.main:
             saved = TrainState(**{**asdict(state), "loss_sum": totals[0], "loss_count": totals[1], "unreadable": names})
-            save_atomic(checkpoint(model, cfg, saved, saved.epoch, optimizer=opt.state_dict(),
-                                   scheduler=scheduler_state(scheduler), scaler=scaler.state_dict(), rng=rngs,
-                                   world_size=d.world), out / LAST)
+            save_atomic(checkpoint(self.model, self.cfg, saved, saved.epoch, optimizer=self.opt.state_dict(),
+                                   scheduler=scheduler_state(self.scheduler), scaler=self.scaler.state_dict(),
+                                   rng=rngs, world_size=d.world), self.out / LAST)
 
-    run_steps, interrupted, started = 0, False, time.perf_counter()
-    while state.stopped is None and state.epoch <= cfg.epochs and not interrupted:
-        t0 = last_line = time.perf_counter()
-        train_ds.epoch = state.epoch
-        sampler.set_epoch(state.epoch, state.step)
-        _set_train_mode(net, model, spec, cfg.freeze_backbone)
+    def train_epoch(self, t0: float) -> None:
+        """The epoch's steps from state.step on (a resumed epoch goes on where it stopped), started at
+        `t0`; with --stop-after-steps reached, `interrupted` is set and last.pt saved."""
+        cfg, d, state = self.cfg, self.d, self.state
+        last_line = t0
+        self.train_ds.epoch = state.epoch
+        self.sampler.set_epoch(state.epoch, state.step)
+        _set_train_mode(self.net, self.model, self.spec, cfg.freeze_backbone)
         # Its own generator: the loader's worker seeds then leave the global RNG (dropout) alone,
         # so a resumed epoch draws the same dropout masks as an uninterrupted one.
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.num_workers,
                             pin_memory=d.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + state.epoch))
         done, seen, seen_loss = 0, 0, 0.0
         for x, y, mask, ok, idx in loader:
-            if not ok.all():
-                unreadable.update(train_ds.paths[i] for i in idx[~ok].tolist())
-            x = x.to(d.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(d.device, non_blocking=True)
-            mask = (mask * ok[:, None]).to(d.device, non_blocking=True)  # unreadable images add no loss
-            with autocast(d.device.type, precision):
-                outputs = net(x)
-            loss = training_loss(model, outputs, y, mask, loss_fn)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            value = self._step(x, y, mask, ok, idx)
             n_ok = int(ok.sum())
-            value = loss.item()
             state.loss_sum += value * n_ok
             state.loss_count += n_ok
             done += 1
@@ -250,35 +276,55 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
             seen_loss += value * n_ok
             state.step += 1
             state.global_step += 1
-            run_steps += 1
+            self.run_steps += 1
             now = time.perf_counter()
             # Every log_every steps, and in slow epochs (few, long steps) every log_seconds as well.
             due = (cfg.log_every and state.step % cfg.log_every == 0) or (cfg.log_seconds and now - last_line >= cfg.log_seconds)
-            if due and state.step < steps:
-                say(_progress(state, cfg, steps, done, seen * d.world, now - t0, seen_loss / max(seen, 1)))
+            if due and state.step < self.steps:
+                self.say(_progress(state, cfg, self.steps, done, seen * d.world, now - t0, seen_loss / max(seen, 1)))
                 last_line = now
-            if cfg.stop_after_steps and run_steps >= cfg.stop_after_steps:
-                interrupted = True
+            if cfg.stop_after_steps and self.run_steps >= cfg.stop_after_steps:
+                self.interrupted = True
                 break
-            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and state.step < steps:
-                save_last()
-        if interrupted:
+            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and state.step < self.steps:
+                self.save_last()
+        if self.interrupted:
             state.seconds += time.perf_counter() - t0
-            save_last()
-            say(f"stopping after {run_steps} steps as asked: epoch {state.epoch}, step {state.step} saved in "
-                f"{out / LAST}; run the same command again to resume")
-            break
+            self.save_last()
+            self.say(f"stopping after {self.run_steps} steps as asked: epoch {state.epoch}, step {state.step} saved "
+                     f"in {self.out / LAST}; run the same command again to resume")
 
+    def _step(self, x, y, mask, ok, idx) -> float:
+        """One optimizer step on a batch; its unreadable images (ok False) are noted and add no loss."""
+        d = self.d
+        if not ok.all():
+            self.unreadable.update(self.train_ds.paths[i] for i in idx[~ok].tolist())
+        x = x.to(d.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(d.device, non_blocking=True)
+        mask = (mask * ok[:, None]).to(d.device, non_blocking=True)  # unreadable images add no loss
+        with autocast(d.device.type, self.precision):
+            outputs = self.net(x)
+        loss = training_loss(self.model, outputs, y, mask, self.loss_fn)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss.item()
+
+    def end_epoch(self, t0: float) -> None:
+        """Validation, the schedule's step, the verdict (common/training/early_stopping.judge_epoch),
+        best.pt and the epoch's own checkpoint; then the next epoch's start saved in last.pt."""
+        cfg, d, state, out = self.cfg, self.d, self.state, self.out
         total, count = d.sum(state.loss_sum, state.loss_count)
-        d.sync_buffers(model)
-        val_loss, val_auc, val_bad = _validate(model, val_ds, loss_fn, cfg, d, precision)
-        unreadable.update(val_bad)
+        d.sync_buffers(self.model)
+        val_loss, val_auc, val_bad = _validate(self.model, self.val_ds, self.loss_fn, cfg, d, self.precision)
+        self.unreadable.update(val_bad)
         row = {"epoch": state.epoch, "train_loss": total / count if count else math.nan, "val_loss": val_loss,
-               "val_auc": val_auc, "lr": opt.param_groups[0]["lr"]}
+               "val_auc": val_auc, "lr": self.opt.param_groups[0]["lr"]}
         if cfg.schedule == "plateau":
-            scheduler.step(val_loss)
+            self.scheduler.step(val_loss)
         else:
-            scheduler.step()
+            self.scheduler.step()
         row["seconds"] = time.perf_counter() - t0  # validation included
         state.seconds += row["seconds"]
         state.history.append(row)
@@ -290,39 +336,42 @@ def _train(cfg: FinetuneConfig, d: Dist) -> dict:
             state.best_epoch, state.best_value = state.epoch, value if math.isfinite(value) else math.inf
             state.best_val_loss, state.best_val_auc = val_loss, val_auc
             if d.main:
-                save_atomic(checkpoint(model, cfg, state, state.epoch), out / BEST)
+                save_atomic(checkpoint(self.model, cfg, state, state.epoch), out / BEST)
         if verdict.stopped != "diverged" and cfg.keep_epoch_checkpoints and d.main:
             (out / EPOCH_CHECKPOINTS).mkdir(exist_ok=True)
-            save_atomic(checkpoint(model, cfg, state, state.epoch), out / EPOCH_CHECKPOINTS / f"epoch-{state.epoch:03d}.pt")
-        say(epoch_line(row, cfg.epochs, verdict.mark))
+            save_atomic(checkpoint(self.model, cfg, state, state.epoch),
+                        out / EPOCH_CHECKPOINTS / f"epoch-{state.epoch:03d}.pt")
+        self.say(epoch_line(row, cfg.epochs, verdict.mark))
         state.stopped = verdict.stopped
         if verdict.stopped == "early_stop":
-            say(early_stop_line(cfg.best_metric, state.bad_epochs, state.best_epoch))
+            self.say(early_stop_line(cfg.best_metric, state.bad_epochs, state.best_epoch))
         state.epoch, state.step, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0.0
         if state.stopped is None and state.epoch > cfg.epochs:
             state.stopped = "epochs"
-        save_last()
+        self.save_last()
 
-    digests = d.all_gather(state_sha256(model.state_dict()))
-    result = {
-        "history": state.history,
-        "best_epoch": state.best_epoch,
-        "best_val_loss": state.best_val_loss,
-        "best_val_auc": state.best_val_auc,
-        "stopped": "interrupted" if interrupted else (state.stopped or "epochs"),
-        "epoch": state.epoch,
-        "step": state.step,
-        "global_step": state.global_step,
-        "steps_per_epoch": steps,
-        "steps_this_run": run_steps,
-        "resumed_from": resumed,
-        "train_seconds": round(state.seconds, 2),
-        "seconds_this_run": round(time.perf_counter() - started, 2),
-        "unreadable": sorted(set().union(*d.all_gather(sorted(unreadable)))),
-        "loss_notes": loss_notes,
-        "rank_state_sha256": digests,
-        "world_size": d.world,
-        "device": d.device.type,
-        "precision": precision,
-    }
-    return d.broadcast(result)
+    def result(self) -> dict:
+        """This rank's summary of the run (collectives on every rank: the weights' digests, the unreadable images)."""
+        d, state = self.d, self.state
+        digests = d.all_gather(state_sha256(self.model.state_dict()))
+        return {
+            "history": state.history,
+            "best_epoch": state.best_epoch,
+            "best_val_loss": state.best_val_loss,
+            "best_val_auc": state.best_val_auc,
+            "stopped": "interrupted" if self.interrupted else (state.stopped or "epochs"),
+            "epoch": state.epoch,
+            "step": state.step,
+            "global_step": state.global_step,
+            "steps_per_epoch": self.steps,
+            "steps_this_run": self.run_steps,
+            "resumed_from": self.resumed,
+            "train_seconds": round(state.seconds, 2),
+            "seconds_this_run": round(time.perf_counter() - self.started, 2),
+            "unreadable": sorted(set().union(*d.all_gather(sorted(self.unreadable)))),
+            "loss_notes": self.loss_notes,
+            "rank_state_sha256": digests,
+            "world_size": d.world,
+            "device": d.device.type,
+            "precision": self.precision,
+        }

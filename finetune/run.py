@@ -8,8 +8,10 @@ training processes are started (`launch`) and on which device, since that is whe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -19,16 +21,15 @@ import torch
 from common import __version__
 from common.runs import rundir
 from common.data.bboxes import read_nih_bboxes
-from common.evaluation.scores import SplitScores, combine_probabilities, evaluate_splits
+from common.evaluation.scores import combine_probabilities, evaluate_splits, split_scores
 from common.models.model_registry import get_spec
-from common.data.image_table import table_from_flags
+from common.data.image_table import ImageTable, table_from_flags
 from common.training.losses import make_loss
 from common.evaluation.report import render
 from common.runs.safe_output import OutputLock
 from common.features.store import SPLITS
-from common.evaluation.studies import study_ids
-from common.data.targets import apply_policy, eval_targets, finding_flags, label_columns, select_labels
-from common.models.weights import load_weights, resolve_weights
+from common.data.targets import apply_policy, eval_targets, label_columns, select_labels
+from common.models.weights import WeightsSource, resolve_weights, weights_data_config
 from finetune.checkpoint import load_classifier, resume_point
 from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, identity_of, log
 from finetune.decode_cache import DEFAULT_DIR
@@ -53,14 +54,10 @@ def split_images(table, cols: np.ndarray, policy: str) -> tuple[dict[str, SplitI
     return out, flags, labels
 
 
-def evaluate_best(out: Path, splits: dict[str, SplitImages], flag_rows: dict, labels: np.ndarray, label_names,
-                  all_names, cfg: FinetuneConfig, device: torch.device, patient_ids: np.ndarray | None = None,
-                  dataset: str | None = None):
+def evaluate_best(out: Path, score: Callable[[Path], tuple], label_names):
     """best.pt on val and test: metrics and predictions (unreadable images left out), the model and
-    the unreadable images' paths. `patient_ids` (the table's, row for row) make the AUROC intervals
-    patient-level; without them they resample images."""
-    model, scores, notes, unreadable = score_checkpoint(out / BEST, splits, flag_rows, labels, label_names, all_names,
-                                                        cfg, device, patient_ids, dataset)
+    the unreadable images' paths. `score(path)`: score_checkpoint over the run's images."""
+    model, scores, notes, unreadable = score(out / BEST)
     splits_metrics, thresholds, threshold_notes = evaluate_splits(scores, label_names, out)
     return model, splits_metrics, thresholds, notes + threshold_notes, unreadable
 
@@ -69,7 +66,8 @@ def score_checkpoint(path: Path, splits: dict[str, SplitImages], flag_rows: dict
                      all_names, cfg: FinetuneConfig, device: torch.device, patient_ids: np.ndarray | None = None,
                      dataset: str | None = None):
     """A checkpoint's probabilities on val and test against the raw labels: (model, SplitScores per split,
-    notes, unreadable paths)."""
+    notes, unreadable paths). `patient_ids` (the table's, row for row) make the AUROC intervals
+    patient-level; without them they resample images."""
     model, _ = load_classifier(path, device)
     scores, notes, unreadable = {}, [], []
     for name in ("val", "test"):
@@ -81,14 +79,10 @@ def score_checkpoint(path: Path, splits: dict[str, SplitImages], flag_rows: dict
         if not ok.all():
             notes.append(f"{name}: {int((~ok).sum())} unreadable images left out of the metrics")
             unreadable += [s.paths[i] for i in np.flatnonzero(~ok)]
-        has_disease, no_finding = finding_flags(labels[flag_rows[name]], all_names)
         probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
-        # Scored on the raw labels, whatever the training policy (common/data/targets.py).
-        y, mask = eval_targets(labels[flag_rows[name]][:, label_columns(all_names, label_names)])
-        patients = None if patient_ids is None else patient_ids[flag_rows[name]][ok]
-        ids = np.asarray(s.ids, dtype=object)[ok]
-        scores[name] = SplitScores(ids, probs[ok], y[ok], mask[ok], has_disease[ok], no_finding[ok], patients,
-                                   study_ids(dataset, ids))
+        rows = flag_rows[name][ok]
+        scores[name] = split_scores(np.asarray(s.ids, dtype=object)[ok], probs[ok], labels[rows], all_names,
+                                    label_names, None if patient_ids is None else patient_ids[rows], dataset)
     return model, scores, notes, unreadable
 
 
@@ -98,8 +92,6 @@ def checkpoint_ensemble(out: Path, history: list[dict], k: int, best_metric: str
     those kept in checkpoints/), their val/test probabilities averaged and scored as any run
     (predictions/checkpoint-ensemble-<split>.parquet). `score(path)` -> (model, scores, notes, unreadable).
     None when fewer than two checkpoints were kept."""
-    import dataclasses
-
     key = (lambda h: h["val_loss"]) if best_metric == "val_loss" else (lambda h: -h["val_auc"])
     ranked = sorted((h for h in history if np.isfinite(key(h))), key=key)
     files = {h["epoch"]: out / rundir.EPOCH_CHECKPOINTS / f"epoch-{h['epoch']:03d}.pt" for h in ranked}
@@ -187,33 +179,48 @@ def _started(out: Path, resume: dict | None) -> str:
     return now
 
 
-def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str],
-        launch: Callable[[Callable, FinetuneConfig], dict]) -> dict:
-    """Run the job of checked flags `args`. `resolve_device()` names the training device once the run
-    directory is ready; `launch(train, cfg)` runs training (in this process, or N by TorchDistributor)
-    and returns rank 0's result."""
-    spec = get_spec(args.backbone)
-    weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
-    # Fine-tuning a fine-tuned checkpoint keeps its input unless a flag changes it.
-    trained = load_weights(weights.path, args.backbone).data_config if weights.kind == "checkpoint" else None
-    data_config = (trained or spec.data_config).with_overrides(args.input_size, args.resize)
-    if weights.kind == "random":
-        log(f"weights {weights.label}: random initialisation, as asked; the run records it")
+@dataclasses.dataclass
+class _RunImages:
+    """The run's images: the table, the labels trained, each split's images, and the table's rows
+    and label matrix their scores read (split_images)."""
+
+    images: ImageTable
+    label_names: list[str]
+    splits: dict[str, SplitImages]
+    flag_rows: dict
+    labels: np.ndarray
+
+    def scorer(self, cfg: FinetuneConfig, device: torch.device) -> Callable[[Path], tuple]:
+        """score_checkpoint over these images: a checkpoint's path -> (model, scores, notes, unreadable)."""
+        return partial(score_checkpoint, splits=self.splits, flag_rows=self.flag_rows, labels=self.labels,
+                       label_names=self.label_names, all_names=self.images.label_names, cfg=cfg, device=device,
+                       patient_ids=self.images.table["patient_id"].to_numpy(dtype=object),
+                       dataset=self.images.dataset)
+
+
+def _read_images(args: argparse.Namespace) -> _RunImages:
+    """The flags' image table, labels and splits; a bad box file, a table without train or val images
+    and a bad --loss fail here, before anything is written."""
     if args.bbox_list:
         read_nih_bboxes(args.bbox_list)  # a bad box file fails now, not after training
     images = table_from_flags(args, log=log)
-    table = images.table
     label_names = select_labels(images.label_names, args.labels, drop_no_finding=not args.keep_no_finding)
-    splits, flag_rows, labels = split_images(table, label_columns(images.label_names, label_names), args.policy)
+    splits, flag_rows, labels = split_images(images.table, label_columns(images.label_names, label_names),
+                                             args.policy)
     for need in ("train", "val"):
         if need not in splits:
             raise FinetuneError(f"--metadata {args.metadata}: no {need} images after splitting; training needs train and val")
     make_loss(args.loss, torch.zeros(1, len(label_names)), torch.ones(1, len(label_names)))  # a bad --loss fails now
+    return _RunImages(images, label_names, splits, flag_rows, labels)
 
-    settings = {k: v for k, v in sorted(vars(args).items()) if k != "config"}
+
+def _finetune_config(args: argparse.Namespace, data: _RunImages, weights: WeightsSource, data_config,
+                     settings: dict) -> FinetuneConfig:
+    """What the training processes run, with the identity a resumed run must match."""
     cfg = FinetuneConfig(
-        out=args.out, backbone=args.backbone, label_names=label_names, train=splits["train"], val=splits["val"],
-        state_file=weights.path, init_seed=weights.seed if weights.kind == "random" else args.train_seed,
+        out=args.out, backbone=args.backbone, label_names=data.label_names, train=data.splits["train"],
+        val=data.splits["val"], state_file=weights.path,
+        init_seed=weights.seed if weights.kind == "random" else args.train_seed,
         data_config=data_config, model=args.model, model_options=args.model_options,
         outputs_per_label=3 if args.policy == "multiclass" else 1,
         freeze_backbone=args.freeze_backbone, loss=args.loss, focal_gamma=args.focal_gamma,
@@ -230,91 +237,128 @@ def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str
     # The weights by content, not path; the policy and the process count shape training from outside cfg.
     cfg.identity = identity_of(cfg, weights=weights.label, weights_sha256=weights.sha256, policy=args.policy,
                                num_processes=args.num_processes)
+    return cfg
+
+
+def _config_record(command: str, data: _RunImages, weights: WeightsSource, data_config, settings: dict,
+                   started: str) -> dict:
+    """config.json: the flags, the command, the images, the weights and input, and when the run began."""
+    return {
+        "kind": "finetune",
+        "settings": settings,
+        "command": command,
+        "dataset": data.images.dataset,
+        "label_names": data.label_names,
+        "weights": {"label": weights.label, "sha256": weights.sha256},
+        "data_config": data_config.to_dict(),
+        "images": {s: len(v) for s, v in data.splits.items()},
+        "split_method": data.images.split_method,
+        "metadata_counts": data.images.counts,
+        "started": started,
+        "software": {"cxr-features": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+
+
+def _replicas_differ(out: Path, result: dict) -> bool:
+    """Whether the training processes ended with different weights (a warning); a run that diverged
+    in its first epoch, with no best checkpoint, fails."""
+    if result["best_epoch"] == 0:
+        raise FinetuneError(f"{out}: training diverged in its first epoch; no best checkpoint to evaluate")
+    differ = len(set(result["rank_state_sha256"])) > 1
+    if differ:
+        log(f"warning: the {result['world_size']} processes ended with different weights: "
+            f"{', '.join(d[:12] for d in result['rank_state_sha256'])}")
+    return differ
+
+
+def _ensemble(args: argparse.Namespace, out: Path, result: dict, best_metric: str, label_names: list[str],
+              score) -> dict | None:
+    """With --checkpoint-ensemble K > 1, checkpoint_ensemble of the K best epochs; None otherwise."""
+    if args.checkpoint_ensemble <= 1:
+        return None
+    ensemble = checkpoint_ensemble(out, result["history"], args.checkpoint_ensemble, best_metric, label_names, score)
+    if ensemble and "splits" in ensemble:
+        log("checkpoint ensemble of epochs " + ", ".join(map(str, ensemble["epochs"])) + ": "
+            + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in ensemble["splits"].items()))
+    return ensemble
+
+
+def _evaluate(args: argparse.Namespace, spec, out: Path, data: _RunImages, cfg: FinetuneConfig, result: dict,
+              device: str) -> dict:
+    """metrics.json of a trained run: best.pt scored on val and test (on the training device when this
+    process has it), the checkpoint ensemble, CAM localization, and the notes."""
+    replicas_differ = _replicas_differ(out, result)
+    eval_device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+    cfg.precision = result["precision"] if eval_device.type == device else "fp32"
+    score = data.scorer(cfg, eval_device)
+    model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(out, score, data.label_names)
+    unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
+    ensemble = _ensemble(args, out, result, cfg.best_metric, data.label_names, score)
+    localization, loc_notes = None, []
+    if args.bbox_list:
+        localization, loc_notes = localize(model, spec, args.bbox_list, data.images.table, data.label_names,
+                                           cfg.data_config, eval_device, out, args.overlays, set(unreadable),
+                                           args.localize_split)
+    notes = ([f"unreadable images ({len(unreadable)}), left out of training and metrics: "
+              + ", ".join(Path(p).name for p in unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")]
+             if unreadable else [])
+    notes += [f"{args.num_processes} processes ended with different weights"] if replicas_differ else []
+    return {
+        "label_names": data.label_names,
+        "best_epoch": result["best_epoch"],
+        "stopped": result["stopped"],
+        "train_seconds": result["train_seconds"],
+        "history": result["history"],
+        "grid": [],
+        "thresholds": dict(zip(data.label_names, thresholds)),
+        "splits": split_metrics,
+        "localization": localization,
+        **({"checkpoint_ensemble": ensemble} if ensemble else {}),
+        "unreadable": unreadable,
+        "training": {k: result[k] for k in ("global_step", "steps_per_epoch", "resumed_from", "world_size", "device",
+                                            "precision", "rank_state_sha256", "seconds_this_run")},
+        "notes": result["loss_notes"] + notes + eval_notes + loc_notes
+                 + [n for m in split_metrics.values() for n in m["notes"]],
+    }
+
+
+def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str],
+        launch: Callable[[Callable, FinetuneConfig], dict]) -> dict:
+    """Run the job of checked flags `args`. `resolve_device()` names the training device once the run
+    directory is ready; `launch(train, cfg)` runs training (in this process, or N by TorchDistributor)
+    and returns rank 0's result."""
+    spec = get_spec(args.backbone)
+    weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
+    # Fine-tuning a fine-tuned checkpoint keeps its input unless a flag changes it.
+    data_config = weights_data_config(weights, args.backbone, args.input_size, args.resize)
+    if weights.kind == "random":
+        log(f"weights {weights.label}: random initialisation, as asked; the run records it")
+    data = _read_images(args)
+    settings = {k: v for k, v in sorted(vars(args).items()) if k != "config"}
+    cfg = _finetune_config(args, data, weights, data_config, settings)
     # One job per run directory, taken before deciding to resume or overwrite, held to the last file.
     with OutputLock(args.out, log=log):
         out, resume = prepare_out(args.out, args.overwrite, cfg.identity, args.epochs,
                                   inputs=[weights.path] if weights.path else [])
         device = resolve_device()
         cfg.out, cfg.device = str(out), device
-        config = {
-            "kind": "finetune",
-            "settings": settings,
-            "command": command,
-            "dataset": images.dataset,
-            "label_names": label_names,
-            "weights": {"label": weights.label, "sha256": weights.sha256},
-            "data_config": data_config.to_dict(),
-            "images": {s: len(v) for s, v in splits.items()},
-            "split_method": images.split_method,
-            "metadata_counts": images.counts,
-            "started": _started(out, resume),
-            "software": {"cxr-features": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
-        }
+        config = _config_record(command, data, weights, data_config, settings, _started(out, resume))
         rundir.write_json(out / rundir.CONFIG, config)
-        log(f"{len(table)} images ({', '.join(f'{s} {len(v)}' for s, v in splits.items())}); {args.backbone} "
-            f"from {weights.label}, {len(label_names)} labels; input {data_config.describe()}; "
+        log(f"{len(data.images.table)} images ({', '.join(f'{s} {len(v)}' for s, v in data.splits.items())}); "
+            f"{args.backbone} from {weights.label}, {len(data.label_names)} labels; input {data_config.describe()}; "
             f"{args.num_processes} process(es)"
             + (f"; resuming at epoch {resume['epoch']}, step {resume['step']}" if resume else ""))
         result = launch(train, cfg)
         if result["stopped"] == "interrupted":
             return {"run": str(out), **result}
-        if result["best_epoch"] == 0:
-            raise FinetuneError(f"{out}: training diverged in its first epoch; no best checkpoint to evaluate")
-        replicas_differ = len(set(result["rank_state_sha256"])) > 1
-        if replicas_differ:
-            log(f"warning: the {result['world_size']} processes ended with different weights: "
-                f"{', '.join(d[:12] for d in result['rank_state_sha256'])}")
-
-        eval_device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        cfg.precision = result["precision"] if eval_device.type == device else "fp32"
-        model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(
-            out, splits, flag_rows, labels, label_names, images.label_names, cfg, eval_device,
-            table["patient_id"].to_numpy(dtype=object), images.dataset)
-        unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
-        ensemble = None
-        if args.checkpoint_ensemble > 1:
-            from functools import partial
-
-            ensemble = checkpoint_ensemble(out, result["history"], args.checkpoint_ensemble, cfg.best_metric, label_names,
-                                           partial(score_checkpoint, splits=splits, flag_rows=flag_rows, labels=labels,
-                                                   label_names=label_names, all_names=images.label_names, cfg=cfg,
-                                                   device=eval_device, patient_ids=table["patient_id"].to_numpy(dtype=object),
-                                                   dataset=images.dataset))
-            if ensemble and "splits" in ensemble:
-                log("checkpoint ensemble of epochs " + ", ".join(map(str, ensemble["epochs"])) + ": "
-                    + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in ensemble["splits"].items()))
-        localization, loc_notes = None, []
-        if args.bbox_list:
-            localization, loc_notes = localize(model, spec, args.bbox_list, table, label_names, data_config, eval_device,
-                                               out, args.overlays, set(unreadable), args.localize_split)
-        notes = ([f"unreadable images ({len(unreadable)}), left out of training and metrics: "
-                  + ", ".join(Path(p).name for p in unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")]
-                 if unreadable else [])
-        notes += [f"{args.num_processes} processes ended with different weights"] if replicas_differ else []
-        rundir.write_json(out / rundir.METRICS, {
-            "label_names": label_names,
-            "best_epoch": result["best_epoch"],
-            "stopped": result["stopped"],
-            "train_seconds": result["train_seconds"],
-            "history": result["history"],
-            "grid": [],
-            "thresholds": dict(zip(label_names, thresholds)),
-            "splits": split_metrics,
-            "localization": localization,
-            **({"checkpoint_ensemble": ensemble} if ensemble else {}),
-            "unreadable": unreadable,
-            "training": {k: result[k] for k in ("global_step", "steps_per_epoch", "resumed_from", "world_size", "device",
-                                                "precision", "rank_state_sha256", "seconds_this_run")},
-            "notes": result["loss_notes"] + notes + eval_notes + loc_notes
-                     + [n for m in split_metrics.values() for n in m["notes"]],
-        })
+        metrics = _evaluate(args, spec, out, data, cfg, result, device)
+        rundir.write_json(out / rundir.METRICS, metrics)
         config["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         rundir.write_json(out / rundir.CONFIG, config)
         render(out)
+        split_metrics = metrics["splits"]
         summary = {"run": str(out), "stopped": result["stopped"], "best_epoch": result["best_epoch"],
                    **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in split_metrics.items()}}
         log(f"run complete: {out}; best epoch {result['best_epoch']} ({result['stopped']}); "
             + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in split_metrics.items()))
         return {**result, **summary}
-
-

@@ -177,3 +177,27 @@ def test_common_is_rooms_by_concern_each_with_its_one_line_docstring():
         assert doc and "\n" not in doc, name
     ground = sorted(p.stem for p in (ROOT / "common").glob("*.py") if p.stem != "__init__")
     assert ground == ["atomic", "choices", "config", "fs"]
+
+
+LONGEST = 80  # lines a function may take outside tests: about a screen, so each reads as one job
+
+
+def long_functions(modules: dict[str, Path]) -> list[str]:
+    """`module.function (N lines)` for every function (or method) longer than LONGEST lines."""
+    found = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST:
+                    found.append(f"{name}.{node.name} ({lines} lines)")
+    return sorted(found)
+
+
+def test_no_function_over_a_screen(tmp_path):
+    found = long_functions(project_modules())
+    assert not found, f"functions over {LONGEST} lines: " + "; ".join(found)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def short():\n    pass\n\n\nclass C:\n    def long(self):\n"
+                                           + "        x = 1\n" * LONGEST)
+    assert long_functions(project_modules(tmp_path, ("pkg",))) == [f"pkg.m.long ({LONGEST + 1} lines)"]
