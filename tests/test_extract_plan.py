@@ -123,3 +123,15 @@ def test_lung_qa_counts_read_a_row_without_a_flag_as_ok(tmp_path):
     files = {"train": ["split=train/p.parquet"], "val": [], "test": [], "errors": []}
     assert lung_qa_counts(str(tmp_path), files, ok="ok") == {"ok": 3, "empty": 1}
     assert lung_qa_counts(str(tmp_path), {"train": [], "val": [], "test": []}, ok="ok") == {}
+
+
+def test_a_compaction_task_the_store_failed_stops_the_run_before_its_rows_are_dropped():
+    from common.features.compaction import tally_written
+    from common.features.store_writer import StoreFailure, failure_row
+
+    written = [{"kind": "train", "file": "split=train/part-00000-z.parquet", "rows": 5,
+                "stats": RunningStats(4).add(np.ones((5, 4)))},
+               {**failure_row(OSError("No space left on device (a task)")), "stats": None}]
+    # Published without it, the store would lack that group's rows, and publishing deletes the chunks they were in.
+    with pytest.raises(StoreFailure, match="No space left on device"):
+        tally_written(written, 4)

@@ -9,7 +9,7 @@ from collections import Counter
 from common import fs
 from common.features.feature_stats import RunningStats
 from common.features.store import ERRORS_DIR, SPLITS, read_parquet
-from common.features.store_writer import OutputError
+from common.features.store_writer import OutputError, check_results
 
 
 def precision_ran(markers: list[dict], out: str) -> str | None:
@@ -53,7 +53,9 @@ def plan_compaction(markers: list[dict], rows_per_file: int) -> list[dict]:
 def tally_written(written: list[dict], feature_dim: int) -> dict:
     """The compaction tasks' results -> the store's files per split and errors (sorted: the order to read
     them), rows per split, the error count and each non-empty split's feature statistics (their parts'
-    RunningStats merged)."""
+    RunningStats merged). A task the store failed (store_writer.failure_row) stops it: published without that
+    group, the store would lack its rows, and publishing deletes the chunks they were in."""
+    check_results(written)
     files = {kind: sorted(w["file"] for w in written if w["kind"] == kind) for kind in (*SPLITS, ERRORS_DIR)}
     per_split = {s: sum(w["rows"] for w in written if w["kind"] == s) for s in SPLITS}
     stats = {}
