@@ -11,7 +11,7 @@ from PIL import Image
 
 from common import fs
 from common.images.data_config import DataConfig
-from common.features.extraction import decode
+from common.images.data_config import load_input as decode
 from common.data.locate import locate_images
 
 
