@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import __version__
+from common import software
 from common.runs import rundir
 from common.data.bboxes import read_nih_bboxes
 from common.evaluation.scores import combine_probabilities, evaluate_splits, split_scores
@@ -255,7 +254,7 @@ def _config_record(command: str, data: _RunImages, weights: WeightsSource, data_
         "split_method": data.images.split_method,
         "metadata_counts": data.images.counts,
         "started": started,
-        "software": {"cxr-features": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+        "software": software("torch"),
     }
 
 

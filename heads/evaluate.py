@@ -171,10 +171,7 @@ def render_report(config: dict, metrics: dict) -> str:
 
 
 def run(args: argparse.Namespace, checked, out: Path, command: str) -> dict:
-    import numpy as np
-    import sklearn
-    import torch
-
+    from common import software
     from common.runs import rundir
     from heads.data import store_info
     from heads.fit import resolve_precision
@@ -197,8 +194,7 @@ def run(args: argparse.Namespace, checked, out: Path, command: str) -> dict:
         "command": command,
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "software": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-                     "python": sys.version.split()[0]},
+        "software": software("torch", "numpy", "scikit-learn"),
     }
     rundir.write_json(out / rundir.CONFIG, config)
     rundir.write_json(out / rundir.METRICS, metrics)

@@ -7,14 +7,13 @@ whose errors it reports: the engine raises and never sees the parser.
 from __future__ import annotations
 
 import datetime as dt
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import sklearn
 import torch
 
+from common import software
 from common.runs import rundir
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS
 from common.config import log
@@ -133,8 +132,7 @@ def _run(s: HeadSettings, out: Path, command: str) -> dict:
         "command": command,
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "software": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-                     "python": sys.version.split()[0]},
+        "software": software("torch", "numpy", "scikit-learn"),
     })
     rundir.write_json(out / rundir.METRICS, {
         "label_names": data.label_names,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from common import __version__
+from common import software
 from common.data.image_table import ImageTable
 from common.features.plan import ExtractPlan
 from common.features.store import FORMAT_VERSION
@@ -20,10 +20,6 @@ def store_manifest(plan: ExtractPlan, images: ImageTable, written: dict, *, flag
     splits, errors, ran, feature_stats, lung_qa), `flags` the job's checked flags (its `config`, with the store
     and the model as the plan resolved them), `command` its command line, `qa_rule` what a masked store's
     lung_qa values mean (lungs.masking.QA_RULE)."""
-    import pyspark
-    import torch
-    import torchvision
-
     device, precision = written["ran"].split("/") if written["ran"] else (None, None)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -47,8 +43,7 @@ def store_manifest(plan: ExtractPlan, images: ImageTable, written: dict, *, flag
         "errors": written["errors"],
         "metadata_counts": images.counts,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "software": {"cxr-features": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "pyspark": pyspark.__version__},
+        "software": software("torch", "torchvision", "pyspark"),
         "command": command,
         "config": dict(sorted({**flags, "out": plan.out, "model": plan.model, "feature_dim": plan.feature_dim}.items())),
     }
