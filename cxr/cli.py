@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from common.config import HelpFormatter
@@ -31,7 +30,6 @@ COMMANDS = {
     "lungs": ("jobs.lung_model", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),
     "serve": ("serve.__main__", "main", "a diagnosis web page and API for one radiograph at a time"),
 }
-SPARK_COMMANDS = ("extract", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if name not in COMMANDS:
         parser.exit(2, f"cxr: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})\n")
-    if name in SPARK_COMMANDS:
-        # Spark starts its Python workers as `python3` from PATH unless told otherwise; run them in
-        # this interpreter (the project's, with torch), as spark-submit.sh does with .venv.
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     module, entry, _ = COMMANDS[name]
     getattr(importlib.import_module(module), entry)(rest, prog=f"cxr {name}")
     return 0

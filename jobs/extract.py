@@ -34,6 +34,7 @@ from common.images.data_config import RESIZE_MODES
 from common.images.decode import MAX_PIXELS
 from common.runs.safe_output import OutputLock, RemoteLock, check_dir_path, is_disk_error, run_job
 from common.data.table_flags import add_table_flags, check_table_flags
+from jobs import workers_run_this_python
 
 if TYPE_CHECKING:
     from common.features.plan import ExtractPlan
@@ -180,6 +181,7 @@ class Progress:
 def get_spark():
     from pyspark.sql import SparkSession
 
+    workers_run_this_python()
     return (SparkSession.builder.appName("cxr-features extract")
             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
 

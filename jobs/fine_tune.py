@@ -28,6 +28,7 @@ from common.runs.safe_output import check_dir_path, run_job
 from common.data.table_flags import add_table_flags, check_table_flags
 from common.data.targets import FINETUNE_POLICIES
 from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
+from jobs import workers_run_this_python
 
 # torch and Spark are imported by the functions that use them, so that --help (and a flag error)
 # answers at once.
@@ -180,6 +181,7 @@ def get_spark(device: str):
     import torch
     from pyspark.sql import SparkSession
 
+    workers_run_this_python()
     builder = (SparkSession.builder.appName("cxr-features finetune")
                .config("spark.ui.showConsoleProgress", "false"))
     if device == "cuda":

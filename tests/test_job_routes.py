@@ -75,3 +75,19 @@ def test_fine_tune_through_spark_submit_with_the_decode_cache(tmp_path):
     assert proc.returncode == 0, printed[-3000:]
     assert (out / "best.pt").is_file() and any(cache.iterdir())
     assert json.loads((out / "config.json").read_text())["settings"]["backbone"] == "mobilenet_v3_large"
+
+
+def test_a_job_started_as_plain_python_runs_its_spark_workers_in_its_own_interpreter(monkeypatch):
+    # `.venv/bin/python jobs/extract.py` with no venv active: Spark's workers were `python3` from PATH (no torch).
+    import sys
+
+    from jobs import workers_run_this_python
+
+    for name in ("PYSPARK_PYTHON", "PYSPARK_GATEWAY_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    workers_run_this_python()
+    assert os.environ["PYSPARK_PYTHON"] == sys.executable
+    monkeypatch.delenv("PYSPARK_PYTHON")
+    monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "1")  # under spark-submit its own settings stand
+    workers_run_this_python()
+    assert "PYSPARK_PYTHON" not in os.environ
