@@ -70,6 +70,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.images.data_config import DataConfig
@@ -364,8 +365,10 @@ def _build(directory: Path, name: str, entries: pd.DataFrame, data_config: DataC
                if reused else "")
             + f", {_bytes(n * size * size * 4)}, {max(workers, 1)} decoding process(es)")
         paths = entries["path"].tolist()
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and the
+        # run that builds the cache would then train with other dropout masks than the runs that read it.
         loader = DataLoader(_Decode(paths, todo, data_config, max_pixels), batch_size=None, num_workers=workers,
-                            collate_fn=_as_is)
+                            collate_fn=_as_is, generator=torch.Generator())
         done, last = 0, time.perf_counter()
         for row, image in loader:
             if image is not None:

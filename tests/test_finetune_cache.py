@@ -318,3 +318,13 @@ def test_decoding_gives_the_values_recorded_for_its_decode_version(tmp_path):
             digest.update(np.rint(values.astype(np.float64) * 1e6).astype(np.int64).tobytes())  # robust to 1e-7
     assert digest.hexdigest() == DECODED_DIGESTS.get(DECODE_VERSION), (
         f"decoding changed: bump DECODE_VERSION in common/images/decode.py and record {digest.hexdigest()} for it here")
+
+
+def test_building_a_cache_leaves_the_global_random_state_alone(images, tmp_path):
+    # The run that builds the cache must train with the dropout masks of the runs that read it.
+    import torch
+
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    assert open_cache(images, DataConfig(32), tmp_path, log=lambda m: None) is not None
+    assert torch.equal(torch.get_rng_state(), before)
