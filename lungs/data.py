@@ -1,4 +1,4 @@
-"""Image/mask pairs for lung segmentation: pairing by file stem, decoding, a grouped split, augmentation.
+"""Image/mask pairs for lung segmentation: pairing by file stem, decoding, augmentation.
 
 Pairs are matched by file stem in two folders (any suffix common.data.locate accepts), so
 `images/CHNCXR_0001_0.png` pairs with `masks/CHNCXR_0001_0.png` or `.jpg`. Images decode with
@@ -9,10 +9,8 @@ stretched, as the set's own 512 px copies were).
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -98,28 +96,6 @@ def load_pairs(pairs: Pairs, stems: list[str], size: int, log=print) -> Loaded:
     shape = (0, size, size)
     return Loaded(kept, np.stack(images) if images else np.zeros(shape, np.float32),
                   np.stack(masks) if masks else np.zeros(shape, bool), skipped)
-
-
-def split_stems(stems: list[str], fractions=(0.8, 0.1, 0.1), seed: int = 0,
-                group: Callable[[str], str] = lambda stem: stem) -> dict[str, list[str]]:
-    """A seeded split by group (patient): every stem of one group lands in one split.
-
-    Shenzhen's CHNCXR_NNNN_L names one patient per image, so the default group is the stem itself;
-    a dataset with several images per patient passes a function from stem to patient id.
-    """
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"--split {fractions}: give three non-negative fractions that sum to 1")
-    groups = sorted({group(s) for s in stems})
-    random.Random(seed).shuffle(groups)
-    n = len(groups)
-    n_test = round(n * fractions[2])
-    n_val = round(n * fractions[1])
-    cut = {g: "test" for g in groups[:n_test]}
-    cut.update({g: "val" for g in groups[n_test:n_test + n_val]})
-    out = {name: [] for name in SPLITS}
-    for s in sorted(stems):
-        out[cut.get(group(s), "train")].append(s)
-    return out
 
 
 def augment(images, masks, generator, flip: bool = False, rotate: float = 10.0, scale=(0.9, 1.1),

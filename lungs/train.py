@@ -17,10 +17,11 @@ import torch
 from torch.nn import functional as F
 
 from common.config import log
+from common.data.splits import assign_groups
 from common.models.inference import autocast, resolve_precision
 from common.runs.rundir import BEST, CONFIG, METRICS, prepare, write_json
 from common.runs.safe_output import OutputLock
-from lungs.data import SPLITS, augment, load_pairs, pair_files, split_stems
+from lungs.data import SPLITS, augment, load_pairs, pair_files
 from lungs.evaluate import mean_dice, score
 from lungs.model import build_model, load_lung_model, read_lung_checkpoint, save_lung_model
 from lungs.report import write_overlays, write_report
@@ -140,7 +141,9 @@ def run_train(args, command: str) -> dict:
     pairs = pair_files(args.images, args.masks)
     for line in pairs.unpaired:
         log(f"[lungs] {line}")
-    split = split_stems(pairs.stems, args.split, args.split_seed)
+    # Each stem is its own patient: Shenzhen holds one image per patient.
+    owner = assign_groups(pairs.stems, args.split, args.split_seed, flag="--split")
+    split = {s: [stem for stem in pairs.stems if owner[stem] == s] for s in SPLITS}
     with OutputLock(args.out):
         out = prepare(args.out, args.overwrite, kind="lungs", log=lambda m: log(f"[lungs] {m}"),
                       inputs=[args.images, args.masks])

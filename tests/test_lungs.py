@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lungs.data import augment, load_pairs, pair_files, read_mask, split_stems
+from common.data.splits import assign_groups
+from lungs.data import augment, load_pairs, pair_files, read_mask
 from lungs.metrics import dice_iou, per_image, summary
 from lungs.model import DEFAULT, LungModelError, UNet, load_lung_model, predict_masks, read_lung_checkpoint, save_lung_model
 from lungs.postprocess import postprocess, postprocess_all
@@ -157,13 +158,12 @@ def test_masks_of_0_1_and_0_255_binarize_alike(tmp_path):
 def test_the_split_is_seeded_and_keeps_a_group_together():
     stems = [f"pat{p}_img{i}" for p in range(20) for i in range(3)]
     group = lambda s: s.split("_")[0]  # noqa: E731
-    a = split_stems(stems, (0.6, 0.2, 0.2), seed=1, group=group)
-    assert a == split_stems(stems, (0.6, 0.2, 0.2), seed=1, group=group)
-    assert a != split_stems(stems, (0.6, 0.2, 0.2), seed=2, group=group)
-    assert sorted(sum(a.values(), [])) == sorted(stems)
-    assert [len(a[s]) for s in ("train", "val", "test")] == [36, 12, 12]
-    owner = {group(s): split for split, names in a.items() for s in names}
-    assert all(owner[group(s)] == split for split, names in a.items() for s in names)
+    owner = assign_groups(map(group, stems), (0.6, 0.2, 0.2), seed=1, flag="--split")
+    assert owner == assign_groups(map(group, reversed(stems)), (0.6, 0.2, 0.2), seed=1, flag="--split")
+    assert owner != assign_groups(map(group, stems), (0.6, 0.2, 0.2), seed=2, flag="--split")
+    assert sorted(owner) == sorted({group(s) for s in stems})  # each group once, so it never straddles two splits
+    per_split = {name: [s for s in stems if owner[group(s)] == name] for name in ("train", "val", "test")}
+    assert [len(per_split[s]) for s in ("train", "val", "test")] == [36, 12, 12]
 
 
 def test_augmentation_without_ranges_is_the_identity_and_masks_stay_binary():

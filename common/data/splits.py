@@ -6,6 +6,7 @@ A patient never appears in two splits; `check_no_leakage` enforces it after any 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,32 @@ class SplitError(ValueError):
     pass
 
 
-def _shuffled_patients(patients: pd.Series, seed: int) -> np.ndarray:
-    # Sorting first makes the result depend on the seed alone, not on the row order of the CSV.
-    unique = np.sort(patients.unique().astype(str))
-    return np.random.default_rng(seed).permutation(unique)
+def _shuffled_patients(patients: Iterable, seed: int) -> np.ndarray:
+    # Deduplicated and sorted first, so the result depends on the seed and the set of patients alone, not on row order.
+    values = patients.unique() if isinstance(patients, pd.Series) else np.asarray(list(patients), dtype=object)
+    return np.random.default_rng(seed).permutation(np.unique(values.astype(str)))
+
+
+def check_ratios(ratios: Iterable[float], flag: str) -> tuple[float, float, float]:
+    """Three non-negative train/val/test shares that sum to 1, as floats; `flag` names them in the error."""
+    shares = [float(r) for r in ratios]
+    if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        raise SplitError(f"{flag} {shares}: give three non-negative fractions that sum to 1")
+    return shares[0], shares[1], shares[2]
+
+
+def assign_groups(groups: Iterable, ratios: Iterable[float], seed: int, flag: str = "--split-ratios") -> dict[str, str]:
+    """Seeded train/val/test of whole groups (patients): {group as str: split}, by the share of groups in each.
+
+    Repeats of a group count once. Train and val get round(share * n) groups each (val no more than train
+    leaves), test the rest; so a group never straddles two splits, and one seed gives one assignment.
+    """
+    shares = check_ratios(ratios, flag)
+    order = _shuffled_patients(groups, seed).tolist()
+    n = len(order)
+    n_train = min(int(round(shares[0] * n)), n)
+    n_val = min(int(round(shares[1] * n)), n - n_train)
+    return {g: "train" if i < n_train else "val" if i < n_train + n_val else "test" for i, g in enumerate(order)}
 
 
 def read_list(path: str | Path) -> set[str]:
@@ -54,16 +77,10 @@ def official_splits(
 
 
 def ratio_splits(table: pd.DataFrame, ratios: tuple[float, float, float], seed: int) -> pd.Series:
-    """Seeded patient-level train/val/test by the share of patients in each."""
-    ratios = tuple(float(r) for r in ratios)
-    if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
-        raise SplitError(f"--split-ratios {ratios}: need three non-negative shares that sum to 1")
-    patients = _shuffled_patients(table["patient_id"], seed)
-    n_train = int(round(ratios[0] * len(patients)))
-    n_val = int(round(ratios[1] * len(patients)))
-    names = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * (len(patients) - n_train - n_val))
-    by_patient = pd.Series(names, index=patients)
-    return pd.Series(table["patient_id"].astype(str).map(by_patient).to_numpy(), index=table.index, dtype="string")
+    """Seeded patient-level train/val/test by the share of patients in each (`assign_groups` over patient_id)."""
+    patients = table["patient_id"].astype(str)
+    by_patient = assign_groups(patients, ratios, seed)
+    return pd.Series(patients.map(by_patient).to_numpy(), index=table.index, dtype="string")
 
 
 def check_no_leakage(table: pd.DataFrame, split: pd.Series) -> None:
