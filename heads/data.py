@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,25 +44,10 @@ class StoreInfo:
 
 
 @dataclass
-class Split:
-    """One split of one or several fused stores; rows sorted by image_id."""
-
-    image_id: np.ndarray  # object array of str
-    age: np.ndarray  # float32, NaN unknown
-    sex: np.ndarray  # float32, 1 male / 0 female / NaN unknown
-    labels: np.ndarray  # int8 (n, n_store_labels): 1, 0, -1
-    features: np.ndarray  # float32 (n, sum of feature_dims)
-    patient_id: np.ndarray | None = None  # object array of str: the unit of the metrics' bootstrap
-
-    def __len__(self) -> int:
-        return len(self.image_id)
-
-
-@dataclass
 class Stores:
     infos: list[StoreInfo]
     label_names: tuple[str, ...]
-    splits: dict[str, Split]
+    splits: dict[str, SplitData]
 
     @property
     def dataset(self) -> str:
@@ -89,7 +74,7 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
     return repr(only[0]) if only else "(same ids, different count)"
 
 
-def _fuse(parts: list[SplitData], infos: list[StoreInfo], split: str) -> Split:
+def _fuse(parts: list[SplitData], infos: list[StoreInfo], split: str) -> SplitData:
     first = parts[0]
     for part, info in zip(parts[1:], infos[1:]):
         if len(part) != len(first) or not np.array_equal(part.image_id, first.image_id):
@@ -104,7 +89,7 @@ def _fuse(parts: list[SplitData], infos: list[StoreInfo], split: str) -> Split:
                 "fused stores must come from the same metadata"
             )
     features = first.features if len(parts) == 1 else np.concatenate([p.features for p in parts], axis=1)
-    return Split(first.image_id, first.age, first.sex, first.labels, features, first.patient_id)
+    return replace(first, features=features)
 
 
 def open_stores(paths: list[str], splits: list[str] | None = None) -> Stores:
@@ -212,7 +197,7 @@ def _raw_inputs(features: np.ndarray, age: np.ndarray, sex: np.ndarray, age_sex:
     return out
 
 
-def fit_inputs(train: Split, feature_dims: list[int], age_sex: bool = False,
+def fit_inputs(train: SplitData, feature_dims: list[int], age_sex: bool = False,
                sex_encoding: str = "indicator") -> InputSpec:
     """Standardization statistics from the train split only (val/test never leak into them)."""
     known = train.age[~np.isnan(train.age)]

@@ -68,15 +68,15 @@ def read_manifest(store: str | os.PathLike) -> dict:
 
 @dataclass
 class SplitData:
-    """One split of a store as contiguous arrays, rows sorted by image_id."""
+    """One split of a store, or of several stores fused column-wise, as arrays; rows sorted by image_id."""
 
     image_id: np.ndarray  # object array of str
-    patient_id: np.ndarray  # object array of str
-    view: np.ndarray  # object array of str or None
     age: np.ndarray  # float32, NaN where unknown
     sex: np.ndarray  # float32: 1 male, 0 female, NaN unknown
     labels: np.ndarray  # int8 (n, n_labels): 1, 0, -1
-    features: np.ndarray  # float32 (n, feature_dim), C-contiguous
+    features: np.ndarray  # float32 (n, feature_dim; fused: the stores' dims summed), C-contiguous
+    patient_id: np.ndarray | None = None  # object array of str: the unit of the metrics' bootstrap
+    view: np.ndarray | None = None  # object array of str or None
 
     def __len__(self) -> int:
         return len(self.image_id)
