@@ -4,10 +4,10 @@ helpers every command line shares (help with defaults, list values, loss flags, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tomllib
 from pathlib import Path
-from typing import NoReturn
 
 
 class ConfigError(ValueError):
@@ -107,10 +107,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def fail(parser: argparse.ArgumentParser, message) -> NoReturn:
-    """Exit 2 with one line naming the command: `heads.train: ...` for `python -m heads.train`,
-    `cxr train: ...` when the cxr command runs it."""
-    parser.exit(2, f"{parser.prog.removeprefix('python -m ')}: {message}\n")
+def settings_of(cls, args: argparse.Namespace):
+    """A command's frozen settings record from its parsed flags: one field per flag of the same name,
+    lists as tuples (hashable, and the record cannot be changed through them)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def add_loss_flags(g: argparse.ArgumentParser) -> None:

@@ -17,18 +17,19 @@ import sys
 
 from common.config import HelpFormatter
 
-# name -> (module, entry point taking (argv, prog=...), one line for the listing)
+# name -> (module, entry point taking (argv, prog=...), one line for the listing). Every module has `main`,
+# which raises on bad input, and `cli`, main through common.runs.command's one-line exit.
 COMMANDS = {
     "extract": ("jobs.extract", "cli", "chest X-ray archive -> Parquet feature store (local Spark)"),
     "finetune": ("jobs.fine_tune", "cli", "fine-tune a backbone end to end; its best.pt feeds extract"),
-    "train": ("heads.train", "main", "train a head on one or several feature stores"),
-    "predict": ("heads.predict", "main", "per-image probabilities from a trained head"),
-    "evaluate": ("heads.evaluate", "main", "a head's AUROC on a store, also of another dataset"),
-    "ensemble": ("heads.ensemble", "main", "several runs' predictions combined into one run"),
-    "report": ("heads.report", "main", "re-render a run's report.md and plots"),
-    "compare": ("heads.compare", "main", "runs side by side: per-class AUROC, settings that differ"),
+    "train": ("heads.train", "cli", "train a head on one or several feature stores"),
+    "predict": ("heads.predict", "cli", "per-image probabilities from a trained head"),
+    "evaluate": ("heads.evaluate", "cli", "a head's AUROC on a store, also of another dataset"),
+    "ensemble": ("heads.ensemble", "cli", "several runs' predictions combined into one run"),
+    "report": ("heads.report", "cli", "re-render a run's report.md and plots"),
+    "compare": ("heads.compare", "cli", "runs side by side: per-class AUROC, settings that differ"),
     "lungs": ("jobs.lung_model", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),
-    "serve": ("serve.__main__", "main", "a diagnosis web page and API for one radiograph at a time"),
+    "serve": ("serve.__main__", "cli", "a diagnosis web page and API for one radiograph at a time"),
 }
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shlex
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
-from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config
+from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
+from common.runs.command import command_line, run_command
 
 PROG = "python -m heads.ensemble"
 KIND = "ensemble"
@@ -40,6 +40,24 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to write (kind ensemble)")
     p.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
     return p
+
+
+@dataclass(frozen=True)
+class EnsembleSettings:
+    """One field per flag (--config aside); the defaults live in the parser."""
+
+    runs: tuple[str, ...]
+    combine: str
+    bootstrap_draws: int
+    out: str
+    overwrite: bool
+
+
+def settings_from(args: argparse.Namespace) -> EnsembleSettings:
+    require(args, "out")
+    if args.bootstrap_draws != 0 and args.bootstrap_draws < MIN_VALID_DRAWS:
+        raise ConfigError(f"--bootstrap-draws {args.bootstrap_draws}: 0 or at least {MIN_VALID_DRAWS}")
+    return settings_of(EnsembleSettings, args)
 
 
 def load_members(paths: list[str]) -> tuple[list[str], dict, list[dict]]:
@@ -165,24 +183,14 @@ def render_report(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
-    parser = build_parser(prog)
-    try:
-        args = parse_with_config(parser, argv, "ensemble")
-        if not args.out:
-            raise ConfigError("--out is required (or set it in --config)")
-        if args.bootstrap_draws != 0 and args.bootstrap_draws < MIN_VALID_DRAWS:
-            raise ConfigError(f"--bootstrap-draws {args.bootstrap_draws}: 0 or at least {MIN_VALID_DRAWS}")
-    except ConfigError as exc:
-        fail(parser, exc)
+    """Write an ensemble run from these flags; bad input raises (cli turns it into the one-line exit)."""
+    args = settings_from(parse_with_config(build_parser(prog), argv, "ensemble"))
 
     from common.runs import rundir
 
-    command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(prog, argv)
     started = dt.datetime.now(dt.timezone.utc)
-    try:
-        names, frames, members = load_members(args.runs)  # every refusal before --out is touched
-    except ValueError as exc:
-        fail(parser, exc)
+    names, frames, members = load_members(list(args.runs))  # every refusal before --out is touched
 
     def write(out: Path) -> dict:
         metrics = build(names, frames, members, args.combine, out, args.bootstrap_draws)
@@ -198,7 +206,12 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
         return summary
 
-    return rundir.write_run(parser, args.out, args.overwrite, KIND, write, log, inputs=args.runs)
+    return rundir.write_run(args.out, args.overwrite, KIND, write, log, inputs=args.runs)
+
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> dict | None:
+    return run_command(main, argv, prog)
+
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shlex
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
-from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
+from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
 from common.features.store import SPLITS
+from common.runs.command import command_line, run_command
 from heads.choices import PRECISIONS
 
 # torch, pandas and scikit-learn come with the scoring below, once the flags are good.
@@ -44,15 +44,29 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def _check_flags(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """One field per flag (--config aside); the defaults live in the parser."""
+
+    run: str
+    store: tuple[str, ...] | None
+    split: tuple[str, ...]
+    bootstrap_draws: int
+    precision: str
+    out: str
+    overwrite: bool
+
+
+def settings_from(args: argparse.Namespace) -> EvaluateSettings:
     require(args, "run", "out")
     if args.bootstrap_draws != 0 and args.bootstrap_draws < MIN_VALID_DRAWS:
         raise ConfigError(f"--bootstrap-draws {args.bootstrap_draws}: 0 (no intervals) or at least {MIN_VALID_DRAWS}")
     if args.precision not in PRECISIONS:
         raise ConfigError(f"--precision {args.precision!r}: choose from {', '.join(PRECISIONS)}")
+    return settings_of(EvaluateSettings, args)
 
 
-def load_checked(args: argparse.Namespace):
+def load_checked(args: EvaluateSettings):
     """The head, the store paths and the label pairs, every refusal made before --out is touched:
     features not the head's (heads.predict's check), no shared label."""
     from heads.checkpoint import load_head
@@ -103,26 +117,15 @@ def evaluate_store(head, paths: list[str], pairs, splits: list[str], precision: 
     """metrics.json's content, with predictions/<split>.parquet written into `out`."""
     import numpy as np
 
-    from common.runs import rundir
-    from common.evaluation.scores import study_metrics
-    from common.evaluation.metrics import evaluate
+    from common.evaluation.scores import score_splits
     from heads.data import open_stores
 
     stores = open_stores(paths, splits)
     store_names = list(stores.label_names)
     names = [h for h, _ in pairs]
     thresholds = head.thresholds[[head.label_names.index(h) for h in names]]  # chosen on the head's own val
-    scored = {}
-    for name, split in stores.splits.items():
-        s = score_split(head, split, store_names, pairs, stores.dataset, precision)
-        m = evaluate(s.y, s.probs, s.mask, names, s.has_disease, s.no_finding, thresholds, s.patient_id,
-                     bootstrap_draws)
-        m["notes"] = [f"{name}: {n}" for n in m["notes"]]
-        if s.study_id is not None:
-            m["study_level"] = study_metrics(s, names)
-        scored[name] = m
-        frame = rundir.predictions_frame(s.image_id, s.probs, names, s.y, s.mask, s.has_disease, s.no_finding)
-        rundir.write_table(frame, out / rundir.PREDICTIONS / f"{name}.parquet")
+    scored = score_splits({name: score_split(head, split, store_names, pairs, stores.dataset, precision)
+                           for name, split in stores.splits.items()}, names, thresholds, out, bootstrap_draws)
     paired = {b for _, b in pairs}
     return {
         "label_names": names,
@@ -170,7 +173,7 @@ def render_report(config: dict, metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, checked, out: Path, command: str) -> dict:
+def run(args: EvaluateSettings, checked, out: Path, command: str) -> dict:
     from common import software
     from common.runs import rundir
     from heads.data import store_info
@@ -185,7 +188,7 @@ def run(args: argparse.Namespace, checked, out: Path, command: str) -> dict:
     config = {
         "kind": KIND,
         # What `cxr compare` sets beside a head run's: the head's training settings, then how it was scored.
-        "settings": {**head_config.get("settings", {}), "head_run": str(run_dir.resolve()), "split": args.split,
+        "settings": {**head_config.get("settings", {}), "head_run": str(run_dir.resolve()), "split": list(args.split),
                      "bootstrap_draws": args.bootstrap_draws},
         "head_run": str(run_dir.resolve()),
         "stores": [store_info(p).describe() for p in paths],
@@ -206,22 +209,20 @@ def run(args: argparse.Namespace, checked, out: Path, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
-    parser = build_parser(prog)
-    try:
-        args = parse_with_config(parser, argv, "evaluate")
-        _check_flags(args)
-    except ConfigError as exc:
-        fail(parser, exc)
+    """Score a head on a store from these flags; bad input raises (cli turns it into the one-line exit)."""
+    settings = settings_from(parse_with_config(build_parser(prog), argv, "evaluate"))
 
     from common.runs import rundir
 
-    command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
-    try:
-        checked = load_checked(args)  # every refusal before --out is touched
-    except (ValueError, RuntimeError) as exc:  # StoreError, RunError
-        fail(parser, exc)
-    return rundir.write_run(parser, args.out, args.overwrite, KIND, lambda out: run(args, checked, out, command), log,
-                           inputs=[args.run, *(args.store or [])])
+    command = command_line(prog, argv)
+    checked = load_checked(settings)  # every refusal before --out is touched
+    return rundir.write_run(settings.out, settings.overwrite, KIND, lambda out: run(settings, checked, out, command),
+                            log, inputs=[settings.run, *(settings.store or [])])
+
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> dict | None:
+    return run_command(main, argv, prog)
+
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
+from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
 from common.images.decode import MAX_PIXELS  # numpy and PIL only, as jobs/extract.py's parser
+from common.runs.command import run_command
 from heads.choices import PRECISIONS
 
 # torch, pyarrow and pandas come with heads/predictions.py, imported once the flags are good, so
@@ -47,17 +49,37 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class PredictSettings:
+    """One field per flag (--config aside); the defaults live in the parser."""
+
+    run: str
+    store: tuple[str, ...] | None
+    images: str | None
+    split: tuple[str, ...] | None
+    out: str
+    precision: str
+    device: str
+    batch_size: int
+    max_pixels: int
+    threads: int | None
+
+
+def settings_from(args: argparse.Namespace) -> PredictSettings:
+    require(args, "run", "out")
+    if args.out != "-" and Path(args.out).suffix not in (".parquet", ".csv"):
+        raise ConfigError(f"--out {args.out}: name a .parquet or .csv file, or - for CSV on stdout")
+    if args.max_pixels < 1:
+        raise ConfigError(f"--max-pixels {args.max_pixels}: must be at least 1")
+    for flag in ("store", "split"):  # a config file may give one value for a list flag
+        if isinstance(getattr(args, flag), str):
+            setattr(args, flag, [getattr(args, flag)])
+    return settings_of(PredictSettings, args)
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
-    parser = build_parser(prog)
-    try:
-        args = parse_with_config(parser, argv, "predict")
-        require(args, "run", "out")
-        if args.out != "-" and Path(args.out).suffix not in (".parquet", ".csv"):
-            raise ConfigError(f"--out {args.out}: name a .parquet or .csv file, or - for CSV on stdout")
-        if args.max_pixels < 1:
-            raise ConfigError(f"--max-pixels {args.max_pixels}: must be at least 1")
-    except ConfigError as exc:
-        fail(parser, exc)
+    """Write a head's probabilities from these flags; bad input raises (cli turns it into the one-line exit)."""
+    args = settings_from(parse_with_config(build_parser(prog), argv, "predict"))
 
     import torch
 
@@ -75,12 +97,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
             frame = predict_images(head, args.images, args.device, args.precision, args.batch_size, args.threads,
                                    log=log, max_pixels=args.max_pixels)
         else:
-            stores = [args.store] if isinstance(args.store, str) else args.store
-            splits = [args.split] if isinstance(args.split, str) else args.split
-            frame = predict_stores(head, stores, splits, resolve_precision(args.precision))
+            frame = predict_stores(head, args.store, args.split, resolve_precision(args.precision))
         out = None if args.out == "-" else rundir.write_table(frame, args.out)
-    except (ValueError, RuntimeError) as exc:  # StoreError, RunError and ConfigError are ValueErrors
-        fail(parser, exc)
     finally:
         torch.set_num_threads(threads)  # FeatureExtractor(threads=...) sets it process-wide too
     if out is None:
@@ -89,5 +107,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
     return out
 
 
+def cli(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
+    return run_command(main, argv, prog)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.config import HelpFormatter, fail, log
+from common.config import HelpFormatter, log
+from common.runs.command import run_command
 
 PROG = "python -m heads.report"
 
@@ -49,17 +50,16 @@ def render(run: str | Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None, prog: str = PROG) -> None:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    from common.runs import rundir
-
-    try:
-        report = render(args.run)
-    except rundir.RunError as exc:
-        fail(parser, exc)
+def main(argv: list[str] | None = None, prog: str = PROG) -> Path:
+    """Re-render the report of --run; bad input raises (cli turns it into the one-line exit)."""
+    report = render(build_parser(prog).parse_args(argv).run)
     log(f"report: {report}")
+    return report
+
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
+    return run_command(main, argv, prog)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -9,13 +9,12 @@ Settings: built-in defaults < the [train] table of --config < flags. See docs/he
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
-from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, fail, log, parse_list,
+from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, log, parse_list,
                            parse_with_config, require)
 from common.data.targets import HEAD_POLICIES
+from common.runs.command import command_line, run_command
 from heads.choices import KINDS, PRECISIONS, SEX_ENCODINGS
 from heads.settings import HeadSettings
 
@@ -104,19 +103,19 @@ def settings_from(args: argparse.Namespace) -> HeadSettings:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
-    parser = build_parser(prog)
-    try:
-        settings = settings_from(parse_with_config(parser, argv, "train"))
-    except ConfigError as exc:
-        fail(parser, exc)
+    """Train a head run from these flags; bad input raises (cli turns it into the one-line exit)."""
+    settings = settings_from(parse_with_config(build_parser(prog), argv, "train"))
 
     from common.runs import rundir
     from heads.run import run
 
-    command = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
-    # The engine raises; write_run turns its errors into the one-line exit through the parser.
-    return rundir.write_run(parser, settings.out, settings.overwrite, "head", lambda out: run(settings, out, command),
+    command = command_line(prog, argv)
+    return rundir.write_run(settings.out, settings.overwrite, "head", lambda out: run(settings, out, command),
                             log, inputs=settings.store)
 
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> dict | None:
+    return run_command(main, argv, prog)
+
 if __name__ == "__main__":
-    main()
+    cli()

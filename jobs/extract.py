@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import shlex
 import sys
 import threading
 import time
@@ -32,7 +31,8 @@ from common.choices import PRECISIONS, SPLITS
 from common.config import HelpFormatter, parse_with_config, require
 from common.images.data_config import RESIZE_MODES
 from common.images.decode import MAX_PIXELS
-from common.runs.safe_output import OutputLock, RemoteLock, check_dir_path, is_disk_error, run_job
+from common.runs.command import command_line, run_command
+from common.runs.safe_output import OutputLock, RemoteLock, check_dir_path, is_disk_error
 from common.data.table_flags import add_table_flags, check_table_flags
 from jobs import workers_run_this_python
 
@@ -199,7 +199,7 @@ def stopped_by_store(out: str, committed: Callable[[], str]):
         raise
     except Exception as exc:
         if isinstance(exc, OSError) and is_disk_error(exc):
-            raise  # the driver's full or read-only disk: run_job's line names the file
+            raise  # the driver's full or read-only disk: run_command's line names the file
         if isinstance(exc, OSError):  # the driver's own store I/O, or a task's StoreFailure
             reason = " ".join(str(exc).split())[:300]
         else:  # Spark's report of a failed task: was it the store?
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
         + ", ".join(f"{s} {int((table['split'] == s).sum())}" for s in SPLITS))
     if plan.masks_dir:
         Path(plan.masks_dir).mkdir(parents=True, exist_ok=True)
-    command = shlex.join(sys.argv if argv is None else [*prog.split(), *argv])
+    command = command_line(prog, argv)
     settings = plan.settings()
     # One writer per store for the whole run: two jobs on one --out would write the same chunks.
     with (OutputLock if fs.is_local(plan.out) else RemoteLock)(plan.out, log=log) as lock:
@@ -442,16 +442,8 @@ def _report(plan: ExtractPlan, images, summary: dict) -> None:
     log(f"  next: cxr train --store {plan.out} --out runs/<name>")
 
 
-def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
-    run_job(main, argv, prog, runtime_errors=_runtime_input_errors)
-
-
-def _runtime_input_errors() -> tuple[type[RuntimeError], ...]:
-    # Only main raises these, once it has imported their modules: importing them here is free.
-    from common.models.checkpoint import WeightsError
-    from common.features.store_writer import OutputError
-
-    return OutputError, WeightsError
+def cli(argv: list[str] | None = None, prog: str = PROG) -> dict | None:
+    return run_command(main, argv, prog)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,14 @@ and the run directory gets the same files and report as a head run.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 from common.choices import ARCHITECTURE_LAYOUTS, PRECISIONS, SPLITS
 from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, parse_list, parse_with_config,
                            require)
 from common.images.data_config import RESIZE_MODES
-from common.runs.safe_output import check_dir_path, run_job
+from common.runs.command import command_line, run_command
+from common.runs.safe_output import check_dir_path
 from common.data.table_flags import add_table_flags, check_table_flags
 from common.data.targets import FINETUNE_POLICIES
 from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
 
     from finetune.run import run
 
-    command = shlex.join(sys.argv if argv is None else [*prog.split(), *argv])
+    command = command_line(prog, argv)
 
     def device() -> str:
         if spark is None and args.num_processes > 1:  # TorchDistributor runs on the active session
@@ -225,15 +224,8 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     return run(args, command, device, launcher(args))
 
 
-def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
-    run_job(main, argv, prog, runtime_errors=_runtime_input_errors)  # RunError, StoreError, FinetuneError: ValueErrors
-
-
-def _runtime_input_errors() -> tuple[type[RuntimeError], ...]:
-    # Only main raises it, once it has imported common.models.checkpoint: importing it here is free.
-    from common.models.checkpoint import WeightsError
-
-    return (WeightsError,)
+def cli(argv: list[str] | None = None, prog: str = PROG) -> dict | None:
+    return run_command(main, argv, prog)
 
 
 if __name__ == "__main__":

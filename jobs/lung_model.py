@@ -11,12 +11,11 @@ writes best.pt, which `--model` (and lungs.model.load_lung_model) reads.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
 from common.choices import PRECISIONS
 from common.config import ConfigError, HelpFormatter, parse_list
-from common.runs.safe_output import check_dir_path, run_job
+from common.runs.command import command_line, run_command
+from common.runs.safe_output import check_dir_path
 
 # torch is imported by lungs.train once the flags are good, so that --help answers at once.
 
@@ -71,9 +70,9 @@ def check_settings(args: argparse.Namespace) -> None:
     if args.command == "train":
         if args.size % 2 ** args.depth:
             raise ConfigError(f"--size {args.size}: must be a multiple of 2^--depth = {2 ** args.depth}")
-        args.split = parse_list(args.split, float, "split")
-        if len(args.split) != 3 or min(args.split) < 0 or abs(sum(args.split) - 1) > 1e-6:
-            raise ConfigError(f"--split {args.split}: give three non-negative fractions that sum to 1")
+        from common.data.splits import check_ratios  # pandas: only once the flags parsed
+
+        args.split = check_ratios(parse_list(args.split, float, "split"), "--split")
         if args.max_minutes is not None and args.max_minutes <= 0:
             raise ConfigError(f"--max-minutes must be positive, got {args.max_minutes}")
 
@@ -85,12 +84,12 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     check_dir_path(args.out)
     from lungs.train import run_evaluate, run_train
 
-    command = shlex.join(sys.argv if argv is None else [*prog.split(), *argv])
+    command = command_line(prog, argv)
     return (run_train if args.command == "train" else run_evaluate)(args, command)
 
 
-def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
-    run_job(main, argv, prog)  # LungModelError and RunError are ValueErrors
+def cli(argv: list[str] | None = None, prog: str = PROG) -> dict | None:
+    return run_command(main, argv, prog)
 
 
 if __name__ == "__main__":

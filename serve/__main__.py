@@ -13,9 +13,11 @@ import errno
 import os
 import socket
 import sys
+from dataclasses import dataclass
 
-from common.config import ConfigError, HelpFormatter, fail, log, parse_with_config, require
+from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
 from common.images.decode import MAX_PIXELS
+from common.runs.command import run_command
 
 # torch, Flask and the model come with the serving below, once the flags are good.
 
@@ -42,6 +44,29 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--keep-uploads", metavar="DIR",
                    help="also write each upload there, named by its sha256 (default: nothing is written)")
     return p
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """One field per flag (--config aside); the defaults live in the parser."""
+
+    run: str
+    host: str
+    port: int
+    max_upload_mb: float
+    max_pixels: int
+    max_batch: int
+    wait_ms: float
+    http_threads: int
+    threads: int | None
+    device: str
+    precision: str
+    keep_uploads: str | None
+
+
+def settings_from(args: argparse.Namespace) -> ServeSettings:
+    check_flags(args)
+    return settings_of(ServeSettings, args)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -106,17 +131,10 @@ def make_server(app, args: argparse.Namespace, sock: socket.socket | None = None
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> None:
-    parser = build_parser(prog)
-    try:
-        args = parse_with_config(parser, argv, "serve")
-        check_flags(args)
-        sock = listen(args)
-    except ConfigError as exc:
-        fail(parser, exc)
-    try:
-        served, batcher, app = build(args)
-    except (ValueError, RuntimeError, OSError) as exc:  # ModelError, StoreError, WeightsError, RunError
-        fail(parser, exc)
+    """Serve --run until interrupted; bad input raises (cli turns it into the one-line exit)."""
+    args = settings_from(parse_with_config(build_parser(prog), argv, "serve"))
+    sock = listen(args)
+    served, batcher, app = build(args)
 
     server = make_server(app, args, sock)
     log(f"serving {served.kind} run {served.identity['run']} ({served.identity['backbone']}, "
@@ -131,5 +149,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
         batcher.close()
 
 
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
+    # RuntimeError and OSError: torch's refusal of a model file, a run folder that cannot be read.
+    return run_command(main, argv, prog, also=(RuntimeError, OSError))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

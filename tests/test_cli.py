@@ -91,9 +91,9 @@ def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
 
 @pytest.mark.parametrize("argv, code, line", [
     (["train", "--store", "s", "--out", "o", "--policy", "nope"], 2,
-     "cxr train: --policy 'nope': choose from ignore, zeros, ones, multiclass, selftrained"),
+     "cxr train: error: --policy 'nope': choose from ignore, zeros, ones, multiclass, selftrained"),
     (["predict", "--run", "r", "--out", "p.txt"], 2,
-     "cxr predict: --out p.txt: name a .parquet or .csv file, or - for CSV on stdout"),
+     "cxr predict: error: --out p.txt: name a .parquet or .csv file, or - for CSV on stdout"),
     (["extract", "--weights", "random"], 2, "cxr extract: error: --metadata is required (or set it in --config)"),
     (["finetune", "--out", "x"], 2, "cxr finetune: error: --metadata is required (or set it in --config)"),
     (["report", "--run"], 2, "cxr report: error: argument --run: expected one argument"),
@@ -116,7 +116,7 @@ def test_a_command_help_exits_0_under_its_cxr_name(capsys):
 def test_report_says_where_the_report_is(tmp_path, capsys):
     with pytest.raises(SystemExit):  # no run there: one line naming it
         cli.main(["report", "--run", str(tmp_path)])
-    assert capsys.readouterr().err.startswith(f"cxr report: {tmp_path / 'config.json'}")
+    assert capsys.readouterr().err.startswith(f"cxr report: error: {tmp_path / 'config.json'}")
 
 
 def _help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:

@@ -49,7 +49,7 @@ def test_table_holds_each_runs_own_metrics_and_the_settings_that_differ(runs, tm
 def test_runs_on_other_images_or_other_truth_are_refused(runs, tmp_path, capsys):
     for other, why in (("smaller", "scored on other test images"), ("other-truth", "with other ground truth")):
         with pytest.raises(SystemExit) as exit_:
-            compare.main([str(runs["linear"]), str(runs[other]), "--out", str(tmp_path / other)])
+            compare.cli([str(runs["linear"]), str(runs[other]), "--out", str(tmp_path / other)])
         assert exit_.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and why in err and str(runs[other]) in err
@@ -68,11 +68,11 @@ def test_refusals_are_one_line(runs, tmp_path, capsys):
              ([str(runs["linear"]), str(runs["mlp"]), "--names", "a"], "--names: 1 names for 2 runs")]
     for argv, why in cases:
         with pytest.raises(SystemExit):
-            compare.main([*argv, "--out", str(tmp_path / "x")])
+            compare.cli([*argv, "--out", str(tmp_path / "x")])
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and why in err, err
     with pytest.raises(SystemExit):
-        compare.main([str(runs["linear"]), str(runs["mlp"]), "--out", str(done)])
+        compare.cli([str(runs["linear"]), str(runs["mlp"]), "--out", str(done)])
     assert "pass --overwrite" in capsys.readouterr().err
     assert (done / "comparison.md").read_text() == before
     compare.main([str(runs["linear"]), str(runs["linear"]), "--names", "a,b", "--out", str(done), "--overwrite"])

@@ -67,7 +67,7 @@ def test_members_must_share_images_ground_truth_and_labels(tmp_path, truth, caps
 
     def refused(*argv):
         with pytest.raises(SystemExit) as exit_:
-            ensemble.main([*argv, "--out", str(tmp_path / "x")])
+            ensemble.cli([*argv, "--out", str(tmp_path / "x")])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "x").exists()
         return err
@@ -121,7 +121,7 @@ def test_a_grids_top_cells_kept_as_one_head(tmp_path, capsys):
     np.testing.assert_allclose(again[head.label_names].to_numpy(), saved[head.label_names].to_numpy(), rtol=1e-5,
                                atol=1e-6)
     with pytest.raises(SystemExit):
-        train.main([*args, "--out", str(tmp_path / "bad"), "--grid-ensemble", "5"])
+        train.cli([*args, "--out", str(tmp_path / "bad"), "--grid-ensemble", "5"])
     assert "--grid-ensemble 5: between 1 and the grid's 4 cell(s)" in capsys.readouterr().err
 
 
@@ -136,7 +136,7 @@ def test_an_ensemble_never_overwrites_or_repeats_a_member(tmp_path, truth, capsy
              f"{tmp_path}/./a: the same run as {a}; an ensemble needs two or more different runs")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:
-            ensemble.main([*argv, "--bootstrap-draws", "0"])
+            ensemble.cli([*argv, "--bootstrap-draws", "0"])
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(line), err
     assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before

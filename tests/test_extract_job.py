@@ -346,7 +346,7 @@ def test_original_masked_and_fused_stores_train_heads_and_compare(dataset, spark
 
     # A head trained on masked features does not read an original-view store.
     with pytest.raises(SystemExit):
-        predict.main(["--run", str(runs["masked"]), "--store", str(stores["original"]), "--out", str(tmp_path / "x.csv")])
+        predict.cli(["--run", str(runs["masked"]), "--store", str(stores["original"]), "--out", str(tmp_path / "x.csv")])
     assert "view 'original' differs from the head's store" in capsys.readouterr().err
 
 

@@ -70,7 +70,7 @@ def test_folder_refused_for_a_head_with_age_and_sex(run, tmp_path, capsys):
     train.main(["--store", str(root / "store"), "--out", str(out), "--epochs", "1", "--age-sex", "--threads", "1",
                 "--quiet"])
     with pytest.raises(SystemExit):
-        predict.main(["--run", str(out), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")])
+        predict.cli(["--run", str(out), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")])
     assert "age and sex" in capsys.readouterr().err
 
 
@@ -137,7 +137,7 @@ def test_a_named_file_that_is_no_image_file_is_refused(run, tmp_path, capsys):
     for name, message in [("fifo.png", "not a regular file"), ("notes.txt", "not an image suffix"),
                           ("absent.png", "no such file or directory")]:
         with pytest.raises(SystemExit):
-            predict.main(["--run", str(out), "--images", str(tmp_path / name), "--out", str(tmp_path / "p.csv")])
+            predict.cli(["--run", str(out), "--images", str(tmp_path / name), "--out", str(tmp_path / "p.csv")])
         assert f"--images {tmp_path / name}: {message}" in capsys.readouterr().err
 
 

@@ -128,22 +128,22 @@ def test_config_file_sets_defaults_and_flags_override(stores, tmp_path):
     assert "AUROC intervals" not in (tmp_path / "run" / "report.md").read_text()
     conf.write_text("[train]\nepoch = 3\n")
     with pytest.raises(SystemExit):
-        train.main(["--config", str(conf), "--out", str(tmp_path / "other")])
+        train.cli(["--config", str(conf), "--out", str(tmp_path / "other")])
 
 
 def test_refusals_exit_with_one_line(stores, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "x"), "--labels", "competition"])
+        train.cli(["--store", str(stores["signal"]), "--out", str(tmp_path / "x"), "--labels", "competition"])
     assert capsys.readouterr().err.strip().endswith("is not a label of this store (" + ", ".join(
         json.loads((stores["signal"] / "manifest.json").read_text())["label_names"]) + ")")
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
-        train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "y")])
+        train.cli(["--store", str(stores["signal"]), "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err.strip()
     assert "not a run directory" in err and "\n" not in err
     with pytest.raises(SystemExit):
-        train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "z"), "--bootstrap-draws", "50"])
+        train.cli(["--store", str(stores["signal"]), "--out", str(tmp_path / "z"), "--bootstrap-draws", "50"])
     err = capsys.readouterr().err.strip()
     assert "--bootstrap-draws 50: 0 (no intervals) or at least 100" in err and "\n" not in err
 
@@ -185,7 +185,7 @@ def test_predict_refuses_features_from_another_backbone(signal_run, tmp_path, ca
     out, _ = signal_run
     other = synthetic_store(tmp_path / "other", sizes={"val": 20}, backbone="densenet121")
     with pytest.raises(SystemExit):
-        predict.main(["--run", str(out), "--store", str(other), "--out", str(tmp_path / "p.csv")])
+        predict.cli(["--run", str(out), "--store", str(other), "--out", str(tmp_path / "p.csv")])
     err = capsys.readouterr().err
     assert "backbone 'densenet121' differs" in err and err.count("\n") == 1
 
@@ -234,7 +234,7 @@ def test_ground_truth_is_the_same_under_every_policy(tmp_path):
 
 def test_a_first_epoch_that_diverges_is_refused(stores, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.main(["--store", str(stores["signal"]), "--out", str(tmp_path / "run"), "--lr", "1e30", *FAST])
+        train.cli(["--store", str(stores["signal"]), "--out", str(tmp_path / "run"), "--lr", "1e30", *FAST])
     err = capsys.readouterr().err
     assert "diverged in its first epoch" in err
     assert not (tmp_path / "run" / "head.pt").exists()
@@ -278,7 +278,7 @@ def test_constant_features_are_refused(tmp_path, capsys):
         rows["features"] = (1e-10 * (1 + 1e-3 * rng.random(rows["features"].shape))).astype(np.float32)
     store = write_store(tmp_path / "flat", splits)
     with pytest.raises(SystemExit):
-        train.main(["--store", str(store), "--out", str(tmp_path / "run"), *FAST])
+        train.cli(["--store", str(store), "--out", str(tmp_path / "run"), *FAST])
     err = capsys.readouterr().err
     assert "train: features are constant" in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "head.pt").exists()

@@ -116,9 +116,9 @@ def test_self_training_moves_uncertain_labels_the_right_way_and_beats_u_ignore(t
 
 def test_policy_flags_are_checked():
     with pytest.raises(SystemExit):
-        train.main(["--store", "s", "--out", "o", "--policy", "twice"])
+        train.cli(["--store", "s", "--out", "o", "--policy", "twice"])
     with pytest.raises(SystemExit):
-        train.main(["--store", "s", "--out", "o", "--policy", "selftrained", "--self-train-rounds", "0"])
+        train.cli(["--store", "s", "--out", "o", "--policy", "selftrained", "--self-train-rounds", "0"])
     assert eval_targets(np.array([[-1, 1]]))[1].tolist() == [[False, True]]
 
 

@@ -117,10 +117,10 @@ def test_refusals(nih_on_chexpert, tmp_path, capsys):
 
     def refused(*argv):
         with pytest.raises(SystemExit) as exit_:
-            evaluate.main(["--run", head, *argv])
+            evaluate.cli(["--run", head, *argv])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith("heads.evaluate: ") and err.count("\n") == 1
+        assert err.startswith("heads.evaluate: error: ") and err.count("\n") == 1
         return err
 
     assert "a run is already here; pass --overwrite" in refused("--store", chexpert, "--out", str(nih_on_chexpert["out"]))

@@ -27,7 +27,7 @@ def train_cli(capsys, *argv) -> tuple[int, str]:
     """heads.train's exit status and its stderr, for a run expected to fail."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        train.main(list(argv))
+        train.cli(list(argv))
     return info.value.code, capsys.readouterr().err
 
 
@@ -134,7 +134,7 @@ def test_heads_train_over_a_finetune_run_keeps_its_checkpoints(store, tmp_path, 
     for name in ("best.pt", "last.pt", "metrics.json"):
         (out / name).write_text(name)
     code, err = train_cli(capsys, "--store", str(store), "--out", str(out), *FAST, "--overwrite")
-    assert code == 2 and err == (f"heads.train: --out {out}: holds a finetune run, and this command writes a head run; "
+    assert code == 2 and err == (f"heads.train: error: --out {out}: holds a finetune run, and this command writes a head run; "
                                  "--overwrite replaces only a run of the same kind: choose another folder\n")
     assert sorted(p.name for p in out.iterdir()) == [rundir.MARKER, "best.pt", "last.pt", "metrics.json"]
 
@@ -148,7 +148,7 @@ def test_evaluating_a_head_into_its_own_run_keeps_the_head(store, tmp_path, caps
     for given in (run, run / "head.pt"):
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:
-            evaluate.main(["--run", str(given), "--out", str(run), "--overwrite", "--bootstrap-draws", "0"])
+            evaluate.cli(["--run", str(given), "--out", str(run), "--overwrite", "--bootstrap-draws", "0"])
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.count("\n") == 1
         assert err.endswith(f"--out {run}: is an input of this command ({given}); write the result to another folder\n")
@@ -162,7 +162,7 @@ def test_evaluating_a_head_into_its_own_run_keeps_the_head(store, tmp_path, caps
 def test_heads_train_refuses_a_folder_that_only_looks_like_a_run(store, tmp_path, capsys, overwrite):
     before = lookalike(tmp_path / "results")
     code, err = train_cli(capsys, "--store", str(store), "--out", str(tmp_path / "results"), *FAST, *overwrite)
-    assert code == 2 and err == (f"heads.train: --out {tmp_path / 'results'}: exists and is not a run directory of "
+    assert code == 2 and err == (f"heads.train: error: --out {tmp_path / 'results'}: exists and is not a run directory of "
                                  "this project (no .cxr-run.json); refusing to write into it\n")
     assert {p.name: p.read_text() for p in (tmp_path / "results").iterdir()} == before
 
@@ -189,7 +189,7 @@ def test_heads_train_refuses_a_run_directory_another_job_writes(store, tmp_path,
         code, err = train_cli(capsys, "--store", str(store), "--out", str(tmp_path / "run"), *FAST)
         assert (tmp_path / "run" / LOCK).exists()  # the refused job leaves the holder's lock alone
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith(f"heads.train: {tmp_path / 'run'}: another job is writing here (host "
+    assert err.startswith(f"heads.train: error: {tmp_path / 'run'}: another job is writing here (host "
                           f"{socket.gethostname()}, pid {os.getpid()}, since ")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
 
@@ -197,9 +197,9 @@ def test_heads_train_refuses_a_run_directory_another_job_writes(store, tmp_path,
 def test_heads_train_out_that_is_a_file_or_under_one_is_one_line(store, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     code, err = train_cli(capsys, "--store", str(store), "--out", str(tmp_path / "f"), *FAST)
-    assert code == 2 and err == f"heads.train: --out {tmp_path / 'f'}: is a file, not a folder\n"
+    assert code == 2 and err == f"heads.train: error: --out {tmp_path / 'f'}: is a file, not a folder\n"
     code, err = train_cli(capsys, "--store", str(store), "--out", str(tmp_path / "f" / "run"), *FAST)
-    assert code == 2 and err == (f"heads.train: --out {tmp_path / 'f' / 'run'}: is under {tmp_path / 'f'}, which is "
+    assert code == 2 and err == (f"heads.train: error: --out {tmp_path / 'f' / 'run'}: is under {tmp_path / 'f'}, which is "
                                  "a file, not a folder\n")
     assert (tmp_path / "f").read_text() == "x"
 
@@ -215,7 +215,7 @@ def test_heads_train_full_disk_is_one_line_and_releases_the_lock(store, tmp_path
     monkeypatch.setattr(rundir, "write_json", full_at_config)
     out = tmp_path / "run"
     code, err = train_cli(capsys, "--store", str(store), "--out", str(out), *FAST)
-    assert code == 2 and err.splitlines()[-1] == f"heads.train: {out / 'config.json'}: no space left on device"
+    assert code == 2 and err.splitlines()[-1] == f"heads.train: error: {out / 'config.json'}: no space left on device"
     assert "Traceback" not in err
     assert not (out / LOCK).exists()
 
@@ -236,7 +236,7 @@ def test_heads_train_read_only_folder_is_one_line(store, tmp_path, capsys, monke
     finally:
         parent.chmod(0o700)
     reason = "read-only file system" if os.geteuid() == 0 else "permission denied"
-    assert code == 2 and err.count("\n") == 1 and err.startswith("heads.train: ") and err.endswith(f": {reason}\n")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("heads.train: error: ") and err.endswith(f": {reason}\n")
     assert str(parent) in err
 
 
@@ -281,5 +281,5 @@ def test_report_re_renders_every_kind_of_run_it_knows(store, tmp_path, capsys):
                       (store, "not found; is {store} a run directory?")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:
-            report.main(["--run", str(run)])
+            report.cli(["--run", str(run)])
         assert info.value.code == 2 and capsys.readouterr().err.endswith(f": {line}\n".format(store=store))

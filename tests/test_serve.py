@@ -327,7 +327,7 @@ def test_a_busy_port_is_refused_in_one_line_before_the_model_loads(tmp_path, mon
     with socket.create_server(("127.0.0.1", 0)) as busy:  # listening: the port is taken
         port = busy.getsockname()[1]
         with pytest.raises(SystemExit) as stopped:
-            serve_main.main(["--run", str(tmp_path), "--port", str(port)])
+            serve_main.cli(["--run", str(tmp_path), "--port", str(port)])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--port {port}" in err and "in use" in err, err
@@ -335,7 +335,7 @@ def test_a_busy_port_is_refused_in_one_line_before_the_model_loads(tmp_path, mon
 
 @pytest.mark.parametrize("flag, value, other", [("--port", "70000", "--wait-ms"), ("--wait-ms", "-1", "--port")])
 def test_a_range_error_names_only_its_flag(tmp_path, capsys, flag, value, other):
-    from serve.__main__ import main
+    from serve.__main__ import cli as main
 
     with pytest.raises(SystemExit) as stopped:
         main(["--run", str(tmp_path), flag, value])

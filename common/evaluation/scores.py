@@ -71,11 +71,17 @@ def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out:
     bootstrap_draws is 0), and their predictions files (predictions/<prefix><split>.parquet)."""
     val = scores["val"]
     thresholds, notes = choose_thresholds(val.y, val.probs, val.mask, label_names)
+    chosen = {name: scores[name] for name in ("val", "test") if name in scores}
+    splits = score_splits(chosen, label_names, thresholds, out, bootstrap_draws, prefix)
+    return splits, thresholds, [f"thresholds: {n}" for n in notes]
+
+
+def score_splits(scores: dict[str, SplitScores], label_names: list[str], thresholds: np.ndarray, out: Path,
+                 bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "") -> dict:
+    """Every metric of each split at the given thresholds (its notes prefixed by the split, per study
+    where the dataset has studies), and its predictions file (predictions/<prefix><split>.parquet)."""
     splits = {}
-    for name in ("val", "test"):
-        if name not in scores:
-            continue
-        s = scores[name]
+    for name, s in scores.items():
         splits[name] = evaluate(s.y, s.probs, s.mask, label_names, s.has_disease, s.no_finding, thresholds,
                                 s.patient_id, bootstrap_draws)
         splits[name]["notes"] = [f"{name}: {n}" for n in splits[name]["notes"]]
@@ -83,4 +89,4 @@ def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out:
             splits[name]["study_level"] = study_metrics(s, label_names)
         frame = rundir.predictions_frame(s.image_id, s.probs, label_names, s.y, s.mask, s.has_disease, s.no_finding)
         rundir.write_table(frame, out / rundir.PREDICTIONS / f"{prefix}{name}.parquet")
-    return splits, thresholds, [f"thresholds: {n}" for n in notes]
+    return splits

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import fs
+from common.runs.command import InputError
 from common.runs.safe_output import LOCK
 from common.features.store import ERROR_SCHEMA, ERRORS_DIR, MANIFEST, MASKED_FIELDS, ROW_SCHEMA, SPLITS, write_manifest
 
@@ -48,7 +49,7 @@ FILES_DDL = "kind string, file string, rows long, ran string"
 STORE_FAILURE = "store-failure"
 
 
-class OutputError(RuntimeError):
+class OutputError(InputError, RuntimeError):
     pass
 
 

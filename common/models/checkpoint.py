@@ -45,6 +45,7 @@ import torch
 
 from common.images.data_config import DataConfig, DataConfigError
 from common.models.torch_files import read_torch_file
+from common.runs.command import InputError
 
 FINETUNE_FORMAT = "cxr-features/finetune"
 # 2: data_config (one input geometry for every consumer) replaced input_size.
@@ -53,7 +54,7 @@ FINETUNE_FORMAT_VERSION = 2
 CACHED_FILES = 2
 
 
-class WeightsError(RuntimeError):
+class WeightsError(InputError, RuntimeError):
     """Weights that cannot be found or loaded; the message is one line."""
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from common import atomic
-from common.runs.safe_output import LOCK, OutputLock, OutputLockedError, check_dir_path, is_disk_error, os_error_line
+from common.runs.safe_output import LOCK, OutputLock, check_dir_path
 
 
 MARKER = ".cxr-run.json"
@@ -241,24 +241,15 @@ def predictions_arrays(df: pd.DataFrame, label_names: list[str]) -> dict[str, np
     }
 
 
-def write_run(parser, out: str, overwrite: bool, kind: str, work, log=print, inputs=()):
+def write_run(out: str, overwrite: bool, kind: str, work, log=print, inputs=()):
     """`work(run_dir)` inside a prepared run directory of `kind`, the one way every run-writing command
     writes (`inputs`: the paths it reads, never replaced, see prepare): one writer per directory (the
-    lock, held from the overwrite decision to the last file), bad
-    input and a full or read-only disk as one line through `parser` (exit 2), and a run refused before
-    its first file leaves no folder behind."""
-    from common.config import fail
-
+    lock, held from the overwrite decision to the last file), and a run refused before its first file
+    leaves no folder behind. Errors pass through to the command's exit (common.runs.command)."""
     fresh = not os.path.exists(out)
     try:
         with OutputLock(check_dir_path(out), log=log):
             return work(prepare(out, overwrite, kind=kind, log=log, inputs=inputs))
-    except (ValueError, RuntimeError, NotADirectoryError, OutputLockedError) as exc:  # RunError, StoreError, ...
-        fail(parser, exc)
-    except OSError as exc:
-        if not is_disk_error(exc):
-            raise
-        fail(parser, os_error_line(exc, out))
     finally:
         if fresh:
             discard_if_empty(out)

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, NoReturn
 
 LOCK = ".cxr.lock"
 HEARTBEAT_SECONDS = 30.0
@@ -261,32 +260,3 @@ class RemoteLock(_HeldLock):
 def is_disk_error(exc: OSError) -> bool:
     """Errors of the file system rather than of the input: full, read-only, permission, quota."""
     return exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
-
-
-def run_job(main: Callable[..., object], argv: list[str] | None, prog: str,
-            runtime_errors: Callable[[], tuple[type[BaseException], ...]] = tuple) -> None:
-    """Run a job's `main(argv, prog=prog)`: bad input is one line and exit 2; tracebacks are for bugs.
-
-    Bad input: ValueError (the project's input errors subclass it), a missing file, a file where a
-    folder belongs, a locked output, a full or read-only disk, and the RuntimeErrors that
-    `runtime_errors()` names (called only on a RuntimeError, so that their modules are imported
-    only where main has already imported them).
-    """
-    try:
-        main(argv, prog=prog)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OutputLockedError) as exc:
-        _bad_input(prog, exc)
-    except OSError as exc:
-        if not is_disk_error(exc):
-            raise
-        # A full or read-only disk is the machine's state, not a bug: say where and what.
-        _bad_input(prog, os_error_line(exc, "--out"))
-    except RuntimeError as exc:
-        if not isinstance(exc, runtime_errors()):
-            raise
-        _bad_input(prog, exc)
-
-
-def _bad_input(prog: str, exc: Exception | str) -> NoReturn:
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    sys.exit(2)
