@@ -18,8 +18,8 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
-from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
+from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
+from common.config import HelpFormatter, log, parse_with_config, require, settings_of
 from common.runs.command import command_line, run_command
 
 PROG = "python -m heads.ensemble"
@@ -55,8 +55,7 @@ class EnsembleSettings:
 
 def settings_from(args: argparse.Namespace) -> EnsembleSettings:
     require(args, "out")
-    if args.bootstrap_draws != 0 and args.bootstrap_draws < MIN_VALID_DRAWS:
-        raise ConfigError(f"--bootstrap-draws {args.bootstrap_draws}: 0 or at least {MIN_VALID_DRAWS}")
+    check_draws(args.bootstrap_draws)
     return settings_of(EnsembleSettings, args)
 
 

@@ -17,7 +17,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
+from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
 from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
 from common.features.store import SPLITS
 from common.runs.command import command_line, run_command
@@ -59,8 +59,7 @@ class EvaluateSettings:
 
 def settings_from(args: argparse.Namespace) -> EvaluateSettings:
     require(args, "run", "out")
-    if args.bootstrap_draws != 0 and args.bootstrap_draws < MIN_VALID_DRAWS:
-        raise ConfigError(f"--bootstrap-draws {args.bootstrap_draws}: 0 (no intervals) or at least {MIN_VALID_DRAWS}")
+    check_draws(args.bootstrap_draws)
     if args.precision not in PRECISIONS:
         raise ConfigError(f"--precision {args.precision!r}: choose from {', '.join(PRECISIONS)}")
     return settings_of(EvaluateSettings, args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS
+from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
 from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, log, parse_list,
                            parse_with_config, require)
 from common.data.targets import HEAD_POLICIES
@@ -97,8 +97,7 @@ def settings_from(args: argparse.Namespace) -> HeadSettings:
         raise ConfigError(f"--betas {s['betas']}: give two values")
     if s["batch_size"] < 1 or s["epochs"] < 1:
         raise ConfigError("--batch-size and --epochs must be positive")
-    if s["bootstrap_draws"] != 0 and s["bootstrap_draws"] < MIN_VALID_DRAWS:
-        raise ConfigError(f"--bootstrap-draws {s['bootstrap_draws']}: 0 (no intervals) or at least {MIN_VALID_DRAWS}")
+    check_draws(s["bootstrap_draws"])
     return HeadSettings(**s)
 
 

@@ -26,6 +26,15 @@ BOOTSTRAP_DRAWS = 1000
 BOOTSTRAP_SEED = 0
 CI_PERCENTILES = (2.5, 97.5)  # a 95% percentile interval
 MIN_VALID_DRAWS = 100  # and at least half the draws; with fewer a percentile is mostly noise
+
+
+def check_draws(draws: int) -> int:
+    """--bootstrap-draws as every command takes it: 0 (no intervals) or enough for a percentile."""
+    if draws != 0 and draws < MIN_VALID_DRAWS:
+        raise ValueError(f"--bootstrap-draws {draws}: 0 (no intervals) or at least {MIN_VALID_DRAWS}")
+    return draws
+
+
 _CHUNK = 50  # draws weighed at once: a (50, images) float64 block, ~10 MB for NIH's 25,596 test images
 # A draw's mean AUROC: over the classes with a positive and a negative in that draw; a class without
 # an AUROC on the whole split has none in any draw, so the mean is over (a subset of) the report's.
