@@ -7,7 +7,6 @@ training processes are started (`launch`) and on which device, since that is whe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 from functools import partial
@@ -34,6 +33,7 @@ from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, id
 from finetune.decode_cache import DEFAULT_DIR
 from finetune.localization import evaluate_localization
 from finetune.loop import predict, train
+from finetune.settings import FinetuneSettings
 
 LOCALIZATION_DIR = rundir.LOCALIZATION
 
@@ -135,12 +135,12 @@ def localize(model, spec, box_file: str, table, label_names: list[str], data_con
     return result, notes
 
 
-def decode_cache_dir(args: argparse.Namespace) -> str | None:
+def decode_cache_dir(settings: FinetuneSettings) -> str | None:
     """The decode cache's folder (absolute: the training processes may start elsewhere); None: no cache."""
-    if getattr(args, "no_decode_cache", False):
+    if settings.no_decode_cache:
         return None
-    return str(Path(args.decode_cache).resolve() if getattr(args, "decode_cache", None)
-               else Path(args.out).resolve().parent / DEFAULT_DIR)
+    return str(Path(settings.decode_cache).resolve() if settings.decode_cache
+               else Path(settings.out).resolve().parent / DEFAULT_DIR)
 
 
 def prepare_out(out: str, overwrite: bool, identity: dict, epochs: int, inputs=()) -> tuple[Path, dict | None]:
@@ -197,45 +197,46 @@ class _RunImages:
                        dataset=self.images.dataset)
 
 
-def _read_images(args: argparse.Namespace) -> _RunImages:
-    """The flags' image table, labels and splits; a bad box file, a table without train or val images
+def _read_images(settings: FinetuneSettings) -> _RunImages:
+    """The settings' image table, labels and splits; a bad box file, a table without train or val images
     and a bad --loss fail here, before anything is written."""
-    if args.bbox_list:
-        read_nih_bboxes(args.bbox_list)  # a bad box file fails now, not after training
-    images = table_from_flags(args, log=log)
-    label_names = select_labels(images.label_names, args.labels, drop_no_finding=not args.keep_no_finding)
+    if settings.bbox_list:
+        read_nih_bboxes(settings.bbox_list)  # a bad box file fails now, not after training
+    images = table_from_flags(settings, log=log)  # reads the table flags by name, as from a Namespace
+    label_names = select_labels(images.label_names, settings.labels, drop_no_finding=not settings.keep_no_finding)
     splits, flag_rows, labels = split_images(images.table, label_columns(images.label_names, label_names),
-                                             args.policy)
+                                             settings.policy)
     for need in ("train", "val"):
         if need not in splits:
-            raise FinetuneError(f"--metadata {args.metadata}: no {need} images after splitting; training needs train and val")
-    make_loss(args.loss, torch.zeros(1, len(label_names)), torch.ones(1, len(label_names)))  # a bad --loss fails now
+            raise FinetuneError(f"--metadata {settings.metadata}: no {need} images after splitting; "
+                                "training needs train and val")
+    # a bad --loss fails now
+    make_loss(settings.loss, torch.zeros(1, len(label_names)), torch.ones(1, len(label_names)))
     return _RunImages(images, label_names, splits, flag_rows, labels)
 
 
-def _finetune_config(args: argparse.Namespace, data: _RunImages, weights: WeightsSource, data_config,
-                     settings: dict) -> FinetuneConfig:
+def _finetune_config(s: FinetuneSettings, data: _RunImages, weights: WeightsSource, data_config) -> FinetuneConfig:
     """What the training processes run, with the identity a resumed run must match."""
     cfg = FinetuneConfig(
-        out=args.out, backbone=args.backbone, label_names=data.label_names, train=data.splits["train"],
+        out=s.out, backbone=s.backbone, label_names=data.label_names, train=data.splits["train"],
         val=data.splits["val"], state_file=weights.path,
-        init_seed=weights.seed if weights.kind == "random" else args.train_seed,
-        data_config=data_config, model=args.model, model_options=args.model_options,
-        outputs_per_label=3 if args.policy == "multiclass" else 1,
-        freeze_backbone=args.freeze_backbone, loss=args.loss, focal_gamma=args.focal_gamma,
-        focal_alpha=args.focal_alpha, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
-        batch_size=args.batch_size, epochs=args.epochs, schedule=args.schedule, step_epochs=args.step_epochs,
-        lr_factor=args.lr_factor, plateau_patience=args.plateau_patience,
-        early_stop_patience=args.early_stop_patience, best_metric=args.best_metric, seed=args.train_seed,
-        precision=args.precision, num_workers=args.num_workers, threads=args.threads,
-        decode_cache=decode_cache_dir(args),
-        checkpoint_every=args.checkpoint_every, keep_epoch_checkpoints=args.checkpoint_ensemble > 1,
-        log_every=args.log_every, log_seconds=args.log_seconds, stop_after_steps=args.stop_after_steps,
-        record=rundir.jsonable(settings),
+        init_seed=weights.seed if weights.kind == "random" else s.train_seed,
+        data_config=data_config, model=s.model, model_options=dict(s.model_options),
+        outputs_per_label=3 if s.policy == "multiclass" else 1,
+        freeze_backbone=s.freeze_backbone, loss=s.loss, focal_gamma=s.focal_gamma,
+        focal_alpha=s.focal_alpha, lr=s.lr, weight_decay=s.weight_decay, betas=s.betas,
+        batch_size=s.batch_size, epochs=s.epochs, schedule=s.schedule, step_epochs=s.step_epochs,
+        lr_factor=s.lr_factor, plateau_patience=s.plateau_patience,
+        early_stop_patience=s.early_stop_patience, best_metric=s.best_metric, seed=s.train_seed,
+        precision=s.precision, num_workers=s.num_workers, threads=s.threads,
+        decode_cache=decode_cache_dir(s),
+        checkpoint_every=s.checkpoint_every, keep_epoch_checkpoints=s.checkpoint_ensemble > 1,
+        log_every=s.log_every, log_seconds=s.log_seconds, stop_after_steps=s.stop_after_steps,
+        record=rundir.jsonable(s.to_dict()),
     )
     # The weights by content, not path; the policy and the process count shape training from outside cfg.
-    cfg.identity = identity_of(cfg, weights=weights.label, weights_sha256=weights.sha256, policy=args.policy,
-                               num_processes=args.num_processes)
+    cfg.identity = identity_of(cfg, weights=weights.label, weights_sha256=weights.sha256, policy=s.policy,
+                               num_processes=s.num_processes)
     return cfg
 
 
@@ -270,19 +271,20 @@ def _replicas_differ(out: Path, result: dict) -> bool:
     return differ
 
 
-def _ensemble(args: argparse.Namespace, out: Path, result: dict, best_metric: str, label_names: list[str],
+def _ensemble(settings: FinetuneSettings, out: Path, result: dict, best_metric: str, label_names: list[str],
               score) -> dict | None:
     """With --checkpoint-ensemble K > 1, checkpoint_ensemble of the K best epochs; None otherwise."""
-    if args.checkpoint_ensemble <= 1:
+    if settings.checkpoint_ensemble <= 1:
         return None
-    ensemble = checkpoint_ensemble(out, result["history"], args.checkpoint_ensemble, best_metric, label_names, score)
+    ensemble = checkpoint_ensemble(out, result["history"], settings.checkpoint_ensemble, best_metric, label_names,
+                                   score)
     if ensemble and "splits" in ensemble:
         log("checkpoint ensemble of epochs " + ", ".join(map(str, ensemble["epochs"])) + ": "
             + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in ensemble["splits"].items()))
     return ensemble
 
 
-def _evaluate(args: argparse.Namespace, spec, out: Path, data: _RunImages, cfg: FinetuneConfig, result: dict,
+def _evaluate(settings: FinetuneSettings, spec, out: Path, data: _RunImages, cfg: FinetuneConfig, result: dict,
               device: str) -> dict:
     """metrics.json of a trained run: best.pt scored on val and test (on the training device when this
     process has it), the checkpoint ensemble, CAM localization, and the notes."""
@@ -292,16 +294,16 @@ def _evaluate(args: argparse.Namespace, spec, out: Path, data: _RunImages, cfg: 
     score = data.scorer(cfg, eval_device)
     model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(out, score, data.label_names)
     unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
-    ensemble = _ensemble(args, out, result, cfg.best_metric, data.label_names, score)
+    ensemble = _ensemble(settings, out, result, cfg.best_metric, data.label_names, score)
     localization, loc_notes = None, []
-    if args.bbox_list:
-        localization, loc_notes = localize(model, spec, args.bbox_list, data.images.table, data.label_names,
-                                           cfg.data_config, eval_device, out, args.overlays, set(unreadable),
-                                           args.localize_split)
+    if settings.bbox_list:
+        localization, loc_notes = localize(model, spec, settings.bbox_list, data.images.table, data.label_names,
+                                           cfg.data_config, eval_device, out, settings.overlays, set(unreadable),
+                                           settings.localize_split)
     notes = ([f"unreadable images ({len(unreadable)}), left out of training and metrics: "
               + ", ".join(Path(p).name for p in unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")]
              if unreadable else [])
-    notes += [f"{args.num_processes} processes ended with different weights"] if replicas_differ else []
+    notes += [f"{settings.num_processes} processes ended with different weights"] if replicas_differ else []
     return {
         "label_names": data.label_names,
         "best_epoch": result["best_epoch"],
@@ -321,36 +323,36 @@ def _evaluate(args: argparse.Namespace, spec, out: Path, data: _RunImages, cfg: 
     }
 
 
-def run(args: argparse.Namespace, command: str, resolve_device: Callable[[], str],
+def run(settings: FinetuneSettings, command: str, resolve_device: Callable[[], str],
         launch: Callable[[Callable, FinetuneConfig], dict]) -> dict:
-    """Run the job of checked flags `args`. `resolve_device()` names the training device once the run
+    """Run the job of checked `settings`. `resolve_device()` names the training device once the run
     directory is ready; `launch(train, cfg)` runs training (in this process, or N by TorchDistributor)
     and returns rank 0's result."""
-    spec = get_spec(args.backbone)
-    weights = resolve_weights(args.backbone, args.weights, download=args.download_weights)
+    spec = get_spec(settings.backbone)
+    weights = resolve_weights(settings.backbone, settings.weights, download=settings.download_weights)
     # Fine-tuning a fine-tuned checkpoint keeps its input unless a flag changes it.
-    data_config = weights_data_config(weights, args.backbone, args.input_size, args.resize)
+    data_config = weights_data_config(weights, settings.backbone, settings.input_size, settings.resize)
     if weights.kind == "random":
         log(f"weights {weights.label}: random initialisation, as asked; the run records it")
-    data = _read_images(args)
-    settings = {k: v for k, v in sorted(vars(args).items()) if k != "config"}
-    cfg = _finetune_config(args, data, weights, data_config, settings)
+    data = _read_images(settings)
+    cfg = _finetune_config(settings, data, weights, data_config)
     # One job per run directory, taken before deciding to resume or overwrite, held to the last file.
-    with OutputLock(args.out, log=log):
-        out, resume = prepare_out(args.out, args.overwrite, cfg.identity, args.epochs,
+    with OutputLock(settings.out, log=log):
+        out, resume = prepare_out(settings.out, settings.overwrite, cfg.identity, settings.epochs,
                                   inputs=[weights.path] if weights.path else [])
         device = resolve_device()
         cfg.out, cfg.device = str(out), device
-        config = _config_record(command, data, weights, data_config, settings, _started(out, resume))
+        config = _config_record(command, data, weights, data_config, settings.to_dict(), _started(out, resume))
         rundir.write_json(out / rundir.CONFIG, config)
         log(f"{len(data.images.table)} images ({', '.join(f'{s} {len(v)}' for s, v in data.splits.items())}); "
-            f"{args.backbone} from {weights.label}, {len(data.label_names)} labels; input {data_config.describe()}; "
-            f"{args.num_processes} process(es)"
+            f"{settings.backbone} from {weights.label}, {len(data.label_names)} labels; "
+            f"input {data_config.describe()}; "
+            f"{settings.num_processes} process(es)"
             + (f"; resuming at epoch {resume['epoch']}, step {resume['step']}" if resume else ""))
         result = launch(train, cfg)
         if result["stopped"] == "interrupted":
             return {"run": str(out), **result}
-        metrics = _evaluate(args, spec, out, data, cfg, result, device)
+        metrics = _evaluate(settings, spec, out, data, cfg, result, device)
         rundir.write_json(out / rundir.METRICS, metrics)
         config["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         rundir.write_json(out / rundir.CONFIG, config)

@@ -27,6 +27,7 @@ from common.runs.safe_output import check_dir_path
 from common.data.table_flags import add_table_flags, check_table_flags
 from common.data.targets import FINETUNE_POLICIES
 from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
+from finetune.settings import FinetuneSettings
 from jobs import workers_run_this_python
 
 # torch and Spark are imported by the functions that use them, so that --help (and a flag error)
@@ -116,8 +117,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def check_settings(args: argparse.Namespace) -> None:
-    """Refuse bad flags before any work; --betas becomes its list of floats."""
+def settings_from(args: argparse.Namespace) -> FinetuneSettings:
+    """The run's settings from the parsed flags, refused before any work when bad; `args` is left as parsed."""
     check_table_flags(args)
     require(args, "out")
     for key, allowed in (("policy", FINETUNE_POLICIES), ("schedule", SCHEDULES), ("best_metric", BEST_METRICS),
@@ -131,7 +132,7 @@ def check_settings(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
     try:
-        args.model_options = model_options(args)
+        options = model_options(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     layouts = ARCHITECTURE_LAYOUTS
@@ -143,9 +144,9 @@ def check_settings(args: argparse.Namespace) -> None:
         raise ConfigError(f"--model attention-gated: gates a ResNet's stages; --backbone resnet50, not {args.backbone}")
     if args.decode_cache and args.no_decode_cache:
         raise ConfigError("--decode-cache and --no-decode-cache: give one")
-    args.betas = parse_list(args.betas, float, "betas")
-    if len(args.betas) != 2:
-        raise ConfigError(f"--betas {args.betas!r}: give two values")
+    betas = tuple(parse_list(args.betas, float, "betas"))
+    if len(betas) != 2:
+        raise ConfigError(f"--betas {list(betas)!r}: give two values")
     if args.device == "cuda" and not (args.num_processes > 1 and not args.local_mode):
         import torch
 
@@ -156,15 +157,17 @@ def check_settings(args: argparse.Namespace) -> None:
 
         if args.backbone not in CAM_LAYERS:
             raise ConfigError(f"--bbox-list: CAM is defined for {', '.join(CAM_LAYERS)}, not {args.backbone}")
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    return FinetuneSettings(**{**flags, "betas": betas, "model_options": tuple(options.items())})
 
 
-def resolve_device(args: argparse.Namespace) -> str:
+def resolve_device(settings: FinetuneSettings) -> str:
     """cpu or cuda for the training processes; on a cluster (--no-local-mode) the executors decide."""
     import torch
 
-    on_executors = args.num_processes > 1 and not args.local_mode
-    if args.device != "auto":
-        return args.device
+    on_executors = settings.num_processes > 1 and not settings.local_mode
+    if settings.device != "auto":
+        return settings.device
     if on_executors:
         # TorchDistributor gives each task its GPUs when Spark's tasks have a GPU resource.
         from pyspark.sql import SparkSession
@@ -190,15 +193,15 @@ def get_spark(device: str):
     return builder.getOrCreate()
 
 
-def launcher(args: argparse.Namespace):
+def launcher(settings: FinetuneSettings):
     """How training starts: this process for one, Spark's TorchDistributor for several."""
-    if args.num_processes == 1:
+    if settings.num_processes == 1:
         return lambda train, cfg: train(cfg)
 
     def distribute(train, cfg):
         from pyspark.ml.torch.distributor import TorchDistributor
 
-        return TorchDistributor(num_processes=args.num_processes, local_mode=args.local_mode,
+        return TorchDistributor(num_processes=settings.num_processes, local_mode=settings.local_mode,
                                 use_gpu=cfg.device == "cuda").run(train, cfg)
 
     return distribute
@@ -206,9 +209,8 @@ def launcher(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     """Run the job; `spark`: a session to run TorchDistributor on (else one is made for N > 1)."""
-    args = parse_with_config(build_parser(prog), argv, "finetune")
-    check_settings(args)
-    check_dir_path(args.out)
+    settings = settings_from(parse_with_config(build_parser(prog), argv, "finetune"))
+    check_dir_path(settings.out)
 
     import torch
 
@@ -217,11 +219,12 @@ def main(argv: list[str] | None = None, spark=None, prog: str = PROG) -> dict:
     command = command_line(prog, argv)
 
     def device() -> str:
-        if spark is None and args.num_processes > 1:  # TorchDistributor runs on the active session
-            get_spark("cuda" if args.local_mode and args.device != "cpu" and torch.cuda.is_available() else "cpu")
-        return resolve_device(args)
+        if spark is None and settings.num_processes > 1:  # TorchDistributor runs on the active session
+            on_gpu = settings.local_mode and settings.device != "cpu" and torch.cuda.is_available()
+            get_spark("cuda" if on_gpu else "cpu")
+        return resolve_device(settings)
 
-    return run(args, command, device, launcher(args))
+    return run(settings, command, device, launcher(settings))
 
 
 def cli(argv: list[str] | None = None, prog: str = PROG) -> dict | None:

@@ -185,6 +185,44 @@ def test_the_resume_identity_is_every_training_field_but_epochs_and_io():
     assert base["betas"] == [0.9, 0.999] and base["data_config"]["input_size"] == 224
 
 
+def test_settings_are_one_frozen_picklable_record_of_the_parsers_flags():
+    """The flags become one typed record (finetune.settings), built without touching the parsed flags;
+    it records them as runs always did: every flag but --config, sorted, betas a list."""
+    import pickle
+
+    from finetune.settings import FinetuneSettings
+
+    parser = job.build_parser()
+    args = parser.parse_args(["--metadata", "m.csv", "--images", "i", "--out", "o", "--model", "wang2017",
+                              "--lse-r", "5", "--pooling", "max", "--betas", "0.8, 0.99"])
+    before = dict(vars(args))
+    settings = job.settings_from(args)
+    assert vars(args) == before  # nothing added or parsed in place
+    assert isinstance(settings, FinetuneSettings) and settings.betas == (0.8, 0.99)
+    dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
+    assert [f.name for f in dataclasses.fields(FinetuneSettings)] == [*dests, "model_options"]
+    assert pickle.loads(pickle.dumps(settings)) == settings  # TorchDistributor pickles what it runs
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lr = 1.0
+    recorded = settings.to_dict()
+    assert list(recorded) == sorted([*dests, "model_options"])
+    assert recorded["betas"] == [0.8, 0.99] and recorded["model_options"] == {"pooling": "max", "lse_r": 5.0}
+    assert list(recorded["model_options"]) == ["pooling", "lse_r"]  # finetune.choices.MODEL_FLAGS's order
+    with pytest.raises(ConfigError, match=r"--betas \[0.9\]: give two values"):
+        job.settings_from(parser.parse_args(["--metadata", "m.csv", "--images", "i", "--out", "o", "--betas", "0.9"]))
+
+
+def test_the_engine_imports_no_parser():
+    """finetune.run takes the settings record; it never sees a parser."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).parents[1] / "finetune" / "run.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "argparse" not in names and not any(m.startswith("jobs") for m in names)
+
+
 # --- the job ------------------------------------------------------------------------------------
 
 
@@ -237,6 +275,15 @@ def test_run_directory_has_the_head_runs_files_and_loadable_checkpoints(run, nih
     # A finished run is kept unless asked.
     with pytest.raises(rundir.RunError, match="pass --overwrite"):
         job.main(job_args(nih40, out))
+
+
+@needs_shared
+def test_the_run_records_its_settings_record_in_config_json_and_the_checkpoints(run, nih40):
+    out, _ = run
+    flags = job_args(nih40, out, "--bbox-list", str(BBOX_CSV), "--overlays", "2", "--localize-split", "train")  # run's
+    expected = json.loads(json.dumps(job.settings_from(job.build_parser().parse_args(flags)).to_dict()))
+    assert json.loads((out / "config.json").read_text())["settings"] == expected
+    assert torch.load(out / BEST, map_location="cpu", weights_only=True)["config"] == expected
 
 
 @needs_shared

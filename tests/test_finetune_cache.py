@@ -214,10 +214,12 @@ def test_the_job_flags_name_the_cache_folder(tmp_path):
     from finetune.run import decode_cache_dir
     from jobs import fine_tune as job
 
-    parse = job.build_parser().parse_args
-    assert decode_cache_dir(parse(["--out", "runs/x"])) == str(Path("runs").resolve() / decode_cache.DEFAULT_DIR)
-    assert decode_cache_dir(parse(["--out", "runs/x", "--decode-cache", "fast"])) == str(Path("fast").resolve())
-    assert decode_cache_dir(parse(["--out", "runs/x", "--no-decode-cache"])) is None
+    def settings(*flags):
+        return job.settings_from(job.build_parser().parse_args(["--metadata", "m.csv", "--images", "i", *flags]))
+
+    assert decode_cache_dir(settings("--out", "runs/x")) == str(Path("runs").resolve() / decode_cache.DEFAULT_DIR)
+    assert decode_cache_dir(settings("--out", "runs/x", "--decode-cache", "fast")) == str(Path("fast").resolve())
+    assert decode_cache_dir(settings("--out", "runs/x", "--no-decode-cache")) is None
 
 
 def _overwrite_rows(values_path: Path, rows: dict) -> None:
