@@ -16,6 +16,7 @@ from common.choices import PRECISIONS
 from common.config import ConfigError, HelpFormatter, parse_list
 from common.runs.command import command_line, run_command
 from common.runs.safe_output import check_dir_path
+from lungs.settings import LungEvaluateSettings, LungTrainSettings
 
 # torch is imported by lungs.train once the flags are good, so that --help answers at once.
 
@@ -62,30 +63,32 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def check_settings(args: argparse.Namespace) -> None:
+def settings_from(args: argparse.Namespace) -> LungTrainSettings | LungEvaluateSettings:
+    """The subcommand's settings from the parsed flags, refused before any work when bad; `args` is left as parsed."""
     for key in ("size", "base", "depth", "epochs", "batch_size", "threads", "worst", "max_steps"):
         value = getattr(args, key, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    if args.command == "train":
-        if args.size % 2 ** args.depth:
-            raise ConfigError(f"--size {args.size}: must be a multiple of 2^--depth = {2 ** args.depth}")
-        from common.data.splits import check_ratios  # pandas: only once the flags parsed
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    if args.command == "evaluate":
+        return LungEvaluateSettings(**flags)
+    if args.size % 2 ** args.depth:
+        raise ConfigError(f"--size {args.size}: must be a multiple of 2^--depth = {2 ** args.depth}")
+    from common.data.splits import check_ratios  # pandas: only once the flags parsed
 
-        args.split = check_ratios(parse_list(args.split, float, "split"), "--split")
-        if args.max_minutes is not None and args.max_minutes <= 0:
-            raise ConfigError(f"--max-minutes must be positive, got {args.max_minutes}")
+    split = check_ratios(parse_list(args.split, float, "split"), "--split")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ConfigError(f"--max-minutes must be positive, got {args.max_minutes}")
+    return LungTrainSettings(**{**flags, "split": split})
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    check_settings(args)
-    check_dir_path(args.out)
+    settings = settings_from(build_parser(prog).parse_args(argv))
+    check_dir_path(settings.out)
     from lungs.train import run_evaluate, run_train
 
     command = command_line(prog, argv)
-    return (run_train if args.command == "train" else run_evaluate)(args, command)
+    return (run_train if isinstance(settings, LungTrainSettings) else run_evaluate)(settings, command)
 
 
 def cli(argv: list[str] | None = None, prog: str = PROG) -> dict | None:

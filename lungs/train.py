@@ -25,6 +25,7 @@ from lungs.data import SPLITS, augment, load_pairs, pair_files
 from lungs.evaluate import mean_dice, score
 from lungs.model import build_model, load_lung_model, read_lung_checkpoint, save_lung_model
 from lungs.report import write_overlays, write_report
+from lungs.settings import LungEvaluateSettings, LungTrainSettings
 
 
 def setup_device(device: str, threads: int | None) -> str:
@@ -87,32 +88,32 @@ def training_precision(requested: str, device: str) -> str:
     return precision
 
 
-def stop_reason(args, timed_out: bool, since_best: int) -> str | None:
+def stop_reason(settings: LungTrainSettings, timed_out: bool, since_best: int) -> str | None:
     """Why training stops after this epoch (--max-minutes, --max-steps, --patience), or None."""
     if timed_out:
-        return f"--max-minutes {args.max_minutes} reached"
-    if args.max_steps:
-        return f"--max-steps {args.max_steps}"
-    if args.patience and since_best >= args.patience:
-        return f"no better val Dice in {args.patience} epochs"
+        return f"--max-minutes {settings.max_minutes} reached"
+    if settings.max_steps:
+        return f"--max-steps {settings.max_steps}"
+    if settings.patience and since_best >= settings.patience:
+        return f"no better val Dice in {settings.patience} epochs"
     return None
 
 
-def train_epochs(model, loaded: dict, args, device: str, precision: str, started: float,
+def train_epochs(model, loaded: dict, settings: LungTrainSettings, device: str, precision: str, started: float,
                  save_best) -> tuple[list, float, str]:
     """Train `model` on loaded["train"] epoch by epoch, calling save_best(val_dice, epoch) on each better val
     Dice; (history, best val Dice, why it stopped)."""
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=args.lr_patience)
-    generator = torch.Generator().manual_seed(args.seed)
-    deadline = started + args.max_minutes * 60 if args.max_minutes else None
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=settings.lr_patience)
+    generator = torch.Generator().manual_seed(settings.seed)
+    deadline = started + settings.max_minutes * 60 if settings.max_minutes else None
     history, best, since_best, stop = [], -1.0, 0, None
     val = loaded["val"] if loaded["val"].stems else loaded["train"]
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, settings.epochs + 1):
         t0 = time.monotonic()
         train_loss, steps, timed_out = train_steps(model, opt, loaded["train"].images, loaded["train"].masks,
-                                                   generator, args.batch_size, device, precision, args.flip,
-                                                   deadline, args.max_steps)
+                                                   generator, settings.batch_size, device, precision, settings.flip,
+                                                   deadline, settings.max_steps)
         model.eval()
         val_dice = mean_dice(model, val)
         sched.step(val_dice)
@@ -125,36 +126,37 @@ def train_epochs(model, loaded: dict, args, device: str, precision: str, started
             save_best(val_dice, epoch)
         else:
             since_best += 1
-        log(f"[lungs] epoch {epoch:3d}/{args.epochs}  loss {train_loss:.4f}  val_dice {val_dice:.4f}  "
+        log(f"[lungs] epoch {epoch:3d}/{settings.epochs}  loss {train_loss:.4f}  val_dice {val_dice:.4f}  "
             f"lr {row['lr']:.1e}  {row['seconds']:.0f}s{mark}")
-        stop = stop_reason(args, timed_out, since_best)
+        stop = stop_reason(settings, timed_out, since_best)
         if stop:
             break
     return history, best, stop or "epochs"
 
 
-def run_train(args, command: str) -> dict:
-    """Train per `args` (jobs/lung_model.py's train flags) into run directory args.out; returns metrics.json's dict."""
-    device = setup_device(args.device, args.threads)
-    precision = training_precision(args.precision, device)
-    torch.manual_seed(args.seed)
-    pairs = pair_files(args.images, args.masks)
+def run_train(settings: LungTrainSettings, command: str) -> dict:
+    """Train per `settings` into run directory settings.out; returns metrics.json's dict."""
+    device = setup_device(settings.device, settings.threads)
+    precision = training_precision(settings.precision, device)
+    torch.manual_seed(settings.seed)
+    pairs = pair_files(settings.images, settings.masks)
     for line in pairs.unpaired:
         log(f"[lungs] {line}")
     # Each stem is its own patient: Shenzhen holds one image per patient.
-    owner = assign_groups(pairs.stems, args.split, args.split_seed, flag="--split")
+    owner = assign_groups(pairs.stems, settings.split, settings.split_seed, flag="--split")
     split = {s: [stem for stem in pairs.stems if owner[stem] == s] for s in SPLITS}
-    with OutputLock(args.out):
-        out = prepare(args.out, args.overwrite, kind="lungs", log=lambda m: log(f"[lungs] {m}"),
-                      inputs=[args.images, args.masks])
-        loaded = {s: load_pairs(pairs, split[s], args.size, log=lambda m: log(f"[lungs] {m}")) for s in SPLITS}
+    with OutputLock(settings.out):
+        out = prepare(settings.out, settings.overwrite, kind="lungs", log=lambda m: log(f"[lungs] {m}"),
+                      inputs=[settings.images, settings.masks])
+        loaded = {s: load_pairs(pairs, split[s], settings.size, log=lambda m: log(f"[lungs] {m}")) for s in SPLITS}
         log(f"[lungs] {len(pairs.stems)} pairs: " + ", ".join(f"{s}={len(loaded[s].stems)}" for s in SPLITS)
             + f"; {device}, {precision}, {torch.get_num_threads()} threads")
         if len(loaded["train"].stems) == 0:
-            raise ValueError(f"--images {args.images}: no training pair left after the split")
-        config = {"size": args.size, "base": args.base, "depth": args.depth}
-        source = data_source(args.images, args.masks, {s: loaded[s].stems for s in SPLITS}, args.split_seed, args.split)
-        write_json(out / CONFIG, {"kind": "lungs", "command": command, "settings": vars(args), "model": config,
+            raise ValueError(f"--images {settings.images}: no training pair left after the split")
+        config = {"size": settings.size, "base": settings.base, "depth": settings.depth}
+        source = data_source(settings.images, settings.masks, {s: loaded[s].stems for s in SPLITS}, settings.split_seed,
+                             settings.split)
+        write_json(out / CONFIG, {"kind": "lungs", "command": command, "settings": settings.to_dict(), "model": config,
                                   "data": {k: v for k, v in source.items() if k != "split"}, "device": device,
                                   "precision": precision, "torch": torch.__version__, "python": platform.python_version(),
                                   "unpaired": pairs.unpaired})
@@ -164,7 +166,7 @@ def run_train(args, command: str) -> dict:
         def save_best(val_dice: float, epoch: int) -> None:
             save_lung_model(model, config, out / BEST, source, {"val_dice": val_dice, "epoch": epoch})
 
-        history, best, stop = train_epochs(model, loaded, args, device, precision, started, save_best)
+        history, best, stop = train_epochs(model, loaded, settings, device, precision, started, save_best)
         log(f"[lungs] stopped: {stop}; best val Dice {best:.4f}")
         best_model, _ = load_lung_model(out / BEST, device)
         metrics, arrays = {}, {}
@@ -185,32 +187,34 @@ def run_train(args, command: str) -> dict:
         return result
 
 
-def run_evaluate(args, command: str) -> dict:
-    """Score a model (a checkpoint or "default") on every pair of --images/--masks into run directory args.out."""
-    device = setup_device(args.device, args.threads)
-    model, config = load_lung_model(args.model, device)
-    pairs = pair_files(args.images, args.masks)
+def run_evaluate(settings: LungEvaluateSettings, command: str) -> dict:
+    """Score a model (a checkpoint or "default") on every pair of --images/--masks into run directory settings.out."""
+    device = setup_device(settings.device, settings.threads)
+    model, config = load_lung_model(settings.model, device)
+    pairs = pair_files(settings.images, settings.masks)
     for line in pairs.unpaired:
         log(f"[lungs] {line}")
     stems = pairs.stems
-    if args.split != "all":
-        recorded = read_lung_checkpoint(args.model).get("data", {}).get("split", {})
-        if args.split not in recorded:
-            raise ValueError(f"--split {args.split}: --model {args.model} records no split of its training run")
-        stems = sorted(set(stems) & set(recorded[args.split]))
+    if settings.split != "all":
+        recorded = read_lung_checkpoint(settings.model).get("data", {}).get("split", {})
+        if settings.split not in recorded:
+            raise ValueError(f"--split {settings.split}: --model {settings.model} records no split of its training run")
+        stems = sorted(set(stems) & set(recorded[settings.split]))
         if not stems:
-            raise ValueError(f"--split {args.split}: none of the model's {args.split} images pair up in --images/--masks")
-    with OutputLock(args.out):
-        out = prepare(args.out, args.overwrite, kind="lungs-evaluation", log=lambda m: log(f"[lungs] {m}"),
-                      inputs=[args.images, args.masks, *([] if args.model == "default" else [args.model])])
-        write_json(out / CONFIG, {"kind": "lungs-evaluate", "command": command, "settings": vars(args),
+            raise ValueError(f"--split {settings.split}: none of the model's {settings.split} images pair up in "
+                             "--images/--masks")
+    with OutputLock(settings.out):
+        out = prepare(settings.out, settings.overwrite, kind="lungs-evaluation", log=lambda m: log(f"[lungs] {m}"),
+                      inputs=[settings.images, settings.masks,
+                              *([] if settings.model == "default" else [settings.model])])
+        write_json(out / CONFIG, {"kind": "lungs-evaluate", "command": command, "settings": settings.to_dict(),
                                   "model": config, "device": device, "torch": torch.__version__})
         loaded = load_pairs(pairs, stems, config["size"], log=lambda m: log(f"[lungs] {m}"))
-        metrics, arrays = score(model, loaded, worst=args.worst)
-        result = {"splits": {args.split: metrics}, "unpaired": pairs.unpaired}
+        metrics, arrays = score(model, loaded, worst=settings.worst)
+        result = {"splits": {settings.split: metrics}, "unpaired": pairs.unpaired}
         write_json(out / METRICS, result)
         overlays = write_overlays(out, loaded, arrays) if loaded.stems else []
-        report = write_report(out, "Lung segmentation evaluation", command, {args.split: metrics}, None, overlays,
+        report = write_report(out, "Lung segmentation evaluation", command, {settings.split: metrics}, None, overlays,
                               [*pairs.unpaired[:5], *loaded.skipped[:5]])
         r, p = metrics["raw"], metrics["post"]
         if r["n"]:

@@ -228,6 +228,33 @@ def test_training_stops_for_the_first_reason_that_holds():
     assert stop_reason(SimpleNamespace(max_minutes=None, max_steps=None, patience=0), False, 99) is None
 
 
+@pytest.mark.parametrize("argv", [["train", "--split", "0.6, 0.2,0.2"], ["evaluate", "--split", "test"]])
+def test_settings_are_one_frozen_picklable_record_per_subcommand(argv):
+    """Each subcommand's flags become one typed record (lungs.settings), built without touching the parsed
+    flags; it records them as runs always did: the subcommand, then the flags in the parser's order."""
+    import argparse
+    import dataclasses
+    import pickle
+
+    from jobs.lung_model import build_parser, settings_from
+    from lungs.settings import LungEvaluateSettings, LungTrainSettings
+
+    parser = build_parser()
+    args = parser.parse_args([*argv, "--images", "i", "--masks", "m", "--out", "o"])
+    before = dict(vars(args))
+    settings = settings_from(args)
+    assert vars(args) == before
+    assert type(settings) is {"train": LungTrainSettings, "evaluate": LungEvaluateSettings}[argv[0]]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    assert [f.name for f in dataclasses.fields(settings)] == [a.dest for a in sub._actions if a.dest != "help"]
+    assert pickle.loads(pickle.dumps(settings)) == settings
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.out = "x"
+    recorded = settings.to_dict()
+    assert list(recorded) == list(before) and recorded["command"] == argv[0]
+    assert recorded["split"] == ([0.6, 0.2, 0.2] if argv[0] == "train" else "test")
+
+
 @needs_lungs
 def test_train_and_evaluate_write_their_run_directories(tmp_path, monkeypatch):
     from jobs.lung_model import main
@@ -252,6 +279,8 @@ def test_train_and_evaluate_write_their_run_directories(tmp_path, monkeypatch):
     assert list((run / "overlays").glob("worst_*.png")) and "![loss](loss.png)" in (run / "report.md").read_text()
     obj = read_lung_checkpoint(run / "best.pt")
     assert set(obj["data"]["split"]) == {"train", "val", "test"} and "test" in obj["metrics"]
+    recorded = json.loads((run / "config.json").read_text())["settings"]
+    assert recorded["command"] == "train" and recorded["split"] == [0.6, 0.2, 0.2] and recorded["size"] == 32
 
     out = main(["evaluate", "--model", str(run / "best.pt"), *flags, "--out", str(tmp_path / "eval"), "--worst", "3"])
     scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())["splits"]["all"]
