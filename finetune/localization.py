@@ -31,6 +31,14 @@ CAM_THRESHOLD = 180 / 255
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
 ALL_LABELS = "all"  # the label of the overall row in accuracy tables
+# Overlays: a perceptually uniform map (equal steps of evidence look equal, no red end to read as "disease"),
+# its colour scale, and box colours that viridis never takes: white truth, magenta predictions.
+CAM_COLORMAP = "viridis"
+TRUTH_COLOUR, PREDICTED_COLOUR = "white", "#ff00ff"
+OVERLAY_SIDEBAR = 1.3  # inches right of the image for the colour scale and the key
+# A predicted box over half the image overlaps nearly any truth box by IoU > 0.1 (and IoBB says little):
+# such boxes are counted and noted, since their hits are not localization.
+LARGE_BOX = 0.5
 
 
 def box_grid(path: str, long_side: int | None) -> tuple[int, int]:
@@ -106,12 +114,15 @@ def localization_accuracy(
     truth_boxes: pd.DataFrame,
     measure: str = "iou",
     thresholds: Sequence[float] | None = None,
+    image_sizes: Mapping[str, tuple[int, int]] | None = None,
 ) -> pd.DataFrame:
     """Wang et al.'s accuracy: the share of ground-truth boxes that some predicted box overlaps by > T.
 
     pred_boxes maps (image_id, label) to an (M, 4) array of x, y, w, h (missing or empty: a miss);
     truth_boxes has image_id, label, x, y, w, h (common.data.bboxes). Returns one row per label and
-    threshold, then the overall rows (label "all"): label, measure, threshold, accuracy, n.
+    threshold, then the overall rows (label "all"): label, measure, threshold, accuracy, n; with
+    `image_sizes` ({image_id: (width, height)} of the boxes' grid) also large_boxes: how many of those
+    truth boxes were met by a predicted box over LARGE_BOX of the image, whose overlaps find nothing.
     """
     if measure not in MEASURES:
         raise ValueError(f"unknown overlap measure {measure!r}: choose from {', '.join(MEASURES)}")
@@ -125,13 +136,31 @@ def localization_accuracy(
         pred = np.asarray(pred_boxes.get((image_id, label), np.zeros((0, 4))), dtype=np.float64).reshape(-1, 4)
         if len(pred):
             best[i] = np.max(overlap(pred, truth[i]))
+    large = np.array([image_sizes is not None and large_box_share(
+        pred_boxes.get((image_id, label)), *image_sizes[image_id]) > LARGE_BOX
+        for image_id, label in zip(truth_boxes["image_id"], truth_boxes["label"])], dtype=bool)
     labels = truth_boxes["label"].to_numpy()
     rows = []
     for label in [*pd.unique(labels), ALL_LABELS]:
         pick = np.ones(len(labels), bool) if label == ALL_LABELS else labels == label
         for t in thresholds:
-            rows.append((label, measure, float(t), float(np.mean(best[pick] > t)), int(pick.sum())))
-    return pd.DataFrame(rows, columns=["label", "measure", "threshold", "accuracy", "n"])
+            rows.append((label, measure, float(t), float(np.mean(best[pick] > t)), int(pick.sum()),
+                         int(large[pick].sum())))
+    columns = ["label", "measure", "threshold", "accuracy", "n", "large_boxes"]
+    return pd.DataFrame(rows, columns=columns).drop(columns=[] if image_sizes is not None else ["large_boxes"])
+
+
+def large_box_share(boxes, width: int, height: int) -> float:
+    """The largest share of a `width` x `height` image that one of the (x, y, w, h) boxes covers (0 without)."""
+    boxes = np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4)
+    return float((boxes[:, 2] * boxes[:, 3]).max() / (width * height)) if len(boxes) else 0.0
+
+
+def large_box_note(share: float) -> str | None:
+    """What to say of a predicted box over LARGE_BOX of the image: its overlaps score without finding anything."""
+    if share <= LARGE_BOX:
+        return None
+    return f"a predicted box covers {share:.0%} of the image: IoU above 0.1 is then near-automatic"
 
 
 def overlay_png(
@@ -141,10 +170,17 @@ def overlay_png(
     pred_boxes,
     path: str | Path,
     title: str | None = None,
-) -> None:
-    """Save the image with the map as a heat overlay, truth box(es) in green, predicted in red."""
+    cmap: str = CAM_COLORMAP,
+) -> str | None:
+    """Save the image with the map as a heat overlay on `cmap` with its colour scale, the truth box(es) solid
+    white and the predicted ones dashed magenta (each with a dark outline, so both stand out on any part of
+    the map); returns the note written on it when a predicted box covers most of the image (large_box_note)."""
     # The object API with no pyplot: no global backend or figure state, safe next to other plotting.
+    from matplotlib import patheffects
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
     image_gray, cam = np.asarray(image_gray), np.asarray(cam, dtype=np.float64)
@@ -153,23 +189,42 @@ def overlay_png(
     height, width = cam.shape
     span = cam.max() - cam.min()
     shown = (cam - cam.min()) / span if span > 0 else np.zeros_like(cam)
-    fig = Figure(figsize=(6, 6.4 if title else 6), dpi=100)
-    ax = fig.add_axes((0, 0, 1, 6 / 6.4 if title else 1))
+    # The image keeps a 6 x 6 inch square at the left; the colour scale and the key take the column beside it.
+    fig_w, fig_h = 6 + OVERLAY_SIDEBAR, 6.4 if title else 6
+    top = 6 / fig_h
+    fig = Figure(figsize=(fig_w, fig_h), dpi=100)
+    ax = fig.add_axes((0, 0, 6 / fig_w, top))
     # extent puts pixel (i, j) on [j, j+1) x [i, i+1), the boxes' coordinates.
     extent = (0, width, height, 0)
     ax.imshow(image_gray, cmap="gray", vmin=0, vmax=1, extent=extent, interpolation="bilinear")
-    ax.imshow(shown, cmap="jet", alpha=0.35, vmin=0, vmax=1, extent=extent, interpolation="bilinear")
-    for boxes, colour in ((truth_box, "lime"), (pred_boxes, "red")):
+    ax.imshow(shown, cmap=cmap, alpha=0.45, vmin=0, vmax=1, extent=extent, interpolation="bilinear")
+    outline = [patheffects.withStroke(linewidth=4.5, foreground="black")]
+    for boxes, colour, style in ((truth_box, TRUTH_COLOUR, "-"), (pred_boxes, PREDICTED_COLOUR, "--")):
         if boxes is None:
             continue
         for x, y, w, h in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=2))
+            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=2, linestyle=style,
+                                   path_effects=outline))
+    note = large_box_note(large_box_share(pred_boxes, width, height))
+    if note:
+        ax.text(0.01 * width, 0.99 * height, note, color="white", fontsize=8, va="bottom",
+                bbox={"facecolor": "black", "alpha": 0.75, "edgecolor": "none"})
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
+    left = (6 + 0.25) / fig_w
+    scale_axes = fig.add_axes((left, 0.08 * top, 0.18 / fig_w, 0.55 * top))
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=scale_axes)
+    bar.set_label("class activation, min-max per image", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    key = [Line2D([], [], color=TRUTH_COLOUR, lw=2, path_effects=outline, label="radiologist"),
+           Line2D([], [], color=PREDICTED_COLOUR, lw=2, ls="--", path_effects=outline, label="from CAM")]
+    fig.legend(handles=key, loc="upper left", bbox_to_anchor=(6.02 / fig_w, 0.98 * top), fontsize=7,
+               facecolor="0.35", labelcolor="white", framealpha=1, handlelength=2.2)
     if title:
         fig.suptitle(title, fontsize=10, y=0.985)
     fig.savefig(path, format="png")
+    return note
 
 
 def evaluate_localization(
@@ -194,8 +249,9 @@ def evaluate_localization(
     carried back onto the boxes' pixel grid through that input's geometry (`map_to_grid`) and
     boxed. The grid is the image file's own, scaled so its long side is `box_image_size` (NIH's
     boxes are in 1024-px coordinates whatever size the file is; None: the file's size). Returns
-    the accuracy table of both measures (localization_accuracy). With `out_dir`, overlays of
-    the first `n_overlays` (image, label) pairs are written there as <image stem>_<label>.png.
+    the accuracy table of both measures (localization_accuracy, with its large_boxes count). With
+    `out_dir`, overlays of the first `n_overlays` (image, label) pairs are written there as
+    <image stem>_<label>.png.
     The model runs in eval mode and is put back in the mode it was in.
     """
     class_maps = heatmap_fn(model, spec)
@@ -205,6 +261,7 @@ def evaluate_localization(
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     preds: dict[tuple[str, str], np.ndarray] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     overlays_left = n_overlays if out_dir is not None else 0
     was_training = model.training
     model.eval()
@@ -213,7 +270,7 @@ def evaluate_localization(
                                   box_image_size)
         for image_id, label, grid, cam_map in maps:
             boxes = cam_to_boxes(cam_map, threshold)
-            preds[(image_id, label)] = boxes
+            preds[(image_id, label)], sizes[image_id] = boxes, grid
             if overlays_left > 0:
                 overlays_left -= 1
                 here = truth[(truth["image_id"] == image_id) & (truth["label"] == label)]
@@ -222,7 +279,7 @@ def evaluate_localization(
                             title=f"{image_id}  {label} ({spec.name})")
     finally:
         model.train(was_training)
-    return pd.concat([localization_accuracy(preds, truth, m) for m in MEASURES], ignore_index=True)
+    return pd.concat([localization_accuracy(preds, truth, m, image_sizes=sizes) for m in MEASURES], ignore_index=True)
 
 
 def _boxes_to_score(model: nn.Module, spec: BackboneSpec, bbox_table: pd.DataFrame, image_paths: Mapping[str, str],

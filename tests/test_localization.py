@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
@@ -24,6 +25,8 @@ from finetune.localization import (
     evaluate_localization,
     iobb,
     iou,
+    large_box_note,
+    large_box_share,
     localization_accuracy,
     overlay_png,
 )
@@ -259,25 +262,57 @@ def test_localization_accuracy_by_hand():
 # --- overlay and end to end ------------------------------------------------------------------------
 
 
-def test_overlay_draws_truth_green_and_predictions_red_where_they_are(tmp_path):
+def _overlay_pixels(tmp_path, pred, name="overlay.png"):
     size = 256
     yy, xx = np.mgrid[0:size, 0:size]
     image = (0.3 + 0.4 * xx / size).astype(np.float32)
     cam = np.exp(-((xx - 64) ** 2 + (yy - 160) ** 2) / 800.0)
+    note = overlay_png(image, cam, (32, 128, 64, 64), pred, tmp_path / name)
+    return np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(int), 600 / size, note
+
+
+def test_overlay_draws_truth_white_and_predictions_magenta_where_they_are(tmp_path):
     truth, pred = (32, 128, 64, 64), np.array([[150, 20, 80, 40]])
-    path = tmp_path / "overlay.png"
-    overlay_png(image, cam, truth, pred, path)
-    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    assert pixels.shape == (600, 600, 3)
-    scale = 600 / size
-    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-    for mask, (x, y, w, h) in (((g > 200) & (r < 80) & (b < 80), truth), ((r > 200) & (g < 60) & (b < 60), pred[0])):
+    pixels, scale, note = _overlay_pixels(tmp_path, pred)
+    assert pixels.shape[0] == 600 and pixels.shape[1] > 600 and note is None  # the colour scale beside the image
+    image = pixels[:, :600]  # the key's white text and the scale lie right of the image
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    white, magenta = (r > 235) & (g > 235) & (b > 235), (r > 200) & (g < 80) & (b > 200)
+    for mask, (x, y, w, h) in ((white, truth), (magenta, pred[0])):
         rows, cols = np.nonzero(mask)
         assert len(rows) > 100
         assert abs(cols.min() - x * scale) <= 3 and abs(cols.max() - (x + w) * scale) <= 3
         assert abs(rows.min() - y * scale) <= 3 and abs(rows.max() - (y + h) * scale) <= 3
+    # Each box has a dark outline: black pixels hug the white one.
+    assert ((r < 40) & (g < 40) & (b < 40))[int(127 * scale) - 4:int(129 * scale) + 4, int(40 * scale)].any()
     with pytest.raises(ValueError, match="same 2-D shape"):
-        overlay_png(image, cam[:10], truth, pred, path)
+        overlay_png(np.zeros((10, 10)), np.zeros((10, 12)), truth, pred, tmp_path / "x.png")
+
+
+def test_overlay_map_is_viridis_with_a_colour_scale(tmp_path):
+    pixels, scale, _ = _overlay_pixels(tmp_path, None)
+    peak = pixels[int(160 * scale), int(64 * scale)]
+    low = pixels[int(20 * scale), int(20 * scale)]
+    # viridis's top is yellow (jet's a dark red): green as high as red at the peak; its bottom a purple.
+    assert peak[1] > 130 and abs(peak[0] - peak[1]) < 40 and peak[2] < peak[1] - 40, peak
+    assert low[2] > low[1] and low[0] > low[1], low
+    beside = pixels[:, 600:]  # the colour scale: the map's own colours, unblended, from its bottom to its top
+    for v in (0.01, 0.5, 0.99):
+        colour = np.round(255 * np.array(colormaps["viridis"](v)[:3])).astype(int)
+        assert (np.abs(beside - colour).sum(axis=-1) < 30).any(), v
+
+
+def test_a_box_over_half_the_image_is_noted_and_counted(tmp_path):
+    _, _, note = _overlay_pixels(tmp_path, np.array([[5, 5, 240, 240]]))
+    assert note and "88% of the image" in note and "IoU above 0.1 is then near-automatic" in note
+    assert large_box_share(np.array([[0, 0, 10, 10], [0, 0, 50, 40]]), 100, 40) == 0.5
+    assert large_box_note(0.5) is None and large_box_share(None, 10, 10) == 0.0
+    truth = pd.DataFrame({"image_id": ["a", "b"], "label": ["Mass", "Mass"], "x": 10.0, "y": 10.0, "w": 5.0,
+                          "h": 5.0})
+    preds = {("a", "Mass"): np.array([[0, 0, 100, 90]]), ("b", "Mass"): np.array([[9, 9, 7, 7]])}
+    table = localization_accuracy(preds, truth, "iou", [0.001], image_sizes={"a": (100, 100), "b": (100, 100)})
+    assert table.set_index("label")["large_boxes"].to_dict() == {"Mass": 1, ALL_LABELS: 1}
+    assert table["accuracy"].tolist() == [1.0, 1.0]  # the huge box "hits" too: why it is counted
 
 
 def test_evaluate_localization_on_whole_image_boxes(tmp_path):
