@@ -27,7 +27,7 @@ COMMANDS = {
     "evaluate": ("heads.evaluate", "cli", "a head's AUROC on a store, also of another dataset"),
     "ensemble": ("heads.ensemble", "cli", "several runs' predictions combined into one run"),
     "report": ("heads.report", "cli", "re-render a run's report.md and plots"),
-    "compare": ("heads.compare", "cli", "runs side by side: per-class AUROC, settings that differ"),
+    "compare": ("heads.compare", "cli", "runs side by side: per-class AUROC, paired tests"),
     "lungs": ("jobs.lung_model", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),
     "serve": ("serve.__main__", "cli", "a diagnosis web page and API for one radiograph at a time"),
 }

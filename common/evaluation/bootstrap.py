@@ -74,10 +74,10 @@ def weighted_auroc(w_pos: np.ndarray, w_neg: np.ndarray, lo: np.ndarray, hi: np.
     resample's AUROC, ties half, as roc_auc_score gives it). w_pos (n_pos, k) weighs the positives,
     w_neg (n_neg, k) the negatives in ascending score order; lo / hi (n_pos,) count the negatives
     scored below / at most each positive. NaN in a column without positive or negative weight."""
-    cum = np.zeros((len(w_neg) + 1, w_neg.shape[1]))
+    cum = np.zeros((len(w_neg) + 1, w_neg.shape[1]), dtype=w_neg.dtype)
     np.cumsum(w_neg, axis=0, out=cum[1:])
     # Negatives below a positive, plus half those tied with it: the mean of the two cumulative sums.
-    num = 0.5 * np.einsum("ij,ij->j", w_pos, cum[lo] + cum[hi])
+    num = 0.5 * np.einsum("ij,ij->j", w_pos, cum[lo] + cum[hi], dtype=np.float64)
     den = w_pos.sum(axis=0) * cum[-1]
     out = np.full(w_neg.shape[1], np.nan)
     np.divide(num, den, out=out, where=den > 0)
@@ -107,7 +107,9 @@ def bootstrap_auroc_draws(y, scores, groups: np.ndarray, mask=None, draws: int =
         return out
     n_units, done = int(groups.max()) + 1, 0
     for counts in bootstrap_counts(n_units, draws, np.random.default_rng(seed)):
-        per_unit = np.ascontiguousarray(counts.T, dtype=np.float64)  # (units, k): rows gather fast
+        # (units, k): rows gather fast; int32 counts (exact, half float64's memory traffic: the cumulative sums
+        # over the negatives are most of a draw's time)
+        per_unit = np.ascontiguousarray(counts.T, dtype=np.int32)
         for c, prepared in enumerate(classes):
             if prepared is not None:
                 unit_pos, unit_neg, lo, hi = prepared
@@ -170,3 +172,73 @@ def bootstrap_auroc(y, scores, mask=None, patient_ids=None, names=None, draws: i
         "valid_draws": {**{n: int(v) for n, v in zip(names, n_valid)}, "mean": mean_valid},
     }
     return AurocIntervals(low, high, n_valid.astype(int), mean_low, mean_high, mean_valid, settings, notes)
+
+
+# Paired differences: two or more score sets on the same images, every draw resampling the same patients for
+# all of them, so the interval of a difference keeps the correlation of the two AUROCs (as DeLong's test does).
+P_RULE = ("two-sided: 2 (1 + the draws on the far side of 0) / (1 + valid draws), capped at 1 "
+          "(the +1 keeps a finite number of draws from claiming p = 0)")
+
+
+@dataclass
+class PairedIntervals:
+    """Paired bootstrap of AUROC(other) - AUROC(reference): per class and for the mean (MEAN_RULE)."""
+
+    low: np.ndarray  # (labels,) NaN where not reported
+    high: np.ndarray
+    p: np.ndarray  # (labels,) bootstrap p of a zero difference (P_RULE), NaN where not reported
+    valid: np.ndarray  # (labels,) int: draws with a positive and a negative of the class
+    mean_low: float
+    mean_high: float
+    mean_p: float
+    mean_valid: int
+    settings: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def bootstrap_p(values: np.ndarray, draws: int) -> float:
+    """P_RULE's p of a zero difference from bootstrap `values`; NaN with fewer than needed_draws finite ones."""
+    ok = values[np.isfinite(values)]
+    if len(ok) < needed_draws(draws):
+        return float("nan")
+    far = min(int((ok <= 0).sum()), int((ok >= 0).sum()))
+    return min(1.0, 2 * (far + 1) / (len(ok) + 1))
+
+
+def paired_auroc_differences(y, reference, others, mask=None, patient_ids=None, names=None,
+                             draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> list[PairedIntervals]:
+    """For each score set in `others` ((n, labels) each), the paired bootstrap of its AUROC minus that of
+    `reference` on the same images: one set of patient draws (seeded) weighs every score set alike."""
+    y = np.asarray(y)
+    k, valid, names = y.shape[1], _mask(y, mask), _names(names, y.shape[1])
+    groups, unit, notes = patient_groups(patient_ids, len(y))
+    sets = [np.asarray(reference), *(np.asarray(o) for o in others)]
+    # Side by side as columns of one matrix: bootstrap_auroc_draws draws each row's counts once for all columns.
+    aucs = bootstrap_auroc_draws(np.tile(y, len(sets)), np.concatenate(sets, axis=1), groups,
+                                 np.tile(valid, len(sets)), draws, seed)
+    settings = {"draws": draws, "seed": seed, "unit": unit, "units": int(groups.max()) + 1 if len(groups) else 0,
+                "percentiles": list(CI_PERCENTILES), "min_valid_draws": needed_draws(draws),
+                "mean_rule": MEAN_RULE, "p_rule": P_RULE}
+    out = []
+    for i in range(1, len(sets)):
+        diff = aucs[:, i * k:(i + 1) * k] - aucs[:, :k]
+        low, high, p, n_valid = (np.full(k, np.nan) for _ in range(4))
+        for c in range(k):
+            low[c], high[c], n_valid[c] = percentile_interval(diff[:, c], draws)
+            p[c] = bootstrap_p(diff[:, c], draws)
+        has = np.isfinite(diff).any(axis=1)
+        means = np.full(draws, np.nan)
+        means[has] = np.nanmean(diff[has], axis=1)
+        mean_low, mean_high, mean_valid = percentile_interval(means, draws)
+        run_notes = list(notes) + [f"{names[c]}: no paired interval, {int(n_valid[c])} of {draws} draws had a "
+                                   f"positive and a negative" for c in range(k)
+                                   if np.isnan(low[c]) and n_valid[c] > 0]
+        out.append(PairedIntervals(low, high, p, n_valid.astype(int), mean_low, mean_high, bootstrap_p(means, draws),
+                                   mean_valid, settings, run_notes))
+    return out
+
+
+def paired_bootstrap(y, scores_a, scores_b, mask=None, patient_ids=None, names=None,
+                     draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> PairedIntervals:
+    """The paired bootstrap of AUROC(scores_a) - AUROC(scores_b) (delong_test's sign)."""
+    return paired_auroc_differences(y, scores_b, [scores_a], mask, patient_ids, names, draws, seed)[0]
