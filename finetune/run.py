@@ -19,6 +19,7 @@ import torch
 from common import software
 from common.runs import rundir
 from common.data.bboxes import read_nih_bboxes
+from common.evaluation.model_card import label_counts, write_card
 from common.evaluation.scores import combine_probabilities, evaluate_splits, split_scores
 from common.models.model_registry import get_spec
 from common.data.image_table import ImageTable, table_from_flags
@@ -252,6 +253,8 @@ def _config_record(command: str, data: _RunImages, weights: WeightsSource, data_
         "weights": {"label": weights.label, "sha256": weights.sha256},
         "data_config": data_config.to_dict(),
         "images": {s: len(v) for s, v in data.splits.items()},
+        # The training split's truth is in no predictions file: its counts, for the model card's prevalence.
+        "label_counts": {"train": label_counts(*data.splits["train"].truth, data.label_names)},
         "split_method": data.images.split_method,
         "metadata_counts": data.images.counts,
         "started": started,
@@ -357,6 +360,7 @@ def run(settings: FinetuneSettings, command: str, resolve_device: Callable[[], s
         config["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         rundir.write_json(out / rundir.CONFIG, config)
         render(out)
+        write_card(out)
         split_metrics = metrics["splits"]
         summary = {"run": str(out), "stopped": result["stopped"], "best_epoch": result["best_epoch"],
                    **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in split_metrics.items()}}

@@ -164,18 +164,22 @@ def build(names, frames, members, how: str, out: Path, bootstrap_draws: int) -> 
 
 
 def render_report(metrics: dict) -> str:
-    names = metrics["label_names"]
+    from common.evaluation.model_card import threshold_fallbacks
+    from common.evaluation.text import entry_with_interval, number
+
+    names, fallbacks = metrics["label_names"], threshold_fallbacks(metrics)
     lines = [f"# Ensemble of {len(metrics['members'])} runs ({metrics['combine']} mean)", "",
-             "| member | kind | test mean AUROC |", "| --- | --- | --- |"]
-    lines += [f"| `{m['path']}` | {m['kind']} | {m['test_mean_auc']:.3f} |" if m["test_mean_auc"] is not None
-              else f"| `{m['path']}` | {m['kind']} | — |" for m in metrics["members"]]
+             "Model card (training data, weights provenance, warnings, intended use): [model_card.md](model_card.md)",
+             "", "| member | kind | test mean AUROC |", "| --- | --- | --- |"]
+    lines += [f"| `{m['path']}` | {m['kind']} | {number(m['test_mean_auc'])} |" for m in metrics["members"]]
     for split, m in metrics["splits"].items():
-        s = m["summary"]
-        ci = f" ({s['mean_auc_ci_low']:.2f}-{s['mean_auc_ci_high']:.2f})" if s.get("mean_auc_ci_low") is not None else ""
-        lines += ["", f"## {split}: mean AUROC {s['mean_auc']:.3f}{ci}", "", "| class | AUROC | threshold |",
-                  "| --- | --- | --- |"]
-        lines += [f"| {n} | {m['per_class'][n]['auroc']:.3f} | {metrics['thresholds'][n]:.3f} |"
-                  if m["per_class"][n]["auroc"] is not None else f"| {n} | — | — |" for n in names]
+        lines += ["", f"## {split}: {m['n']} images, mean AUROC {entry_with_interval(m['summary'], 'mean_auc')}", "",
+                  "| class | AUROC (95% CI) | threshold (chosen on val) |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {entry_with_interval(m['per_class'][n], 'auroc')} | {number(metrics['thresholds'][n])}"
+                  + (" (0.5 fallback: no val positive)" if n in fallbacks else "") + " |" for n in names]
+    from common.evaluation.subgroups import report_lines
+
+    lines += report_lines(metrics)
     if metrics["notes"]:
         lines += ["", "## Notes", "", *[f"- {n}" for n in metrics["notes"]]]
     return "\n".join(lines) + "\n"
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     """Write an ensemble run from these flags; bad input raises (cli turns it into the one-line exit)."""
     args = settings_from(parse_with_config(build_parser(prog), argv, "ensemble"))
 
+    from common.evaluation.model_card import write_card
     from common.runs import rundir
 
     command = command_line(prog, argv)
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         rundir.write_json(out / rundir.CONFIG, config)
         rundir.write_json(out / rundir.METRICS, metrics)
         (out / rundir.REPORT).write_text(render_report(metrics))
+        write_card(out)
         summary = {"out": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in metrics["splits"].items()}}
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
         return summary

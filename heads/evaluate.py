@@ -140,19 +140,34 @@ def evaluate_store(head, paths: list[str], pairs, splits: list[str], precision: 
 
 
 def _cell(entry: dict, key: str = "auroc") -> str:
-    value, low, high = entry.get(key), entry.get(f"{key}_ci_low"), entry.get(f"{key}_ci_high")
-    if value is None:
-        return "—"
-    return f"{value:.3f}" + (f" ({low:.2f}-{high:.2f})" if low is not None and high is not None else "")
+    from common.evaluation.text import entry_with_interval
+
+    return entry_with_interval(entry, key)
+
+
+def scored_counts(metrics: dict) -> dict[str, int]:
+    """Per split, the paired classes that got an AUROC and those that could not (no positives or no
+    negatives in the store's split): a class paired but unscorable is never counted as scored."""
+    from common.evaluation.text import defined
+
+    counts = {}
+    for split, m in metrics["splits"].items():
+        scored = sum(defined(m["per_class"][n]["auroc"]) for n in metrics["label_names"])
+        counts[f"{split}_scored"], counts[f"{split}_unscorable"] = scored, len(metrics["label_names"]) - scored
+    return counts
 
 
 def render_report(config: dict, metrics: dict) -> str:
     """A short report.md: what was scored on what, the pairs, per-class AUROC per split."""
     store_of = dict(map(tuple, metrics["aliases"]))
+    counts = scored_counts(metrics)
     lines = [f"# {metrics['head_dataset']} head scored on a {metrics['store_dataset']} store", "",
              f"- head: `{config['head_run']}`", *[f"- store: `{s['path']}`" for s in config["stores"]],
-             f"- labels scored: {len(metrics['label_names'])} shared (common/data/labels.py aliases); "
+             f"- labels paired: {len(metrics['label_names'])} shared (common/data/labels.py aliases); "
              "uncertain labels left out of their class",
+             *[f"- {split}: {counts[f'{split}_scored']} of them scored (an AUROC), "
+               f"{counts[f'{split}_unscorable']} unscorable (no positives or no negatives here)"
+               for split in metrics["splits"]],
              f"- not scored (the store has no such label): {', '.join(metrics['not_scored']) or 'none'}",
              f"- store labels the head does not predict: {', '.join(metrics['store_labels_unused']) or 'none'}",
              "- thresholds: the head's own, chosen on its training dataset's val split", ""]
@@ -202,7 +217,7 @@ def run(args: EvaluateSettings, checked, out: Path, command: str) -> dict:
     rundir.write_json(out / rundir.METRICS, metrics)
     (out / rundir.REPORT).write_text(render_report(config, metrics))
     summary = {"out": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in metrics["splits"].items()},
-               "scored": len(metrics["label_names"]), "not_scored": len(metrics["not_scored"])}
+               **scored_counts(metrics), "not_in_store": len(metrics["not_scored"])}
     log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary
 

@@ -5,11 +5,12 @@
     python -m heads.predict --run runs/x --images scan.png --out -      # CSV on stdout
 
 Output: image_id (+ split, or path and error for images), then one probability column per
-label of the head. From a folder, each image goes through the backbone(s) the head's stores were
-extracted with (backbone, weights and data config from their manifests); an unreadable image, and
-a name with an image suffix that is not a regular file (a FIFO, a dangling link: never opened), gets
-a row with its error and empty probabilities, never silently dropped; files without an image suffix
-are counted in one log line.
+label of the head: calibrated when the run has a calibration.json (temperatures fitted on its val
+split; the run's own predictions files keep the raw probabilities). From a folder, each image goes
+through the backbone(s) the head's stores were extracted with (backbone, weights and data config from
+their manifests); an unreadable image, and a name with an image suffix that is not a regular file (a
+FIFO, a dangling link: never opened), gets a row with its error and empty probabilities, never
+silently dropped; files without an image suffix are counted in one log line.
 """
 
 from __future__ import annotations
@@ -86,18 +87,21 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> Path | None:
     from common.runs import rundir
     from heads.checkpoint import load_head
     from heads.fit import resolve_precision
-    from heads.predictions import predict_images, predict_stores
+    from heads.predictions import predict_images, predict_stores, run_temperature
 
     threads = torch.get_num_threads()
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
         head = load_head(args.run)
+        temperature = run_temperature(args.run, head.label_names)
+        if temperature is not None:
+            log(f"probabilities calibrated (temperature, fitted on val) by the run's {rundir.CALIBRATION}")
         if args.images:
             frame = predict_images(head, args.images, args.device, args.precision, args.batch_size, args.threads,
-                                   log=log, max_pixels=args.max_pixels)
+                                   log=log, max_pixels=args.max_pixels, temperature=temperature)
         else:
-            frame = predict_stores(head, args.store, args.split, resolve_precision(args.precision))
+            frame = predict_stores(head, args.store, args.split, resolve_precision(args.precision), temperature)
         out = None if args.out == "-" else rundir.write_table(frame, args.out)
     finally:
         torch.set_num_threads(threads)  # FeatureExtractor(threads=...) sets it process-wide too

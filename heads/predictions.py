@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common.evaluation.calibration import apply_temperature, read_calibration, temperatures
 from common.runs import rundir
 from common.images.decode import MAX_PIXELS
 from common.data.locate import IMAGE_SUFFIXES, is_image_file, walk_files
@@ -50,15 +51,29 @@ def probabilities(head: Head, features: np.ndarray, age: np.ndarray, sex: np.nda
     return torch.sigmoid(predict_logits(head.model, input_tensor(x, precision), precision)).numpy()
 
 
+def run_temperature(run, label_names) -> np.ndarray | None:
+    """(labels,) temperatures of the run directory `run` (or the folder of its head.pt) when it has a
+    calibration.json, fitted on its val split; None for a run that was not calibrated."""
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    record = read_calibration(folder)
+    return temperatures(record, label_names) if record else None
+
+
+def calibrated(probs: np.ndarray, temperature: np.ndarray | None) -> np.ndarray:
+    """Probabilities through the run's temperature scaling; unchanged without one (NaN rows stay NaN)."""
+    return probs if temperature is None else apply_temperature(probs, temperature).astype(probs.dtype)
+
+
 def predict_stores(head: Head, paths: list[str] | None, splits: list[str] | None,
-                   precision: str) -> pd.DataFrame:
-    """Probabilities for every image of the chosen splits (default: all) of the store(s)."""
+                   precision: str, temperature: np.ndarray | None = None) -> pd.DataFrame:
+    """Probabilities for every image of the chosen splits (default: all) of the store(s), through the
+    run's temperature scaling when `temperature` is given."""
     paths = paths or [s["path"] for s in head.stores]
     check_stores(head, paths)
     stores = open_stores(paths, splits)
     frames = []
     for name, split in stores.splits.items():
-        probs = probabilities(head, split.features, split.age, split.sex, precision)
+        probs = calibrated(probabilities(head, split.features, split.age, split.sex, precision), temperature)
         frames.append(rundir.predictions_frame(split.image_id, probs, head.label_names,
                                                front={"split": np.full(len(split), name, dtype=object)}))
     return pd.concat(frames, ignore_index=True)
@@ -145,7 +160,7 @@ class HeadOnImages:
     both predict through it, so one image gets one answer wherever it is asked."""
 
     def __init__(self, head: Head, device: str = "cpu", precision: str = "auto", threads: int | None = None,
-                 log=print):
+                 log=print, temperature: np.ndarray | None = None):
         from common.images.data_config import DataConfig, DataConfigError
         from common.models.inference import FeatureExtractor
         from common.models.weights import resolve_weights
@@ -153,6 +168,7 @@ class HeadOnImages:
         if head.inputs.age_sex:
             raise StoreError("--images: this head also takes age and sex, which image files do not carry; use --store")
         self.head, self.log = head, log
+        self.temperature = temperature  # the run's calibration (fitted on val), applied to every answer
         self.extractors, self.maskers = [], []
         for st in head.stores:
             view = st.get("view", "original")
@@ -185,8 +201,9 @@ class HeadOnImages:
     @classmethod
     def from_run(cls, run, device: str = "cpu", precision: str = "auto", threads: int | None = None,
                  log=print) -> HeadOnImages:
-        """The head of run directory `run`, ready for images."""
-        return cls(load_head(run), device, precision, threads, log)
+        """The head of run directory `run`, ready for images, with the run's calibration when it has one."""
+        head = load_head(run)
+        return cls(head, device, precision, threads, log, run_temperature(run, head.label_names))
 
     @property
     def label_names(self) -> list[str]:
@@ -236,22 +253,24 @@ class HeadOnImages:
         probs = np.full((n, len(self.head.label_names)), np.nan, dtype=np.float32)
         if (~bad).any():
             nan = np.full(int((~bad).sum()), np.nan, dtype=np.float32)
-            probs[~bad] = probabilities(self.head, features[~bad], nan, nan, self.head_precision)
+            probs[~bad] = calibrated(probabilities(self.head, features[~bad], nan, nan, self.head_precision),
+                                     self.temperature)
         return ImagePredictions(probs, errors, lung_columns, masked)
 
 
 def predict_images(head: Head, source: str, device: str = "cpu", precision: str = "auto",
                    batch_size: int = 32, threads: int | None = None, log=print,
-                   max_pixels: int = MAX_PIXELS) -> pd.DataFrame:
+                   max_pixels: int = MAX_PIXELS, temperature: np.ndarray | None = None) -> pd.DataFrame:
     """Extract features for one image file, or every image under a folder, with the head's backbone(s), then
-    predict. Every image-named file gets a row (an error row if skipped or unreadable); others get a log line."""
+    predict (through `temperature` scaling when given). Every image-named file gets a row (an error row if
+    skipped or unreadable); others get a log line."""
     if head.inputs.age_sex:
         raise StoreError("--images: this head also takes age and sex, which image files do not carry; use --store")
     listing = image_files(source)
     if listing.others:
         log(f"--images {source}: {len(listing.others)} files without an image suffix ({', '.join(IMAGE_SUFFIXES)}) "
             f"left out, e.g. {', '.join(listing.others[:3])}")
-    model = HeadOnImages(head, device, precision, threads, log)
+    model = HeadOnImages(head, device, precision, threads, log, temperature)
     n = len(listing.ids)
     probs = np.full((n, len(head.label_names)), np.nan, dtype=np.float32)
     errors = list(listing.skipped)

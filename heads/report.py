@@ -23,7 +23,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def render(run: str | Path) -> Path:
-    """report.md of run directory `run`, re-rendered by the command that wrote it (by the marker's kind)."""
+    """report.md of run directory `run`, re-rendered by the command that wrote it (by the marker's kind), and
+    the model card of a head, fine-tune or ensemble run."""
     from common.runs import rundir
 
     run = Path(run)
@@ -35,18 +36,23 @@ def render(run: str | Path) -> Path:
     if kind in (None, "head", "finetune"):
         from common.evaluation.report import render as render_training  # matplotlib and sklearn: only for a run to render
 
-        return render_training(run)
-    config, metrics = rundir.read_json(run / rundir.CONFIG), rundir.read_json(run / rundir.METRICS)
-    if kind == "evaluation":
-        from heads.evaluate import render_report
-
-        text = render_report(config, metrics)
+        path = render_training(run)
     else:
-        from heads.ensemble import render_report
+        config, metrics = rundir.read_json(run / rundir.CONFIG), rundir.read_json(run / rundir.METRICS)
+        if kind == "evaluation":
+            from heads.evaluate import render_report
 
-        text = render_report(metrics)
-    path = run / rundir.REPORT
-    path.write_text(text)
+            text = render_report(config, metrics)
+        else:
+            from heads.ensemble import render_report
+
+            text = render_report(metrics)
+        path = run / rundir.REPORT
+        path.write_text(text)
+    if kind != "evaluation":  # a head, fine-tune or ensemble run has a model card: re-written with its report
+        from common.evaluation.model_card import write_card
+
+        write_card(run)
     return path
 
 

@@ -21,6 +21,7 @@ from common.evaluation.scores import evaluate_splits, split_scores
 from common.features.feature_stats import constant_note, summarize
 from common.training.losses import loss_text
 from common.evaluation.report import render
+from common.evaluation.model_card import label_counts, write_card
 from common.features.store import StoreError
 from common.data.targets import apply_policy, eval_targets, label_columns, select_labels
 from heads.checkpoint import CHECKPOINT, save_head
@@ -128,6 +129,9 @@ def _run(s: HeadSettings, out: Path, command: str) -> dict:
         "label_names": data.label_names,
         "dataset": data.dataset,
         "stores": data.stores,
+        "images": {name: len(t) for name, t in data.tensors.items()},
+        # The training split's truth is in no predictions file: its counts, for the model card's prevalence.
+        "label_counts": {"train": label_counts(*data.truth["train"], data.label_names)},
         "input_width": data.inputs.width,
         "command": command,
         "started": started.isoformat(timespec="seconds"),
@@ -148,6 +152,7 @@ def _run(s: HeadSettings, out: Path, command: str) -> dict:
         "notes": notes + threshold_notes + [n for m in splits.values() for n in m["notes"]],
     })
     render(out)
+    write_card(out)
     summary = {"run": str(out), **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in splits.items()}}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary

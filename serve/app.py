@@ -2,7 +2,9 @@
 
     GET  /               the page (serve/static: no external asset)
     GET  /api/health     liveness and what has been served
-    GET  /api/model      what answers: backbone, weights, training data, date, test AUROC, labels, limits
+    GET  /api/model      what answers: backbone, weights, training data, date, test AUROC with n and interval,
+                         labels, thresholds and where they came from, calibration, warnings, limits
+    GET  /api/model-card the run's model card (common.evaluation.model_card): JSON and its markdown
     POST /api/predict    one radiograph (multipart field `file`, or the raw bytes) -> per-finding JSON
 
 Bad input is answered with a 4xx and a one-line JSON `error`, and the next request is served: an
@@ -29,6 +31,7 @@ from flask import Flask, Request, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common import atomic
+from common.evaluation.model_card import NOTICE, card_markdown
 from common.images.decode import MAX_PIXELS
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -209,7 +212,10 @@ class Service:
         return jsonify(**served.identity, label_names=names,
                        thresholds=dict(zip(names, served.thresholds.tolist())), has_cam=served.has_cam,
                        limits={"max_upload_mb": self.settings.max_upload_mb, "max_pixels": self.settings.max_pixels},
-                       notice="Research tool, not a medical device: not for diagnosis or treatment decisions.")
+                       notice=NOTICE)
+
+    def model_card(self):
+        return jsonify(card=self.served.card, markdown=card_markdown(self.served.card))
 
     def predict(self):
         started = time.perf_counter()
@@ -245,7 +251,9 @@ class Service:
         """The answer for one image: its findings, most probable first, and the model's columns."""
         served, names = self.served, self.names
         probs = result.probs[row].astype(float)
-        findings = sorted(({"name": n, "probability": p, "threshold": t, "above_threshold": bool(p >= t)}
+        sources = served.identity.get("threshold_sources", {})
+        findings = sorted(({"name": n, "probability": p, "threshold": t, "above_threshold": bool(p >= t),
+                            "threshold_source": sources.get(n)}
                            for n, p, t in zip(names, probs.tolist(), served.thresholds.tolist())),
                           key=lambda f: -f["probability"])
         return {
@@ -253,6 +261,7 @@ class Service:
             "model": {k: served.identity.get(k) for k in ("kind", "backbone", "weights", "view", "run")},
             "findings": findings,
             "probabilities": dict(zip(names, probs.tolist())),
+            "calibration": served.identity.get("calibration"),
             "thresholds": dict(zip(names, served.thresholds.tolist())),
             **{k: v[row] for k, v in result.columns.items()},
         }
@@ -299,5 +308,6 @@ def create_app(served, batcher, settings: Settings | None = None) -> Flask:
     app.add_url_rule("/", "page", _page, methods=["GET"])
     app.add_url_rule("/api/health", "health", service.health, methods=["GET"])
     app.add_url_rule("/api/model", "model", service.model, methods=["GET"])
+    app.add_url_rule("/api/model-card", "model_card", service.model_card, methods=["GET"])
     app.add_url_rule("/api/predict", "predict", service.predict, methods=["POST"])
     return app

@@ -262,6 +262,87 @@ def test_finetune_run_answers_with_class_activation_maps(finetuned, pngs):
     assert answer["thresholds"] == pytest.approx(thresholds)
 
 
+def test_the_model_says_n_interval_threshold_sources_and_warnings(head, pngs):
+    run, served, client = head
+    model = client.get("/api/model").json
+    metrics = json.loads((run / "metrics.json").read_text())
+    val = metrics["splits"]["val"]  # the fixture's store has no test split: the page must say val, not test
+    assert model["test"]["split"] == "val" and model["test"]["n"] == val["n"] == 30
+    assert model["test"]["ci_low"] == val["summary"]["mean_auc_ci_low"]
+    assert model["test"]["interval"].startswith("95% CI")
+    kinds = [w["kind"] for w in model["warnings"]]
+    assert "random_weights" in kinds and "no_test" in kinds  # a random ResNet-50's features, no test split
+    assert set(model["threshold_sources"]) == set(served.label_names)
+    assert model["calibration"].startswith("raw") and "chosen on the run's val split" in model["thresholds_note"]
+    card = client.get("/api/model-card").json
+    assert card["card"]["warnings"] == model["warnings"]
+    assert "**WARNING: random weights" in card["markdown"] and "## Training data" in card["markdown"]
+    answer = post(client, pngs[0].read_bytes()).json
+    assert all(f["threshold_source"] == model["threshold_sources"][f["name"]] for f in answer["findings"])
+    assert answer["calibration"] == model["calibration"]
+
+
+def test_a_calibrated_run_answers_calibrated_probabilities_and_a_chance_banner(head, pngs, tmp_path):
+    import shutil
+
+    from common.evaluation.calibration import apply_temperature, write_calibration
+    from serve.model import CALIBRATED
+
+    run, served, client = head
+    copy = tmp_path / "calibrated"
+    shutil.copytree(run, copy)
+    temperature = np.linspace(0.5, 2.5, len(served.label_names))
+    write_calibration(copy, served.label_names, temperature)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["splits"]["val"]["summary"] |= {"mean_auc": 0.53, "mean_auc_ci_low": 0.41, "mean_auc_ci_high": 0.66}
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    calibrated = load_served(copy, precision="fp32", threads=1)
+    batcher = Batcher(calibrated.predict, max_batch=4, wait_ms=5)
+    try:
+        other = create_app(calibrated, batcher).test_client()
+        model = other.get("/api/model").json
+        assert model["calibration"] == CALIBRATED and "chance" in [w["kind"] for w in model["warnings"]]
+        chance = next(w["text"] for w in model["warnings"] if w["kind"] == "chance")
+        assert "0.530 (95% CI 0.41-0.66, 30 images): the interval contains 0.5" in chance
+        np.testing.assert_allclose(calibrated.thresholds, apply_temperature(served.thresholds, temperature))
+        raw = post(client, pngs[0].read_bytes()).json["probabilities"]
+        got = post(other, pngs[0].read_bytes()).json
+        names = served.label_names
+        expected = apply_temperature(np.array([raw[n] for n in names]), temperature)
+        np.testing.assert_allclose([got["probabilities"][n] for n in names], expected, rtol=1e-4, atol=1e-6)
+        assert got["calibration"] == CALIBRATED
+        for f in got["findings"]:
+            assert f["above_threshold"] == (f["probability"] >= f["threshold"])
+    finally:
+        batcher.close()
+
+
+def test_a_finetune_run_from_random_weights_warns_and_applies_its_calibration(finetuned, pngs):
+    from common.evaluation.calibration import apply_temperature, write_calibration
+    from finetune.predictor import FinetuneOnImages
+
+    run, served, client = finetuned
+    model = client.get("/api/model").json
+    weights = [w["text"] for w in model["warnings"] if w["kind"] == "random_weights"]
+    assert weights and "fine-tuned from scratch" in weights[0]
+    card = json.loads((run / "model_card.json").read_text())  # written by the run itself
+    assert card["run"]["kind"] == "finetune" and card["model"]["file"] == "best.pt"
+    assert card["training_data"]["prevalence"]["train"] and "**WARNING: random weights" in (run / "model_card.md").read_text()
+    names = served.label_names
+    temperature = np.full(len(names), 2.0)
+    raw = post(client, pngs[0].read_bytes()).json["probabilities"]
+    write_calibration(run, names, temperature)
+    try:
+        predictor = FinetuneOnImages.from_run(run)
+        source = io.BytesIO(pngs[0].read_bytes())
+        inputs, error = predictor.decode(source)
+        got = predictor.predict([inputs], ["a.png"]).probs[0]
+    finally:
+        (run / "calibration.json").unlink()
+    np.testing.assert_allclose(got, apply_temperature(np.array([raw[n] for n in names]), temperature),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_a_folder_that_is_no_run_is_refused(tmp_path):
     with pytest.raises(ModelError, match="not a run directory"):
         load_served(tmp_path)

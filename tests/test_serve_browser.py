@@ -75,6 +75,11 @@ def test_page_uploads_an_image_and_shows_the_apis_findings(server, tmp_path):
             page.wait_for_function("document.querySelectorAll('#model dd').length > 0")
             assert "not a medical device" in page.inner_text("#notice")
             assert "resnet50" in page.inner_text("#model")
+            # The headline with its split, n and interval; the random backbone's warning in the banner; the card.
+            model_text = page.inner_text("#model")
+            page.wait_for_function("document.getElementById('card-text').textContent.length > 0")
+            banner = page.inner_text("#warnings") if page.is_visible("#warnings") else ""
+            card = page.text_content("#card-text")
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#findings tbody tr", timeout=60_000)
             rows = page.eval_on_selector_all(
@@ -97,10 +102,14 @@ def test_page_uploads_an_image_and_shows_the_apis_findings(server, tmp_path):
             browser.close()
     assert left == {"result": False, "rows": 0, "image": None, "caption": ""}, left
     assert outside == []  # every script and style came from the service itself
+    assert "val mean AUROC" in model_text and "95% CI" in model_text and "on 30 val images" in model_text
+    assert "random weights" in banner and "no test split" in banner
+    assert card.startswith("# Model card") and "**WARNING: random weights" in card
     assert [r[0] for r in rows] == [f["name"] for f in expected["findings"]]
     for (name, prob, threshold, cls), f in zip(rows, expected["findings"]):
         assert float(prob) == pytest.approx(f["probability"], abs=1e-4)
-        assert float(threshold) == pytest.approx(f["threshold"], abs=1e-4)
+        assert float(threshold.split()[0]) == pytest.approx(f["threshold"], abs=1e-4)
+        assert threshold.endswith("(fallback)") == f["threshold_source"].startswith("fallback")
         assert (cls == "above") == f["above_threshold"]
     assert Path(ARTIFACTS / "serve-page.png").stat().st_size > 10_000
 
@@ -129,6 +138,13 @@ def test_a_finetune_run_draws_the_chosen_findings_heatmap(tmp_path_factory, one_
                     const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
                     let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
                     return n / (c.width * c.height); }""")
+                # viridis, never jet's red end: no strongly red pixel; and its colour scale is shown beside it.
+                red = page.evaluate("""() => {
+                    const c = document.getElementById('heatmap');
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 150 && d[i + 1] < 80) n++;
+                    return n; }""")
+                scale = page.evaluate("getComputedStyle(document.getElementById('cam-scale-bar')).backgroundImage")
                 page.screenshot(path=str(ARTIFACTS / "serve-page-cam.png"), full_page=True)
                 page.uncheck("#cam-show")
                 cleared = page.evaluate("""() => {
@@ -150,4 +166,5 @@ def test_a_finetune_run_draws_the_chosen_findings_heatmap(tmp_path_factory, one_
         live.close()
     assert sorted(options) == sorted(live.served.label_names) and options[0] == first_row  # most likely first
     assert painted > 0.99 and not cleared  # the map covers the image, and hides on request
+    assert red == 0 and "linear-gradient" in scale and "rgb(68, 1, 84)" in scale
     assert after_bad == {"painted": False, "result": False, "options": 0}, after_bad

@@ -18,22 +18,15 @@ from sklearn.metrics import roc_curve
 
 from common.runs import rundir
 from common.evaluation.baselines import for_dataset
+from common.evaluation.text import entry_with_interval, number
+from common.evaluation.model_card import threshold_fallbacks
 from common.images.data_config import DataConfig
 from common.training.losses import loss_text
 
 
-def _f(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _with_ci(entry: dict, key: str) -> str:
-    """`entry[key]` with its bootstrap interval when metrics.json has one: "0.812 (0.74-0.88)"."""
-    low, high = entry.get(f"{key}_ci_low"), entry.get(f"{key}_ci_high")
-    if low is None or high is None:
-        return _f(entry.get(key))
-    return f"{_f(entry.get(key))} ({low:.2f}-{high:.2f})"
+# One rendering of undefined values in every report (common/evaluation/text.py).
+_f = number
+_with_ci = entry_with_interval
 
 
 def _bootstrap_lines(splits: dict) -> list[str]:
@@ -114,6 +107,7 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
     header += [f"{headline} D-AUC", f"{headline} N-AUC", "F1@0.5", "F1@val thr", "val thr"]
     header += [b.title for b in baselines]
     rows, columns = [], []
+    fallbacks = threshold_fallbacks(metrics)
     auroc = slice(1, 1 + len(splits))  # the AUROC cells of a row, after the positives
     for name in names:
         m = splits[headline]["per_class"][name]
@@ -124,6 +118,8 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
         values += [b.auroc.get(name) for b in baselines]
         columns.append(values)
         cells = [_f(v) for v in values]
+        if name in fallbacks:  # not chosen on val: say so where the number stands
+            cells[header.index("val thr") - 1] += " (0.5 fallback: no val positive)"
         cells[auroc] = [_with_ci(splits[s]["per_class"][name], "auroc") for s in splits]
         rows.append([name] + cells)
     if not columns:
@@ -224,21 +220,32 @@ RUN_KINDS = {  # config.json "kind" -> report title, "Run" section lines
 
 
 def _localization_lines(loc: dict) -> list[str]:
-    """Wang et al.'s accuracy table: a row per label, a column per IoU / IoBB threshold."""
+    """Wang et al.'s accuracy table: a row per label, a column per IoU / IoBB threshold, and how many boxes
+    were met by a predicted box over half the image (runs from before that count lack the column)."""
     rows: dict[str, dict] = {}
     for r in loc["table"]:
-        rows.setdefault(r["label"], {"n": r["n"]})[f"{r['measure']}>{r['threshold']:g}"] = r["accuracy"]
-    columns = [c for c in next(iter(rows.values())) if c != "n"]
-    header = ["label", "boxes"] + [c.replace("iou", "IoU").replace("iobb", "IoBB") for c in columns]
-    body = [[label, str(v["n"])] + [_f(v.get(c), 2) for c in columns] for label, v in rows.items()]
+        row = rows.setdefault(r["label"], {"n": r["n"]})
+        row[f"{r['measure']}>{r['threshold']:g}"] = r["accuracy"]
+        if "large_boxes" in r:
+            row["large"] = r["large_boxes"]
+    columns = [c for c in next(iter(rows.values())) if c not in ("n", "large")]
+    large = "large" in next(iter(rows.values()))
+    header = ["label", "boxes"] + (["met by a box over half the image"] if large else [])
+    header += [c.replace("iou", "IoU").replace("iobb", "IoBB") for c in columns]
+    body = [[label, str(v["n"])] + ([str(v["large"])] if large else []) + [_f(v.get(c), 2) for c in columns]
+            for label, v in rows.items()]
     lines = ["", "## Localization (class activation maps)", "",
              f"{loc['boxes']} radiologist boxes on {loc['images']} {loc['split']} images ({loc['box_list']}); each "
              f"label's map from the last conv features and the classifier weights, on the model's input "
              f"({loc['input']}), carried back onto the box grid and thresholded at 180/255 into boxes. Accuracy: "
              "the share of boxes that a predicted box overlaps by more than T (Wang et al. 2017).", ""]
     lines += _table(header, body)
+    if large and any(v["large"] for v in rows.values()):
+        lines += ["", "A predicted box over half the image overlaps nearly any radiologist box by IoU > 0.1: the "
+                      "hits of the boxes counted in the third column are near-automatic, not localization."]
     if loc["overlays"]:
-        lines += ["", "Overlays (truth green, predicted red):", ""]
+        lines += ["", "Overlays (the map on viridis with its colour scale; radiologist boxes solid white, boxes from "
+                      "the map dashed magenta; a note on any predicted box over half the image):", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in loc["overlays"]]
     return lines
 
@@ -261,7 +268,9 @@ def render(run: str | Path) -> Path:
             aucs = {n: splits[split]["per_class"][n]["auroc"] for n in names}
             plot_roc(rundir.read_predictions(pred_file, names), names, aucs, f"ROC, {split} split", run / rundir.roc_plot(split))
 
-    lines = [f"# {title}: {run.name}", "", f"`{config['command']}`", ""]
+    lines = [f"# {title}: {run.name}", "", f"`{config['command']}`", "",
+             f"Model card (training data, weights provenance, warnings, intended use): "
+             f"[{rundir.MODEL_CARD}]({rundir.MODEL_CARD})", ""]
     lines += ["## Run", ""] + run_lines(config, metrics) + ["", "## Summary", ""]
     summary_keys = [("mean_auc", "mean AUROC"), ("w_auc", "W-AUC"), ("mean_d_auc", "mean D-AUC"),
                     ("mean_n_auc", "mean N-AUC"), ("macro_f1_at_0.5", "macro F1@0.5"),

@@ -8,6 +8,7 @@
     <run>/predictions/<split>.parquet   image_id, a probability column per label, `label:<name>`
                                   targets (-1 where masked), has_disease, no_finding
     <run>/report.md, roc_<split>.png, loss.png    rendered by heads.report
+    <run>/model_card.md, model_card.json   what the model is, its data, weights, test metrics and warnings
     <run>/localization/*.png      a fine-tune run's CAM overlays
     <run>/overlays/*.png          a lung segmentation run's best and worst test masks (lungs/)
 
@@ -48,11 +49,14 @@ LAST = "last.pt"
 LOCALIZATION = "localization"
 OVERLAYS = "overlays"
 TARGET_PREFIX = "label:"
+MODEL_CARD = "model_card.md"  # and MODEL_CARD_JSON: common/evaluation/model_card.py
+MODEL_CARD_JSON = "model_card.json"
 
 # Everything a run writes, and all that --overwrite may delete: the files at the top of the
 # directory, their temporary names (common/atomic.py's .<name>.<pid>-<thread>.tmp; before it, .<name>.tmp
 # and <name>.tmp), and inside the folders only the files the run puts there.
-OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST})
+OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST, MODEL_CARD,
+                       MODEL_CARD_JSON})
 OWN_PATTERNS = ("roc_*.png", f"{LOCK}.stale-*")  # roc_<split>.png; a lock taker killed mid-takeover
 EPOCH_CHECKPOINTS = "checkpoints"  # fine-tune: epoch-NNN.pt, kept for a checkpoint ensemble
 OWN_DIRS = {PREDICTIONS: "*.parquet", LOCALIZATION: "*.png", OVERLAYS: "*.png", EPOCH_CHECKPOINTS: "epoch-*.pt"}

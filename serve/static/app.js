@@ -14,15 +14,44 @@ function setError(message) {
   show("error", Boolean(message));
 }
 
+// The headline metric never alone: its split, its images and its interval (or that it has none).
+function headline(test) {
+  if (!test || test.mean_auroc == null) return "not recorded";
+  const value = test.mean_auroc.toFixed(3);
+  const interval = test.ci_low != null && test.ci_high != null
+    ? ` (95% CI ${test.ci_low.toFixed(2)}-${test.ci_high.toFixed(2)})` : ", no interval";
+  return `${value}${interval} on ${test.n} ${test.split} images`;
+}
+
+function showWarnings(warnings) {
+  const box = $("warnings");
+  box.replaceChildren();
+  for (const w of warnings || []) {
+    const p = document.createElement("p");
+    p.dataset.kind = w.kind;
+    p.textContent = `Warning: ${w.text}`;
+    box.append(p);
+  }
+  show("warnings", Boolean(warnings && warnings.length));
+}
+
+async function loadCard() {
+  const response = await fetch("/api/model-card");
+  const data = await response.json();
+  $("card-text").textContent = data.markdown;
+}
+
 async function loadModel() {
   const response = await fetch("/api/model");
   model = await response.json();
+  const split = model.test ? model.test.split : "test";
   const rows = [
     ["model", model.kind === "finetune" ? "fine-tuned network" : "frozen backbone + trained head"],
     ["backbone", model.backbone], ["weights", model.weights], ["input", model.view],
     ["training data", model.training_data], ["date", model.date],
-    ["test mean AUROC", model.test_mean_auroc == null ? "not recorded" : model.test_mean_auroc.toFixed(3)],
-    ["findings", String(model.label_names.length)], ["thresholds", model.thresholds_note || "chosen on the run's val split"],
+    [`${split} mean AUROC`, headline(model.test)],
+    ["findings", String(model.label_names.length)], ["thresholds", model.thresholds_note],
+    ["probabilities", model.calibration],
   ];
   const dl = $("model");
   dl.replaceChildren();
@@ -32,6 +61,8 @@ async function loadModel() {
     dl.append(dt, dd);
   }
   $("notice").textContent = model.notice;
+  showWarnings(model.warnings);
+  loadCard().catch((err) => { $("card-text").textContent = `no model card: ${err}`; });
 }
 
 function renderTable(findings) {
@@ -44,6 +75,11 @@ function renderTable(findings) {
     const name = document.createElement("td"); name.textContent = f.name;
     const p = document.createElement("td"); p.className = "num"; p.textContent = f.probability.toFixed(4);
     const t = document.createElement("td"); t.className = "num"; t.textContent = f.threshold.toFixed(4);
+    if (f.threshold_source && f.threshold_source.startsWith("fallback")) {
+      t.textContent += " (fallback)";
+      t.classList.add("fallback");
+    }
+    t.title = f.threshold_source || "";
     const barCell = document.createElement("td");
     const bar = document.createElement("span"); bar.className = "bar";
     bar.style.width = `${Math.round(120 * f.probability)}px`;
@@ -53,12 +89,20 @@ function renderTable(findings) {
   }
 }
 
-// A value in [0, 1] -> an RGB colour (blue, cyan, yellow, red), as heatmaps are usually drawn.
+// A value in [0, 1] -> an RGB colour on viridis (matplotlib's stops at ninths): perceptually uniform, dark
+// to light, so equal steps of evidence look equal, and no red end for the eye to read as "disease here".
+const VIRIDIS = [[68, 1, 84], [71, 45, 123], [59, 82, 139], [44, 114, 142], [33, 145, 140], [40, 174, 128],
+  [94, 201, 98], [173, 220, 48], [253, 231, 37]];
 function colour(v) {
-  const stops = [[0, 0, 128], [0, 200, 255], [255, 230, 0], [220, 0, 0]];
-  const x = Math.min(0.999, Math.max(0, v)) * (stops.length - 1);
+  const x = Math.min(0.999, Math.max(0, v)) * (VIRIDIS.length - 1);
   const i = Math.floor(x), f = x - i;
-  return stops[i].map((c, k) => Math.round(c + f * (stops[i + 1][k] - c)));
+  return VIRIDIS[i].map((c, k) => Math.round(c + f * (VIRIDIS[i + 1][k] - c)));
+}
+
+// The colour scale beside the heatmap, drawn from the same stops.
+function drawScale() {
+  const stops = VIRIDIS.map((c, i) => `rgb(${c.join(",")}) ${(100 * i / (VIRIDIS.length - 1)).toFixed(1)}%`);
+  $("cam-scale-bar").style.background = `linear-gradient(to right, ${stops.join(", ")})`;
 }
 
 function drawHeatmap() {
@@ -156,6 +200,7 @@ async function upload(file) {
 }
 
 function wire() {
+  drawScale();
   const drop = $("drop");
   $("file").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
   for (const name of ["dragenter", "dragover"]) {
