@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from common import atomic
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, paired_auroc_differences, patient_groups
 from common.evaluation.delong import delong_per_class, delong_test, holm
+from common.evaluation.text import UNDEFINED
 from common.runs import rundir
 
 COMPARED_KINDS = ("head", "finetune", "evaluation", "ensemble")
@@ -188,7 +189,7 @@ def _truth(run: Run) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _num(value) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
+    return None if value is None or not math.isfinite(value) else float(value)  # NumPy scalars too
 
 
 def _pair_rows(run: Run, ref: Run, y, mask, boot) -> list[dict]:
@@ -245,21 +246,21 @@ def paired_comparison(runs: list[Run], reference: str | None = None, draws: int 
 
 
 def _fmt(value, spec: str = ".3f") -> str:
-    """A number for the tables; an undefined one (None, NaN) as "—", never "nan"."""
-    return "—" if _num(value) is None else format(value, spec)
+    """A number for the tables; an undefined one (None, NaN) as UNDEFINED, never "nan"."""
+    return UNDEFINED if _num(value) is None else format(value, spec)
 
 
 def _p(value) -> str:
-    return "—" if _num(value) is None else ("<0.001" if value < 0.001 else f"{value:.3f}")
+    return UNDEFINED if _num(value) is None else ("<0.001" if value < 0.001 else f"{value:.3f}")
 
 
 def _paired_row(r: dict) -> str:
     mean = r["class"] == "mean"
-    interval = ("—" if r["bootstrap_ci_low"] is None
+    interval = (UNDEFINED if r["bootstrap_ci_low"] is None
                 else f"{r['bootstrap_ci_low']:+.3f} to {r['bootstrap_ci_high']:+.3f}")
     if mean:
-        name, counts, holm_p = "**mean**", "", "—"
-        p = "—" if r["bootstrap_p"] is None else f"{_p(r['bootstrap_p'])} (bootstrap)"
+        name, counts, holm_p = "**mean**", "", UNDEFINED
+        p = UNDEFINED if r["bootstrap_p"] is None else f"{_p(r['bootstrap_p'])} (bootstrap)"
     else:
         name, counts, holm_p, p = r["class"], f"{r['n_pos']} / {r['n_neg']}", _p(r["delong_p_holm"]), _p(r["delong_p"])
     return (f"| {name} | {counts} | {_fmt(r['auroc'])} | {_fmt(r['auroc_reference'])} | "
@@ -294,7 +295,7 @@ def paired_lines(paired: Paired, split: str) -> list[str]:
 
 def _cell(row) -> str:
     if row is None or row["auroc"] is None or not math.isfinite(row["auroc"]):
-        return "—"
+        return UNDEFINED
     text = f"{row['auroc']:.3f}"
     if row["ci_low"] is not None and row["ci_high"] is not None and math.isfinite(row["ci_low"]):
         text += f" ({row['ci_low']:.2f}-{row['ci_high']:.2f})"
@@ -355,7 +356,7 @@ def _baseline_lines(runs: list[Run]) -> list[str]:
         return []
     lines = ["", "## Published AUROC of the same labels (reference only: the papers' own splits)", "",
              "| class | " + " | ".join(b.title for b in baselines) + " |", "|" + " --- |" * (len(baselines) + 1)]
-    lines += [f"| {n} | " + " | ".join(f"{b.auroc[n]:.3f}" if n in b.auroc else "—" for b in baselines) + " |"
+    lines += [f"| {n} | " + " | ".join(f"{b.auroc[n]:.3f}" if n in b.auroc else UNDEFINED for b in baselines) + " |"
               for n in names]
     means = [sum(b.auroc[n] for n in names if n in b.auroc) / max(1, sum(n in b.auroc for n in names))
              for b in baselines]
@@ -413,8 +414,8 @@ def _policy_lines(runs: list[Run], split: str, frame: pd.DataFrame) -> list[str]
     for c, name in enumerate(runs[0].label_names):
         scored = sorted(((auc[(r.name, name)], p, r.name) for r, p in zip(runs, policies)
                          if _num(auc.get((r.name, name))) is not None), reverse=True)
-        cells = [f"{p} ({a:.3f})" for a, p, _ in scored[:2]] + ["—"] * (2 - min(2, len(scored)))
-        test = "—"
+        cells = [f"{p} ({a:.3f})" for a, p, _ in scored[:2]] + [UNDEFINED] * (2 - min(2, len(scored)))
+        test = UNDEFINED
         if len(scored) > 1:
             keep = mask[:, c]
             t = delong_test(y[keep, c], by[scored[0][2]].probs[keep, c], by[scored[1][2]].probs[keep, c])
@@ -422,7 +423,7 @@ def _policy_lines(runs: list[Run], split: str, frame: pd.DataFrame) -> list[str]
         row = f"| {name} | {cells[0]} | {cells[1]} | {test} |"
         if known:
             ranks = [(CHEXPERT_2019[p].auroc[name], p) for p in known if name in CHEXPERT_2019[p].auroc]
-            row += f" {f'{max(ranks)[1]} ({max(ranks)[0]:.3f})' if ranks else '—'} |"
+            row += f" {f'{max(ranks)[1]} ({max(ranks)[0]:.3f})' if ranks else UNDEFINED} |"
         lines.append(row)
     lines += ["", "A win with DeLong p >= 0.05 is not evidence that the policy is better on this class."]
     return lines
@@ -452,7 +453,7 @@ def _localization_lines(runs: list[Run]) -> list[str]:
     for (measure, threshold), _ in frame.groupby(["measure", "threshold"], sort=False):
         values = [cell.get((r.name, measure, threshold)) for r in scored]
         lines.append(f"| {measure} | {threshold:g} | " + " | ".join(
-            f"{v['accuracy']:.3f} ({v['boxes']} boxes, {v['split']})" if v else "—" for v in values) + " |")
+            f"{v['accuracy']:.3f} ({v['boxes']} boxes, {v['split']})" if v else UNDEFINED for v in values) + " |")
     missing = [r.name for r in runs if r not in scored]
     if missing:
         lines += ["", f"Not scored for localization: {', '.join(missing)} (no --bbox-list, or a model without maps)."]
