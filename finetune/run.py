@@ -20,7 +20,9 @@ from common import software
 from common.runs import rundir
 from common.data.bboxes import read_nih_bboxes
 from common.evaluation.model_card import label_counts, write_card
+from common.evaluation.age_bands import AGE_BANDS
 from common.evaluation.scores import combine_probabilities, evaluate_splits, split_scores
+from common.evaluation.subgroups import image_groups, source_name
 from common.models.model_registry import get_spec
 from common.data.image_table import ImageTable, table_from_flags
 from common.training.losses import make_loss
@@ -54,20 +56,21 @@ def split_images(table, cols: np.ndarray, policy: str) -> tuple[dict[str, SplitI
     return out, flags, labels
 
 
-def evaluate_best(out: Path, score: Callable[[Path], tuple], label_names):
+def evaluate_best(out: Path, score: Callable[[Path], tuple], label_names, age_bands=AGE_BANDS):
     """best.pt on val and test: metrics and predictions (unreadable images left out), the model and
     the unreadable images' paths. `score(path)`: score_checkpoint over the run's images."""
     model, scores, notes, unreadable = score(out / BEST)
-    splits_metrics, thresholds, threshold_notes = evaluate_splits(scores, label_names, out)
+    splits_metrics, thresholds, threshold_notes = evaluate_splits(scores, label_names, out, age_bands=age_bands)
     return model, splits_metrics, thresholds, notes + threshold_notes, unreadable
 
 
 def score_checkpoint(path: Path, splits: dict[str, SplitImages], flag_rows: dict, labels: np.ndarray, label_names,
                      all_names, cfg: FinetuneConfig, device: torch.device, patient_ids: np.ndarray | None = None,
-                     dataset: str | None = None):
+                     dataset: str | None = None, groups: dict[str, np.ndarray] | None = None):
     """A checkpoint's probabilities on val and test against the raw labels: (model, SplitScores per split,
     notes, unreadable paths). `patient_ids` (the table's, row for row) make the AUROC intervals
-    patient-level; without them they resample images."""
+    patient-level; without them they resample images. `groups` (row for row too): who each image is,
+    for the subgroup metrics and the predictions files."""
     model, _ = load_classifier(path, device)
     scores, notes, unreadable = {}, [], []
     for name in ("val", "test"):
@@ -82,12 +85,13 @@ def score_checkpoint(path: Path, splits: dict[str, SplitImages], flag_rows: dict
         probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
         rows = flag_rows[name][ok]
         scores[name] = split_scores(np.asarray(s.ids, dtype=object)[ok], probs[ok], labels[rows], all_names,
-                                    label_names, None if patient_ids is None else patient_ids[rows], dataset)
+                                    label_names, None if patient_ids is None else patient_ids[rows], dataset,
+                                    None if groups is None else {k: v[rows] for k, v in groups.items()})
     return model, scores, notes, unreadable
 
 
 def checkpoint_ensemble(out: Path, history: list[dict], k: int, best_metric: str, label_names: list[str],
-                        score) -> dict | None:
+                        score, age_bands=AGE_BANDS) -> dict | None:
     """The CheXpert paper's ensemble of one run's checkpoints: the k epochs best by `best_metric` (of
     those kept in checkpoints/), their val/test probabilities averaged and scored as any run
     (predictions/checkpoint-ensemble-<split>.parquet). `score(path)` -> (model, scores, notes, unreadable).
@@ -106,7 +110,8 @@ def checkpoint_ensemble(out: Path, history: list[dict], k: int, best_metric: str
             return {"epochs": epochs, "notes": [f"{split}: the checkpoints read different images; no ensemble"]}
         scores[split] = dataclasses.replace(members[0][split],
                                             probs=combine_probabilities([m[split].probs for m in members]))
-    splits, thresholds, notes = evaluate_splits(scores, label_names, out, prefix="checkpoint-ensemble-")
+    splits, thresholds, notes = evaluate_splits(scores, label_names, out, prefix="checkpoint-ensemble-",
+                                                age_bands=age_bands)
     return {"epochs": epochs, "combine": "prob", "rule": f"the {k} epochs best by {best_metric}",
             "thresholds": dict(zip(label_names, thresholds.tolist())), "splits": splits, "notes": notes}
 
@@ -189,13 +194,20 @@ class _RunImages:
     splits: dict[str, SplitImages]
     flag_rows: dict
     labels: np.ndarray
+    source: str  # where the images came from (subgroups.source_name), every row's source
 
     def scorer(self, cfg: FinetuneConfig, device: torch.device) -> Callable[[Path], tuple]:
         """score_checkpoint over these images: a checkpoint's path -> (model, scores, notes, unreadable)."""
         return partial(score_checkpoint, splits=self.splits, flag_rows=self.flag_rows, labels=self.labels,
                        label_names=self.label_names, all_names=self.images.label_names, cfg=cfg, device=device,
                        patient_ids=self.images.table["patient_id"].to_numpy(dtype=object),
-                       dataset=self.images.dataset)
+                       dataset=self.images.dataset, groups=self.groups())
+
+    def groups(self) -> dict[str, np.ndarray]:
+        """Who each row of the table is: sex, age, view and source (common/evaluation/subgroups.py)."""
+        t = self.images.table
+        return image_groups(len(t), t["sex"].to_numpy(dtype=object), t["age"].to_numpy(dtype=np.float64),
+                            t["view"].to_numpy(dtype=object), self.source)
 
 
 def _read_images(settings: FinetuneSettings) -> _RunImages:
@@ -213,7 +225,7 @@ def _read_images(settings: FinetuneSettings) -> _RunImages:
                                 "training needs train and val")
     # a bad --loss fails now
     make_loss(settings.loss, torch.zeros(1, len(label_names)), torch.ones(1, len(label_names)))
-    return _RunImages(images, label_names, splits, flag_rows, labels)
+    return _RunImages(images, label_names, splits, flag_rows, labels, source_name(images.dataset, settings.to_dict()))
 
 
 def _finetune_config(s: FinetuneSettings, data: _RunImages, weights: WeightsSource, data_config) -> FinetuneConfig:
@@ -280,7 +292,7 @@ def _ensemble(settings: FinetuneSettings, out: Path, result: dict, best_metric: 
     if settings.checkpoint_ensemble <= 1:
         return None
     ensemble = checkpoint_ensemble(out, result["history"], settings.checkpoint_ensemble, best_metric, label_names,
-                                   score)
+                                   score, settings.age_bands)
     if ensemble and "splits" in ensemble:
         log("checkpoint ensemble of epochs " + ", ".join(map(str, ensemble["epochs"])) + ": "
             + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in ensemble["splits"].items()))
@@ -295,7 +307,8 @@ def _evaluate(settings: FinetuneSettings, spec, out: Path, data: _RunImages, cfg
     eval_device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     cfg.precision = result["precision"] if eval_device.type == device else "fp32"
     score = data.scorer(cfg, eval_device)
-    model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(out, score, data.label_names)
+    model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(out, score, data.label_names,
+                                                                                  settings.age_bands)
     unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
     ensemble = _ensemble(settings, out, result, cfg.best_metric, data.label_names, score)
     localization, loc_notes = None, []

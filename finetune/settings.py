@@ -99,6 +99,8 @@ class FinetuneSettings:
     bbox_list: str | None
     localize_split: str
     overlays: int
+    # evaluation
+    age_bands: tuple[float, ...]  # edges in years of the subgroups' age bands (common/evaluation/age_bands.py)
     # implied: the chosen --model's options (finetune.choices.model_options), as (key, value) pairs
     # so that the record stays immutable
     model_options: tuple[tuple[str, int | float | str], ...]

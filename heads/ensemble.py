@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from common.evaluation.age_bands import AGE_BANDS, parse_age_bands
+from common.evaluation.age_bands import add_flag as add_age_bands_flag
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
 from common.config import HelpFormatter, log, parse_with_config, require, settings_of
 from common.runs.command import command_line, run_command
@@ -37,6 +39,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
                    help=f"patient-level bootstrap draws for the AUROC 95%% intervals; 0: none, else at least "
                         f"{MIN_VALID_DRAWS}")
+    add_age_bands_flag(p)
     p.add_argument("--out", help="run directory to write (kind ensemble)")
     p.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
     return p
@@ -49,6 +52,7 @@ class EnsembleSettings:
     runs: tuple[str, ...]
     combine: str
     bootstrap_draws: int
+    age_bands: tuple[float, ...]
     out: str
     overwrite: bool
 
@@ -56,7 +60,8 @@ class EnsembleSettings:
 def settings_from(args: argparse.Namespace) -> EnsembleSettings:
     require(args, "out")
     check_draws(args.bootstrap_draws)
-    return settings_of(EnsembleSettings, args)
+    age_bands = parse_age_bands(args.age_bands)
+    return replace(settings_of(EnsembleSettings, args), age_bands=age_bands)
 
 
 def load_members(paths: list[str]) -> tuple[list[str], dict, list[dict]]:
@@ -140,7 +145,37 @@ def _patients(members: list[dict], split: str, image_ids):
     return None
 
 
-def build(names, frames, members, how: str, out: Path, bootstrap_draws: int) -> dict:
+def _same(a, b) -> bool:
+    """Two columns equal row by row, unknowns (None, NaN) only where both are unknown."""
+    import numpy as np
+    import pandas as pd
+
+    a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+    unknown = pd.isna(a)
+    return bool(np.array_equal(unknown, pd.isna(b)) and (a[~unknown] == b[~unknown]).all())
+
+
+def _who(arrays: list[dict], members: list[dict], split: str):
+    """(patient ids, groups) of a split from the members' predictions files: the first member's that has
+    them, refused in one line where another member's disagree; None where no member's file has them (runs
+    from before they were recorded)."""
+    from common.runs.rundir import GROUP_COLUMNS
+
+    first = {}  # column -> (values, path) of the first member whose file has it
+    for a, member in zip(arrays, members):
+        columns = {**({"patient_id": a["patient_id"]} if a["patient_id"] is not None else {}), **(a["groups"] or {})}
+        for column, values in columns.items():
+            if column not in first:
+                first[column] = (values, member["path"])
+            elif not _same(first[column][0], values):
+                raise ValueError(f"{member['path']}: its {split} {column} column differs from {first[column][1]}'s "
+                                 "for the same images; an ensemble's members describe the same images alike")
+    patients = first["patient_id"][0] if "patient_id" in first else None
+    groups = {c: first[c][0] for c in GROUP_COLUMNS} if all(c in first for c in GROUP_COLUMNS) else None
+    return patients, groups
+
+
+def build(names, frames, members, how: str, out: Path, bootstrap_draws: int, age_bands=AGE_BANDS) -> dict:
     """metrics.json's content; predictions written into `out`."""
     from common.evaluation.scores import SplitScores, evaluate_splits
     from common.evaluation.studies import study_ids
@@ -151,13 +186,15 @@ def build(names, frames, members, how: str, out: Path, bootstrap_draws: int) -> 
     for split in SPLITS:
         arrays = [predictions_arrays(f, names) for f in frames[split]]
         first = arrays[0]
-        patients = _patients(members, split, first["image_id"])
+        patients, groups = _who(arrays, members, split)
+        if patients is None:  # runs from before predictions files held patients: their stores may
+            patients = _patients(members, split, first["image_id"])
         if patients is None and bootstrap_draws:
             notes.append(f"{split}: AUROC intervals resample images (no member store gives patients)")
         scores[split] = SplitScores(first["image_id"], combine([a["probs"] for a in arrays], how), first["y"],
                                     first["mask"], first["has_disease"], first["no_finding"], patients,
-                                    study_ids(dataset, first["image_id"]) if dataset else None)
-    splits, thresholds, threshold_notes = evaluate_splits(scores, names, out, bootstrap_draws)
+                                    study_ids(dataset, first["image_id"]) if dataset else None, groups)
+    splits, thresholds, threshold_notes = evaluate_splits(scores, names, out, bootstrap_draws, age_bands=age_bands)
     return {"label_names": names, "combine": how, "members": members,
             "thresholds": dict(zip(names, thresholds.tolist())), "splits": splits,
             "notes": notes + threshold_notes + [n for m in splits.values() for n in m["notes"]]}
@@ -180,6 +217,9 @@ def render_report(metrics: dict) -> str:
     from common.evaluation.subgroups import report_lines
 
     lines += report_lines(metrics)
+    from common.evaluation.subgroups import report_lines
+
+    lines += report_lines(metrics)
     if metrics["notes"]:
         lines += ["", "## Notes", "", *[f"- {n}" for n in metrics["notes"]]]
     return "\n".join(lines) + "\n"
@@ -197,9 +237,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     names, frames, members = load_members(list(args.runs))  # every refusal before --out is touched
 
     def write(out: Path) -> dict:
-        metrics = build(names, frames, members, args.combine, out, args.bootstrap_draws)
+        metrics = build(names, frames, members, args.combine, out, args.bootstrap_draws, args.age_bands)
         config = {"kind": KIND, "settings": {"combine": args.combine, "members": [m["path"] for m in members],
-                                             "bootstrap_draws": args.bootstrap_draws},
+                                             "bootstrap_draws": args.bootstrap_draws,
+                                             "age_bands": list(args.age_bands)},
                   "dataset": members[0].get("dataset"), "stores": members[0].get("stores") or [],
                   "label_names": names, "command": command, "started": started.isoformat(timespec="seconds"),
                   "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

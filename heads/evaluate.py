@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from common.evaluation.age_bands import AGE_BANDS, parse_age_bands
+from common.evaluation.age_bands import add_flag as add_age_bands_flag
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
 from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
 from common.features.store import SPLITS
@@ -38,6 +40,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
                    help=f"patient-level bootstrap draws for the AUROC 95%% intervals (seed 0); 0: none, else at least "
                         f"{MIN_VALID_DRAWS}")
+    add_age_bands_flag(p)
     p.add_argument("--precision", default="auto", help=" | ".join(PRECISIONS))
     p.add_argument("--out", help="run directory to write (kind evaluation)")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
@@ -52,6 +55,7 @@ class EvaluateSettings:
     store: tuple[str, ...] | None
     split: tuple[str, ...]
     bootstrap_draws: int
+    age_bands: tuple[float, ...]
     precision: str
     out: str
     overwrite: bool
@@ -60,9 +64,10 @@ class EvaluateSettings:
 def settings_from(args: argparse.Namespace) -> EvaluateSettings:
     require(args, "run", "out")
     check_draws(args.bootstrap_draws)
+    age_bands = parse_age_bands(args.age_bands)
     if args.precision not in PRECISIONS:
         raise ConfigError(f"--precision {args.precision!r}: choose from {', '.join(PRECISIONS)}")
-    return settings_of(EvaluateSettings, args)
+    return replace(settings_of(EvaluateSettings, args), age_bands=age_bands)
 
 
 def load_checked(args: EvaluateSettings):
@@ -91,13 +96,15 @@ def pair_labels(head, store_names, store_dataset: str, where: str) -> list[tuple
     return pairs
 
 
-def score_split(head, split, store_names, pairs, dataset: str, precision: str):
-    """One split's probabilities and relabelled ground truth, as a SplitScores on the paired labels."""
+def score_split(head, split, store_names, pairs, dataset: str, precision: str, source: str | None = None):
+    """One split's probabilities and relabelled ground truth, as a SplitScores on the paired labels, with
+    who each image is (its store's `source`) for the subgroup metrics."""
     import numpy as np
 
     from common.evaluation.scores import SplitScores
     from common.data.labels import relabel
     from common.evaluation.studies import study_ids
+    from common.evaluation.subgroups import image_groups
     from common.data.targets import eval_targets, finding_flags
     from heads.predictions import probabilities
 
@@ -108,23 +115,27 @@ def score_split(head, split, store_names, pairs, dataset: str, precision: str):
     y, mask = eval_targets(labels.astype(np.int8))  # every column is paired: no NaN left
     has_disease, no_finding = finding_flags(split.labels, store_names)  # over the store's own disease labels
     return SplitScores(split.image_id, probs, y, mask, has_disease, no_finding, split.patient_id,
-                       study_ids(dataset, split.image_id))
+                       study_ids(dataset, split.image_id),
+                       image_groups(len(split), split.sex, split.age, split.view, source))
 
 
 def evaluate_store(head, paths: list[str], pairs, splits: list[str], precision: str, bootstrap_draws: int,
-                   out: Path) -> dict:
+                   out: Path, age_bands=AGE_BANDS) -> dict:
     """metrics.json's content, with predictions/<split>.parquet written into `out`."""
     import numpy as np
 
     from common.evaluation.scores import score_splits
+    from common.evaluation.subgroups import source_name
     from heads.data import open_stores
 
     stores = open_stores(paths, splits)
     store_names = list(stores.label_names)
     names = [h for h, _ in pairs]
     thresholds = head.thresholds[[head.label_names.index(h) for h in names]]  # chosen on the head's own val
-    scored = score_splits({name: score_split(head, split, store_names, pairs, stores.dataset, precision)
-                           for name, split in stores.splits.items()}, names, thresholds, out, bootstrap_draws)
+    source = source_name(stores.infos[0].manifest["dataset"], stores.infos[0].manifest.get("config"))
+    scored = score_splits({name: score_split(head, split, store_names, pairs, stores.dataset, precision, source)
+                           for name, split in stores.splits.items()}, names, thresholds, out, bootstrap_draws,
+                          age_bands=age_bands)
     paired = {b for _, b in pairs}
     return {
         "label_names": names,
@@ -182,6 +193,10 @@ def render_report(config: dict, metrics: dict) -> str:
             lines += ["", f"Per study ({m['study_level']['studies']} studies): mean AUROC "
                           f"{_cell(m['study_level'], 'mean_auc')}."]
         lines.append("")
+    from common.evaluation.subgroups import report_lines
+
+    if subgroups := report_lines(metrics):
+        lines += [*subgroups[1:], ""]  # its leading blank line: the split's table already ends with one
     if metrics["notes"]:
         lines += ["## Notes", "", *[f"- {n}" for n in metrics["notes"]], ""]
     return "\n".join(lines)
@@ -196,14 +211,14 @@ def run(args: EvaluateSettings, checked, out: Path, command: str) -> dict:
     started = dt.datetime.now(dt.timezone.utc)
     head, paths, pairs = checked
     precision = resolve_precision(args.precision)
-    metrics = evaluate_store(head, paths, pairs, args.split, precision, args.bootstrap_draws, out)
+    metrics = evaluate_store(head, paths, pairs, args.split, precision, args.bootstrap_draws, out, args.age_bands)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     head_config = rundir.read_json(run_dir / rundir.CONFIG) if (run_dir / rundir.CONFIG).is_file() else {}
     config = {
         "kind": KIND,
         # What `cxr compare` sets beside a head run's: the head's training settings, then how it was scored.
         "settings": {**head_config.get("settings", {}), "head_run": str(run_dir.resolve()), "split": list(args.split),
-                     "bootstrap_draws": args.bootstrap_draws},
+                     "bootstrap_draws": args.bootstrap_draws, "age_bands": list(args.age_bands)},
         "head_run": str(run_dir.resolve()),
         "stores": [store_info(p).describe() for p in paths],
         "label_names": metrics["label_names"],

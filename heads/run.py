@@ -18,6 +18,8 @@ from common.runs import rundir
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS
 from common.config import log
 from common.evaluation.scores import evaluate_splits, split_scores
+from common.evaluation.age_bands import AGE_BANDS
+from common.evaluation.subgroups import image_groups, source_name
 from common.features.feature_stats import constant_note, summarize
 from common.training.losses import loss_text
 from common.evaluation.report import render
@@ -45,6 +47,7 @@ class Prepared:
     stores: list[dict]
     dataset: str
     store_labels: tuple[str, ...]
+    groups: dict[str, dict[str, np.ndarray]]  # split -> who each image is (sex, age, view, source), for subgroups
 
 
 def prepare_data(s: HeadSettings, precision: str) -> Prepared:
@@ -58,7 +61,8 @@ def prepare_data(s: HeadSettings, precision: str) -> Prepared:
     chosen = select_labels(stores.label_names, s.labels, drop_no_finding=not s.keep_no_finding)
     cols = label_columns(stores.label_names, chosen)
     inputs = fit_inputs(stores.splits["train"], stores.feature_dims, s.age_sex, s.sex_encoding)
-    tensors, ids, patients, labels, truth = {}, {}, {}, {}, {}
+    tensors, ids, patients, labels, truth, groups = {}, {}, {}, {}, {}, {}
+    source = source_name(stores.infos[0].manifest["dataset"], stores.infos[0].manifest.get("config"))
     for name in list(stores.splits):
         split = stores.splits.pop(name)  # drop each split's store arrays once its inputs exist
         x = make_inputs(split.features, split.age, split.sex, inputs)
@@ -66,9 +70,10 @@ def prepare_data(s: HeadSettings, precision: str) -> Prepared:
         truth[name] = eval_targets(split.labels[:, cols])
         tensors[name] = Tensors(input_tensor(x, precision), torch.from_numpy(y), torch.from_numpy(mask.astype(np.float32)))
         ids[name], patients[name], labels[name] = split.image_id, split.patient_id, split.labels
+        groups[name] = image_groups(len(split), split.sex, split.age, split.view, source)
         del split, x
     return Prepared(chosen, tensors, ids, patients, labels, truth, inputs, [i.describe() for i in stores.infos],
-                    stores.dataset, tuple(stores.label_names))
+                    stores.dataset, tuple(stores.label_names), groups)
 
 
 def run(settings: HeadSettings, out: Path, command: str) -> dict:
@@ -84,8 +89,8 @@ def run(settings: HeadSettings, out: Path, command: str) -> dict:
         torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
 
 
-def evaluate_run(data: Prepared, model, precision: str, out: Path, bootstrap_draws: int = BOOTSTRAP_DRAWS
-                 ) -> tuple[dict, np.ndarray, list[str]]:
+def evaluate_run(data: Prepared, model, precision: str, out: Path, bootstrap_draws: int = BOOTSTRAP_DRAWS,
+                 age_bands=AGE_BANDS) -> tuple[dict, np.ndarray, list[str]]:
     """Thresholds chosen on val, every metric on val and test, and their predictions files."""
     scores = {}
     for name, t in data.tensors.items():
@@ -93,8 +98,8 @@ def evaluate_run(data: Prepared, model, precision: str, out: Path, bootstrap_dra
             continue
         probs = torch.sigmoid(predict_logits(model, t.x, precision)).numpy()
         scores[name] = split_scores(data.ids[name], probs, data.labels[name], data.store_labels, data.label_names,
-                                    data.patients[name], data.dataset)
-    return evaluate_splits(scores, data.label_names, out, bootstrap_draws)
+                                    data.patients[name], data.dataset, data.groups[name])
+    return evaluate_splits(scores, data.label_names, out, bootstrap_draws, age_bands=age_bands)
 
 
 def _run(s: HeadSettings, out: Path, command: str) -> dict:
@@ -116,7 +121,7 @@ def _run(s: HeadSettings, out: Path, command: str) -> dict:
     if result.best_epoch == 0:
         raise rundir.RunError(f"training diverged in its first epoch (non-finite loss); no weights worth saving in "
                               f"{out}; lower --lr or check the store's features")
-    splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out, s.bootstrap_draws)
+    splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out, s.bootstrap_draws, age_bands=s.age_bands)
 
     if s.grid_ensemble > 1:
         spec = replace(spec, members=s.grid_ensemble)

@@ -41,6 +41,7 @@ class HeadSettings:
     grid_metric: str
     grid_ensemble: int
     bootstrap_draws: int
+    age_bands: tuple[float, ...]  # edges in years of the subgroups' age bands (common/evaluation/age_bands.py)
     init_seed: int
     threads: int | None
     precision: str  # as asked: 'auto' is resolved by the run

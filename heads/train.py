@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
+from common.evaluation.age_bands import add_flag as add_age_bands_flag, parse_age_bands
 from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, log, parse_list,
                            parse_with_config, require)
 from common.data.targets import HEAD_POLICIES
@@ -64,6 +65,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
                    help=f"patient-level bootstrap draws for the val/test AUROC 95%% intervals (seed 0); "
                         f"0 = no intervals, else at least {MIN_VALID_DRAWS}")
+    add_age_bands_flag(g)
     g = p.add_argument_group("machine")
     # Not --seed, which names the split seed in the jobs.
     g.add_argument("--init-seed", type=int, default=0, help="weight init, dropout and batch order")
@@ -98,6 +100,7 @@ def settings_from(args: argparse.Namespace) -> HeadSettings:
     if s["batch_size"] < 1 or s["epochs"] < 1:
         raise ConfigError("--batch-size and --epochs must be positive")
     check_draws(s["bootstrap_draws"])
+    s["age_bands"] = parse_age_bands(s["age_bands"])
     return HeadSettings(**s)
 
 

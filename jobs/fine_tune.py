@@ -26,6 +26,7 @@ from common.runs.command import command_line, run_command
 from common.runs.safe_output import check_dir_path
 from common.data.table_flags import add_table_flags, check_table_flags
 from common.data.targets import FINETUNE_POLICIES
+from common.evaluation.age_bands import add_flag as add_age_bands_flag, parse_age_bands
 from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
 from finetune.settings import FinetuneSettings
 from jobs import workers_run_this_python
@@ -114,6 +115,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--localize-split", choices=SPLITS, default="test",
                    help="the split whose boxed images are scored (boxes of training images flatter the model)")
     g.add_argument("--overlays", type=int, default=8, help="heatmap overlays saved as PNG (first images with boxes)")
+    add_age_bands_flag(p.add_argument_group("evaluation"))
     return p
 
 
@@ -158,7 +160,8 @@ def settings_from(args: argparse.Namespace) -> FinetuneSettings:
         if args.backbone not in CAM_LAYERS:
             raise ConfigError(f"--bbox-list: CAM is defined for {', '.join(CAM_LAYERS)}, not {args.backbone}")
     flags = {k: v for k, v in vars(args).items() if k != "config"}
-    return FinetuneSettings(**{**flags, "betas": betas, "model_options": tuple(options.items())})
+    return FinetuneSettings(**{**flags, "betas": betas, "age_bands": parse_age_bands(args.age_bands),
+                               "model_options": tuple(options.items())})
 
 
 def resolve_device(settings: FinetuneSettings) -> str:

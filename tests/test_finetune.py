@@ -254,6 +254,9 @@ def test_run_directory_has_the_head_runs_files_and_loadable_checkpoints(run, nih
     for split in ("val", "test"):
         pred = pd.read_parquet(out / "predictions" / f"{split}.parquet")
         assert len(pred) == metrics["splits"][split]["n"] and CORRUPT not in set(pred["image_id"])
+        # Who each image is, from the image table: the subgroup metrics' groups.
+        assert list(pred.columns[:6]) == ["image_id", *rundir.FRONT_COLUMNS] and set(pred["source"]) == {"nih"}
+        assert set(pred["sex"]) <= {"M", "F"} and set(metrics["splits"][split]["subgroups"]) >= {"sex", "age"}
         predicted += len(pred)
     assert predicted == config["images"]["val"] + config["images"]["test"] - left_out
     # The truncated file was recorded, not fatal.

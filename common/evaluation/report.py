@@ -18,6 +18,7 @@ from sklearn.metrics import roc_curve
 
 from common.runs import rundir
 from common.evaluation.baselines import for_dataset
+from common.evaluation import subgroups
 from common.evaluation.text import entry_with_interval, number
 from common.evaluation.model_card import threshold_fallbacks
 from common.images.data_config import DataConfig
@@ -293,6 +294,7 @@ def render(run: str | Path) -> Path:
         lines += [f"- {b.title}: {b.source}" for b in baselines]
         if any(n not in b.auroc for b in baselines for n in names):
             lines.append("- a baseline's mean is over the labels it reports")
+    lines += subgroups.report_lines(metrics)
     if metrics.get("localization"):
         lines += _localization_lines(metrics["localization"])
     if metrics["grid"]:

@@ -16,6 +16,8 @@ from common.evaluation.bootstrap import BOOTSTRAP_DRAWS
 from common.data.targets import eval_targets, finding_flags, label_columns
 from common.evaluation.metrics import choose_thresholds, evaluate, nanmean, per_class_auroc, study_level
 from common.evaluation.studies import study_ids
+from common.evaluation.age_bands import AGE_BANDS
+from common.evaluation.subgroups import subgroup_metrics
 
 
 @dataclass
@@ -28,17 +30,38 @@ class SplitScores:
     no_finding: np.ndarray
     patient_id: np.ndarray | None = None  # (n,): the AUROC bootstrap's unit; None resamples images
     study_id: np.ndarray | None = None  # (n,): where a dataset has studies (CheXpert), also scored per study
+    # Who each image is (rundir.GROUP_COLUMNS: sex, age, view, source; subgroups.image_groups), for the
+    # predictions file and the subgroup metrics; None where unknown (a run from before they were recorded).
+    groups: dict[str, np.ndarray] | None = None
 
 
 def split_scores(image_id: np.ndarray, probs: np.ndarray, labels: np.ndarray, label_names, chosen: list[str],
-                 patient_id: np.ndarray | None = None, dataset: str | None = None) -> SplitScores:
+                 patient_id: np.ndarray | None = None, dataset: str | None = None,
+                 groups: dict[str, np.ndarray] | None = None) -> SplitScores:
     """One split's probabilities for the `chosen` labels against its raw labels (n, one column per
     `label_names`, the dataset's): scored on the raw targets whatever the training policy
     (common/data/targets.py), D-/N-AUC's finding flags over every disease label, not only the chosen,
     and per study where the dataset has studies."""
     y, mask = eval_targets(labels[:, label_columns(label_names, chosen)])
     return SplitScores(image_id, probs, y, mask, *finding_flags(labels, label_names), patient_id,
-                       study_ids(dataset, image_id))
+                       study_ids(dataset, image_id), groups)
+
+
+def _front(s: SplitScores) -> dict:
+    """The predictions file's columns after image_id: who each image is, as far as the split knows."""
+    front = {} if s.patient_id is None else {"patient_id": np.asarray(s.patient_id, dtype=object)}
+    return {**front, **(s.groups or {})}
+
+
+def _add_subgroups(split: dict, s: SplitScores, name: str, label_names: list[str], bootstrap_draws: int,
+                   age_bands) -> None:
+    """Every AUROC by sex, age band, view and source (common/evaluation/subgroups.py), or a note why not."""
+    if s.groups is None:
+        split["notes"].append(f"{name}: no subgroups: the images' sex, age, view and source are not known here "
+                              "(predictions from before they were recorded)")
+        return
+    split["subgroups"] = subgroup_metrics(s.y, s.probs, s.mask, label_names, s.groups, s.patient_id, age_bands,
+                                          bootstrap_draws)
 
 
 STUDY_RULE = "a study's score is the highest probability over its images; its label the one its images share"
@@ -66,18 +89,21 @@ def combine_probabilities(probs: list, how: str = "prob") -> np.ndarray:
 
 
 def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out: Path,
-                    bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "") -> tuple[dict, np.ndarray, list[str]]:
+                    bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "",
+                    age_bands=AGE_BANDS) -> tuple[dict, np.ndarray, list[str]]:
     """Thresholds chosen on val, every metric on val and test (AUROC intervals by patient unless
     bootstrap_draws is 0), and their predictions files (predictions/<prefix><split>.parquet)."""
     val = scores["val"]
     thresholds, notes = choose_thresholds(val.y, val.probs, val.mask, label_names)
     chosen = {name: scores[name] for name in ("val", "test") if name in scores}
-    splits = score_splits(chosen, label_names, thresholds, out, bootstrap_draws, prefix)
+    splits = score_splits(chosen, label_names, thresholds, out, bootstrap_draws, prefix,
+                          age_bands=age_bands)
     return splits, thresholds, [f"thresholds: {n}" for n in notes]
 
 
 def score_splits(scores: dict[str, SplitScores], label_names: list[str], thresholds: np.ndarray, out: Path,
-                 bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "") -> dict:
+                 bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "",
+                 age_bands=AGE_BANDS) -> dict:
     """Every metric of each split at the given thresholds (its notes prefixed by the split, per study
     where the dataset has studies), and its predictions file (predictions/<prefix><split>.parquet)."""
     splits = {}
@@ -87,6 +113,8 @@ def score_splits(scores: dict[str, SplitScores], label_names: list[str], thresho
         splits[name]["notes"] = [f"{name}: {n}" for n in splits[name]["notes"]]
         if s.study_id is not None:
             splits[name]["study_level"] = study_metrics(s, label_names)
-        frame = rundir.predictions_frame(s.image_id, s.probs, label_names, s.y, s.mask, s.has_disease, s.no_finding)
+        _add_subgroups(splits[name], s, name, label_names, bootstrap_draws, age_bands)
+        frame = rundir.predictions_frame(s.image_id, s.probs, label_names, s.y, s.mask, s.has_disease, s.no_finding,
+                                         front=_front(s))
         rundir.write_table(frame, out / rundir.PREDICTIONS / f"{prefix}{name}.parquet")
     return splits

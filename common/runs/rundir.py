@@ -5,8 +5,9 @@
     <run>/head.pt                 the head: weights + everything needed to rebuild and feed it
     <run>/best.pt, last.pt        a fine-tune run's checkpoints (finetune/checkpoint.py)
     <run>/metrics.json            per-split metrics, epoch history, grid cells, thresholds, notes
-    <run>/predictions/<split>.parquet   image_id, a probability column per label, `label:<name>`
-                                  targets (-1 where masked), has_disease, no_finding
+    <run>/predictions/<split>.parquet   image_id, who the image is (FRONT_COLUMNS, where known), a
+                                  probability column per label, `label:<name>` targets (-1 where
+                                  masked), has_disease, no_finding
     <run>/report.md, roc_<split>.png, loss.png    rendered by heads.report
     <run>/model_card.md, model_card.json   what the model is, its data, weights, test metrics and warnings
     <run>/localization/*.png      a fine-tune run's CAM overlays
@@ -49,6 +50,11 @@ LAST = "last.pt"
 LOCALIZATION = "localization"
 OVERLAYS = "overlays"
 TARGET_PREFIX = "label:"
+# Who each image is, after image_id in a predictions file: the bootstrap's unit and the attributes that
+# common/evaluation/subgroups.py groups by (sex "M"/"F"/None, age in years or NaN, view, source: the
+# dataset or table a row came from). Runs from before them lack these columns.
+GROUP_COLUMNS = ("sex", "age", "view", "source")
+FRONT_COLUMNS = ("patient_id", *GROUP_COLUMNS)
 MODEL_CARD = "model_card.md"  # and MODEL_CARD_JSON: common/evaluation/model_card.py
 MODEL_CARD_JSON = "model_card.json"
 
@@ -205,6 +211,8 @@ def read_json(path: Path) -> dict:
 def predictions_frame(image_id, probs: np.ndarray, label_names: list[str], targets=None, mask=None,
                       has_disease=None, no_finding=None, front: dict | None = None) -> pd.DataFrame:
     """image_id [+ front columns], one probability column per label [+ targets and finding flags]."""
+    if clash := sorted(set(front or {}) & set(label_names)):
+        raise RunError(f"label {clash[0]!r}: also the name of a predictions column ({', '.join(front)}); rename the label")
     cols = {"image_id": np.asarray(image_id, dtype=object), **(front or {})}
     cols.update({name: probs[:, i].astype(np.float32) for i, name in enumerate(label_names)})
     if targets is not None:
@@ -233,7 +241,8 @@ def read_predictions(path: Path, label_names: list[str]) -> dict[str, np.ndarray
 
 
 def predictions_arrays(df: pd.DataFrame, label_names: list[str]) -> dict[str, np.ndarray]:
-    """A predictions frame's image ids, probabilities, targets (y 0/1, mask of the scored entries) and flags."""
+    """A predictions frame's image ids, probabilities, targets (y 0/1, mask of the scored entries) and flags;
+    "patient_id" and "groups" ({column: values} of GROUP_COLUMNS) are None in a file from before them."""
     y = df[[TARGET_PREFIX + n for n in label_names]].to_numpy()
     return {
         "image_id": df["image_id"].to_numpy(),
@@ -242,6 +251,9 @@ def predictions_arrays(df: pd.DataFrame, label_names: list[str]) -> dict[str, np
         "mask": y >= 0,
         "has_disease": df["has_disease"].to_numpy(),
         "no_finding": df["no_finding"].to_numpy(),
+        "patient_id": df["patient_id"].to_numpy(dtype=object) if "patient_id" in df else None,
+        "groups": ({c: df[c].to_numpy(dtype=np.float64 if c == "age" else object) for c in GROUP_COLUMNS}
+                   if set(GROUP_COLUMNS) <= set(df.columns) else None),
     }
 
 
