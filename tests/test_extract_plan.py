@@ -76,6 +76,19 @@ def test_a_worker_builds_a_plans_models_once_found_by_the_drivers_key(tmp_path):
     assert again([]) is None
 
 
+def test_tasks_shipped_as_spark_ships_them_share_their_workers_models(tmp_path):
+    """Spark pickles the task's function anew for each task (closures and the globals they name by value): the
+    models must still be found again, not rebuilt in every task (a copied cache dict once made them so)."""
+    from pyspark import cloudpickle
+
+    from common.features.extraction import make_embed_fn
+
+    plan = make_plan(checked_flags("--out", str(tmp_path / "s"), "--weights", "random:0", "--input-size", "64"))
+    shipped = cloudpickle.dumps(make_embed_fn(plan))
+    first, second = (cloudpickle.loads(shipped)(None, 1) for _ in range(2))
+    assert second.extractor is first.extractor
+
+
 def test_the_lung_model_is_built_beside_the_backbone_from_the_shipped_file(tmp_path):
     from common.features.extraction import make_embed_fn
 

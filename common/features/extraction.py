@@ -6,6 +6,7 @@ ones are batched through the frozen backbone, and every input row comes out exac
 
 from __future__ import annotations
 
+import gc
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -128,6 +129,25 @@ class Embedder:
 _MODELS: dict[tuple, tuple] = {}  # this Python worker's models, for one key at a time
 
 
+def worker_models(key: tuple, build: Callable[[], tuple]) -> tuple:
+    """The models of `key` in this Python worker, built by `build()` on a miss. Top level on purpose: Spark
+    pickles a task's closure by value, globals it names included, so a closure reading `_MODELS` itself got a
+    fresh empty copy in every task and rebuilt the models each time; a module function is pickled by reference
+    and reads this module's own dict.
+
+    The objects alive after the build (torch, the models) are then frozen out of the cyclic garbage
+    collector: pyspark's daemon runs gc.collect() after every task of a reused worker, and walking them
+    took ~0.1 s of CPU per task (more than embedding one small image)."""
+    models = _MODELS.get(key)
+    if models is None:
+        gc.unfreeze()  # the old models become collectable again
+        _MODELS.clear()  # a worker serves one run's settings; free the old models first
+        models = _MODELS[key] = build()
+        gc.collect()
+        gc.freeze()
+    return models
+
+
 def make_embed_fn(plan: ExtractPlan, weights_file: str | None = None, lung_file: str | None = None,
                   make_masker: Callable[[str, str, str | None], Any] | None = None) -> Callable[..., Embedder]:
     """A plan's embedding in the shape of pyspark's predict_batch_udf: made once on the driver, with the names
@@ -141,14 +161,13 @@ def make_embed_fn(plan: ExtractPlan, weights_file: str | None = None, lung_file:
 
     def embed_fn(gpu: str | None, threads: int, locate: Callable[[str], str] = str) -> Embedder:
         device = f"cuda:{gpu}" if gpu is not None and plan.device == "auto" else "cpu"
-        models = _MODELS.get((key, device, threads))
-        if models is None:
-            _MODELS.clear()  # a worker serves one run's settings; free the old models first
+
+        def build() -> tuple:
             extractor = FeatureExtractor(plan.backbone, locate(weights_file) if weights_file else None,
                                          plan.weights.seed, device=device, precision=plan.precision,
                                          threads=threads, data_config=plan.data_config)
-            masker = make_masker(locate(lung_file), device, plan.masks_dir) if lung_file else None
-            models = _MODELS[(key, device, threads)] = (extractor, masker)
-        return Embedder(*models, plan, threads)
+            return extractor, make_masker(locate(lung_file), device, plan.masks_dir) if lung_file else None
+
+        return Embedder(*worker_models((key, device, threads), build), plan, threads)
 
     return embed_fn
