@@ -2,12 +2,19 @@
 
     python bench/heads_train.py                 # about 2 minutes on 2 cores
     python bench/heads_train.py --epochs 5 --fp32-epochs 0 --dataloader-epochs 1   # quick look
+    python bench/heads_train.py --epochs 1 --fp32-epochs 0 --dataloader-epochs 0   # mostly the metrics' cost
 
 Times heads.fit (whole-split tensors indexed by a permutation) for --epochs epochs at the chosen
 precision, a few fp32 epochs of the same loop, and a few epochs of a naive torch DataLoader loop
 (TensorDataset, shuffle, per-sample fetch + default collate, fp32) on the same data and model.
 Each epoch of heads.fit includes its validation pass and val AUROC (11,212 rows). Prints a
 Markdown table; peak memory is the process's ru_maxrss.
+
+Then the once-per-run evaluation (common.evaluation.scores.evaluate_splits, what heads.train calls
+after the last epoch) on synthetic val and test splits of --metrics-rows rows each (default NIH's
+112,120, a bound: its val + test hold 36,808), with the issue-24 metrics (AUPRC, ECE, temperature
+fit, operating points with their bootstrap, the PR and reliability plots) timed one by one, and the
+evaluation without them (the whole less their sum) beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.evaluation import calibration, operating_points  # noqa: E402
+from common.evaluation.metrics import per_class_auprc  # noqa: E402
+from common.evaluation.report import plot_pr  # noqa: E402
+from common.evaluation.scores import SplitScores, evaluate_splits  # noqa: E402
 from heads.fit import FitConfig, Tensors, fit, input_tensor, resolve_precision  # noqa: E402
 from common.training.losses import make_loss  # noqa: E402
 from heads.models import HeadSpec, build_head  # noqa: E402
@@ -61,6 +72,62 @@ def naive_epochs(x: np.ndarray, y: np.ndarray, spec: HeadSpec, batch_size: int, 
     return times
 
 
+def _timed(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def _metric_splits(rows: int, labels: int, rng: np.random.Generator) -> dict[str, SplitScores]:
+    """val and test with probabilities that carry the labels (NIH-like prevalences), 3 images a patient."""
+    out = {}
+    for name in ("val", "test"):
+        y = (rng.random((rows, labels)) < np.linspace(0.002, 0.18, labels)).astype(np.float32)
+        probs = (1 / (1 + np.exp(-(rng.standard_normal((rows, labels)) + 1.5 * y - 2)))).astype(np.float32)
+        out[name] = SplitScores(np.array([f"{name}{i}" for i in range(rows)], dtype=object), probs, y,
+                                np.ones(y.shape, bool), y.any(axis=1), ~y.any(axis=1), np.arange(rows) // 3)
+    return out
+
+
+def metrics_cost(rows: int, labels: int, draws: int, epoch_seconds: float | None) -> None:
+    """The once-per-run evaluation with and without the issue-24 metrics, as a Markdown table."""
+    import tempfile
+
+    rng = np.random.default_rng(1)
+    splits = _metric_splits(rows, labels, rng)
+    names = [f"label{c}" for c in range(labels)]
+    val = splits["val"]
+    parts = {}
+    with tempfile.TemporaryDirectory() as out:
+        temperature, parts["temperature fit on val"] = _timed(lambda: calibration.fit_temperature(val.probs, val.y, val.mask))
+        _, total = _timed(lambda: evaluate_splits(splits, names, Path(out), draws, calibrate="temperature"))
+    both = splits.values()
+    _, parts["AUPRC (val + test)"] = _timed(lambda: [per_class_auprc(s.y, s.probs, s.mask, names) for s in both])
+    _, parts["ECE raw and T-scaled (val + test)"] = _timed(
+        lambda: [calibration.split_calibration(s.y, s.probs, s.mask, names, temperature) for s in both])
+    points, chosen = _timed(lambda: operating_points.choose(val.y, val.probs, val.mask, names))
+    _, scored = _timed(lambda: [operating_points.score(s.y, s.probs, s.mask, names, points, s.patient_id, draws)
+                                for s in both])
+    parts[f"operating points: 4 targets chosen on val, scored on val + test ({draws} draws)"] = chosen + scored
+    new = sum(parts.values())
+    with tempfile.TemporaryDirectory() as folder:
+        pred = {"y": val.y, "mask": val.mask, "probs": val.probs}
+        _, parts["report: PR + reliability plots (val + test)"] = _timed(lambda: [
+            (plot_pr(pred, names, {}, "PR", Path(folder) / "pr.png"),
+             calibration.plot_reliability(pred, names, "R", Path(folder) / "r.png", temperature=temperature))
+            for _ in range(2)])
+    print(f"\n| once per run, {rows:,} x {labels} per split, val + test | seconds |")
+    print("| --- | --- |")
+    print(f"| evaluate_splits, every metric (what heads.train runs after training) | {total:.2f} |")
+    for name, seconds in parts.items():
+        print(f"| new: {name} | {seconds:.2f} |")
+    print(f"| evaluate_splits without the new metrics (the first row less the new ones inside it) | {total - new:.2f} |")
+    if epoch_seconds:
+        added = new + parts["report: PR + reliability plots (val + test)"]
+        print(f"\nall new metrics, the fit and the plots: {added:.2f} s once per run; one heads.fit epoch above: "
+              f"{epoch_seconds:.2f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=112_120)
@@ -73,6 +140,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--precision", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--metrics-rows", type=int, default=112_120, help="rows per split of the evaluation timing (0: skip)")
+    p.add_argument("--bootstrap-draws", type=int, default=1000, help="draws of the evaluation timing, as heads.train's")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +192,8 @@ def main() -> None:
         k = min(map(len, aucs.values()))
         print(f"\nval mean AUROC after {k} epochs: " + ", ".join(f"{p} {a[k - 1]:.4f}" for p, a in aucs.items())
               + f"; after {len(aucs[precision])} epochs ({precision}): {aucs[precision][-1]:.4f}")
+    if args.metrics_rows:
+        metrics_cost(args.metrics_rows, args.labels, args.bootstrap_draws, fast)
 
 
 if __name__ == "__main__":

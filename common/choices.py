@@ -6,6 +6,7 @@ pyarrow; common.models.inference and common.features.store take these names from
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of the frozen extractor and the fine-tune loop
 SPLITS = ("train", "val", "test")  # a feature store's splits (docs/feature-store.md)
+CALIBRATION_METHODS = ("none", "temperature")  # --calibrate of heads.train and the fine-tune job
 
 # The backbones the literature architectures (common/models/architectures.py) read feature maps from, by the
 # torchvision layout each shares.

@@ -19,8 +19,9 @@ import torch
 from common import software
 from common.runs import rundir
 from common.data.bboxes import read_nih_bboxes
-from common.evaluation.model_card import label_counts, write_card
 from common.evaluation.age_bands import AGE_BANDS
+from common.evaluation.operating_points import DEFAULT_TARGETS
+from common.evaluation.model_card import label_counts, write_card
 from common.evaluation.scores import combine_probabilities, evaluate_splits, split_scores
 from common.evaluation.subgroups import image_groups, source_name
 from common.models.model_registry import get_spec
@@ -56,11 +57,14 @@ def split_images(table, cols: np.ndarray, policy: str) -> tuple[dict[str, SplitI
     return out, flags, labels
 
 
-def evaluate_best(out: Path, score: Callable[[Path], tuple], label_names, age_bands=AGE_BANDS):
-    """best.pt on val and test: metrics and predictions (unreadable images left out), the model and
-    the unreadable images' paths. `score(path)`: score_checkpoint over the run's images."""
+def evaluate_best(out: Path, score: Callable[[Path], tuple], label_names, age_bands=AGE_BANDS, calibrate: str = "none",
+                  targets=DEFAULT_TARGETS):
+    """best.pt on val and test: metrics and predictions (unreadable images left out), with `calibrate`
+    "temperature" calibration.json fitted on val, the model and the unreadable images' paths.
+    `score(path)`: score_checkpoint over the run's images."""
     model, scores, notes, unreadable = score(out / BEST)
-    splits_metrics, thresholds, threshold_notes = evaluate_splits(scores, label_names, out, age_bands=age_bands)
+    splits_metrics, thresholds, threshold_notes = evaluate_splits(scores, label_names, out, age_bands=age_bands,
+                                                                  calibrate=calibrate, targets=targets)
     return model, splits_metrics, thresholds, notes + threshold_notes, unreadable
 
 
@@ -91,7 +95,7 @@ def score_checkpoint(path: Path, splits: dict[str, SplitImages], flag_rows: dict
 
 
 def checkpoint_ensemble(out: Path, history: list[dict], k: int, best_metric: str, label_names: list[str],
-                        score, age_bands=AGE_BANDS) -> dict | None:
+                        score, age_bands=AGE_BANDS, targets=DEFAULT_TARGETS) -> dict | None:
     """The CheXpert paper's ensemble of one run's checkpoints: the k epochs best by `best_metric` (of
     those kept in checkpoints/), their val/test probabilities averaged and scored as any run
     (predictions/checkpoint-ensemble-<split>.parquet). `score(path)` -> (model, scores, notes, unreadable).
@@ -111,7 +115,7 @@ def checkpoint_ensemble(out: Path, history: list[dict], k: int, best_metric: str
         scores[split] = dataclasses.replace(members[0][split],
                                             probs=combine_probabilities([m[split].probs for m in members]))
     splits, thresholds, notes = evaluate_splits(scores, label_names, out, prefix="checkpoint-ensemble-",
-                                                age_bands=age_bands)
+                                                age_bands=age_bands, targets=targets)
     return {"epochs": epochs, "combine": "prob", "rule": f"the {k} epochs best by {best_metric}",
             "thresholds": dict(zip(label_names, thresholds.tolist())), "splits": splits, "notes": notes}
 
@@ -292,7 +296,7 @@ def _ensemble(settings: FinetuneSettings, out: Path, result: dict, best_metric: 
     if settings.checkpoint_ensemble <= 1:
         return None
     ensemble = checkpoint_ensemble(out, result["history"], settings.checkpoint_ensemble, best_metric, label_names,
-                                   score, settings.age_bands)
+                                   score, settings.age_bands, settings.operating_point)
     if ensemble and "splits" in ensemble:
         log("checkpoint ensemble of epochs " + ", ".join(map(str, ensemble["epochs"])) + ": "
             + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in ensemble["splits"].items()))
@@ -307,8 +311,8 @@ def _evaluate(settings: FinetuneSettings, spec, out: Path, data: _RunImages, cfg
     eval_device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     cfg.precision = result["precision"] if eval_device.type == device else "fp32"
     score = data.scorer(cfg, eval_device)
-    model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(out, score, data.label_names,
-                                                                                  settings.age_bands)
+    model, split_metrics, thresholds, eval_notes, eval_unreadable = evaluate_best(
+        out, score, data.label_names, settings.age_bands, settings.calibrate, settings.operating_point)
     unreadable = sorted(set(result["unreadable"]) | set(eval_unreadable))
     ensemble = _ensemble(settings, out, result, cfg.best_metric, data.label_names, score)
     localization, loc_notes = None, []

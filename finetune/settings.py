@@ -101,6 +101,8 @@ class FinetuneSettings:
     overlays: int
     # evaluation
     age_bands: tuple[float, ...]  # edges in years of the subgroups' age bands (common/evaluation/age_bands.py)
+    calibrate: str  # none | temperature (fitted on val with best.pt, common/evaluation/calibration.py)
+    operating_point: tuple[str, ...]  # targets as "metric=value", chosen on val (common/evaluation/operating_points.py)
     # implied: the chosen --model's options (finetune.choices.model_options), as (key, value) pairs
     # so that the record stays immutable
     model_options: tuple[tuple[str, int | float | str], ...]

@@ -20,6 +20,8 @@ from pathlib import Path
 from common.evaluation.age_bands import AGE_BANDS, parse_age_bands
 from common.evaluation.age_bands import add_flag as add_age_bands_flag
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
+from common.evaluation.operating_points import DEFAULT_TARGETS, parse_targets
+from common.evaluation.operating_points import add_flag as add_operating_point_flag
 from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
 from common.features.store import SPLITS
 from common.runs.command import command_line, run_command
@@ -41,6 +43,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help=f"patient-level bootstrap draws for the AUROC 95%% intervals (seed 0); 0: none, else at least "
                         f"{MIN_VALID_DRAWS}")
     add_age_bands_flag(p)
+    add_operating_point_flag(p)  # chosen on the head run's val predictions
     p.add_argument("--precision", default="auto", help=" | ".join(PRECISIONS))
     p.add_argument("--out", help="run directory to write (kind evaluation)")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
@@ -56,6 +59,7 @@ class EvaluateSettings:
     split: tuple[str, ...]
     bootstrap_draws: int
     age_bands: tuple[float, ...]
+    operating_point: tuple[str, ...]
     precision: str
     out: str
     overwrite: bool
@@ -67,7 +71,8 @@ def settings_from(args: argparse.Namespace) -> EvaluateSettings:
     age_bands = parse_age_bands(args.age_bands)
     if args.precision not in PRECISIONS:
         raise ConfigError(f"--precision {args.precision!r}: choose from {', '.join(PRECISIONS)}")
-    return replace(settings_of(EvaluateSettings, args), age_bands=age_bands)
+    return replace(settings_of(EvaluateSettings, args), age_bands=age_bands,
+                   operating_point=parse_targets(args.operating_point))
 
 
 def load_checked(args: EvaluateSettings):
@@ -120,10 +125,14 @@ def score_split(head, split, store_names, pairs, dataset: str, precision: str, s
 
 
 def evaluate_store(head, paths: list[str], pairs, splits: list[str], precision: str, bootstrap_draws: int,
-                   out: Path, age_bands=AGE_BANDS) -> dict:
-    """metrics.json's content, with predictions/<split>.parquet written into `out`."""
+                   out: Path, age_bands=AGE_BANDS, head_run: Path | None = None, targets=DEFAULT_TARGETS) -> dict:
+    """metrics.json's content, with predictions/<split>.parquet written into `out`. The head run's own
+    val (`head_run`) chose the thresholds and operating points and fitted any calibration: this store
+    is only scored."""
     import numpy as np
 
+    from common.evaluation import operating_points
+    from common.evaluation.calibration import read_calibration, temperatures
     from common.evaluation.scores import score_splits
     from common.evaluation.subgroups import source_name
     from heads.data import open_stores
@@ -133,8 +142,11 @@ def evaluate_store(head, paths: list[str], pairs, splits: list[str], precision: 
     names = [h for h, _ in pairs]
     thresholds = head.thresholds[[head.label_names.index(h) for h in names]]  # chosen on the head's own val
     source = source_name(stores.infos[0].manifest["dataset"], stores.infos[0].manifest.get("config"))
+    points, notes = operating_points.from_run(head_run, names, targets) if head_run else (None, [])
+    calibration = read_calibration(head_run) if head_run else None
     scored = score_splits({name: score_split(head, split, store_names, pairs, stores.dataset, precision, source)
                            for name, split in stores.splits.items()}, names, thresholds, out, bootstrap_draws,
+                          temperature=temperatures(calibration, names) if calibration else None, points=points,
                           age_bands=age_bands)
     paired = {b for _, b in pairs}
     return {
@@ -146,7 +158,7 @@ def evaluate_store(head, paths: list[str], pairs, splits: list[str], precision: 
         "store_labels_unused": [b for b in store_names if b not in paired],
         "thresholds": dict(zip(names, np.asarray(thresholds, dtype=float))),
         "splits": scored,
-        "notes": [n for m in scored.values() for n in m["notes"]],
+        "notes": notes + [n for m in scored.values() for n in m["notes"]],
     }
 
 
@@ -197,6 +209,9 @@ def render_report(config: dict, metrics: dict) -> str:
 
     if subgroups := report_lines(metrics):
         lines += [*subgroups[1:], ""]  # its leading blank line: the split's table already ends with one
+    from common.evaluation import calibration, operating_points
+
+    lines += [*calibration.report_lines(metrics, None), *operating_points.report_lines(metrics), ""]
     if metrics["notes"]:
         lines += ["## Notes", "", *[f"- {n}" for n in metrics["notes"]], ""]
     return "\n".join(lines)
@@ -211,8 +226,9 @@ def run(args: EvaluateSettings, checked, out: Path, command: str) -> dict:
     started = dt.datetime.now(dt.timezone.utc)
     head, paths, pairs = checked
     precision = resolve_precision(args.precision)
-    metrics = evaluate_store(head, paths, pairs, args.split, precision, args.bootstrap_draws, out, args.age_bands)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    metrics = evaluate_store(head, paths, pairs, args.split, precision, args.bootstrap_draws, out, args.age_bands,
+                             run_dir, args.operating_point)
     head_config = rundir.read_json(run_dir / rundir.CONFIG) if (run_dir / rundir.CONFIG).is_file() else {}
     config = {
         "kind": KIND,

@@ -17,6 +17,7 @@ from common import software
 from common.runs import rundir
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS
 from common.config import log
+from common.evaluation.operating_points import DEFAULT_TARGETS
 from common.evaluation.scores import evaluate_splits, split_scores
 from common.evaluation.age_bands import AGE_BANDS
 from common.evaluation.subgroups import image_groups, source_name
@@ -90,8 +91,10 @@ def run(settings: HeadSettings, out: Path, command: str) -> dict:
 
 
 def evaluate_run(data: Prepared, model, precision: str, out: Path, bootstrap_draws: int = BOOTSTRAP_DRAWS,
+                 calibrate: str = "none", targets=DEFAULT_TARGETS,
                  age_bands=AGE_BANDS) -> tuple[dict, np.ndarray, list[str]]:
-    """Thresholds chosen on val, every metric on val and test, and their predictions files."""
+    """Thresholds and operating points chosen on val, with --calibrate temperature the temperatures
+    fitted on val (calibration.json), every metric on val and test, and their predictions files."""
     scores = {}
     for name, t in data.tensors.items():
         if name == "train":
@@ -99,7 +102,8 @@ def evaluate_run(data: Prepared, model, precision: str, out: Path, bootstrap_dra
         probs = torch.sigmoid(predict_logits(model, t.x, precision)).numpy()
         scores[name] = split_scores(data.ids[name], probs, data.labels[name], data.store_labels, data.label_names,
                                     data.patients[name], data.dataset, data.groups[name])
-    return evaluate_splits(scores, data.label_names, out, bootstrap_draws, age_bands=age_bands)
+    return evaluate_splits(scores, data.label_names, out, bootstrap_draws, calibrate=calibrate, targets=targets,
+                           age_bands=age_bands)
 
 
 def _run(s: HeadSettings, out: Path, command: str) -> dict:
@@ -121,7 +125,8 @@ def _run(s: HeadSettings, out: Path, command: str) -> dict:
     if result.best_epoch == 0:
         raise rundir.RunError(f"training diverged in its first epoch (non-finite loss); no weights worth saving in "
                               f"{out}; lower --lr or check the store's features")
-    splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out, s.bootstrap_draws, age_bands=s.age_bands)
+    splits, thresholds, threshold_notes = evaluate_run(data, model, precision, out, s.bootstrap_draws, s.calibrate,
+                                                       s.operating_point, age_bands=s.age_bands)
 
     if s.grid_ensemble > 1:
         spec = replace(spec, members=s.grid_ensemble)

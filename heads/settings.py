@@ -41,6 +41,8 @@ class HeadSettings:
     grid_metric: str
     grid_ensemble: int
     bootstrap_draws: int
+    calibrate: str  # none | temperature (fitted on val, common/evaluation/calibration.py)
+    operating_point: tuple[str, ...]  # targets as "metric=value", chosen on val (common/evaluation/operating_points.py)
     age_bands: tuple[float, ...]  # edges in years of the subgroups' age bands (common/evaluation/age_bands.py)
     init_seed: int
     threads: int | None

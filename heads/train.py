@@ -12,10 +12,12 @@ import argparse
 
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
 from common.evaluation.age_bands import add_flag as add_age_bands_flag, parse_age_bands
+from common.evaluation.operating_points import add_flag as add_operating_point_flag, parse_targets
 from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, log, parse_list,
                            parse_with_config, require)
 from common.data.targets import HEAD_POLICIES
 from common.runs.command import command_line, run_command
+from common.choices import CALIBRATION_METHODS
 from heads.choices import KINDS, PRECISIONS, SEX_ENCODINGS
 from heads.settings import HeadSettings
 
@@ -65,6 +67,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
                    help=f"patient-level bootstrap draws for the val/test AUROC 95%% intervals (seed 0); "
                         f"0 = no intervals, else at least {MIN_VALID_DRAWS}")
+    g.add_argument("--calibrate", default="none",
+                   help=f"{' | '.join(CALIBRATION_METHODS)}; temperature: fit one temperature per class on val "
+                        "(NLL), write calibration.json, report ECE before and after; predict and the service then "
+                        "output calibrated probabilities")
+    add_operating_point_flag(g)
     add_age_bands_flag(g)
     g = p.add_argument_group("machine")
     # Not --seed, which names the split seed in the jobs.
@@ -85,8 +92,9 @@ def settings_from(args: argparse.Namespace) -> HeadSettings:
     s["betas"] = tuple(parse_list(s["betas"], float, "betas"))
     s["grid_lr"] = tuple(parse_list(s["grid_lr"], float, "grid-lr"))
     s["grid_weight_decay"] = tuple(parse_list(s["grid_weight_decay"], float, "grid-weight-decay"))
+    s["operating_point"] = parse_targets(s["operating_point"])
     checks = [("policy", HEAD_POLICIES), ("sex_encoding", SEX_ENCODINGS), ("head", KINDS), ("precision", PRECISIONS),
-              ("grid_metric", GRID_METRICS)]
+              ("grid_metric", GRID_METRICS), ("calibrate", CALIBRATION_METHODS)]
     for key, allowed in checks:
         if s[key] not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} {s[key]!r}: choose from {', '.join(allowed)}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.choices import ARCHITECTURE_LAYOUTS, PRECISIONS, SPLITS
+from common.choices import ARCHITECTURE_LAYOUTS, CALIBRATION_METHODS, PRECISIONS, SPLITS
 from common.config import (ConfigError, HelpFormatter, add_adam_flags, add_loss_flags, parse_list, parse_with_config,
                            require)
 from common.images.data_config import RESIZE_MODES
@@ -27,6 +27,7 @@ from common.runs.safe_output import check_dir_path
 from common.data.table_flags import add_table_flags, check_table_flags
 from common.data.targets import FINETUNE_POLICIES
 from common.evaluation.age_bands import add_flag as add_age_bands_flag, parse_age_bands
+from common.evaluation.operating_points import add_flag as add_operating_point_flag, parse_targets
 from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
 from finetune.settings import FinetuneSettings
 from jobs import workers_run_this_python
@@ -115,8 +116,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--localize-split", choices=SPLITS, default="test",
                    help="the split whose boxed images are scored (boxes of training images flatter the model)")
     g.add_argument("--overlays", type=int, default=8, help="heatmap overlays saved as PNG (first images with boxes)")
-    add_age_bands_flag(p.add_argument_group("evaluation"))
+    _add_evaluation_flags(p.add_argument_group("evaluation"))
     return p
+
+
+def _add_evaluation_flags(g) -> None:
+    add_age_bands_flag(g)
+    g.add_argument("--calibrate", default="none",
+                   help=f"{' | '.join(CALIBRATION_METHODS)}; temperature: fit one temperature per class on val with "
+                        "best.pt (NLL), write calibration.json, report ECE before and after; predict and the service "
+                        "then output calibrated probabilities")
+    add_operating_point_flag(g)
 
 
 def settings_from(args: argparse.Namespace) -> FinetuneSettings:
@@ -124,7 +134,7 @@ def settings_from(args: argparse.Namespace) -> FinetuneSettings:
     check_table_flags(args)
     require(args, "out")
     for key, allowed in (("policy", FINETUNE_POLICIES), ("schedule", SCHEDULES), ("best_metric", BEST_METRICS),
-                         ("precision", PRECISIONS)):
+                         ("precision", PRECISIONS), ("calibrate", CALIBRATION_METHODS)):
         if getattr(args, key) not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)!r}: choose from {', '.join(allowed)}")
     if args.checkpoint_ensemble == 1 or args.checkpoint_ensemble < 0:
@@ -161,6 +171,7 @@ def settings_from(args: argparse.Namespace) -> FinetuneSettings:
             raise ConfigError(f"--bbox-list: CAM is defined for {', '.join(CAM_LAYERS)}, not {args.backbone}")
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     return FinetuneSettings(**{**flags, "betas": betas, "age_bands": parse_age_bands(args.age_bands),
+                               "operating_point": parse_targets(args.operating_point),
                                "model_options": tuple(options.items())})
 
 

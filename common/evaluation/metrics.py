@@ -1,5 +1,6 @@
-"""Multi-label evaluation: per-class AUROC, mean AUC, W-AUC, D-AUC, N-AUC, and
-accuracy / precision / recall / F1 at 0.5 and at per-class thresholds chosen on validation.
+"""Multi-label evaluation: per-class AUROC, AUPRC (average precision) with its prevalence baseline,
+mean AUC, W-AUC, D-AUC, N-AUC, and accuracy / precision / recall / F1 at 0.5 and at per-class
+thresholds chosen on validation.
 
 Arrays are (n, labels): `y` 0/1 targets, `scores` probabilities (or any monotone score),
 `mask` True where the label counts (False: uncertain under U-Ignore). A class whose AUROC is
@@ -19,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 import pandas as pd
-from sklearn.metrics import accuracy_score, precision_recall_curve, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (accuracy_score, average_precision_score, precision_recall_curve,
+                             precision_recall_fscore_support, roc_auc_score)
 
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, bootstrap_auroc
 
@@ -38,12 +40,19 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
     return float(roc_auc_score(y, s))
 
 
-def _aucs(y, scores, valid, names, what: str, negatives: str) -> tuple[np.ndarray, list[str]]:
+def _average_precision(y: np.ndarray, s: np.ndarray) -> float:
+    # Undefined, as AUROC, without both classes: with no negatives it would be a trivial 1.
+    if y.size == 0 or y.min() == y.max():
+        return float("nan")
+    return float(average_precision_score(y, s))
+
+
+def _aucs(y, scores, valid, names, what: str, negatives: str, area=_auc) -> tuple[np.ndarray, list[str]]:
     out, notes = np.full(y.shape[1], np.nan), []
     for c in range(y.shape[1]):
         keep = valid[:, c]
         yc = y[keep, c]
-        out[c] = _auc(yc, scores[keep, c])
+        out[c] = area(yc, scores[keep, c])
         if np.isnan(out[c]):
             missing = "positives" if not (yc == 1).any() else negatives
             notes.append(f"{names[c]}: no {missing}, {what} is NaN")
@@ -54,6 +63,22 @@ def per_class_auroc(y, scores, mask=None, names=None) -> tuple[np.ndarray, list[
     """AUROC per class over its valid entries (scikit-learn's roc_auc_score)."""
     valid = _mask(y, mask)
     return _aucs(y, scores, valid, _names(names, y.shape[1]), "AUROC", "negatives")
+
+
+def per_class_auprc(y, scores, mask=None, names=None) -> tuple[np.ndarray, list[str]]:
+    """Area under the precision-recall curve per class over its valid entries, as scikit-learn's
+    average_precision_score (a step sum, no interpolation); a random ranking scores the prevalence."""
+    valid = _mask(y, mask)
+    return _aucs(y, scores, valid, _names(names, y.shape[1]), "AUPRC", "negatives", _average_precision)
+
+
+def prevalence(y, mask=None) -> np.ndarray:
+    """(labels,) positives / scored entries per class: the AUPRC of a random ranking; NaN where none is scored."""
+    valid = _mask(y, mask)
+    scored = valid.sum(axis=0)
+    out = np.full(y.shape[1], np.nan)
+    np.divide(((y == 1) & valid).sum(axis=0), scored, out=out, where=scored > 0)
+    return out
 
 
 def fast_auroc(y, scores, mask=None) -> np.ndarray:
@@ -164,6 +189,8 @@ def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None
     valid = _mask(y, mask)
     names = _names(names, y.shape[1])
     auc, n1 = per_class_auroc(y, scores, valid, names)
+    auprc, n4 = per_class_auprc(y, scores, valid, names)
+    base = prevalence(y, valid)
     dauc, n2 = d_auc(y, scores, valid, has_disease, names)
     nauc, n3 = n_auc(y, scores, valid, no_finding, names)
     half = at_thresholds(y, scores, np.full(y.shape[1], 0.5), valid)
@@ -174,7 +201,7 @@ def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None
         entry = {
             "n_pos": int(((y[:, c] == 1) & valid[:, c]).sum()),
             "n_neg": int(((y[:, c] == 0) & valid[:, c]).sum()),
-            "auroc": auc[c], "d_auc": dauc[c], "n_auc": nauc[c],
+            "auroc": auc[c], "auprc": auprc[c], "prevalence": base[c], "d_auc": dauc[c], "n_auc": nauc[c],
             "at_0.5": {m: v[c] for m, v in half.items()},
         }
         if ci is not None:
@@ -184,6 +211,7 @@ def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None
         per_class[name] = entry
     summary = {
         "mean_auc": nanmean(auc),
+        "mean_auprc": nanmean(auprc),
         "w_auc": weighted_auc(auc, y, valid),
         "mean_d_auc": nanmean(dauc),
         "mean_n_auc": nanmean(nauc),
@@ -191,7 +219,7 @@ def evaluate(y, scores, mask=None, names=None, has_disease=None, no_finding=None
     }
     if tuned is not None:
         summary["macro_f1_at_val_threshold"] = nanmean(tuned["f1"])
-    result = {"n": int(len(y)), "summary": summary, "per_class": per_class, "notes": n1 + n2 + n3}
+    result = {"n": int(len(y)), "summary": summary, "per_class": per_class, "notes": n1 + n4 + n2 + n3}
     if ci is not None:
         summary["mean_auc_ci_low"], summary["mean_auc_ci_high"] = ci.mean_low, ci.mean_high
         result["bootstrap"] = ci.settings

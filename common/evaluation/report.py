@@ -1,7 +1,7 @@
-"""Render a run's report.md, ROC curves and loss curves from the files heads.train (or the
-fine-tuning job, jobs/fine_tune.py) wrote.
+"""Render a run's report.md, ROC and precision-recall curves, reliability diagrams and loss curves
+from the files heads.train (or the fine-tuning job, jobs/fine_tune.py) wrote.
 
-Nothing is recomputed except the ROC curves' points (from predictions/<split>.parquet), so a
+Nothing is recomputed except the curves' points (from predictions/<split>.parquet), so a
 re-render shows exactly the run's metrics.
 """
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure  # the OO API: no pyplot, no GUI backend needed
-from sklearn.metrics import roc_curve
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from common.runs import rundir
+from common.evaluation import calibration, operating_points
 from common.evaluation.baselines import for_dataset
 from common.evaluation import subgroups
 from common.evaluation.text import entry_with_interval, number
@@ -98,6 +99,29 @@ def plot_roc(pred: dict, names: list[str], aucs: dict, title: str, path: Path) -
     fig.savefig(path, dpi=110)
 
 
+def plot_pr(pred: dict, names: list[str], per_class: dict, title: str, path: Path) -> None:
+    """Precision-recall curves; each class's prevalence (a random ranking's precision) dotted in its colour."""
+    fig = Figure(figsize=(7, 7))
+    ax = fig.add_subplot()
+    colors = colormaps["tab10"].colors  # as plot_roc: the same class has the same colour in both
+    for c, name in enumerate(names):
+        keep = pred["mask"][:, c]
+        y = pred["y"][keep, c]
+        if y.size == 0 or y.min() == y.max():
+            continue  # undefined AUPRC: no curve, the report's notes say why
+        precision, recall, _ = precision_recall_curve(y, pred["probs"][keep, c])
+        colour, ls = colors[c % len(colors)], "-" if c < len(colors) else "--"
+        e = per_class.get(name, {})
+        ax.step(recall, precision, where="post", lw=1.4, color=colour, ls=ls,
+                label=f"{name} ({_f(e.get('auprc'))}; prevalence {_f(e.get('prevalence'))})")
+        ax.axhline(y.mean(), color=colour, lw=0.8, ls=":")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right", title="AUPRC; dotted: prevalence", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str], list[list[str]]]:
     names = metrics["label_names"]
     splits = metrics["splits"]
@@ -105,6 +129,7 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
     header += [f"{s} AUROC" for s in splits]
     by_study = [s for s in splits if "study_level" in splits[s]]  # CheXpert: also per study, side by side
     header += [f"{s} study AUROC" for s in by_study]
+    header += [f"{headline} AUPRC", f"{headline} prevalence"]  # a random ranking's AUPRC is the prevalence
     header += [f"{headline} D-AUC", f"{headline} N-AUC", "F1@0.5", "F1@val thr", "val thr"]
     header += [b.title for b in baselines]
     rows, columns = [], []
@@ -114,7 +139,8 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
         m = splits[headline]["per_class"][name]
         tuned = m.get("at_val_threshold", {})
         values = [m["n_pos"], *[splits[s]["per_class"][name]["auroc"] for s in splits],
-                  *[splits[s]["study_level"]["per_class"][name]["auroc"] for s in by_study], m["d_auc"], m["n_auc"],
+                  *[splits[s]["study_level"]["per_class"][name]["auroc"] for s in by_study], m.get("auprc"),
+                  m.get("prevalence"), m["d_auc"], m["n_auc"],
                   m["at_0.5"]["f1"], tuned.get("f1"), tuned.get("threshold")]
         values += [b.auroc.get(name) for b in baselines]
         columns.append(values)
@@ -267,14 +293,16 @@ def render(run: str | Path) -> Path:
         pred_file = run / rundir.PREDICTIONS / f"{split}.parquet"
         if pred_file.is_file():
             aucs = {n: splits[split]["per_class"][n]["auroc"] for n in names}
-            plot_roc(rundir.read_predictions(pred_file, names), names, aucs, f"ROC, {split} split", run / rundir.roc_plot(split))
+            pred = rundir.read_predictions(pred_file, names)
+            plot_roc(pred, names, aucs, f"ROC, {split} split", run / rundir.roc_plot(split))
+            plot_pr(pred, names, splits[split]["per_class"], f"Precision-recall, {split} split", run / rundir.pr_plot(split))
 
     lines = [f"# {title}: {run.name}", "", f"`{config['command']}`", "",
              f"Model card (training data, weights provenance, warnings, intended use): "
              f"[{rundir.MODEL_CARD}]({rundir.MODEL_CARD})", ""]
     lines += ["## Run", ""] + run_lines(config, metrics) + ["", "## Summary", ""]
-    summary_keys = [("mean_auc", "mean AUROC"), ("w_auc", "W-AUC"), ("mean_d_auc", "mean D-AUC"),
-                    ("mean_n_auc", "mean N-AUC"), ("macro_f1_at_0.5", "macro F1@0.5"),
+    summary_keys = [("mean_auc", "mean AUROC"), ("mean_auprc", "mean AUPRC"), ("w_auc", "W-AUC"),
+                    ("mean_d_auc", "mean D-AUC"), ("mean_n_auc", "mean N-AUC"), ("macro_f1_at_0.5", "macro F1@0.5"),
                     ("macro_f1_at_val_threshold", "macro F1@val thr")]
     lines += _table(["split", "images"] + [t for _, t in summary_keys],
                     [[sp, str(m["n"])] + [_with_ci(m["summary"], k) for k, _ in summary_keys] for sp, m in splits.items()])
@@ -294,6 +322,7 @@ def render(run: str | Path) -> Path:
         lines += [f"- {b.title}: {b.source}" for b in baselines]
         if any(n not in b.auroc for b in baselines for n in names):
             lines.append("- a baseline's mean is over the labels it reports")
+    lines += calibration.report_lines(metrics, run) + operating_points.report_lines(metrics)
     lines += subgroups.report_lines(metrics)
     if metrics.get("localization"):
         lines += _localization_lines(metrics["localization"])
@@ -307,6 +336,7 @@ def render(run: str | Path) -> Path:
         lines += _table(["lr", "weight decay", "best epoch", "val loss", "val AUROC", "epochs", "seconds", "picked"], grid_rows)
     lines += ["", "## Curves", "", f"![loss curves]({rundir.LOSS_PLOT})", ""]
     lines += [f"![ROC {sp}]({rundir.roc_plot(sp)})" for sp in splits if (run / rundir.roc_plot(sp)).exists()]
+    lines += [f"![PR {sp}]({rundir.pr_plot(sp)})" for sp in splits if (run / rundir.pr_plot(sp)).exists()]
     if metrics["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in group_notes(metrics["notes"], names)]
     path = run / rundir.REPORT

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from common.runs import rundir
+from common.evaluation import operating_points
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS
+from common.evaluation.calibration import fit_on_val, split_calibration, write_calibration
 from common.data.targets import eval_targets, finding_flags, label_columns
 from common.evaluation.metrics import choose_thresholds, evaluate, nanmean, per_class_auroc, study_level
 from common.evaluation.studies import study_ids
@@ -77,6 +79,15 @@ def study_metrics(s: SplitScores, label_names: list[str]) -> dict:
             "per_class": per_class}
 
 
+def _add_operating_points(split: dict, s: SplitScores, label_names: list[str],
+                          points: operating_points.OperatingPoints, bootstrap_draws: int) -> None:
+    """The operating points of `points` scored on this split, into its per-class entries."""
+    scored = operating_points.score(s.y, s.probs, s.mask, label_names, points, s.patient_id, bootstrap_draws)
+    for name, entries in scored.items():
+        split["per_class"][name]["operating_points"] = entries
+    split["operating_points"] = points.record()
+
+
 def combine_probabilities(probs: list, how: str = "prob") -> np.ndarray:
     """Ensemble members' (n, labels) probabilities -> mean probability ('prob') or sigmoid of the mean logit."""
     stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
@@ -89,28 +100,41 @@ def combine_probabilities(probs: list, how: str = "prob") -> np.ndarray:
 
 
 def evaluate_splits(scores: dict[str, SplitScores], label_names: list[str], out: Path,
-                    bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "",
+                    bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "", calibrate: str = "none",
+                    targets=operating_points.DEFAULT_TARGETS,
                     age_bands=AGE_BANDS) -> tuple[dict, np.ndarray, list[str]]:
-    """Thresholds chosen on val, every metric on val and test (AUROC intervals by patient unless
-    bootstrap_draws is 0), and their predictions files (predictions/<prefix><split>.parquet)."""
+    """Thresholds and operating points (`targets`) chosen on val, with `calibrate` "temperature" the
+    per-class temperatures fitted on val (written to calibration.json), every metric on val and test
+    (AUROC intervals by patient unless bootstrap_draws is 0; ECE before and after scaling), and their
+    predictions files (predictions/<prefix><split>.parquet), raw. Once per run, after training:
+    nothing here runs per epoch."""
     val = scores["val"]
     thresholds, notes = choose_thresholds(val.y, val.probs, val.mask, label_names)
+    points = operating_points.choose(val.y, val.probs, val.mask, label_names, targets)
+    temperature, calibration_notes = fit_on_val(calibrate, val.probs, val.y, val.mask, label_names)
+    if temperature is not None:
+        write_calibration(out, label_names, temperature)
     chosen = {name: scores[name] for name in ("val", "test") if name in scores}
-    splits = score_splits(chosen, label_names, thresholds, out, bootstrap_draws, prefix,
+    splits = score_splits(chosen, label_names, thresholds, out, bootstrap_draws, prefix, temperature, points,
                           age_bands=age_bands)
-    return splits, thresholds, [f"thresholds: {n}" for n in notes]
+    return splits, thresholds, [f"thresholds: {n}" for n in notes] + points.notes + calibration_notes
 
 
 def score_splits(scores: dict[str, SplitScores], label_names: list[str], thresholds: np.ndarray, out: Path,
-                 bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "",
+                 bootstrap_draws: int = BOOTSTRAP_DRAWS, prefix: str = "", temperature: np.ndarray | None = None,
+                 points: operating_points.OperatingPoints | None = None,
                  age_bands=AGE_BANDS) -> dict:
     """Every metric of each split at the given thresholds (its notes prefixed by the split, per study
-    where the dataset has studies), and its predictions file (predictions/<prefix><split>.parquet)."""
+    where the dataset has studies), calibration (also after `temperature`, fitted elsewhere), the
+    operating points `points` chosen elsewhere, and its predictions file (predictions/<prefix><split>.parquet)."""
     splits = {}
     for name, s in scores.items():
         splits[name] = evaluate(s.y, s.probs, s.mask, label_names, s.has_disease, s.no_finding, thresholds,
                                 s.patient_id, bootstrap_draws)
         splits[name]["notes"] = [f"{name}: {n}" for n in splits[name]["notes"]]
+        splits[name]["calibration"] = split_calibration(s.y, s.probs, s.mask, label_names, temperature)
+        if points is not None:
+            _add_operating_points(splits[name], s, label_names, points, bootstrap_draws)
         if s.study_id is not None:
             splits[name]["study_level"] = study_metrics(s, label_names)
         _add_subgroups(splits[name], s, name, label_names, bootstrap_draws, age_bands)

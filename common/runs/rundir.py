@@ -8,7 +8,8 @@
     <run>/predictions/<split>.parquet   image_id, who the image is (FRONT_COLUMNS, where known), a
                                   probability column per label, `label:<name>` targets (-1 where
                                   masked), has_disease, no_finding
-    <run>/report.md, roc_<split>.png, loss.png    rendered by heads.report
+    <run>/calibration.json        per-class temperatures fitted on val (heads.train --calibrate temperature)
+    <run>/report.md, roc_<split>.png, pr_<split>.png, reliability_<split>.png, loss.png    rendered by heads.report
     <run>/model_card.md, model_card.json   what the model is, its data, weights, test metrics and warnings
     <run>/localization/*.png      a fine-tune run's CAM overlays
     <run>/overlays/*.png          a lung segmentation run's best and worst test masks (lungs/)
@@ -55,15 +56,17 @@ TARGET_PREFIX = "label:"
 # dataset or table a row came from). Runs from before them lack these columns.
 GROUP_COLUMNS = ("sex", "age", "view", "source")
 FRONT_COLUMNS = ("patient_id", *GROUP_COLUMNS)
+CALIBRATION = "calibration.json"  # per-class temperatures fitted on val (common/evaluation/calibration.py)
 MODEL_CARD = "model_card.md"  # and MODEL_CARD_JSON: common/evaluation/model_card.py
 MODEL_CARD_JSON = "model_card.json"
 
 # Everything a run writes, and all that --overwrite may delete: the files at the top of the
 # directory, their temporary names (common/atomic.py's .<name>.<pid>-<thread>.tmp; before it, .<name>.tmp
 # and <name>.tmp), and inside the folders only the files the run puts there.
-OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST, MODEL_CARD,
-                       MODEL_CARD_JSON})
-OWN_PATTERNS = ("roc_*.png", f"{LOCK}.stale-*")  # roc_<split>.png; a lock taker killed mid-takeover
+OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST, CALIBRATION,
+                       MODEL_CARD, MODEL_CARD_JSON})
+# <plot>_<split>.png; a lock taker killed mid-takeover
+OWN_PATTERNS = ("roc_*.png", "pr_*.png", "reliability_*.png", f"{LOCK}.stale-*")
 EPOCH_CHECKPOINTS = "checkpoints"  # fine-tune: epoch-NNN.pt, kept for a checkpoint ensemble
 OWN_DIRS = {PREDICTIONS: "*.parquet", LOCALIZATION: "*.png", OVERLAYS: "*.png", EPOCH_CHECKPOINTS: "epoch-*.pt"}
 
@@ -74,6 +77,14 @@ class RunError(ValueError):
 
 def roc_plot(split: str) -> str:
     return f"roc_{split}.png"
+
+
+def pr_plot(split: str) -> str:
+    return f"pr_{split}.png"
+
+
+def reliability_plot(split: str) -> str:
+    return f"reliability_{split}.png"
 
 
 _TEMPORARY = re.compile(r"^(?P<name>.+?)(\.\d+-\d+)?\.tmp$")
