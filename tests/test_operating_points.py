@@ -59,7 +59,7 @@ def test_no_positive_on_val_chooses_nothing_and_scores_nothing():
     s = rng.random((100, 2))
     points = op.choose(y, s, None, ["A", "B"], ("specificity=0.90",))
     assert np.isnan(points.thresholds[0, 1]) and np.isfinite(points.thresholds[0, 0])
-    assert points.notes == ["operating points: B: no positive or no negative on val, none chosen"]
+    assert points.notes == ["thresholds: B: no positive or no negative on val, no operating point chosen"]
     scored = op.score(y, s, None, ["A", "B"], points, draws=200)
     assert [k for k in scored["B"][0]] == ["target", "threshold", "sensitivity", "sensitivity_ci_low",
                                           "sensitivity_ci_high", "specificity", "specificity_ci_low",

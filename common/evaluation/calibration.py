@@ -110,7 +110,7 @@ def temperature_notes(y_val, mask_val, temperature, names) -> list[str]:
     """Which classes kept T = 1 (nothing to fit on val) or reached a bound of the search."""
     notes = [f"calibration: {n}: no positive or no negative on val, temperature 1 (probabilities unchanged)"
              for n, ok in zip(names, fittable(y_val, mask_val)) if not ok]
-    notes += [f"calibration: {n}: fitted temperature {t:g} is at the search bound; its val probabilities carry "
+    notes += [f"calibration: {n}: fitted temperature {t:.3g} is at the search bound; its val probabilities carry "
               "little signal" for n, t in zip(names, temperature) if np.isclose(t, T_BOUNDS, rtol=1e-3).any()]
     return notes
 

@@ -102,7 +102,7 @@ def choose(y, probs, mask, names, targets=DEFAULT_TARGETS, chosen_on: str = "val
         keep = valid[:, c]
         out[:, c] = [threshold_for(y[keep, c], probs[keep, c], t) for t in targets]
         if np.isnan(out[:, c]).all() and len(targets):
-            notes.append(f"operating points: {name}: no positive or no negative on {chosen_on}, none chosen")
+            notes.append(f"thresholds: {name}: no positive or no negative on {chosen_on}, no operating point chosen")
     return OperatingPoints(tuple(targets), out, chosen_on, notes)
 
 
