@@ -201,6 +201,7 @@ def build(names, frames, members, how: str, out: Path, bootstrap_draws: int, age
 
 
 def render_report(metrics: dict) -> str:
+    from common.evaluation import calibration, operating_points, subgroups
     from common.evaluation.model_card import threshold_fallbacks
     from common.evaluation.text import entry_with_interval, number
 
@@ -214,12 +215,8 @@ def render_report(metrics: dict) -> str:
                   "| class | AUROC (95% CI) | threshold (chosen on val) |", "| --- | --- | --- |"]
         lines += [f"| {n} | {entry_with_interval(m['per_class'][n], 'auroc')} | {number(metrics['thresholds'][n])}"
                   + (" (0.5 fallback: no val positive)" if n in fallbacks else "") + " |" for n in names]
-    from common.evaluation.subgroups import report_lines
-
-    lines += report_lines(metrics)
-    from common.evaluation.subgroups import report_lines
-
-    lines += report_lines(metrics)
+    lines += calibration.report_lines(metrics, None) + operating_points.report_lines(metrics)
+    lines += subgroups.report_lines(metrics)
     if metrics["notes"]:
         lines += ["", "## Notes", "", *[f"- {n}" for n in metrics["notes"]]]
     return "\n".join(lines) + "\n"
