@@ -76,19 +76,24 @@ def plot_loss(history: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_roc(pred: dict, names: list[str], aucs: dict, title: str, path: Path) -> None:
-    fig = Figure(figsize=(7, 7))
-    ax = fig.add_subplot()
-    # 14 NIH labels: ten distinct hues, then the same hues dashed (tab20's light/dark pairs look alike).
+def _scorable_classes(pred: dict, names: list[str]):
+    """(name, truth, probabilities, colour, line style) of each class with a positive and a negative, the
+    same class in the same colour on every plot: ten distinct hues, then the same hues dashed (tab20's
+    light/dark pairs look alike). A class without both has no curve; the report's notes say why."""
     colors = colormaps["tab10"].colors
     for c, name in enumerate(names):
         keep = pred["mask"][:, c]
         y = pred["y"][keep, c]
-        if y.size == 0 or y.min() == y.max():
-            continue  # undefined AUROC: no curve, the report's notes say why
-        fpr, tpr, _ = roc_curve(y, pred["probs"][keep, c])
-        ax.plot(fpr, tpr, lw=1.4, color=colors[c % len(colors)], ls="-" if c < len(colors) else "--",
-                label=f"{name} ({_f(aucs.get(name))})")
+        if y.size and y.min() != y.max():
+            yield name, y, pred["probs"][keep, c], colors[c % len(colors)], "-" if c < len(colors) else "--"
+
+
+def plot_roc(pred: dict, names: list[str], aucs: dict, title: str, path: Path) -> None:
+    fig = Figure(figsize=(7, 7))
+    ax = fig.add_subplot()
+    for name, y, probs, colour, ls in _scorable_classes(pred, names):
+        fpr, tpr, _ = roc_curve(y, probs)
+        ax.plot(fpr, tpr, lw=1.4, color=colour, ls=ls, label=f"{name} ({_f(aucs.get(name))})")
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -103,14 +108,8 @@ def plot_pr(pred: dict, names: list[str], per_class: dict, title: str, path: Pat
     """Precision-recall curves; each class's prevalence (a random ranking's precision) dotted in its colour."""
     fig = Figure(figsize=(7, 7))
     ax = fig.add_subplot()
-    colors = colormaps["tab10"].colors  # as plot_roc: the same class has the same colour in both
-    for c, name in enumerate(names):
-        keep = pred["mask"][:, c]
-        y = pred["y"][keep, c]
-        if y.size == 0 or y.min() == y.max():
-            continue  # undefined AUPRC: no curve, the report's notes say why
-        precision, recall, _ = precision_recall_curve(y, pred["probs"][keep, c])
-        colour, ls = colors[c % len(colors)], "-" if c < len(colors) else "--"
+    for name, y, probs, colour, ls in _scorable_classes(pred, names):
+        precision, recall, _ = precision_recall_curve(y, probs)
         e = per_class.get(name, {})
         ax.step(recall, precision, where="post", lw=1.4, color=colour, ls=ls,
                 label=f"{name} ({_f(e.get('auprc'))}; prevalence {_f(e.get('prevalence'))})")
