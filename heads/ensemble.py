@@ -203,22 +203,24 @@ def build(names, frames, members, how: str, out: Path, bootstrap_draws: int, age
 def render_report(metrics: dict) -> str:
     from common.evaluation import calibration, operating_points, subgroups
     from common.evaluation.model_card import threshold_fallbacks
-    from common.evaluation.text import entry_with_interval, number
+    from common.evaluation.report import shown_notes
+    from common.evaluation.text import averaged, entry_with_interval, number
 
     names, fallbacks = metrics["label_names"], threshold_fallbacks(metrics)
+    auroc = averaged(names)  # a binary task's one AUROC, not a mean over one class
     lines = [f"# Ensemble of {len(metrics['members'])} runs ({metrics['combine']} mean)", "",
              "Model card (training data, weights provenance, warnings, intended use): [model_card.md](model_card.md)",
-             "", "| member | kind | test mean AUROC |", "| --- | --- | --- |"]
+             "", f"| member | kind | test {auroc} |", "| --- | --- | --- |"]
     lines += [f"| `{m['path']}` | {m['kind']} | {number(m['test_mean_auc'])} |" for m in metrics["members"]]
     for split, m in metrics["splits"].items():
-        lines += ["", f"## {split}: {m['n']} images, mean AUROC {entry_with_interval(m['summary'], 'mean_auc')}", "",
+        lines += ["", f"## {split}: {m['n']} images, {auroc} {entry_with_interval(m['summary'], 'mean_auc')}", "",
                   "| class | AUROC (95% CI) | threshold (chosen on val) |", "| --- | --- | --- |"]
         lines += [f"| {n} | {entry_with_interval(m['per_class'][n], 'auroc')} | {number(metrics['thresholds'][n])}"
                   + (" (0.5 fallback: no val positive)" if n in fallbacks else "") + " |" for n in names]
     lines += calibration.report_lines(metrics, None) + operating_points.report_lines(metrics)
     lines += subgroups.report_lines(metrics)
-    if metrics["notes"]:
-        lines += ["", "## Notes", "", *[f"- {n}" for n in metrics["notes"]]]
+    if notes := shown_notes(metrics):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
 
 

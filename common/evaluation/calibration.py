@@ -203,7 +203,8 @@ def plot_reliability(pred: dict, names: list[str], title: str, path: Path, bins:
     positives = ((y == 1) & valid).sum(axis=0)
     ok = fittable(y, valid)
     classes = [c for c in np.argsort(-positives, kind="stable")[:REPORT_CLASSES] if ok[c]]
-    panels = [("pooled, all classes", y[valid], [v[valid] for v in versions], "")]
+    # One label pooled is that label: its own panel alone.
+    panels = [("pooled, all classes", y[valid], [v[valid] for v in versions], "")] if len(names) != 1 or not ok[0] else []
     panels += [(f"{names[c]}, {int(positives[c])} positive", y[valid[:, c], c], [v[valid[:, c], c] for v in versions],
                 "" if temperature is None else f", T {temperature[c]:.2f}") for c in classes]
     columns = min(4, len(panels))
@@ -252,8 +253,8 @@ def report_lines(metrics: dict, run) -> list[str]:
     scaled = [s for s, c in scored.items() if "ece_temperature" in c]
     lines = ["", "## Calibration", "",
              f"Expected calibration error (ECE): each class's scored images in {bins} equal-width probability bins, "
-             "the image-weighted mean of |fraction positive - mean predicted probability| per bin; 0 is perfect. "
-             "Pooled: every class's scored entries together."]
+             "the image-weighted mean of |fraction positive - mean predicted probability| per bin; 0 is perfect."
+             + (" Pooled: every class's scored entries together." if len(names) != 1 else "")]
     if scaled:
         lines.append("Temperature scaling: one temperature T per class, sigmoid(logit(p) / T), fitted on val by "
                      "log-likelihood and recorded in calibration.json; val's ECE after scaling is in-sample, test's "
@@ -267,6 +268,8 @@ def report_lines(metrics: dict, run) -> list[str]:
     if temperature is not None:
         header.append("T")
         rows = [rows[0] + [""]] + [row + [f"{t:.3f}"] for row, t in zip(rows[1:], temperature)]
+    if len(names) == 1:
+        rows = rows[1:]  # one label pooled is that label: no row repeating it
     lines += [""] + _table(header, rows)
     if any(UNDEFINED in row for row in rows):
         lines += ["", f"{UNDEFINED}: no scored image of the class in that split."]

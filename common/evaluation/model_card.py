@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.evaluation.calibration import read_calibration
-from common.evaluation.text import UNDEFINED, defined, entry_with_interval, number
+from common.evaluation.text import UNDEFINED, averaged, defined, entry_with_interval, number
 from common.models.weights import file_sha256
 from common.runs import rundir
 
@@ -127,16 +127,17 @@ def headline_warnings(split: str | None, m: dict | None) -> list[dict]:
         out.append({"kind": "no_test", "text": f"no test split: the metrics are on {split}, which chose the "
                                                "thresholds and the stopping epoch, so they flatter the model"})
     low, high, mean = s.get("mean_auc_ci_low"), s.get("mean_auc_ci_high"), s.get("mean_auc")
+    auroc = averaged(list(m["per_class"])) if "per_class" in m else "mean AUROC"  # one label's AUROC is no mean
     if not defined(mean):
-        out.append({"kind": "chance", "text": f"{split} mean AUROC undefined: no class had both positives and "
+        out.append({"kind": "chance", "text": f"{split} {auroc} undefined: no class had both positives and "
                                               "negatives"})
     elif defined(low) and defined(high):
         if low <= 0.5 <= high:
-            out.append({"kind": "chance", "text": f"{split} mean AUROC {mean:.3f} (95% CI {low:.2f}-{high:.2f}, "
+            out.append({"kind": "chance", "text": f"{split} {auroc} {mean:.3f} (95% CI {low:.2f}-{high:.2f}, "
                                                   f"{m['n']} images): the interval contains 0.5, no better than "
                                                   "chance on this evidence"})
     elif m["n"] < SMALL_TEST:
-        out.append({"kind": "small_test", "text": f"{split} mean AUROC {mean:.3f} measured on {m['n']} images "
+        out.append({"kind": "small_test", "text": f"{split} {auroc} {mean:.3f} measured on {m['n']} images "
                                                   "with no interval: too few to tell the model from chance"})
     return out
 
@@ -258,9 +259,10 @@ def _test_lines(card: dict) -> list[str]:
     else:
         how = ", no interval" + ("" if b else " (bootstrap off)")
     lines = ["", f"## Test metrics ({t['split']} split, {t['n']} images)", "",
-             f"- mean AUROC {number(t['mean_auroc'])}{how}"]
+             f"- {averaged(list(t['per_class']))} {number(t['mean_auroc'])}{how}"]
     if "mean_auprc" in t and t["mean_auprc"] is not None:
-        lines.append(f"- mean AUPRC {number(t['mean_auprc'])} (a class's chance level is its prevalence)")
+        lines.append(f"- {averaged(list(t['per_class']), 'AUPRC')} {number(t['mean_auprc'])} (a class's chance level "
+                     "is its prevalence)")
     has_auprc = any("auprc" in e for e in t["per_class"].values())
     header = ["label", "positives / negatives", "prevalence", "AUROC (95% CI)"] + (["AUPRC"] if has_auprc else [])
     rows = []
@@ -277,12 +279,14 @@ def _calibration_lines(card: dict) -> list[str]:
     if c is None:
         return lines + ["Not measured in this run: whether a probability of 0.7 means 70% is unknown."]
     ece = c.get("ece") or {}
+    # One label pooled is that label: named as itself.
+    pooled = next(iter(ece.get("per_class") or {})) if len(ece.get("per_class") or {}) == 1 else "pooled"
     if ece:
         lines.append(f"- expected calibration error ({c.get('bins', UNDEFINED)} bins, {card['test']['split']}): "
-                     f"pooled {number(ece.get('pooled'))}")
+                     f"{pooled} {number(ece.get('pooled'))}")
     after = c.get("ece_temperature") or {}
     if after:
-        lines.append(f"- after temperature scaling: pooled {number(after.get('pooled'))}")
+        lines.append(f"- after temperature scaling: {pooled} {number(after.get('pooled'))}")
     if c.get("temperature"):
         lines.append(f"- temperature scaling fitted on {c.get('temperature_fitted_on') or 'val'}: the service and "
                      "heads.predict give calibrated probabilities (predictions files keep the raw ones); T per class: "

@@ -20,7 +20,7 @@ from common.runs import rundir
 from common.evaluation import calibration, operating_points
 from common.evaluation.baselines import for_dataset
 from common.evaluation import subgroups
-from common.evaluation.text import entry_with_interval, number
+from common.evaluation.text import averaged, entry_with_interval, finding_aucs_apply, number
 from common.evaluation.model_card import threshold_fallbacks
 from common.images.data_config import DataConfig
 from common.training.losses import loss_text
@@ -31,7 +31,7 @@ _f = number
 _with_ci = entry_with_interval
 
 
-def _bootstrap_lines(splits: dict) -> list[str]:
+def _bootstrap_lines(splits: dict, several: bool = True) -> list[str]:
     """How the AUROC intervals were made: one line per distinct setting (one, unless a split lacked patient ids)."""
     described: dict[str, list[str]] = {}
     for name, m in splits.items():
@@ -42,8 +42,9 @@ def _bootstrap_lines(splits: dict) -> list[str]:
         whole = ", each with all their images" if b["unit"] == "patient" else ""
         text = (f"{hi - lo:g}% percentile intervals ({lo:g}th-{hi:g}th) of a {b['unit']}-level bootstrap: "
                 f"{b['draws']} draws of a split's {b['unit']}s with replacement{whole}, seed {b['seed']}; a draw "
-                f"without a positive or a negative of a class is skipped for it (the mean: over the classes left in "
-                f"the draw); no interval with fewer than {b['min_valid_draws']} valid draws")
+                f"without a positive or a negative of a class is skipped for it"
+                + (" (the mean: over the classes left in the draw)" if several else "")
+                + f"; no interval with fewer than {b['min_valid_draws']} valid draws")
         described.setdefault(text, []).append(f"{name} {b['units']} {b['unit']}s")
     return [""] + [f"AUROC intervals: {text} ({', '.join(n)})." for text, n in described.items()] if described else []
 
@@ -58,7 +59,7 @@ def _nanmean(values) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def plot_loss(history: list[dict], path: Path) -> None:
+def plot_loss(history: list[dict], path: Path, auroc: str = "mean AUROC") -> None:
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     epochs = [h["epoch"] for h in history]
@@ -68,8 +69,8 @@ def plot_loss(history: list[dict], path: Path) -> None:
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     ax2.plot(epochs, [h["val_auc"] if h["val_auc"] is not None else np.nan for h in history], "g--",
-             label="val mean AUROC")
-    ax2.set_ylabel("val mean AUROC")
+             label=f"val {auroc}")
+    ax2.set_ylabel(f"val {auroc}")
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [ln.get_label() for ln in lines], loc="center right")
     fig.tight_layout()
@@ -121,7 +122,10 @@ def plot_pr(pred: dict, names: list[str], per_class: dict, title: str, path: Pat
     fig.savefig(path, dpi=110)
 
 
-def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str], list[list[str]]]:
+def _per_class_rows(metrics: dict, headline: str, baselines,
+                    finding_aucs: bool = True) -> tuple[list[str], list[list[str]]]:
+    """A row per class and, over several classes, their mean (one label is its own result: no mean row);
+    D-AUC and N-AUC only where they say something (`finding_aucs`)."""
     names = metrics["label_names"]
     splits = metrics["splits"]
     header = ["label", f"{headline} positives"]
@@ -129,7 +133,8 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
     by_study = [s for s in splits if "study_level" in splits[s]]  # CheXpert: also per study, side by side
     header += [f"{s} study AUROC" for s in by_study]
     header += [f"{headline} AUPRC", f"{headline} prevalence"]  # a random ranking's AUPRC is the prevalence
-    header += [f"{headline} D-AUC", f"{headline} N-AUC", "F1@0.5", "F1@val thr", "val thr"]
+    header += [f"{headline} D-AUC", f"{headline} N-AUC"] if finding_aucs else []
+    header += ["F1@0.5", "F1@val thr", "val thr"]
     header += [b.title for b in baselines]
     rows, columns = [], []
     fallbacks = threshold_fallbacks(metrics)
@@ -139,7 +144,7 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
         tuned = m.get("at_val_threshold", {})
         values = [m["n_pos"], *[splits[s]["per_class"][name]["auroc"] for s in splits],
                   *[splits[s]["study_level"]["per_class"][name]["auroc"] for s in by_study], m.get("auprc"),
-                  m.get("prevalence"), m["d_auc"], m["n_auc"],
+                  m.get("prevalence"), *([m["d_auc"], m["n_auc"]] if finding_aucs else []),
                   m["at_0.5"]["f1"], tuned.get("f1"), tuned.get("threshold")]
         values += [b.auroc.get(name) for b in baselines]
         columns.append(values)
@@ -148,12 +153,32 @@ def _per_class_rows(metrics: dict, headline: str, baselines) -> tuple[list[str],
             cells[header.index("val thr") - 1] += " (0.5 fallback: no val positive)"
         cells[auroc] = [_with_ci(splits[s]["per_class"][name], "auroc") for s in splits]
         rows.append([name] + cells)
-    if not columns:
+    if len(columns) < 2:
         return header, rows
     means = [""] + [_f(_nanmean(col)) for col in list(zip(*columns))[1:]]
     means[auroc] = [_with_ci(splits[s]["summary"], "mean_auc") for s in splits]  # the same mean, with its interval
     means[header.index("val thr") - 1] = ""  # a mean of per-class thresholds means nothing
     return header, rows + [["**mean**"] + means]
+
+
+def _summary_keys(names: list[str], finding_aucs: bool) -> list[tuple[str, str]]:
+    """The summary table's metrics.json keys and titles: means and macro F1 over several labels; for one
+    label its AUROC, AUPRC and F1 (a W-AUC of one class is its AUROC); D-AUC and N-AUC where they apply."""
+    many = len(names) != 1
+    keys = [("mean_auc", averaged(names)), ("mean_auprc", averaged(names, "AUPRC"))]
+    keys += [("w_auc", "W-AUC")] if many else []
+    keys += [("mean_d_auc", averaged(names, "D-AUC")), ("mean_n_auc", averaged(names, "N-AUC"))] if finding_aucs else []
+    f1 = "macro F1" if many else "F1"
+    return keys + [("macro_f1_at_0.5", f"{f1}@0.5"), ("macro_f1_at_val_threshold", f"{f1}@val thr")]
+
+
+def shown_notes(metrics: dict) -> list[str]:
+    """A run's notes as its report lists them: grouped by kind (group_notes), without the undefined D-AUC and
+    N-AUC of a run where neither applies (finding_aucs_apply: the report says so once)."""
+    names, notes = metrics["label_names"], metrics["notes"]
+    if not any(finding_aucs_apply(m, names) for m in metrics["splits"].values()):
+        notes = [n for n in notes if not ((m := _NAN_NOTE.match(n)) and m["metric"] in ("D-AUC", "N-AUC"))]
+    return group_notes(notes, names)
 
 
 _NAN_NOTE = re.compile(r"^(?P<split>\w+): (?P<label>.+?): no (?P<what>[\w ]+?), (?P<metric>[\w-]+) is NaN$")
@@ -287,7 +312,7 @@ def render(run: str | Path) -> Path:
     baselines = [b for b in for_dataset(config.get("dataset", ""), config.get("settings", {}).get("policy")) if any(n in b.auroc for n in names)]
 
     if metrics["history"]:
-        plot_loss(metrics["history"], run / rundir.LOSS_PLOT)
+        plot_loss(metrics["history"], run / rundir.LOSS_PLOT, averaged(names))
     for split in splits:
         pred_file = run / rundir.PREDICTIONS / f"{split}.parquet"
         if pred_file.is_file():
@@ -300,15 +325,18 @@ def render(run: str | Path) -> Path:
              f"Model card (training data, weights provenance, warnings, intended use): "
              f"[{rundir.MODEL_CARD}]({rundir.MODEL_CARD})", ""]
     lines += ["## Run", ""] + run_lines(config, metrics) + ["", "## Summary", ""]
-    summary_keys = [("mean_auc", "mean AUROC"), ("mean_auprc", "mean AUPRC"), ("w_auc", "W-AUC"),
-                    ("mean_d_auc", "mean D-AUC"), ("mean_n_auc", "mean N-AUC"), ("macro_f1_at_0.5", "macro F1@0.5"),
-                    ("macro_f1_at_val_threshold", "macro F1@val thr")]
+    finding_aucs = any(finding_aucs_apply(m, names) for m in splits.values())
+    summary_keys = _summary_keys(names, finding_aucs)
     lines += _table(["split", "images"] + [t for _, t in summary_keys],
                     [[sp, str(m["n"])] + [_with_ci(m["summary"], k) for k, _ in summary_keys] for sp, m in splits.items()])
-    lines += _bootstrap_lines(splits)
+    lines += _bootstrap_lines(splits, len(names) != 1)
     lines += ["", f"## Per class ({headline} split unless named)", ""]
-    header, rows = _per_class_rows(metrics, headline, baselines)
+    header, rows = _per_class_rows(metrics, headline, baselines, finding_aucs)
     lines += _table(header, rows)
+    if not finding_aucs:
+        lines += ["", "D-AUC and N-AUC (a class's positives against negatives with another finding, and against "
+                      "negatives with none) are not shown: no negative here has another finding, so D-AUC is "
+                      "undefined and N-AUC is the AUROC."]
     studies = {s: m["study_level"] for s, m in splits.items() if "study_level" in m}
     if studies:
         first = next(iter(studies.values()))
@@ -336,8 +364,8 @@ def render(run: str | Path) -> Path:
     lines += ["", "## Curves", "", f"![loss curves]({rundir.LOSS_PLOT})", ""]
     lines += [f"![ROC {sp}]({rundir.roc_plot(sp)})" for sp in splits if (run / rundir.roc_plot(sp)).exists()]
     lines += [f"![PR {sp}]({rundir.pr_plot(sp)})" for sp in splits if (run / rundir.pr_plot(sp)).exists()]
-    if metrics["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in group_notes(metrics["notes"], names)]
+    if notes := shown_notes(metrics):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     path = run / rundir.REPORT
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -183,6 +183,11 @@ def _class_cell(e: dict) -> str:
     return entry_with_interval(e, "auroc")
 
 
+def _one_cell(e: dict, text: str) -> str:
+    """A binary task's AUROC in a group, or its counts where it is too small to score there."""
+    return _class_cell(e["per_class"][next(iter(e["per_class"]))]) if e.get("per_class") and not e["scored"] else text
+
+
 def _attribute_lines(attribute: str, groups: dict, names: list[str]) -> list[str]:
     """One attribute's groups (counts, mean AUROC or why not) and, where two or more are scored, AUROC per class."""
     lines = ["", f"### By {attribute}", ""]
@@ -196,6 +201,9 @@ def _attribute_lines(attribute: str, groups: dict, names: list[str]) -> list[str
         mean = entry_with_interval(e, "mean_auc") if e["scored"] else f"too small: {e['why']}" if e["n"] else e["why"]
         scored = f"{e['classes_scored']} of {len(names)}" if "classes_scored" in e else UNDEFINED
         rows.append([g, str(e["n"]), number(e.get("positives")), scored, mean])
+    if len(names) == 1:  # one label: its AUROC per group is the table, with no per-class repeat of it
+        return lines + _table(["group", "images", "positives", f"{names[0]} AUROC (95% CI)"],
+                              [[g, n, pos, _one_cell(groups[g], mean)] for g, n, pos, _, mean in rows])
     lines += _table(["group", "images", "with a finding", "classes scored", "mean AUROC (95% CI)"], rows)
     shown = [g for g, e in groups.items() if e.get("per_class")]
     if sum(groups[g]["scored"] for g in shown) >= 2:
@@ -224,7 +232,8 @@ def report_lines(metrics: dict) -> list[str]:
         return []
     split = "test" if "test" in splits else next(iter(splits))
     sub, names = splits[split], list(metrics["label_names"])
-    lines = ["", f"## Subgroups ({split} split)", "", RULE]
+    rule = RULE if len(names) != 1 else RULE.replace("; a group's mean AUROC is over the classes it scores", "")
+    lines = ["", f"## Subgroups ({split} split)", "", rule]
     for attribute in ATTRIBUTES:
         if attribute in sub:
             lines += _attribute_lines(attribute, sub[attribute], names)

@@ -49,8 +49,10 @@ async function loadModel() {
     ["model", model.kind === "finetune" ? "fine-tuned network" : "frozen backbone + trained head"],
     ["backbone", model.backbone], ["weights", model.weights], ["input", model.view],
     ["training data", model.training_data], ["date", model.date],
-    [`${split} mean AUROC`, headline(model.test)],
-    ["findings", String(model.label_names.length)], ["thresholds", model.thresholds_note],
+    // A binary model's one AUROC is its result, not a mean over one finding.
+    [`${split} ${single() ? "AUROC" : "mean AUROC"}`, headline(model.test)],
+    single() ? ["finding", model.label_names[0]] : ["findings", String(model.label_names.length)],
+    ["thresholds", model.thresholds_note],
     ["probabilities", model.calibration],
   ];
   const dl = $("model");
@@ -63,6 +65,18 @@ async function loadModel() {
   $("notice").textContent = model.notice;
   showWarnings(model.warnings);
   loadCard().catch((err) => { $("card-text").textContent = `no model card: ${err}`; });
+}
+
+// A model of one finding (a binary task, e.g. tuberculosis or not) answers in one line, not a table of one row.
+function single() { return Boolean(model && model.label_names.length === 1); }
+
+function renderVerdict(findings) {
+  const f = findings[0];
+  const call = f.above_threshold ? "positive" : "negative";
+  const fallback = f.threshold_source && f.threshold_source.startsWith("fallback") ? " (fallback)" : "";
+  $("verdict").dataset.call = call;
+  $("verdict").textContent = `${f.name}: ${call} (probability ${f.probability.toFixed(4)}, `
+    + `${f.above_threshold ? "at or above" : "below"} the model's threshold ${f.threshold.toFixed(4)}${fallback})`;
 }
 
 function renderTable(findings) {
@@ -134,6 +148,10 @@ function renderResult(data) {
   $("image").src = data.preview;
   $("caption").textContent = `${data.image.name} (${(data.image.bytes / 1024).toFixed(0)} KB)`;
   renderTable(data.findings);
+  const one = data.findings.length === 1;
+  if (one) renderVerdict(data.findings);
+  show("verdict", one);
+  show("findings", !one);
   const select = $("cam-class");
   select.replaceChildren();
   if (data.cam) {
@@ -164,7 +182,7 @@ function clearResult() {
   show("result", false);
   $("image").onload = null;
   for (const id of ["image", "masked"]) $(id).removeAttribute("src");
-  for (const id of ["caption", "cam-note", "lung-caption", "timing"]) $(id).textContent = "";
+  for (const id of ["caption", "cam-note", "lung-caption", "timing", "verdict"]) $(id).textContent = "";
   $("findings").querySelector("tbody").replaceChildren();
   $("cam-class").replaceChildren();
   show("cam-controls", false);
