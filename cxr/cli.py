@@ -24,7 +24,7 @@ COMMANDS = {
     "finetune": ("jobs.fine_tune", "cli", "fine-tune a backbone end to end; its best.pt feeds extract"),
     "train": ("heads.train", "cli", "train a head on one or several feature stores"),
     "predict": ("heads.predict", "cli", "per-image probabilities from a trained head"),
-    "evaluate": ("heads.evaluate", "cli", "a head's AUROC on a store, also of another dataset"),
+    "evaluate": ("heads.evaluate", "cli", "a run scored on a store or another labelled table of images"),
     "ensemble": ("heads.ensemble", "cli", "several runs' predictions combined into one run"),
     "report": ("heads.report", "cli", "re-render a run's report.md and plots"),
     "compare": ("heads.compare", "cli", "runs side by side: per-class AUROC, paired tests"),

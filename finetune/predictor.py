@@ -48,7 +48,9 @@ class FinetuneOnImages:
         return predictor
 
     def decode(self, source, max_pixels: int = MAX_PIXELS):
-        source.seek(0)
+        """({data config: input}, None) or (None, a one-line error); `source` a path or a binary stream."""
+        if hasattr(source, "seek"):
+            source.seek(0)
         image, error = load_input(partial(self.data_config.load, max_pixels=max_pixels), source)
         return ({self.data_config: image} if error is None else None), error
 

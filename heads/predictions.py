@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,6 +259,60 @@ class HeadOnImages:
         return ImagePredictions(probs, errors, lung_columns, masked)
 
 
+def predict_files(model, ids: list[str], paths: list[str], skipped: list[str | None] | None = None,
+                  batch_size: int = 32, max_pixels: int = MAX_PIXELS,
+                  log=print) -> tuple[np.ndarray, list[str | None], dict[str, list]]:
+    """Probabilities (n, labels; NaN rows for errors), each row's error or None, and a masked store's lung
+    columns, of image files through `model` (HeadOnImages or finetune.predictor.FinetuneOnImages: decode,
+    then predict a batch). A file that cannot be read is its row's error, never the end of the run; rows
+    already `skipped` (their reason) are not opened. Progress in images/s and the time left, every 10 s."""
+    n = len(ids)
+    probs = np.full((n, len(model.label_names)), np.nan, dtype=np.float32)
+    errors = list(skipped) if skipped is not None else [None] * n
+    todo = [i for i in range(n) if errors[i] is None]
+    lung_columns: dict[str, list] = {}  # lung_fraction and lung_qa of a masked store's input, as the store has them
+    progress = Progress(len(todo), log)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        inputs = {}
+        for i in batch:
+            inputs[i], errors[i] = model.decode(paths[i], max_pixels)
+        ok = [i for i in batch if errors[i] is None]
+        if ok:
+            out = model.predict([inputs[i] for i in ok], [ids[i] for i in ok])
+            probs[ok] = out.probs
+            for k, i in enumerate(ok):
+                errors[i] = out.errors[k]
+            for name, values in out.columns.items():
+                lung_columns.setdefault(name, [None] * n)
+                for i, value in zip(ok, values):
+                    lung_columns[name][i] = value
+        progress.step(start + len(batch))
+    good = np.array([e is None for e in errors], dtype=bool)
+    if not good.all():
+        first = int(np.flatnonzero(~good)[0])
+        log(f"{int((~good).sum())} of {n} rows have an error and no probabilities, e.g. {ids[first]}: {errors[first]}")
+    return probs, errors, lung_columns
+
+
+class Progress:
+    """'k/n images, r images/s, about s s left' on the first batch, every `every` seconds and at the end."""
+
+    def __init__(self, total: int, log=print, every: float = 10.0):
+        self.total, self.log, self.every = total, log, every
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def step(self, done: int) -> None:
+        now = time.monotonic()
+        if self.shown and now - self.last < self.every and done < self.total:
+            return
+        rate = done / max(now - self.start, 1e-9)
+        left = f", about {(self.total - done) / rate:.0f} s left" if done < self.total and rate > 0 else ""
+        self.log(f"{done}/{self.total} images, {rate:.1f} images/s{left}")
+        self.shown, self.last = True, now
+
+
 def predict_images(head: Head, source: str, device: str = "cpu", precision: str = "auto",
                    batch_size: int = 32, threads: int | None = None, log=print,
                    max_pixels: int = MAX_PIXELS, temperature: np.ndarray | None = None) -> pd.DataFrame:
@@ -271,32 +326,8 @@ def predict_images(head: Head, source: str, device: str = "cpu", precision: str 
         log(f"--images {source}: {len(listing.others)} files without an image suffix ({', '.join(IMAGE_SUFFIXES)}) "
             f"left out, e.g. {', '.join(listing.others[:3])}")
     model = HeadOnImages(head, device, precision, threads, log, temperature)
-    n = len(listing.ids)
-    probs = np.full((n, len(head.label_names)), np.nan, dtype=np.float32)
-    errors = list(listing.skipped)
-    todo = [i for i in range(n) if errors[i] is None]
-    lung_columns: dict[str, list] = {}  # lung_fraction and lung_qa of a masked store's input, as the store has them
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        inputs = {}
-        for i in batch:
-            inputs[i], errors[i] = model.decode(listing.paths[i], max_pixels)
-        ok = [i for i in batch if errors[i] is None]
-        if ok:
-            out = model.predict([inputs[i] for i in ok], [listing.ids[i] for i in ok])
-            probs[ok] = out.probs
-            for k, i in enumerate(ok):
-                errors[i] = out.errors[k]
-            for name, values in out.columns.items():
-                lung_columns.setdefault(name, [None] * n)
-                for i, value in zip(ok, values):
-                    lung_columns[name][i] = value
-        log(f"{start + len(batch)}/{len(todo)} images")
-    good = np.array([e is None for e in errors])
-    if not good.all():
-        first = int(np.flatnonzero(~good)[0])
-        log(f"{int((~good).sum())} of {n} rows have an error and no probabilities, e.g. {listing.ids[first]}: "
-            f"{errors[first]}")
+    probs, errors, lung_columns = predict_files(model, listing.ids, listing.paths, listing.skipped, batch_size,
+                                                max_pixels, log)
     front = {"path": np.array(listing.paths, dtype=object), "error": np.array(errors, dtype=object),
              **{name: np.array(values, dtype=object) for name, values in lung_columns.items()}}
     return rundir.predictions_frame(listing.ids, probs, head.label_names, front=front)

@@ -6,7 +6,8 @@ dodge a circle is still a circle), read with ast so nothing is executed. The roo
     common  <-  heads, finetune, lungs  <-  serve, jobs  <-  cxr
 
 A room imports only the rooms its ALLOWED entry names; `serve` reaches training code (heads,
-finetune) only through each kind of run's predictor on images (SERVE_TRAINING).
+finetune) only through each kind of run's predictor on images (SERVE_TRAINING), and `heads` reaches
+finetune only through its predictor (HEADS_FINETUNE), to score a fine-tune run on another table.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ ALLOWED = {
     "common": set(),
     "finetune": {"common"},
     "lungs": {"common"},
-    "heads": {"common", "lungs"},  # lungs: the masker a lung-masked store's images go through
+    # lungs: the masker a lung-masked store's images go through; finetune: its predictor only (HEADS_FINETUNE)
+    "heads": {"common", "lungs", "finetune"},
     "serve": {"common", "heads", "finetune"},  # training rooms: SERVE_TRAINING's modules only
     "jobs": {"common", "finetune", "lungs"},
     "cxr": set(PACKAGES) - {"cxr"},
 }
 TRAINING = {"heads", "finetune"}
+# heads.evaluate scores a fine-tune run on another table's images through its predictor, and nothing else.
+HEADS_FINETUNE = {("heads.scoring", "finetune.predictor")}
 SERVE_TRAINING = {  # serving depends only on each kind of run's predictor on images
     ("serve.model", "heads.predictions"),
     ("serve.model", "finetune.predictor"),
@@ -160,6 +164,12 @@ def test_serve_reaches_training_code_only_through_the_predictors():
     graph = import_graph()
     reached = {(m, t) for m, targets in graph.items() if room(m) == "serve" for t in targets if room(t) in TRAINING}
     assert reached <= SERVE_TRAINING, f"serve imports more training code: {sorted(reached - SERVE_TRAINING)}"
+
+
+def test_heads_reach_finetune_only_through_its_predictor():
+    graph = import_graph()
+    reached = {(m, t) for m, targets in graph.items() if room(m) == "heads" for t in targets if room(t) == "finetune"}
+    assert reached <= HEADS_FINETUNE, f"heads import more of finetune: {sorted(reached - HEADS_FINETUNE)}"
 
 
 def test_common_floors_import_only_downward():

@@ -39,12 +39,27 @@ _MAPPING_HELP = {
 }
 
 
-def add_table_flags(p: argparse.ArgumentParser) -> None:
-    """Add the flags to `p` (a parser or an argument group)."""
+def add_table_flags(p: argparse.ArgumentParser, splits: bool = True) -> None:
+    """Add the flags to `p` (a parser or an argument group); without `splits`, those of reading a table
+    only, for a command that scores every image of it (no --split, lists, ratios or seed)."""
     kinds = "; ".join(f"{d.name}: {d.full_name}" for d in DATASETS.values())
     p.add_argument("--dataset", choices=list(DATASETS), default="nih", help=f"the archive's metadata format ({kinds})")
     p.add_argument("--metadata", help=", ".join(f"{d.metadata_help} ({d.name})" for d in DATASETS.values()))
     p.add_argument("--images", help="folder holding the images, searched recursively")
+    if splits:
+        _add_split_flags(p)
+    p.add_argument("--keep-laterals", action="store_true", help="chexpert: keep lateral views")
+    p.add_argument("--limit", type=int, help="use only the first N images (by image_id), for trials")
+    p.add_argument("--table-mapping", help="table: TOML file whose [table] table sets the column flags below "
+                                           "(keys as the flags, without dashes); flags given override it")
+    for key, help_ in _MAPPING_HELP.items():
+        p.add_argument(f"--{key}", type=int if key == "blank-label" else None,
+                       choices=[0, -1] if key == "blank-label" else None, help=help_)
+    p.add_argument("--label-table", help="dicom: CSV/Parquet of labels keyed by --label-key (default: no labels)")
+    p.add_argument("--header-workers", type=int, help="dicom: processes reading the headers (default: all cores)")
+
+
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["auto", "official", "ratios"], default="auto",
                    help="auto: official lists when found beside the metadata, else patient-level ratios")
     p.add_argument("--train-val-list", help="official train_val list (default: beside --metadata)")
@@ -55,15 +70,6 @@ def add_table_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-metadata", help="a separate table as the test split (e.g. CheXpert's valid.csv); "
                                            "--metadata's patients then go to train and val by --val-fraction")
     p.add_argument("--test-images", help="image folder of --test-metadata (default: --images)")
-    p.add_argument("--keep-laterals", action="store_true", help="chexpert: keep lateral views")
-    p.add_argument("--limit", type=int, help="use only the first N images (by image_id), for trials")
-    p.add_argument("--table-mapping", help="table: TOML file whose [table] table sets the column flags below "
-                                           "(keys as the flags, without dashes); flags given override it")
-    for key, help_ in _MAPPING_HELP.items():
-        p.add_argument(f"--{key}", type=int if key == "blank-label" else None,
-                       choices=[0, -1] if key == "blank-label" else None, help=help_)
-    p.add_argument("--label-table", help="dicom: CSV/Parquet of labels keyed by --label-key (default: no labels)")
-    p.add_argument("--header-workers", type=int, help="dicom: processes reading the headers (default: all cores)")
 
 
 # The flags only some datasets read (each registry entry's `flags`): one given to another dataset is

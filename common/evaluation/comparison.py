@@ -125,7 +125,8 @@ def run_settings(run: Run) -> dict:
     weights) and its settings, without where it wrote or how loudly."""
     config = run.config
     settings = {k: v for k, v in config.get("settings", {}).items() if k not in NOT_SETTINGS and k != "store"}
-    if run.kind in ("head", "evaluation"):  # an evaluation records the stores it scored, as a head run
+    # An evaluation of a head records the stores (or, on images, the head's stores) as a head run does.
+    if run.kind == "head" or (run.kind == "evaluation" and config.get("stores")):
         features = " + ".join(f"{s.get('backbone')} {s.get('weights')} {s.get('view', 'original')}"
                               for s in config.get("stores", []))
     else:
@@ -273,11 +274,15 @@ def paired_lines(paired: Paired, split: str) -> list[str]:
     who = f"{paired.n_images} images" + (f" of {paired.n_patients} patients" if paired.n_patients is not None else "")
     how = (f"paired bootstrap over {unit}, {paired.draws} draws (seed {paired.seed}), every draw the same {unit} for "
            "both runs; 95% percentile interval" if paired.draws else "no bootstrap (--bootstrap-draws 0)")
+    frame = paired.frame.astype(object).where(paired.frame.notna(), None)
+    several = frame["class"].nunique() > 2  # a class and the mean: one label, whose mean row would repeat it
+    if not several:
+        frame = frame[frame["class"] != "mean"]
     lines = ["", f"## Paired differences against {paired.reference} ({split}, the same {who})", "",
              f"Difference: run − {paired.reference}. p (DeLong): DeLong's test of the two correlated AUROCs of a "
-             f"class (Sun & Xu's algorithm). Interval: {how}. The mean has no DeLong test: its interval and p "
-             "(marked bootstrap) come from the bootstrap."]
-    frame = paired.frame.astype(object).where(paired.frame.notna(), None)
+             f"class (Sun & Xu's algorithm). Interval: {how}."
+             + (" The mean has no DeLong test: its interval and p (marked bootstrap) come from the bootstrap."
+                if several else "")]
     for run, rows in frame.groupby("run", sort=False):
         lines += ["", f"### {run} − {paired.reference}", "",
                   f"| class | positives / negatives | {run} | {paired.reference} | difference | 95% interval | "
@@ -320,7 +325,7 @@ def render_markdown(runs: list[Run], split: str, frame: pd.DataFrame, paired: Pa
     lines += ["", f"## {split} AUROC (95% bootstrap interval, where the run drew one)", "",
               "| class | positives / negatives | " + " | ".join(r.name for r in runs) + " |",
               "|" + " --- |" * (len(runs) + 2)]
-    for name in [*first.label_names, "mean"]:
+    for name in [*first.label_names, *["mean"] * (len(first.label_names) > 1)]:  # one label: no mean repeating it
         entries = [by[(r.name, name)] for r in runs]
         values = [e["auroc"] for e in entries if e["auroc"] is not None and math.isfinite(e["auroc"])]
         best = max(values) if len(values) > 1 else None

@@ -59,12 +59,13 @@ FRONT_COLUMNS = ("patient_id", *GROUP_COLUMNS)
 CALIBRATION = "calibration.json"  # per-class temperatures fitted on val (common/evaluation/calibration.py)
 MODEL_CARD = "model_card.md"  # and MODEL_CARD_JSON: common/evaluation/model_card.py
 MODEL_CARD_JSON = "model_card.json"
+ERRORS = "errors.csv"  # an evaluation on image files: each image that could not be scored, and why
 
 # Everything a run writes, and all that --overwrite may delete: the files at the top of the
 # directory, their temporary names (common/atomic.py's .<name>.<pid>-<thread>.tmp; before it, .<name>.tmp
 # and <name>.tmp), and inside the folders only the files the run puts there.
 OWN_FILES = frozenset({MARKER, CONFIG, METRICS, REPORT, LOSS_PLOT, HEAD_CHECKPOINT, BEST, LAST, CALIBRATION,
-                       MODEL_CARD, MODEL_CARD_JSON})
+                       MODEL_CARD, MODEL_CARD_JSON, ERRORS})
 # <plot>_<split>.png; a lock taker killed mid-takeover
 OWN_PATTERNS = ("roc_*.png", "pr_*.png", "reliability_*.png", f"{LOCK}.stale-*")
 EPOCH_CHECKPOINTS = "checkpoints"  # fine-tune: epoch-NNN.pt, kept for a checkpoint ensemble
