@@ -178,3 +178,49 @@ def test_a_finetune_run_on_a_binary_table_is_scored_elsewhere_the_same_way(runs,
     assert metrics["splits"]["test"]["n"] == 30 and metrics["images"]["unreadable"] == 1
     assert json.loads(json.dumps(metrics["thresholds"])) == {LABEL: pytest.approx(
         rundir.read_json(out / rundir.METRICS)["thresholds"][LABEL])}
+
+
+@pytest.mark.browser
+def test_the_page_answers_a_one_finding_model_in_one_line(tmp_path, capsys):
+    import urllib.request
+
+    from tests.data_paths import NIH_IMAGES
+    from tests.serve_fixtures import LiveServer
+    from tests.test_serve_browser import _browser_or_skip, _launch
+
+    _browser_or_skip()
+    if not NIH_IMAGES.is_dir():
+        pytest.skip("shared NIH images not found")
+    from playwright.sync_api import sync_playwright
+
+    rng = np.random.default_rng(0)
+    dim = 2048  # resnet50: its random features differ between images, so the probability is the image's own
+    splits = {s: synthetic_rows(n, dim, 1, rng, signal=1.0, prevalence=0.5, prefix=s)
+              for s, n in {"train": 60, "val": 30}.items()}
+    store = write_store(tmp_path / "store", splits, label_names=[LABEL], dataset="table", backbone="resnet50",
+                        weights="random:0", manifest_extra={"data_config": DataConfig(64).to_dict()})
+    train.main(["--store", str(store), "--out", str(tmp_path / "run"), "--epochs", "2", "--threads", "1", "--quiet"])
+    live = LiveServer(tmp_path / "run")
+    image = sorted(NIH_IMAGES.glob("*.png"))[0]
+    request = urllib.request.Request(f"{live.url}/api/predict", data=image.read_bytes(),
+                                     headers={"Content-Type": "image/png"})
+    expected = json.loads(urllib.request.urlopen(request, timeout=60).read())["findings"][0]
+    try:
+        with sync_playwright() as p:
+            browser = _launch(p)
+            try:
+                page = browser.new_page()
+                page.goto(live.url + "/")
+                page.wait_for_function("document.querySelectorAll('#model dd').length > 0")
+                model_text = page.inner_text("#model")
+                page.set_input_files("#file", str(image))
+                page.wait_for_selector("#verdict:not([hidden])", timeout=60_000)
+                verdict = page.inner_text("#verdict")
+                table_shown = page.is_visible("#findings")
+            finally:
+                browser.close()
+    finally:
+        live.close()
+    assert "val AUROC" in model_text and "mean AUROC" not in model_text and LABEL in model_text
+    call = "positive" if expected["above_threshold"] else "negative"
+    assert verdict.startswith(f"{LABEL}: {call} (probability {expected['probability']:.4f}") and not table_shown
