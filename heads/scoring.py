@@ -112,8 +112,7 @@ def image_scores(model: RunModel, table: ImageTable, pairs, source: str, batch_s
     probs, errors, _ = predict_files(model.predictor, ids, paths, None, batch_size, max_pixels, log)
     good = np.array([e is None for e in errors], dtype=bool)
     if not good.any():
-        raise StoreError(f"--images {paths[0] if paths else ''}: none of the {len(ids)} images could be scored, e.g. "
-                         f"{ids[0]}: {errors[0]}")
+        raise StoreError(f"--images: none of the table's {len(ids)} images could be scored, e.g. {ids[0]}: {errors[0]}")
     kept = rows[good].reset_index(drop=True)
     columns = [model.label_names.index(m) for m, _ in pairs]
     labels = np.stack(kept["labels"].to_numpy()).astype(np.int8)
