@@ -15,6 +15,7 @@ from common.runs import rundir
 from heads import compare, ensemble, evaluate, predict, train
 from jobs import fine_tune
 from tests.heads_fixtures import synthetic_rows, write_store
+from tests.test_dicom import write_dicom
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,15 +35,19 @@ def _store(root):
 
 
 def _hospital(root, n: int = 30):
-    """Another hospital: its own table and folder, images of other sizes and formats, one unreadable."""
+    """Another hospital: its own table and folder, images of other sizes and formats (PNG, JPEG, DICOM, a
+    1,800 px film), one unreadable."""
     folder = root / "other" / "films"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
     rows = []
     for i in range(n):
-        name = f"site_{i:03d}.{'jpg' if i % 3 == 0 else 'png'}"
-        h, w = (96, 80) if i % 2 else (72, 120)
-        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / name)
+        name = f"site_{i:03d}.{'dcm' if i == 5 else 'jpg' if i % 3 == 0 else 'png'}"
+        h, w = (1800, 1500) if i == 7 else (96, 80) if i % 2 else (72, 120)  # a full-size film among small ones
+        if i == 5:  # a 12-bit MONOCHROME1 DICOM, as a DX export writes it
+            write_dicom(folder / name, rng.integers(0, 4096, (600, 512), dtype=np.uint16), "MONOCHROME1", 12)
+        else:
+            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / name)
         rows.append({"file": name, "patient": f"P{i // 2}", LABEL: (i // 2) % 2})
     (folder / "broken.png").write_bytes(b"not an image")
     rows.append({"file": "broken.png", "patient": "P99", LABEL: 1})
