@@ -43,7 +43,8 @@ KIND = "evaluation"
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="TOML file whose [evaluate] table sets defaults for these flags")
-    p.add_argument("--run", help="run directory (or its head.pt) written by heads.train")
+    p.add_argument("--run", help="run directory (or its head.pt) written by heads.train; with --images also a "
+                                 "fine-tune run")
     p.add_argument("--store", nargs="+", help="feature store(s) to score on, fused as at training (default: the head's own)")
     p.add_argument("--split", nargs="+", default=["test"], choices=SPLITS, help="store splits to score")
     p.add_argument("--bootstrap-draws", type=int, default=BOOTSTRAP_DRAWS,
@@ -149,10 +150,14 @@ def load_checked(args: EvaluateSettings):
         model = load_run_model(args.run, args.device, args.precision, args.threads, log)
         where = f"--metadata {args.metadata}" if args.metadata else f"--images {args.images}"
         return model, table, pair_labels(model.label_names, model.dataset, list(table.label_names), table.dataset, where)
+    from common.runs import rundir
     from heads.checkpoint import load_head
     from heads.data import store_info
     from heads.predictions import check_stores
 
+    if Path(args.run).is_dir() and (rundir.read_marker(Path(args.run)) or {}).get("kind") == "finetune":
+        raise ConfigError(f"--run {args.run}: a fine-tune run has no store; score it on image files (--metadata, "
+                          "--images)")
     head = load_head(args.run)
     paths = args.store or [s["path"] for s in head.stores]
     check_stores(head, paths)  # same backbone, weights, feature width, data config, view

@@ -166,7 +166,7 @@ def test_refusals_of_the_images_route_are_one_line(runs, capsys):
     assert not (runs / "refused").exists()
 
 
-def test_a_finetune_run_on_a_binary_table_is_scored_elsewhere_the_same_way(runs, tmp_path):
+def test_a_finetune_run_on_a_binary_table_is_scored_elsewhere_the_same_way(runs, tmp_path, capsys):
     table, folder = _hospital(tmp_path)
     out = tmp_path / "ft"
     fine_tune.main(["--metadata", str(table), "--images", str(folder), *TABLE, "--out", str(out),
@@ -183,6 +183,10 @@ def test_a_finetune_run_on_a_binary_table_is_scored_elsewhere_the_same_way(runs,
     assert metrics["splits"]["test"]["n"] == 30 and metrics["images"]["unreadable"] == 1
     assert json.loads(json.dumps(metrics["thresholds"])) == {LABEL: pytest.approx(
         rundir.read_json(out / rundir.METRICS)["thresholds"][LABEL])}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a fine-tune run has no store to be scored on
+        evaluate.cli(["--run", str(out), "--out", str(tmp_path / "no-store")])
+    assert "a fine-tune run has no store; score it on image files" in capsys.readouterr().err
 
 
 @pytest.mark.browser
