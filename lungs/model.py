@@ -133,3 +133,28 @@ def predict_logits(model: UNet, images, batch_size: int = 16) -> np.ndarray:
 def predict_masks(model: UNet, images, batch_size: int = 16) -> np.ndarray:
     """(N, S, S) float [0, 1] -> (N, S, S) bool lung masks (logit > 0), before post-processing."""
     return predict_logits(model, images, batch_size) > 0
+
+
+# Test-time views: (scale, shift x, shift y, gamma). No flip: the heart sits left and the model learned it.
+TTA_VIEWS = ((1.0, 0.0, 0.0, 1.0), (1.1, 0.0, 0.0, 1.0), (0.9, 0.0, 0.0, 1.0), (1.0, 0.0, 0.0, 0.6),
+             (1.0, 0.0, 0.0, 1.6))
+
+
+def _affine(scale: float, dx: float, dy: float, n: int) -> torch.Tensor:
+    return torch.tensor([[scale, 0.0, dx], [0.0, scale, dy]], dtype=torch.float32).expand(n, 2, 3)
+
+
+@torch.no_grad()
+def predict_logits_tta(model: UNet, images, views=TTA_VIEWS, batch_size: int = 16) -> np.ndarray:
+    """predict_logits averaged over small zooms, shifts and gammas of each image, each view's logits mapped
+    back to the image's own pixels (pixels a view did not see do not count for it)."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))[:, None]
+    total, weight = torch.zeros_like(x), torch.zeros_like(x)
+    for scale, dx, dy, gamma in views:
+        grid = F.affine_grid(_affine(scale, dx, dy, len(x)), list(x.shape), align_corners=False)
+        view = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1) ** gamma
+        logits = torch.from_numpy(predict_logits(model, view[:, 0].numpy(), batch_size))[:, None]
+        back = F.affine_grid(_affine(1 / scale, -dx / scale, -dy / scale, len(x)), list(x.shape), align_corners=False)
+        total += F.grid_sample(logits, back, mode="bilinear", padding_mode="zeros", align_corners=False)
+        weight += F.grid_sample(torch.ones_like(logits), back, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (total / weight.clamp_min(1e-3))[:, 0].numpy()
