@@ -51,7 +51,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     a("--patience", type=int, default=8, help="early stopping: epochs without a better val Dice; 0 = never")
     a("--max-minutes", type=float, default=None, help="stop cleanly after this much wall-clock time, keeping best.pt")
     a("--max-steps", type=int, default=None, help="stop after this many steps in the first epoch (smoke tests)")
+    a("--init", default=None,
+      help="start from this lung model's weights (a best.pt, or default: the shipped one) and keep its split")
     a("--flip", action="store_true", help="also mirror training images left-right (off: the heart sits left)")
+    a("--films", type=float, default=0.3,
+      help="share of training images given a portable film's look (lungs.hardfilms: crops, opacities, tubes, "
+           "text, low resolution, contrast extremes); 0 = off")
     a("--precision", choices=PRECISIONS, default="auto",
       help="auto: bf16 autocast on CUDA or a CPU with native bf16, else fp32")
     e = sub.add_parser("evaluate", help="score a model on pairs", formatter_class=HelpFormatter)
@@ -77,6 +82,8 @@ def settings_from(args: argparse.Namespace) -> LungTrainSettings | LungEvaluateS
     from common.data.splits import check_ratios  # pandas: only once the flags parsed
 
     split = check_ratios(parse_list(args.split, float, "split"), "--split")
+    if not 0 <= args.films <= 1:
+        raise ConfigError(f"--films must be a share from 0 to 1, got {args.films}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ConfigError(f"--max-minutes must be positive, got {args.max_minutes}")
     return LungTrainSettings(**{**flags, "split": split})

@@ -17,6 +17,7 @@ from PIL import Image
 
 from common.images.decode import decode_gray, to_unit_array
 from common.data.locate import is_image_file, walk_files
+from lungs.hardfilms import portable
 
 SPLITS = ("train", "val", "test")
 
@@ -98,19 +99,36 @@ def load_pairs(pairs: Pairs, stems: list[str], size: int, log=print) -> Loaded:
                   np.stack(masks) if masks else np.zeros(shape, bool), skipped)
 
 
+def film_looks(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, p: float):
+    """Each (S, S) image, with probability `p`, through lungs.hardfilms.portable (a crop or rotation, opacities,
+    tubes, text and arrows, low resolution, contrast extremes, each with its own probability), its mask alike."""
+    images, masks = images.copy(), masks.copy()
+    for k in range(len(images)):
+        if rng.uniform() < p:
+            images[k], masks[k] = portable(images[k], masks[k], rng)
+    return images, masks
+
+
 def augment(images, masks, generator, flip: bool = False, rotate: float = 10.0, scale=(0.9, 1.1),
-            shift: float = 0.06, brightness: float = 0.1, contrast: float = 0.2, gamma: float = 0.25):
+            shift: float = 0.06, brightness: float = 0.1, contrast: float = 0.2, gamma: float = 0.25,
+            films: float = 0.0):
     """Random radiograph-like variation of a batch: images (N,1,S,S) float [0,1], masks (N,1,S,S) float 0/1.
 
-    Geometry (one affine per image, applied to both): rotation up to ±`rotate` degrees, isotropic
-    scale in `scale`, shift up to `shift` of the side; never a vertical flip, a horizontal one only
-    when asked. Intensity (image only): gamma, contrast about the mean, brightness, so that another
-    hospital's exposure and processing look familiar.
+    First, with probability `films` per image, a portable film's look (film_looks: drawn from a
+    generator seeded by `generator`, so a run repeats). Geometry (one affine per image, applied to
+    both): rotation up to ±`rotate` degrees, isotropic scale in `scale`, shift up to `shift` of the
+    side; never a vertical flip, a horizontal one only when asked. Intensity (image only): gamma,
+    contrast about the mean, brightness, so that another hospital's exposure and processing look familiar.
     """
     import torch
     from torch.nn import functional as F
 
     n, device = images.shape[0], images.device
+    if films > 0:
+        rng = np.random.default_rng(int(torch.randint(2 ** 31 - 1, (1,), generator=generator)))
+        looked, moved = film_looks(images[:, 0].cpu().numpy(), masks[:, 0].cpu().numpy() >= 0.5, rng, films)
+        images = torch.from_numpy(looked)[:, None].to(device)
+        masks = torch.from_numpy(moved.astype(np.float32))[:, None].to(device)
 
     def uniform(lo, hi):
         return torch.rand(n, generator=generator).mul(hi - lo).add(lo).to(device)

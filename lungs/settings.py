@@ -41,7 +41,9 @@ class LungTrainSettings:
     patience: int
     max_minutes: float | None
     max_steps: int | None
+    init: str | None  # a lung checkpoint (or "default") to start from; its recorded split is kept
     flip: bool
+    films: float  # share of training images given a portable film's look (lungs.data.film_looks)
     precision: str  # as asked: 'auto' is resolved by the run
 
     def to_dict(self) -> dict:

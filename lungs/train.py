@@ -52,7 +52,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_steps(model, opt, images, masks, generator, batch_size, device, precision, flip, deadline=None,
-                max_steps=None) -> tuple[float, int, bool]:
+                max_steps=None, films: float = 0.0) -> tuple[float, int, bool]:
     """One pass over (N, S, S) arrays in a seeded order; (mean loss, steps, stopped by the deadline)."""
     model.train()
     order = torch.randperm(len(images), generator=generator).numpy()
@@ -61,7 +61,7 @@ def train_steps(model, opt, images, masks, generator, batch_size, device, precis
         idx = order[start:start + batch_size]
         x = torch.from_numpy(images[idx])[:, None]
         y = torch.from_numpy(masks[idx].astype(np.float32))[:, None]
-        x, y = augment(x, y, generator, flip=flip)
+        x, y = augment(x, y, generator, flip=flip, films=films)
         x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
         with autocast(device, precision):
             logits = model(x)
@@ -113,7 +113,7 @@ def train_epochs(model, loaded: dict, settings: LungTrainSettings, device: str, 
         t0 = time.monotonic()
         train_loss, steps, timed_out = train_steps(model, opt, loaded["train"].images, loaded["train"].masks,
                                                    generator, settings.batch_size, device, precision, settings.flip,
-                                                   deadline, settings.max_steps)
+                                                   deadline, settings.max_steps, settings.films)
         model.eval()
         val_dice = mean_dice(model, val)
         sched.step(val_dice)
@@ -134,6 +134,23 @@ def train_epochs(model, loaded: dict, settings: LungTrainSettings, device: str, 
     return history, best, stop or "epochs"
 
 
+def split_of(settings: LungTrainSettings, stems: list[str]) -> tuple[dict, dict | None]:
+    """{split: stems} and the --init checkpoint (None without one). Training on from a model keeps that model's
+    own split, so its val and test patients stay unseen; pairs it never saw join train."""
+    if not settings.init:
+        # Each stem is its own patient: Shenzhen holds one image per patient.
+        owner = assign_groups(stems, settings.split, settings.split_seed, flag="--split")
+        return {s: [stem for stem in stems if owner[stem] == s] for s in SPLITS}, None
+    init = read_lung_checkpoint(settings.init)
+    config = {"size": settings.size, "base": settings.base, "depth": settings.depth}
+    if {k: int(v) for k, v in init["config"].items()} != config:
+        raise ValueError(f"--init {settings.init}: a U-Net of {init['config']}, not the --size/--base/--depth {config}")
+    recorded = init.get("data", {}).get("split", {})
+    held = {stem for s in ("val", "test") for stem in recorded.get(s, [])}
+    split = {s: [stem for stem in stems if stem in set(recorded.get(s, []))] for s in ("val", "test")}
+    return {"train": [stem for stem in stems if stem not in held], **split}, init
+
+
 def run_train(settings: LungTrainSettings, command: str) -> dict:
     """Train per `settings` into run directory settings.out; returns metrics.json's dict."""
     device = setup_device(settings.device, settings.threads)
@@ -142,9 +159,7 @@ def run_train(settings: LungTrainSettings, command: str) -> dict:
     pairs = pair_files(settings.images, settings.masks)
     for line in pairs.unpaired:
         log(f"[lungs] {line}")
-    # Each stem is its own patient: Shenzhen holds one image per patient.
-    owner = assign_groups(pairs.stems, settings.split, settings.split_seed, flag="--split")
-    split = {s: [stem for stem in pairs.stems if owner[stem] == s] for s in SPLITS}
+    split, init = split_of(settings, pairs.stems)
     with OutputLock(settings.out):
         out = prepare(settings.out, settings.overwrite, kind="lungs", log=lambda m: log(f"[lungs] {m}"),
                       inputs=[settings.images, settings.masks])
@@ -160,7 +175,11 @@ def run_train(settings: LungTrainSettings, command: str) -> dict:
                                   "data": {k: v for k, v in source.items() if k != "split"}, "device": device,
                                   "precision": precision, "torch": torch.__version__, "python": platform.python_version(),
                                   "unpaired": pairs.unpaired})
-        model = build_model(config).to(device).to(memory_format=torch.channels_last)
+        model = build_model(config)
+        if init:
+            model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in init["state_dict"].items()})
+            log(f"[lungs] --init {settings.init}: its weights and its split")
+        model = model.to(device).to(memory_format=torch.channels_last)
         started = time.monotonic()
 
         def save_best(val_dice: float, epoch: int) -> None:

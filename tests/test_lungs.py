@@ -47,14 +47,6 @@ def _lungs(size=64):
     return m
 
 
-def test_three_regions_keep_the_two_nearest_the_center():
-    m = _lungs()
-    m[0:14, 0:14] = True  # as large as a lung, in a corner
-    out, fired = postprocess(m, fill=False, mirror=False)
-    assert fired == {"keep": True}
-    assert np.array_equal(out, _lungs())
-
-
 def test_a_speck_near_the_center_goes_before_a_lung():
     m = _lungs()
     m[31:33, 31:33] = True  # tiny, right at the center
@@ -399,3 +391,99 @@ def test_mask_file_names_differ_for_ids_that_differ_only_by_extension_or_case():
     assert plain == {"chest.png", "a_chest.png"}  # lower-case PNG names stay as they are
     # No id's plain name is a hashed name, whatever its case: taken as an id, a hashed name is hashed again.
     assert all(mask_file_name(n.lower()) != n.lower() for n in names if n not in plain)
+
+
+def test_postprocess_never_drops_a_lung_however_many_regions_or_where():
+    """LeDNet's 'two regions nearest the center' dropped a real lung when a third large region was nearer the
+    center, or a lung lay off center (a cropped view); only specks far from every lung go now."""
+    m = _lungs()
+    m[4:12, 28:36] = True  # a third region of lung size near the top center
+    m[40:60, 0:6] = True  # a large region at the edge
+    out, fired = postprocess(m, fill=False, mirror=False)
+    assert np.array_equal(out, m) and not fired["keep"]
+    split = _lungs()
+    split[30:32, :] = False  # a lung cut in two by a tube: four parts, all kept
+    assert np.array_equal(postprocess(split, fill=False, mirror=False)[0], split)
+    beside = _lungs(128)
+    beside[14, 12] = True  # a one-pixel piece 2 px beside a lung stays; the same speck in a far corner goes
+    assert postprocess(beside, fill=False, mirror=False)[0][14, 12]
+    far = _lungs(128)
+    far[120, 120] = True
+    assert not postprocess(far, fill=False, mirror=False)[0][120, 120]
+
+
+def test_fill_closes_small_holes_but_not_the_heart_between_joined_lungs():
+    ring = np.zeros((64, 64), bool)
+    ring[10:54, 8:56] = True
+    ring[18:46, 24:40] = False  # a large hole: the heart, the lungs joined above and below it
+    assert np.array_equal(postprocess(ring, keep=False, mirror=False)[0], ring)
+    holed = _lungs()
+    holed[30:33, 16:19] = False
+    assert np.array_equal(postprocess(holed, keep=False, mirror=False)[0], _lungs())
+
+
+def _planted(size=96):
+    """An asymmetric planted shape: the image is bright exactly where the mask is."""
+    mask = np.zeros((size, size), bool)
+    mask[20:70, 14:40] = True
+    mask[30:80, 56:84] = True
+    mask[20:26, 60:90] = True
+    return mask.astype(np.float32) * 0.8 + 0.1, mask
+
+
+@pytest.mark.parametrize("kind", ["contrast", "opacity", "lines", "text", "crop", "lowres", "portable"])
+def test_each_hard_film_keeps_image_and_mask_aligned_and_repeats(kind):
+    from lungs.hardfilms import hard_set
+
+    image, mask = _planted()
+    images, masks = hard_set(image[None].repeat(3, 0), mask[None].repeat(3, 0), kind, seed=1)
+    again = hard_set(image[None].repeat(3, 0), mask[None].repeat(3, 0), kind, seed=1)
+    assert np.array_equal(images, again[0]) and np.array_equal(masks, again[1])
+    assert images.dtype == np.float32 and images.min() >= 0 and images.max() <= 1 and masks.dtype == bool
+    if kind == "crop":  # the planted image, moved, is still bright exactly where the moved mask is
+        for k in range(3):
+            assert dice_iou(images[k] > 0.45, masks[k])[0] > 0.95
+    elif kind == "portable":  # artifacts on top: the moved lung is still the brighter part
+        for k in range(3):
+            assert images[k][masks[k]].mean() > images[k][~masks[k]].mean() + 0.1
+    else:
+        assert np.array_equal(masks, mask[None].repeat(3, 0))  # the lung does not move: only the image changes
+    assert not np.array_equal(images[0], image)
+
+
+def test_film_looks_in_training_move_the_mask_with_the_image():
+    import torch
+
+    from lungs.data import augment, film_looks
+
+    image, mask = _planted(64)
+    images = np.stack([image] * 8)
+    masks = np.stack([mask] * 8)
+    rng = np.random.default_rng(0)
+    looked, moved = film_looks(images, masks, rng, p=1.0)
+    assert looked.shape == images.shape and moved.dtype == bool
+    for k in range(8):
+        assert looked[k][moved[k]].mean() > looked[k][~moved[k]].mean() + 0.1
+    x = torch.from_numpy(images)[:, None]
+    y = torch.from_numpy(masks.astype(np.float32))[:, None]
+    a = augment(x, y, torch.Generator().manual_seed(3), films=1.0)
+    b = augment(x, y, torch.Generator().manual_seed(3), films=1.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # seeded by the torch generator: a run repeats
+    plain_x, plain_y = augment(x, y, torch.Generator().manual_seed(3), films=0.0, contrast=0, brightness=0, gamma=0)
+    assert dice_iou(plain_x[:, 0].numpy() > 0.45, plain_y[:, 0].numpy() >= 0.5)[0] > 0.95
+
+
+def test_training_on_from_a_model_keeps_its_split_and_needs_its_shape(tmp_path):
+    """--init: the model's val and test patients stay out of train; new pairs join train; another U-Net is refused."""
+    from types import SimpleNamespace
+
+    from lungs.train import split_of
+
+    config = {"size": 32, "base": 4, "depth": 2}
+    save_lung_model(UNet(4, 2), config, tmp_path / "m.pt",
+                    {"split": {"train": ["a", "b"], "val": ["c"], "test": ["d"]}}, {})
+    settings = SimpleNamespace(init=str(tmp_path / "m.pt"), size=32, base=4, depth=2)
+    split, init = split_of(settings, ["a", "b", "c", "d", "e"])
+    assert split == {"train": ["a", "b", "e"], "val": ["c"], "test": ["d"]} and init["config"] == config
+    with pytest.raises(ValueError, match=r"--init .*m.pt: a U-Net of"):
+        split_of(SimpleNamespace(init=str(tmp_path / "m.pt"), size=64, base=4, depth=2), ["a"])
