@@ -333,3 +333,21 @@ def test_legacy_format_checkpoints_load_for_extraction_as_for_fine_tuning(tmp_pa
     assert read_checkpoint(str(path)).data_config == DataConfig(64)
     x = _input(64)
     torch.testing.assert_close(_features(build_extractor(name, str(path)), x), _features(_reference(model, name), x))
+
+
+def test_random_weights_get_batchnorm_momentum_that_follows_training_and_loaded_weights_keep_theirs(tmp_path):
+    """MobileNetV3's builder sets BatchNorm momentum 0.01: from random weights its running statistics lag so far
+    behind a few hundred steps that eval-mode outputs collapse to a constant; 0.1 there. Loaded weights keep
+    their builder's momentum (fine-tuning, extraction)."""
+    from common.models.backbones import SCRATCH_BN_MOMENTUM, build_backbone
+
+    def momenta(model):
+        return {m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    assert momenta(library_model(get_spec("mobilenet_v3_large"))) == {0.01}  # torchvision's own
+    scratch = build_classifier("mobilenet_v3_large", None, 0, 1)
+    assert momenta(scratch) == {SCRATCH_BN_MOMENTUM} == {0.1}
+    path = tmp_path / "mnv3.pt"
+    torch.save(build_backbone("mobilenet_v3_large", None, 0).state_dict(), path)
+    assert momenta(build_classifier("mobilenet_v3_large", str(path), 0, 1)) == {0.01}
+    assert momenta(build_classifier("resnet50", None, 0, 1)) == {0.1}  # already 0.1: unchanged
