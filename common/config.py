@@ -121,9 +121,11 @@ def add_loss_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--focal-alpha", type=float, default=None, help="focal loss α for positives (default: no α)")
 
 
-def add_adam_flags(g: argparse.ArgumentParser, lr: float, batch_size: int, epochs: int, per: str = "step") -> None:
-    """Adam's flags and the run's length, for every trainer (`g` may be a group); the defaults are each one's."""
-    g.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+def add_adam_flags(g: argparse.ArgumentParser, lr: float | None, batch_size: int, epochs: int, per: str = "step",
+                   lr_help: str = "Adam learning rate") -> None:
+    """Adam's flags and the run's length, for every trainer (`g` may be a group); the defaults are each one's
+    (lr None: the trainer resolves it, as `lr_help` says)."""
+    g.add_argument("--lr", type=float, default=lr, help=lr_help)
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--betas", default="0.9,0.999", help="Adam betas, comma-separated")
     g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per {per}")

@@ -78,6 +78,12 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     return load_finetuned(weights).to(device).eval(), weights.to_dict()
 
 
+def saved_identity(out: str | Path) -> dict | None:
+    """The identity recorded by the run in `out` that a new call would resume; None when there is none."""
+    path = Path(out) / LAST
+    return read_checkpoint(path, finetune=True).extra.get("identity") if path.is_file() else None
+
+
 def resume_point(out: str | Path, identity: dict) -> dict | None:
     """The saved position of an interrupted run in `out`, after checking it is this run; None if none."""
     path = Path(out) / LAST

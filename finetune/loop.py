@@ -23,7 +23,7 @@ from common.models.checkpoint import read_checkpoint
 from common.models.model_registry import get_spec
 from common.runs.rundir import EPOCH_CHECKPOINTS
 from common.config import epoch_line
-from common.training.early_stopping import early_stop_line, judge_epoch
+from common.training.early_stopping import early_stop_line, judge_epoch, selection_value
 from common.models.inference import autocast, resolve_precision
 from common.training.losses import make_loss, multiclass_ce
 from common.evaluation.metrics import fast_auroc, nanmean
@@ -321,14 +321,16 @@ class _Training:
         self.unreadable.update(val_bad)
         row = {"epoch": state.epoch, "train_loss": total / count if count else math.nan, "val_loss": val_loss,
                "val_auc": val_auc, "lr": self.opt.param_groups[0]["lr"]}
+        value = selection_value(cfg.best_metric, val_loss, val_auc)
         if cfg.schedule == "plateau":
-            self.scheduler.step(val_loss)
+            # On the metric that picks the epoch: a from-scratch run's val loss can sit near ln 2 while its
+            # AUROC climbs, and decaying on it would cut the rate just as the model starts to rank.
+            self.scheduler.step(value if math.isfinite(value) else math.inf)
         else:
             self.scheduler.step()
         row["seconds"] = time.perf_counter() - t0  # validation included
         state.seconds += row["seconds"]
         state.history.append(row)
-        value = val_loss if cfg.best_metric == "val_loss" else -val_auc
         verdict = judge_epoch(row["train_loss"], val_loss, value, state.best_value, state.best_epoch,
                               state.bad_epochs, cfg.early_stop_patience)
         state.bad_epochs = verdict.bad_epochs

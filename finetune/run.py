@@ -32,12 +32,12 @@ from common.runs.safe_output import OutputLock
 from common.features.store import SPLITS
 from common.data.targets import apply_policy, eval_targets, label_columns, select_labels
 from common.models.weights import WeightsSource, resolve_weights, weights_data_config
-from finetune.checkpoint import load_classifier, resume_point
+from finetune.checkpoint import load_classifier, resume_point, saved_identity
 from finetune.config import BEST, FinetuneConfig, FinetuneError, SplitImages, identity_of, log
 from finetune.decode_cache import DEFAULT_DIR
 from finetune.localization import evaluate_localization
 from finetune.loop import predict, train
-from finetune.settings import FinetuneSettings
+from finetune.settings import FinetuneSettings, resolve_defaults
 
 LOCALIZATION_DIR = rundir.LOCALIZATION
 
@@ -352,8 +352,11 @@ def run(settings: FinetuneSettings, command: str, resolve_device: Callable[[], s
     weights = resolve_weights(settings.backbone, settings.weights, download=settings.download_weights)
     # Fine-tuning a fine-tuned checkpoint keeps its input unless a flag changes it.
     data_config = weights_data_config(weights, settings.backbone, settings.input_size, settings.resize)
-    if weights.kind == "random":
-        log(f"weights {weights.label}: random initialisation, as asked; the run records it")
+    from_scratch = weights.kind == "random"
+    settings = resolve_defaults(settings, from_scratch, None if settings.overwrite else saved_identity(settings.out))
+    if from_scratch:
+        log(f"weights {weights.label}: random initialisation, as asked; the run records it; lr {settings.lr:g}, "
+            f"best epoch by {settings.best_metric}, early-stop patience {settings.early_stop_patience}")
     data = _read_images(settings)
     cfg = _finetune_config(settings, data, weights, data_config)
     # One job per run directory, taken before deciding to resume or overwrite, held to the last file.

@@ -29,7 +29,7 @@ from common.data.targets import FINETUNE_POLICIES
 from common.evaluation.age_bands import add_flag as add_age_bands_flag, parse_age_bands
 from common.evaluation.operating_points import add_flag as add_operating_point_flag, parse_targets
 from finetune.choices import BEST_METRICS, MODELS, POOLINGS, SCHEDULES, model_options
-from finetune.settings import FinetuneSettings
+from finetune.settings import FinetuneSettings, scratch_defaults
 from jobs import workers_run_this_python
 
 # torch and Spark are imported by the functions that use them, so that --help (and a flag error)
@@ -76,16 +76,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--keep-no-finding", action="store_true", help="also train on a 'No Finding' label")
     g.add_argument("--policy", default="ignore", help=f"uncertain (-1) labels: {' | '.join(FINETUNE_POLICIES)}")
     add_loss_flags(g)
-    g = p.add_argument_group("optimization")
-    add_adam_flags(g, lr=1e-4, batch_size=16, epochs=20, per="step and process")
-    g.add_argument("--schedule", default="plateau",
-                   help=f"{' | '.join(SCHEDULES)}: ReduceLROnPlateau on val loss, or x lr-factor every step-epochs")
-    g.add_argument("--lr-factor", type=float, default=0.1, help="learning-rate multiplier of either schedule")
-    g.add_argument("--step-epochs", type=int, default=10, help="step schedule: epochs between decays")
-    g.add_argument("--plateau-patience", type=int, default=1, help="plateau schedule: epochs without a lower val loss")
-    g.add_argument("--early-stop-patience", type=int, default=3, help="epochs without a better best-metric; 0 = never")
-    g.add_argument("--best-metric", default="val_loss", help=f"{' | '.join(BEST_METRICS)}: picks best.pt and early stopping")
-    g.add_argument("--train-seed", type=int, default=0, help="classifier init, batch order, augmentation")
+    _add_optimization_flags(p.add_argument_group("optimization"))
     g = p.add_argument_group("machine")
     g.add_argument("--num-processes", type=int, default=1,
                    help="data-parallel processes; >1 runs through Spark's TorchDistributor")
@@ -120,6 +111,30 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
+def _add_optimization_flags(g) -> None:
+    """Adam, the schedule and the epoch choice; lr, best metric and patience unset resolve by the starting
+    weights (finetune.settings.resolve_defaults)."""
+    add_adam_flags(g, lr=None, batch_size=16, epochs=20, per="step and process",
+                   lr_help=f"Adam learning rate (default {scratch_defaults(True)['lr']:g} from random weights, "
+                           f"{scratch_defaults(False)['lr']:g} from pretrained ones)")
+    g.add_argument("--schedule", default="plateau",
+                   help=f"{' | '.join(SCHEDULES)}: ReduceLROnPlateau on the best metric, or x lr-factor every "
+                        "step-epochs")
+    g.add_argument("--lr-factor", type=float, default=0.1, help="learning-rate multiplier of either schedule")
+    g.add_argument("--step-epochs", type=int, default=10, help="step schedule: epochs between decays")
+    g.add_argument("--plateau-patience", type=int, default=1,
+                   help="plateau schedule: epochs without a better best metric")
+    scratch, tuned = scratch_defaults(True), scratch_defaults(False)
+    g.add_argument("--early-stop-patience", type=int, default=None,
+                   help=f"epochs without a better best-metric; 0 = never (default {scratch['early_stop_patience']} "
+                        f"from random weights, {tuned['early_stop_patience']} from pretrained ones)")
+    g.add_argument("--best-metric", default=None,
+                   help=f"{' | '.join(BEST_METRICS)}: picks best.pt, early stopping and the plateau schedule "
+                        f"(default {scratch['best_metric']} from random weights, {tuned['best_metric']} from "
+                        "pretrained ones)")
+    g.add_argument("--train-seed", type=int, default=0, help="classifier init, batch order, augmentation")
+
+
 def _add_evaluation_flags(g) -> None:
     add_age_bands_flag(g)
     g.add_argument("--calibrate", default="none",
@@ -135,7 +150,7 @@ def settings_from(args: argparse.Namespace) -> FinetuneSettings:
     require(args, "out")
     for key, allowed in (("policy", FINETUNE_POLICIES), ("schedule", SCHEDULES), ("best_metric", BEST_METRICS),
                          ("precision", PRECISIONS), ("calibrate", CALIBRATION_METHODS)):
-        if getattr(args, key) not in allowed:
+        if getattr(args, key) not in allowed and not (key == "best_metric" and args.best_metric is None):
             raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)!r}: choose from {', '.join(allowed)}")
     if args.checkpoint_ensemble == 1 or args.checkpoint_ensemble < 0:
         raise ConfigError(f"--checkpoint-ensemble {args.checkpoint_ensemble}: 0 (none) or at least 2 checkpoints")

@@ -19,3 +19,22 @@ def test_divergence_best_epoch_and_patience():
     diverged = judge_epoch(inf, 0.5, 0.5, 0.6, 1, 1, patience=2)
     assert (diverged.improved, diverged.bad_epochs, diverged.stopped) == (False, 1, "diverged")
     assert diverged.mark.startswith("  diverged") and judge_epoch(0.5, nan, 0.1, 0.6, 1, 0, 2).stopped == "diverged"
+
+
+def test_a_flat_val_loss_does_not_choose_the_epoch_under_val_auc():
+    """Shenzhen from scratch: val loss ~ln 2 every epoch (the smallest drift picked epoch 2) while val AUROC
+    climbed; by val AUROC the epoch that ranks best is chosen."""
+    from common.training.early_stopping import selection_value
+
+    history = [(0.6893, 0.51), (0.6890, 0.58), (0.6891, 0.66), (0.6892, 0.74)]
+
+    def best(metric):
+        best_value, best_epoch, bad = math.inf, 0, 0
+        for epoch, (loss, auc) in enumerate(history, 1):
+            verdict = judge_epoch(0.6, loss, selection_value(metric, loss, auc), best_value, best_epoch, bad, 5)
+            bad = verdict.bad_epochs
+            if verdict.improved:
+                best_value, best_epoch = selection_value(metric, loss, auc), epoch
+        return best_epoch
+
+    assert best("val_loss") == 2 and best("val_auc") == 4

@@ -25,6 +25,7 @@ from finetune.checkpoint import load_classifier, state_sha256
 from finetune.config import BEST, LAST, NOT_IDENTITY, FinetuneConfig, FinetuneError, SplitImages, identity_of
 from finetune.loop import train
 from finetune.sampler import EpochSampler
+from finetune.settings import FINE_TUNING, FROM_SCRATCH, resolve_defaults
 from finetune.dataset import ImageDataset
 from finetune.decode_cache import DEFAULT_DIR as DECODE_CACHE
 from common.images.data_config import DataConfig
@@ -212,6 +213,25 @@ def test_settings_are_one_frozen_picklable_record_of_the_parsers_flags():
         job.settings_from(parser.parse_args(["--metadata", "m.csv", "--images", "i", "--out", "o", "--betas", "0.9"]))
 
 
+def test_unset_lr_epoch_choice_and_patience_follow_the_starting_weights():
+    """From random weights: lr 1e-3, the epoch by val AUROC, patience 5; from pretrained ones: 1e-4, val loss, 3.
+    A flag given wins; a resumed run keeps the values its checkpoint recorded (older defaults included)."""
+    parser = job.build_parser()
+    base = ["--metadata", "m.csv", "--images", "i", "--out", "o"]
+    unset = job.settings_from(parser.parse_args(base))
+    assert (unset.lr, unset.best_metric, unset.early_stop_patience) == (None, None, None)
+    scratch, tuned = resolve_defaults(unset, True), resolve_defaults(unset, False)
+    assert (scratch.lr, scratch.best_metric, scratch.early_stop_patience) == (1e-3, "val_auc", 5)
+    assert (tuned.lr, tuned.best_metric, tuned.early_stop_patience) == (1e-4, "val_loss", 3)
+    assert FROM_SCRATCH["lr"] == 10 * FINE_TUNING["lr"]
+    given = job.settings_from(parser.parse_args([*base, "--lr", "3e-4", "--best-metric", "val_loss"]))
+    assert (resolve_defaults(given, True).lr, resolve_defaults(given, True).best_metric) == (3e-4, "val_loss")
+    old_run = {"lr": 1e-4, "best_metric": "val_loss", "early_stop_patience": 3, "epochs": 20}
+    assert resolve_defaults(unset, True, old_run) == tuned
+    with pytest.raises(ConfigError, match="--best-metric 'auc'"):
+        job.settings_from(parser.parse_args([*base, "--best-metric", "auc"]))
+
+
 def test_the_engine_imports_no_parser():
     """finetune.run takes the settings record; it never sees a parser."""
     import ast
@@ -284,7 +304,9 @@ def test_run_directory_has_the_head_runs_files_and_loadable_checkpoints(run, nih
 def test_the_run_records_its_settings_record_in_config_json_and_the_checkpoints(run, nih40):
     out, _ = run
     flags = job_args(nih40, out, "--bbox-list", str(BBOX_CSV), "--overlays", "2", "--localize-split", "train")  # run's
-    expected = json.loads(json.dumps(job.settings_from(job.build_parser().parse_args(flags)).to_dict()))
+    settings = resolve_defaults(job.settings_from(job.build_parser().parse_args(flags)), from_scratch=True)
+    expected = json.loads(json.dumps(settings.to_dict()))  # with the weights' route's defaults resolved
+    assert expected["best_metric"] == "val_auc" and expected["lr"] == 1e-3
     assert json.loads((out / "config.json").read_text())["settings"] == expected
     assert torch.load(out / BEST, map_location="cpu", weights_only=True)["config"] == expected
 

@@ -23,6 +23,11 @@ class Verdict:
         return DIVERGED_MARK if self.stopped == "diverged" else IMPROVED_MARK if self.improved else ""
 
 
+def selection_value(best_metric: str, val_loss: float, val_auc: float) -> float:
+    """What judge_epoch minimises for --best-metric: val loss, or val AUROC negated."""
+    return val_loss if best_metric == "val_loss" else -val_auc
+
+
 def judge_epoch(train_loss: float, val_loss: float, value: float, best_value: float, best_epoch: int,
                 bad_epochs: int, patience: int) -> Verdict:
     """The verdict on a finished epoch whose selection `value` (lower is better; NaN counts as the worst) is
