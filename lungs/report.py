@@ -65,8 +65,8 @@ def _table(metrics: dict) -> list[str]:
 def write_report(out: Path, title: str, command: str, metrics: dict, history: list[dict] | None,
                  overlays: list, notes: list[str]) -> Path:
     lines = [f"# {title}", "", f"`{command}`", "", *_table(metrics), "",
-             "post: LeDNet's post-processing (lungs/postprocess.py): the two central regions, holes filled, a lone "
-             "lung mirrored.", ""]
+             "post: the post-processing (lungs/postprocess.py): specks far from every lung dropped, holes up to a "
+             "quarter of the mask filled, a lone lung mirrored.", ""]
     if history:
         loss_plot(history, out / LOSS_PLOT)
         lines += ["## Training", "", f"![loss]({LOSS_PLOT})", ""]
