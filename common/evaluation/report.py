@@ -245,7 +245,8 @@ def _finetune_run_lines(config: dict, metrics: dict) -> list[str]:
     names, s, t = metrics["label_names"], config["settings"], metrics["training"]
     images = ", ".join(f"{n} {k}" for k, n in config["images"].items())
     schedule = (f"x{s['lr_factor']:g} every {s['step_epochs']} epochs" if s["schedule"] == "step"
-                else f"x{s['lr_factor']:g} on a val-loss plateau of {s['plateau_patience']} epoch(s)")
+                else f"x{s['lr_factor']:g} on a plateau of {s.get('best_metric') or 'val_loss'} "
+                     f"of {s['plateau_patience']} epoch(s)")
     resumed = t.get("resumed_from")
     return [
         f"- images: {config['dataset']}, {images} ({config['split_method'].get('kind')} split); "
