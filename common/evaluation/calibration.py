@@ -217,10 +217,14 @@ def plot_reliability(pred: dict, names: list[str], title: str, path: Path, bins:
         _panel(fig, cell, yc, series, f"{label}\nECE {errors}{t}", bins)
     handles = [Line2D([], [], color="0.4", lw=0.8, ls=":", label="perfect calibration")]
     handles += [Line2D([], [], color=c, marker=m, ms=4, ls=ls, label=n) for n, c, m, ls in _SERIES[:len(versions)]]
+    # Fixed margins in inches, not bbox_inches="tight": its extra layout pass cost a third of the figure's time.
+    height = 3.7 * rows + 0.5
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 0.965))
-    fig.suptitle(f"{title}: {bins} equal-width bins; below each, images per bin", fontsize=11)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+               bbox_to_anchor=(0.5, 1 - 0.35 / height))
+    fig.suptitle(f"{title}: {bins} equal-width bins; below each, images per bin", fontsize=11, y=1 - 0.08 / height)
+    fig.subplots_adjust(left=0.6 / (3.3 * columns), right=1 - 0.15 / (3.3 * columns), bottom=0.5 / height,
+                        top=1 - 1.1 / height)
+    fig.savefig(path, dpi=110)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
