@@ -29,6 +29,7 @@ COMMANDS = {
     "report": ("heads.report", "cli", "re-render a run's report.md and plots"),
     "compare": ("heads.compare", "cli", "runs side by side: per-class AUROC, paired tests"),
     "lungs": ("jobs.lung_model", "cli", "lung masks: train a U-Net on image/mask pairs, or score one"),
+    "recipe": ("cxr.recipe", "cli", "a labels table's binary task end to end, into results.md"),
     "serve": ("serve.__main__", "cli", "a diagnosis web page and API for one radiograph at a time"),
 }
 

@@ -86,7 +86,7 @@ def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("cxr: error: unknown command 'trian' "
                                        "(choose from extract, finetune, train, predict, evaluate, ensemble, report, compare, "
-                                       "lungs, serve)\n")
+                                       "lungs, recipe, serve)\n")
 
 
 @pytest.mark.parametrize("argv, code, line", [
