@@ -223,6 +223,7 @@ def _lung_figures(masks: Path, table: dict, ids: list[str], folder: Path) -> lis
     from PIL import Image
 
     from common.images.data_config import DataConfig
+    from common.images.decode import open_image
     from lungs.masking import mask_file_name
 
     figures = []
@@ -230,7 +231,7 @@ def _lung_figures(masks: Path, table: dict, ids: list[str], folder: Path) -> lis
         mask_path = masks / mask_file_name(image_id)
         if not mask_path.is_file() or image_id not in table:
             continue
-        mask = np.asarray(Image.open(mask_path)) > 127
+        mask = np.asarray(open_image(mask_path).convert("L")) > 127
         gray = DataConfig(mask.shape[0]).load(table[image_id])
         rgb = np.repeat(gray[..., None], 3, axis=2)
         rgb[mask] = rgb[mask] * 0.6 + np.array([0.0, 0.4, 0.0])  # lung: green tint
@@ -241,7 +242,9 @@ def _lung_figures(masks: Path, table: dict, ids: list[str], folder: Path) -> lis
 
 
 def _fmt(x) -> str:
-    return "n/a" if x is None or x != x else f"{x:.3f}"
+    from common.evaluation.text import number  # "—" for an undefined value, as every report
+
+    return number(x)
 
 
 def write_results(recipe: dict, out: Path, paths: dict, counts: dict, command: str, figures: dict) -> Path:
