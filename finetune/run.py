@@ -24,6 +24,7 @@ from common.evaluation.operating_points import DEFAULT_TARGETS
 from common.evaluation.model_card import label_counts, write_card
 from common.evaluation.scores import combine_probabilities, evaluate_splits, split_scores
 from common.evaluation.subgroups import image_groups, source_name
+from common.evaluation.text import averaged
 from common.models.model_registry import get_spec
 from common.data.image_table import ImageTable, table_from_flags
 from common.training.losses import make_loss
@@ -299,7 +300,7 @@ def _ensemble(settings: FinetuneSettings, out: Path, result: dict, best_metric: 
                                    score, settings.age_bands, settings.operating_point)
     if ensemble and "splits" in ensemble:
         log("checkpoint ensemble of epochs " + ", ".join(map(str, ensemble["epochs"])) + ": "
-            + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in ensemble["splits"].items()))
+            + ", ".join(f"{k} {averaged(label_names)} {v['summary']['mean_auc']:.4f}" for k, v in ensemble["splits"].items()))
     return ensemble
 
 
@@ -385,5 +386,6 @@ def run(settings: FinetuneSettings, command: str, resolve_device: Callable[[], s
         summary = {"run": str(out), "stopped": result["stopped"], "best_epoch": result["best_epoch"],
                    **{f"{k}_mean_auc": v["summary"]["mean_auc"] for k, v in split_metrics.items()}}
         log(f"run complete: {out}; best epoch {result['best_epoch']} ({result['stopped']}); "
-            + ", ".join(f"{k} mean AUROC {v['summary']['mean_auc']:.4f}" for k, v in split_metrics.items()))
+            + ", ".join(f"{k} {averaged(metrics['label_names'])} {v['summary']['mean_auc']:.4f}"
+                        for k, v in split_metrics.items()))
         return {**result, **summary}
