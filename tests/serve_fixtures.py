@@ -59,5 +59,12 @@ class LiveServer:
         self.thread.start()
 
     def close(self):
-        self.server.close()
+        # Close the sockets from inside the server's loop (a thunk its trigger runs there): closed from
+        # this thread, a socket can vanish under the loop's select() and its thread dies on EBADF.
+        from waitress import wasyncore
+
+        sockets = getattr(self.server, "map", None) or self.server._map
+        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(sockets))
+        self.thread.join(timeout=30)
+        self.server.task_dispatcher.shutdown()
         self.batcher.close()
