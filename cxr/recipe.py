@@ -278,7 +278,8 @@ def write_results(recipe: dict, out: Path, paths: dict, counts: dict, command: s
     for title, key in (("Class activation maps of the fine-tuned model (test split)", "cams"),
                        ("Lung masks of the masked view (test split)", "lungs")):
         lines += ["", f"## {title}", ""]
-        lines += [f"- {caption}\n\n  ![{caption}](figures/{name})" for caption, name in figures[key]] or ["none"]
+        lines += [f"- {caption}\n\n  ![{caption}](figures/{name})" for caption, name in figures[key]] or [
+            figures.get(f"{key}_none", "none")]
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -299,6 +300,10 @@ def main(argv: list[str] | None = None, prog: str = PROG, spark=None) -> dict:
     folder.mkdir(exist_ok=True)
     figures = {"cams": _cam_figures(paths["finetune"], located, recipe["label-column"], int(recipe.get("cams", 3)),
                                     folder)}
+    if not figures["cams"]:  # a backbone without CAM (common/models/cam.py says which), or no positive call
+        figures["cams_none"] = (f"none: no test image called positive, or no class activation map for "
+                                f"{recipe['backbone']} (CAM needs one Linear layer after global pooling; "
+                                "common/models/cam.py lists the backbones that have one)")
     figures["lungs"] = _lung_figures(paths["masks"], located, _test_ids(paths["finetune"])[:int(recipe.get("lung-overlays", 4))],
                                      folder)
     results = write_results(recipe, out, paths, counts, command_line(prog, argv), figures)
