@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 from common.config import HelpFormatter, log
+from common.evaluation.text import number  # "—" for an undefined value, as every report
 from common.runs.command import command_line, run_command
 
 PROG = "cxr recipe"
@@ -241,12 +242,6 @@ def _lung_figures(masks: Path, table: dict, ids: list[str], folder: Path) -> lis
     return figures
 
 
-def _fmt(x) -> str:
-    from common.evaluation.text import number  # "—" for an undefined value, as every report
-
-    return number(x)
-
-
 def write_results(recipe: dict, out: Path, paths: dict, counts: dict, command: str, figures: dict) -> Path:
     """DIR/results.md: the routes' test scores, the paired comparison, the figures and the command."""
     label = recipe["label-column"]
@@ -263,8 +258,8 @@ def write_results(recipe: dict, out: Path, paths: dict, counts: dict, command: s
         s = held_out_scores(run, label)
         roc = run / "roc_test.png"
         link = f"[roc]({roc.relative_to(out)})" if roc.is_file() else "-"
-        lines.append(f"| {name} | {_fmt(s['auroc'])} [{_fmt(s.get('auroc_ci_low'))}, {_fmt(s.get('auroc_ci_high'))}] "
-                     f"| {_fmt(s['auprc'])} | {s['n']} ({s['n_pos']}/{s['n_neg']}) | {link} |")
+        lines.append(f"| {name} | {number(s['auroc'])} [{number(s.get('auroc_ci_low'))}, {number(s.get('auroc_ci_high'))}] "
+                     f"| {number(s['auprc'])} | {s['n']} ({s['n_pos']}/{s['n_neg']}) | {link} |")
     lines.append(f"| fine-tune on lung-masked images | {MASKED_FINETUNE} | | | |")
     compared = paths["compare"] / "comparison.md"
     lines += ["", "## Paired comparison (reference: head on original features)", "",

@@ -26,7 +26,7 @@ from common.evaluation.age_bands import add_flag as add_age_bands_flag
 from common.evaluation.bootstrap import BOOTSTRAP_DRAWS, MIN_VALID_DRAWS, check_draws
 from common.evaluation.operating_points import DEFAULT_TARGETS, parse_targets
 from common.evaluation.operating_points import add_flag as add_operating_point_flag
-from common.evaluation.text import averaged
+from common.evaluation.text import averaged, entry_with_interval
 from common.config import ConfigError, HelpFormatter, log, parse_with_config, require, settings_of
 from common.data.table_flags import MAPPING_KEYS, add_table_flags, check_table_flags
 from common.features.store import SPLITS
@@ -248,12 +248,6 @@ def evaluate_images(model, table, pairs, args: EvaluateSettings, out: Path) -> d
             "notes": unreadable + notes}
 
 
-def _cell(entry: dict, key: str = "auroc") -> str:
-    from common.evaluation.text import entry_with_interval
-
-    return entry_with_interval(entry, key)
-
-
 def scored_counts(metrics: dict) -> dict[str, int]:
     """Per split, the paired classes that got an AUROC and those that could not (no positives or no
     negatives in the store's split): a class paired but unscorable is never counted as scored."""
@@ -301,12 +295,12 @@ def render_report(config: dict, metrics: dict) -> str:
                   "| --- | --- | --- | --- |"]
         for name in metrics["label_names"]:
             e = m["per_class"][name]
-            lines.append(f"| {name} | {store_of[name]} | {e['n_pos']} / {e['n_neg']} | {_cell(e)} |")
+            lines.append(f"| {name} | {store_of[name]} | {e['n_pos']} / {e['n_neg']} | {entry_with_interval(e, 'auroc')} |")
         if len(metrics["label_names"]) > 1:  # one label is its own result: no mean row repeating it
-            lines.append(f"| **mean** | | | {_cell(m['summary'], 'mean_auc')} |")
+            lines.append(f"| **mean** | | | {entry_with_interval(m['summary'], 'mean_auc')} |")
         if "study_level" in m:
             lines += ["", f"Per study ({m['study_level']['studies']} studies): {averaged(metrics['label_names'])} "
-                          f"{_cell(m['study_level'], 'mean_auc')}."]
+                          f"{entry_with_interval(m['study_level'], 'mean_auc')}."]
         lines.append("")
     from common.evaluation.subgroups import report_lines
 
